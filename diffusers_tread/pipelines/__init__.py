@@ -1,0 +1,3 @@
+from .pipeline_tread_dit import TreadDiTPipeline
+
+__all__ = ["TreadDiTPipeline"]

@@ -1,0 +1,129 @@
+"""TREAD token routing as plain tensor functions (arXiv 2501.04765, Sec. 3; ICCV version Sec. 3.2).
+
+A route ``{"start_layer_idx": i, "end_layer_idx": j, "selection_ratio": r}`` makes a random fraction ``r`` of each
+sample's tokens bypass blocks ``i..j`` (both inclusive, 0-indexed). At block ``i`` the full sequence is stored and the
+kept tokens are gathered; after block ``j`` they are scattered back to their original positions in the stored
+sequence, so a bypassed token re-enters with the hidden state it had entering block ``i``.
+
+Nothing here knows about a model: any backbone that runs a list of blocks over ``(batch, tokens, dim)`` sequences can
+call ``validate_routes`` once, then ``sample_kept_indices`` / ``gather_tokens`` at a route start and
+``scatter_tokens`` / ``bypass_mask`` at its end.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+
+ROUTE_KEYS = ("start_layer_idx", "end_layer_idx", "selection_ratio")
+
+
+def _check_ratio(selection_ratio: float, where: str) -> float:
+    if isinstance(selection_ratio, bool) or not isinstance(selection_ratio, (int, float)):
+        raise ValueError(f"{where}: selection_ratio must be a number in [0, 1), got {selection_ratio!r}.")
+    if not 0.0 <= float(selection_ratio) < 1.0:
+        raise ValueError(
+            f"{where}: selection_ratio must be in [0, 1) (the fraction of tokens that bypass the route; "
+            f"1 would leave no token inside it), got {selection_ratio}."
+        )
+    return float(selection_ratio)
+
+
+def validate_routes(routes: Sequence[Mapping] | None, num_layers: int) -> list[dict]:
+    """Check ``routes`` against a model with ``num_layers`` blocks and return them with negative indices resolved.
+
+    Rules (each violation raises ``ValueError`` naming the route): exactly the keys ``start_layer_idx``,
+    ``end_layer_idx``, ``selection_ratio``; integer layer indices inside ``[-num_layers, num_layers)``, negative ones
+    counting from the end (``-4`` on 28 layers is 24); ``start <= end``; routes in order and non-overlapping
+    (each starts after the previous one ends); ``selection_ratio`` in ``[0, 1)``.
+    """
+    if routes is None:
+        return []
+    if isinstance(routes, Mapping) or not isinstance(routes, Sequence) or isinstance(routes, str):
+        raise ValueError(f"routes must be a list of route dicts, got {type(routes).__name__}: {routes!r}.")
+    resolved: list[dict] = []
+    for position, route in enumerate(routes):
+        where = f"route {position} {dict(route) if isinstance(route, Mapping) else route!r}"
+        if not isinstance(route, Mapping):
+            raise ValueError(f"{where}: each route must be a dict with keys {list(ROUTE_KEYS)}.")
+        missing = [key for key in ROUTE_KEYS if key not in route]
+        unknown = [key for key in route if key not in ROUTE_KEYS]
+        if missing or unknown:
+            raise ValueError(
+                f"{where}: a route needs exactly the keys {list(ROUTE_KEYS)}; missing {missing}, unknown {unknown}."
+            )
+        indices = []
+        for key in ("start_layer_idx", "end_layer_idx"):
+            value = route[key]
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{where}: {key} must be an int, got {value!r}.")
+            if not -num_layers <= value < num_layers:
+                raise ValueError(
+                    f"{where}: {key}={value} is outside the model's layers; valid indices are 0..{num_layers - 1} "
+                    f"(or -{num_layers}..-1 counting from the end)."
+                )
+            indices.append(value % num_layers)
+        start, end = indices
+        if start > end:
+            raise ValueError(
+                f"{where}: start_layer_idx resolves to {start}, after end_layer_idx {end}; need start <= end."
+            )
+        if resolved and start <= resolved[-1]["end_layer_idx"]:
+            previous = resolved[-1]
+            raise ValueError(
+                f"{where}: routes must be in order and must not overlap; this route starts at layer {start}, but the "
+                f"previous route covers layers {previous['start_layer_idx']}..{previous['end_layer_idx']}."
+            )
+        ratio = _check_ratio(route["selection_ratio"], where)
+        resolved.append({"start_layer_idx": start, "end_layer_idx": end, "selection_ratio": ratio})
+    return resolved
+
+
+def num_kept_tokens(num_tokens: int, selection_ratio: float) -> int:
+    """Tokens that go through a route: ``N - floor(N * r)`` (the reference router's ``int(N * r)`` bypass)."""
+    _check_ratio(selection_ratio, "selection_ratio")
+    kept = num_tokens - math.floor(num_tokens * selection_ratio)
+    if kept < 1:
+        raise ValueError(f"A route over {num_tokens} tokens at selection_ratio {selection_ratio} leaves no token.")
+    return kept
+
+
+def sample_kept_indices(
+    batch_size: int,
+    num_tokens: int,
+    selection_ratio: float,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> torch.LongTensor:
+    """Draw, independently per sample, the token positions that go through a route: ``(batch, num_kept)``.
+
+    Uniform without replacement: argsort of uniform noise, keep the first ``N - floor(N * r)`` (paper Sec. 3).
+    The noise is drawn on ``generator``'s device when one is given, so a CPU generator reproduces a GPU run.
+    """
+    kept = num_kept_tokens(num_tokens, selection_ratio)
+    noise_device = generator.device if generator is not None else device
+    noise = torch.rand(batch_size, num_tokens, generator=generator, device=noise_device)
+    return noise.argsort(dim=1)[:, :kept].to(device)
+
+
+def gather_tokens(hidden_states: torch.Tensor, kept_indices: torch.LongTensor) -> torch.Tensor:
+    """Route start: ``(B, N, D)`` -> ``(B, N_keep, D)``, the kept tokens of each sample."""
+    index = kept_indices.unsqueeze(-1).expand(-1, -1, hidden_states.shape[-1])
+    return hidden_states.gather(1, index)
+
+
+def scatter_tokens(routed: torch.Tensor, kept_indices: torch.LongTensor, reinsert_into: torch.Tensor) -> torch.Tensor:
+    """Route end: put the processed kept tokens back at their positions in ``reinsert_into`` (out of place).
+
+    Every other position keeps ``reinsert_into``'s value, i.e. the state the bypassed tokens carry past the route.
+    """
+    index = kept_indices.unsqueeze(-1).expand(-1, -1, reinsert_into.shape[-1])
+    return reinsert_into.scatter(1, index, routed.to(reinsert_into.dtype))
+
+
+def bypass_mask(kept_indices: torch.LongTensor, num_tokens: int) -> torch.BoolTensor:
+    """``(B, N)`` bool mask, True where a token bypassed the route (the ``m_r`` of the v1 adapted loss)."""
+    mask = torch.ones(kept_indices.shape[0], num_tokens, dtype=torch.bool, device=kept_indices.device)
+    return mask.scatter(1, kept_indices, False)

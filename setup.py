@@ -1,0 +1,31 @@
+from setuptools import find_packages, setup
+
+# Diffusers is pinned to the minor release the registration hack (diffusers_tread/__init__.py) is tested on.
+install_requires = [
+    "torch>=2.4",
+    "diffusers>=0.42.1,<0.43",
+    "huggingface-hub>=1.0",
+    "safetensors>=0.4",
+    "accelerate>=1.0",
+    "peft>=0.17",
+    "numpy",
+    "Pillow",
+]
+extras = {
+    "train": ["datasets>=3.0", "transformers>=4.45", "scikit-learn>=1.3", "tensorboard"],
+}
+extras["test"] = extras["train"] + ["pytest>=8"]
+extras["dev"] = extras["test"] + ["ruff>=0.6"]
+
+setup(
+    name="diffusers-tread",
+    version="0.1.0",
+    description="TREAD token routing for efficient diffusion transformer training, as a Hugging Face Diffusers integration",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["diffusers_tread", "diffusers_tread.*"]),
+    install_requires=install_requires,
+    extras_require=extras,
+)
