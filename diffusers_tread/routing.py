@@ -100,12 +100,14 @@ def sample_kept_indices(
     """Draw, independently per sample, the token positions that go through a route: ``(batch, num_kept)``.
 
     Uniform without replacement: argsort of uniform noise, keep the first ``N - floor(N * r)`` (paper Sec. 3).
+    The kept positions are returned in ascending order, so the routed sequence keeps the original token order
+    (required by scan-order backbones; attention does not care) and ratio 0 is exactly the identity.
     The noise is drawn on ``generator``'s device when one is given, so a CPU generator reproduces a GPU run.
     """
     kept = num_kept_tokens(num_tokens, selection_ratio)
     noise_device = generator.device if generator is not None else device
     noise = torch.rand(batch_size, num_tokens, generator=generator, device=noise_device)
-    return noise.argsort(dim=1)[:, :kept].to(device)
+    return noise.argsort(dim=1)[:, :kept].sort(dim=1).values.to(device)
 
 
 def gather_tokens(hidden_states: torch.Tensor, kept_indices: torch.LongTensor) -> torch.Tensor:

@@ -1,0 +1,97 @@
+"""Shared fixtures: tiny models, a stock-DiT twin, and a simulated Hub (no network)."""
+
+import os
+import types
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from diffusers import DiTTransformer2DModel  # noqa: E402
+
+from diffusers_tread import TreadTransformer2DModel  # noqa: E402
+
+TINY_CONFIG = dict(
+    num_attention_heads=2,
+    attention_head_dim=8,
+    in_channels=4,
+    out_channels=8,
+    num_layers=6,
+    sample_size=8,
+    patch_size=2,
+    num_embeds_ada_norm=10,
+)
+TREAD_ONLY_KEYS = ("routes", "route_reinsertion")
+
+
+def tiny_tread(seed: int = 0, **overrides) -> TreadTransformer2DModel:
+    torch.manual_seed(seed)
+    return TreadTransformer2DModel(**{**TINY_CONFIG, **overrides})
+
+
+def stock_twin(model: TreadTransformer2DModel) -> DiTTransformer2DModel:
+    """A stock DiTTransformer2DModel with the same config and weights (the independent reference)."""
+    config = {k: v for k, v in model.config.items() if not k.startswith("_") and k not in TREAD_ONLY_KEYS}
+    stock = DiTTransformer2DModel(**config)
+    stock.load_state_dict(model.state_dict())
+    return stock.train(model.training)
+
+
+def tiny_inputs(batch_size: int = 3, seed: int = 0, model=None):
+    config = model.config if model is not None else TINY_CONFIG
+    size, channels = config["sample_size"], config["in_channels"]
+    generator = torch.Generator().manual_seed(seed)
+    hidden_states = torch.randn(batch_size, channels, size, size, generator=generator)
+    timestep = torch.randint(0, 1000, (batch_size,), generator=generator)
+    class_labels = torch.randint(0, config["num_embeds_ada_norm"], (batch_size,), generator=generator)
+    return hidden_states, timestep, class_labels
+
+
+class FakeHub:
+    """Serves local folders as Hub repos by patching the functions Diffusers' ``download`` calls."""
+
+    def __init__(self):
+        self.repos: dict[str, Path] = {}
+        self.calls: list[tuple[str, str]] = []
+
+    def add(self, repo_id: str, folder) -> None:
+        self.repos[repo_id] = Path(folder)
+
+    def _folder(self, repo_id):
+        if repo_id not in self.repos:
+            raise AssertionError(f"unexpected Hub repo {repo_id}")
+        return self.repos[repo_id]
+
+    def model_info(self, repo_id, **kwargs):
+        self.calls.append(("model_info", repo_id))
+        folder = self._folder(repo_id)
+        files = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
+        return types.SimpleNamespace(
+            siblings=[types.SimpleNamespace(rfilename=f) for f in files], sha="0" * 40, id=repo_id
+        )
+
+    def hf_hub_download(self, repo_id, filename, **kwargs):
+        self.calls.append(("hf_hub_download", repo_id))
+        subfolder = kwargs.get("subfolder")
+        path = self._folder(repo_id) / (f"{subfolder}/{filename}" if subfolder else filename)
+        if not path.exists():
+            from huggingface_hub.errors import EntryNotFoundError
+
+            raise EntryNotFoundError(f"{filename} not in {repo_id}")
+        return str(path)
+
+    def snapshot_download(self, repo_id, **kwargs):
+        self.calls.append(("snapshot_download", repo_id))
+        return str(self._folder(repo_id))
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    import diffusers.pipelines.pipeline_utils as pipeline_utils
+
+    hub = FakeHub()
+    monkeypatch.setattr(pipeline_utils, "model_info", hub.model_info)
+    monkeypatch.setattr(pipeline_utils, "hf_hub_download", hub.hf_hub_download)
+    monkeypatch.setattr(pipeline_utils, "snapshot_download", hub.snapshot_download)
+    return hub
