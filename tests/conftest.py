@@ -1,6 +1,7 @@
 """Shared fixtures: tiny models, a stock-DiT twin, and a simulated Hub (no network)."""
 
 import os
+import shutil
 import types
 from pathlib import Path
 
@@ -49,9 +50,14 @@ def tiny_inputs(batch_size: int = 3, seed: int = 0, model=None):
 
 
 class FakeHub:
-    """Serves local folders as Hub repos by patching the functions Diffusers' ``download`` calls."""
+    """Serves local folders as Hub repos by patching the functions Diffusers' ``download`` calls.
 
-    def __init__(self):
+    Like the real client, single-file downloads land in a cache folder and ``snapshot_download`` fills it, so
+    Diffusers runs its whole download path (including the library check that rejects unknown packages).
+    """
+
+    def __init__(self, cache: Path):
+        self.cache = cache
         self.repos: dict[str, Path] = {}
         self.calls: list[tuple[str, str]] = []
 
@@ -74,23 +80,29 @@ class FakeHub:
     def hf_hub_download(self, repo_id, filename, **kwargs):
         self.calls.append(("hf_hub_download", repo_id))
         subfolder = kwargs.get("subfolder")
-        path = self._folder(repo_id) / (f"{subfolder}/{filename}" if subfolder else filename)
-        if not path.exists():
+        relative = f"{subfolder}/{filename}" if subfolder else filename
+        source = self._folder(repo_id) / relative
+        if not source.exists():
             from huggingface_hub.errors import EntryNotFoundError
 
-            raise EntryNotFoundError(f"{filename} not in {repo_id}")
-        return str(path)
+            raise EntryNotFoundError(f"{relative} not in {repo_id}")
+        target = self.cache / repo_id / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source, target)
+        return str(target)
 
     def snapshot_download(self, repo_id, **kwargs):
         self.calls.append(("snapshot_download", repo_id))
-        return str(self._folder(repo_id))
+        target = self.cache / repo_id
+        shutil.copytree(self._folder(repo_id), target, dirs_exist_ok=True)
+        return str(target)
 
 
 @pytest.fixture
-def fake_hub(monkeypatch):
+def fake_hub(monkeypatch, tmp_path):
     import diffusers.pipelines.pipeline_utils as pipeline_utils
 
-    hub = FakeHub()
+    hub = FakeHub(tmp_path / "hub-cache")
     monkeypatch.setattr(pipeline_utils, "model_info", hub.model_info)
     monkeypatch.setattr(pipeline_utils, "hf_hub_download", hub.hf_hub_download)
     monkeypatch.setattr(pipeline_utils, "snapshot_download", hub.snapshot_download)

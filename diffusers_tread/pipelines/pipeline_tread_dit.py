@@ -10,6 +10,7 @@ space. Sampling always uses every token: the transformer is in eval mode, so no 
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import inspect
 from collections.abc import Callable
@@ -24,6 +25,18 @@ from diffusers.utils.torch_utils import randn_tensor
 from ..models.transformer_tread import TreadTransformer2DModel
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+@contextlib.contextmanager
+def sampling_mode(model: torch.nn.Module):
+    """Sample with every token: routing (and dropout) run only in train mode, so use eval mode for the call and
+    restore the caller's mode after, e.g. when a training script samples from the model it is training."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 class TreadDiTPipeline(DiffusionPipeline):
@@ -47,7 +60,7 @@ class TreadDiTPipeline(DiffusionPipeline):
         transformer: DiTTransformer2DModel,
         vae: AutoencoderKL | None,
         scheduler: KarrasDiffusionSchedulers,
-        id2label: dict[int, str] | None = None,
+        id2label: dict[int, str] | dict[str, str] | None = None,
     ):
         super().__init__()
         self.register_modules(transformer=transformer, vae=vae, scheduler=scheduler)
@@ -194,41 +207,43 @@ class TreadDiTPipeline(DiffusionPipeline):
         extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
         learned_variance = self.scheduler.config.get("variance_type") in ("learned", "learned_range")
 
-        for step, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
-            model_input = torch.cat([latents, latents]) if do_cfg else latents
-            model_input = self.scheduler.scale_model_input(model_input, t)
+        with sampling_mode(self.transformer):
+            for step, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
+                model_input = torch.cat([latents, latents]) if do_cfg else latents
+                model_input = self.scheduler.scale_model_input(model_input, t)
 
-            timesteps = t
-            if not torch.is_tensor(timesteps):
-                is_mps_or_npu = model_input.device.type in ("mps", "npu")
-                if isinstance(timesteps, float):
-                    dtype = torch.float32 if is_mps_or_npu else torch.float64
-                else:
-                    dtype = torch.int32 if is_mps_or_npu else torch.int64
-                timesteps = torch.tensor([timesteps], dtype=dtype, device=model_input.device)
-            elif timesteps.ndim == 0:
-                timesteps = timesteps[None].to(model_input.device)
-            timesteps = timesteps.expand(model_input.shape[0])
+                timesteps = t
+                if not torch.is_tensor(timesteps):
+                    is_mps_or_npu = model_input.device.type in ("mps", "npu")
+                    if isinstance(timesteps, float):
+                        dtype = torch.float32 if is_mps_or_npu else torch.float64
+                    else:
+                        dtype = torch.int32 if is_mps_or_npu else torch.int64
+                    timesteps = torch.tensor([timesteps], dtype=dtype, device=model_input.device)
+                elif timesteps.ndim == 0:
+                    timesteps = timesteps[None].to(model_input.device)
+                timesteps = timesteps.expand(model_input.shape[0])
 
-            noise_pred = self.transformer(model_input, timestep=timesteps, class_labels=class_labels).sample
+                noise_pred = self.transformer(model_input, timestep=timesteps, class_labels=class_labels).sample
 
-            # Guidance on the predicted noise (all latent channels, as DiTPipeline); a learned variance
-            # (learned-sigma models, channels latent_channels:) is taken from the conditional pass.
-            if do_cfg:
-                cond, uncond = noise_pred.chunk(2)
-                guided = uncond[:, :latent_channels] + guidance_scale * (
-                    cond[:, :latent_channels] - uncond[:, :latent_channels]
-                )
-                noise_pred = torch.cat([guided, cond[:, latent_channels:]], dim=1)
-            if noise_pred.shape[1] == 2 * latent_channels and not learned_variance:
-                noise_pred = noise_pred[:, :latent_channels]
+                # Guidance on the predicted noise (all latent channels, as DiTPipeline); a learned variance
+                # (learned-sigma models, channels latent_channels:) is taken from the conditional pass.
+                if do_cfg:
+                    cond, uncond = noise_pred.chunk(2)
+                    guided = uncond[:, :latent_channels] + guidance_scale * (
+                        cond[:, :latent_channels] - uncond[:, :latent_channels]
+                    )
+                    noise_pred = torch.cat([guided, cond[:, latent_channels:]], dim=1)
+                if noise_pred.shape[1] == 2 * latent_channels and not learned_variance:
+                    noise_pred = noise_pred[:, :latent_channels]
 
-            latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs).prev_sample
+                latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs).prev_sample
 
-            if callback_on_step_end is not None:
-                callback_kwargs = {name: locals()[name] for name in callback_on_step_end_tensor_inputs}
-                callback_outputs = callback_on_step_end(self, step, t, callback_kwargs)
-                latents = callback_outputs.pop("latents", latents)
+                if callback_on_step_end is not None:
+                    tensors = {"latents": latents}
+                    callback_kwargs = {name: tensors[name] for name in callback_on_step_end_tensor_inputs}
+                    callback_outputs = callback_on_step_end(self, step, t, callback_kwargs)
+                    latents = callback_outputs.pop("latents", latents)
 
         if output_type == "latent":
             images = latents
