@@ -196,7 +196,10 @@ class TreadDiTPipeline(DiffusionPipeline):
             latents = randn_tensor(shape, generator=generator, device=device, dtype=self.transformer.dtype)
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}.")
-        latents = latents.to(device=device, dtype=self.transformer.dtype) * self.scheduler.init_noise_sigma
+        # Euler/EDM-type schedulers start from noise of std init_noise_sigma; flow matching has no such attribute.
+        latents = latents.to(device=device, dtype=self.transformer.dtype) * getattr(
+            self.scheduler, "init_noise_sigma", 1.0
+        )
 
         class_labels = torch.tensor(class_ids, device=device)
         if do_cfg:
@@ -210,7 +213,8 @@ class TreadDiTPipeline(DiffusionPipeline):
         with sampling_mode(self.transformer):
             for step, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
                 model_input = torch.cat([latents, latents]) if do_cfg else latents
-                model_input = self.scheduler.scale_model_input(model_input, t)
+                if hasattr(self.scheduler, "scale_model_input"):  # flow-matching schedulers have none
+                    model_input = self.scheduler.scale_model_input(model_input, t)
 
                 timesteps = t
                 if not torch.is_tensor(timesteps):
