@@ -157,6 +157,18 @@ def test_force_routing_selection_ratio_override_and_tuple_output():
         model(x, t, y, force_routing=True, selection_ratio=1.0)
 
 
+def test_disable_routing_trains_on_all_tokens_and_keeps_the_routes():
+    model = tiny_tread(routes=[ROUTE]).train()
+    x, t, y = tiny_inputs(model=model)
+    model.disable_routing()
+    out = model(x, t, y)
+    assert out.route_masks is None and model.config.routes == [ROUTE]
+    assert torch.equal(out.sample, stock_twin(model).eval()(x, t, y).sample)
+    assert model(x, t, y, force_routing=True).route_masks is not None
+    model.enable_routing()
+    assert model(x, t, y).route_masks is not None
+
+
 def test_route_generator_makes_routing_reproducible():
     model = tiny_tread(routes=[ROUTE]).train()
     x, t, y = tiny_inputs(model=model)

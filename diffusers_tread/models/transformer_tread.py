@@ -62,7 +62,8 @@ class TreadTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAdapter
             ``"pre_route"``, the state entering the route's first block (ICCV version); ``"pre_route_plus_input"``,
             that state plus the patch-embedded input tokens (v1's ``x_D_last + x_T``).
 
-    Routing runs when the model is in train mode and has routes, or when ``force_routing=True``. The per-block
+    Routing runs when the model is in train mode and has routes (unless `disable_routing()` was called), or when
+    ``force_routing=True``. The per-block
     class-label dropout of Diffusers' embedders is switched off: Diffusers draws it separately in every block, so a
     sample would almost never be fully unconditional; the training script drops labels once per sample instead.
     """
@@ -117,6 +118,15 @@ class TreadTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAdapter
         # CFG label dropout happens once per sample in the training script (see the class docstring).
         for block in self.transformer_blocks:
             block.norm1.emb.class_embedder.dropout_prob = 0.0
+        self.routing_enabled = True
+
+    def disable_routing(self) -> None:
+        """Train on all tokens from now on, e.g. the paper's final fine-tune without routing ("(F)", ICCV Table 1),
+        keeping the configured routes for the record."""
+        self.routing_enabled = False
+
+    def enable_routing(self) -> None:
+        self.routing_enabled = True
 
     @classmethod
     def from_preset(cls, name: str, routes: str | list[dict] | None = "paper", **overrides) -> TreadTransformer2DModel:
@@ -174,7 +184,7 @@ class TreadTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAdapter
             ``TreadTransformer2DModelOutput(sample, route_masks)`` or ``(sample, route_masks)``; with routing off,
             ``route_masks`` is None and the tuple is ``(sample,)``, exactly as ``DiTTransformer2DModel`` returns.
         """
-        routes = self.config.routes if (self.training or force_routing) else []
+        routes = self.config.routes if (self.training and self.routing_enabled) or force_routing else []
         if selection_ratio is not None:
             routes = [{**route, "selection_ratio": selection_ratio} for route in routes]
         route_at_start = {route["start_layer_idx"]: route for route in routes}
