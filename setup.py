@@ -12,7 +12,7 @@ install_requires = [
     "Pillow",
 ]
 extras = {
-    "train": ["datasets>=3.0", "transformers>=4.45", "scikit-learn>=1.3", "tensorboard"],
+    "train": ["datasets>=3.0", "transformers>=4.45", "scikit-learn>=1.3", "tensorboard", "matplotlib"],
 }
 extras["test"] = extras["train"] + ["pytest>=8"]
 extras["dev"] = extras["test"] + ["ruff>=0.6"]
