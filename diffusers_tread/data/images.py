@@ -1,0 +1,210 @@
+"""Image datasets as tensors in [-1, 1]: items are ``{"pixel_values": (C, R, R) float32, "class_labels": int}``."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import Dataset
+
+DIGITS_SPLIT_SEED = 0  # fixed, so that every run and benchmark holds out the same digits
+
+
+class TensorImageDataset(Dataset):
+    """Images already in memory, e.g. the digits."""
+
+    def __init__(self, pixel_values: torch.Tensor, class_labels: torch.Tensor):
+        self.pixel_values = pixel_values
+        self.class_labels = class_labels
+
+    def __len__(self) -> int:
+        return len(self.pixel_values)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {"pixel_values": self.pixel_values[index], "class_labels": int(self.class_labels[index])}
+
+
+def digits_split_indices(labels: np.ndarray, split: str = "all", test_fraction: float = 0.2) -> np.ndarray:
+    """Sorted indices of a stratified split of the digits.
+
+    Per class, a fixed permutation (NumPy's legacy ``RandomState``, whose stream never changes across versions)
+    puts its first ``round(test_fraction * n_class)`` images in "test" and the rest in "train"; "all" is everything.
+    """
+    if split == "all":
+        return np.arange(len(labels))
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train', 'test' or 'all', got {split!r}")
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    rng = np.random.RandomState(DIGITS_SPLIT_SEED)
+    test = []
+    for label in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        test.append(members[: round(test_fraction * len(members))])
+    is_test = np.zeros(len(labels), dtype=bool)
+    is_test[np.concatenate(test)] = True
+    return np.flatnonzero(is_test if split == "test" else ~is_test)
+
+
+def load_digits(
+    resolution: int = 16, split: str = "all", test_fraction: float = 0.2, num_channels: int = 1
+) -> tuple[TensorImageDataset, dict[int, str]]:
+    """scikit-learn's bundled handwritten digits (1,797 8x8 images, 16 grey levels, classes 0-9) at `resolution`.
+
+    `split` is "all", or "train"/"test" from a fixed stratified split holding out `test_fraction` of each class
+    (see `digits_split_indices`); the two are disjoint and the same on every call. `num_channels` > 1 repeats the
+    grey channel (e.g. 3 for an RGB VAE).
+    """
+    from sklearn.datasets import load_digits as sklearn_load_digits
+
+    digits = sklearn_load_digits()
+    indices = digits_split_indices(digits.target, split, test_fraction)
+    pixel_values = torch.from_numpy(digits.images[indices]).float().unsqueeze(1) / 8.0 - 1.0  # 0..16 -> [-1, 1]
+    if resolution != pixel_values.shape[-1]:
+        # Bilinear rather than nearest: the 8x8 digits are coarse samples of smooth pen strokes, and nearest would
+        # turn every source pixel into a flat block (at 16 px and patch size 2, every token one flat colour).
+        # Bilinear weights are convex, so values stay in [-1, 1]; antialias only matters when shrinking.
+        pixel_values = F.interpolate(
+            pixel_values, size=(resolution, resolution), mode="bilinear", align_corners=False, antialias=True
+        ).clamp(-1.0, 1.0)
+    pixel_values = pixel_values.repeat(1, num_channels, 1, 1)
+    class_labels = torch.from_numpy(digits.target[indices]).long()
+    return TensorImageDataset(pixel_values, class_labels), {i: str(i) for i in range(10)}
+
+
+def preprocess_image(
+    image: Image.Image, resolution: int, center_crop: bool = False, random_flip: bool = False, mode: str = "RGB"
+) -> torch.Tensor:
+    """PIL image -> (C, R, R) float tensor in [-1, 1], like the torchvision transforms of Diffusers' examples.
+
+    Converts to `mode` ("RGB" or "L"; alpha is dropped), resizes the shorter side to `resolution` (bilinear), crops a
+    square at the center or at a random offset, and flips horizontally with p=0.5 if `random_flip`. The random draws
+    use torch's global RNG, so ``torch.manual_seed`` (and DataLoader worker seeding) makes them reproducible.
+    """
+    image = image.convert(mode)
+    width, height = image.size
+    if width <= height:
+        size = (resolution, int(resolution * height / width))
+    else:
+        size = (int(resolution * width / height), resolution)
+    image = image.resize(size, Image.Resampling.BILINEAR)
+    free_x, free_y = size[0] - resolution, size[1] - resolution
+    if center_crop:
+        left, top = int(round(free_x / 2)), int(round(free_y / 2))
+    else:
+        top, left = int(torch.randint(0, free_y + 1, ())), int(torch.randint(0, free_x + 1, ()))
+    image = image.crop((left, top, left + resolution, top + resolution))
+    if random_flip and torch.rand(()) < 0.5:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
+class HFImageDataset(Dataset):
+    """A `datasets.Dataset` with an image and a label column, decoded and preprocessed on access."""
+
+    def __init__(
+        self,
+        data,
+        image_column: str,
+        label_column: str,
+        label_to_id: dict | None,
+        resolution: int,
+        center_crop: bool,
+        random_flip: bool,
+        mode: str,
+    ):
+        self.data = data
+        self.image_column, self.label_column, self.label_to_id = image_column, label_column, label_to_id
+        self.resolution, self.center_crop, self.random_flip, self.mode = resolution, center_crop, random_flip, mode
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        example = self.data[int(index)]
+        image = example[self.image_column]
+        if isinstance(image, str):  # a column of file paths
+            image = Image.open(image)
+        label = example[self.label_column]
+        return {
+            "pixel_values": preprocess_image(image, self.resolution, self.center_crop, self.random_flip, self.mode),
+            "class_labels": self.label_to_id[label] if self.label_to_id is not None else int(label),
+        }
+
+
+def _is_saved_dataset(path: str) -> bool:
+    """Whether `path` is a folder written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk`."""
+    return any(os.path.isfile(os.path.join(path, name)) for name in ("state.json", "dataset_dict.json"))
+
+
+def load_image_dataset(
+    dataset_name: str | None = None,
+    train_data_dir: str | None = None,
+    image_column: str = "image",
+    label_column: str = "label",
+    resolution: int = 256,
+    center_crop: bool = False,
+    random_flip: bool = False,
+    cache_dir: str | None = None,
+    num_channels: int = 3,
+    split: str = "train",
+) -> tuple[HFImageDataset, dict[int, str]]:
+    """A labelled image dataset from the Hub, a local dataset path, or an image folder (one subfolder per class).
+
+    `dataset_name` goes to ``datasets.load_dataset`` (a Hub id, or a local path; a ``save_to_disk`` folder goes to
+    ``load_from_disk``); `train_data_dir` is loaded as ``load_dataset("imagefolder", data_dir=...)``. The label map
+    comes from the label column's ``ClassLabel`` names when it has them, else from its sorted unique values (which
+    are then mapped to 0..K-1). Images are preprocessed by `preprocess_image` (center or random crop, optional flip)
+    with ``num_channels`` 3 (RGB) or 1 (grey).
+    """
+    import datasets
+
+    if (dataset_name is None) == (train_data_dir is None):
+        given = "both" if dataset_name is not None else "neither"
+        raise ValueError(
+            f"Pass exactly one of dataset_name (a Hub dataset or a local dataset path) and train_data_dir "
+            f"(a folder of images in one subfolder per class); {given} was given."
+        )
+    if num_channels not in (1, 3):
+        raise ValueError(f"num_channels must be 1 (grey) or 3 (RGB), got {num_channels}")
+
+    if train_data_dir is not None:
+        source = f"image folder {train_data_dir!r}"
+        data = datasets.load_dataset("imagefolder", data_dir=train_data_dir, cache_dir=cache_dir)
+    elif os.path.isdir(dataset_name) and _is_saved_dataset(dataset_name):
+        source = f"saved dataset {dataset_name!r}"
+        data = datasets.load_from_disk(dataset_name)
+    else:
+        source = f"dataset {dataset_name!r}"
+        data = datasets.load_dataset(dataset_name, cache_dir=cache_dir)
+    if isinstance(data, datasets.DatasetDict):
+        if split not in data:
+            raise ValueError(f"The {source} has no split {split!r}; its splits are {list(data)}.")
+        data = data[split]
+
+    for column, flag in ((image_column, "image_column"), (label_column, "label_column")):
+        if column not in data.column_names:
+            raise ValueError(
+                f"The {source} has no column {column!r} (set by {flag}); its columns are {data.column_names}."
+            )
+    if len(data) == 0:
+        raise ValueError(f"The {source} is empty (split {split!r}).")
+    data = data.select_columns([image_column, label_column])  # don't decode columns we never use
+
+    feature = data.features[label_column]
+    if isinstance(feature, datasets.ClassLabel):
+        id2label, label_to_id = dict(enumerate(feature.names)), None
+    else:
+        values = sorted(set(data[label_column]))
+        id2label = {i: str(value) for i, value in enumerate(values)}
+        label_to_id = {value: i for i, value in enumerate(values)}
+
+    mode = "RGB" if num_channels == 3 else "L"
+    dataset = HFImageDataset(data, image_column, label_column, label_to_id, resolution, center_crop, random_flip, mode)
+    return dataset, id2label

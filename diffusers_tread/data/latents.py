@@ -1,0 +1,152 @@
+"""VAE latents on disk: the shard format written by ``training/extract_latents.py`` and read by training.
+
+A latents directory holds safetensors shards ``latents-00000-of-00012.safetensors`` with the tensors ``latents``
+(N, C, h, w) float32 (already ``(z - shift_factor) * scaling_factor``), ``class_labels`` (N,) int64 and, when
+extracted with ``--flip``, ``latents_flipped`` (the encodings of the horizontally flipped images). Each shard's
+header records the extraction settings. A shard is written under a ``.tmp`` name and renamed when complete, so a
+file with the final name is never half-written. ``metadata.json`` is written last, once every shard exists, and is
+removed when an extraction starts: its presence means the directory is complete and consistent.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import os
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.utils.data import Dataset
+
+METADATA_NAME = "metadata.json"
+
+
+def shard_file_name(index: int, num_shards: int) -> str:
+    return f"latents-{index:05d}-of-{num_shards:05d}.safetensors"
+
+
+def _replace_atomically(path: str, write) -> None:
+    """Call ``write(temp_path)``, then rename the temp file to `path` (``os.replace`` is atomic on one filesystem)."""
+    temp_path = path + ".tmp"
+    write(temp_path)
+    os.replace(temp_path, path)
+
+
+def write_shard(path: str, tensors: dict[str, torch.Tensor], settings: dict[str, Any]) -> None:
+    """Write one shard atomically, with the extraction `settings` in its header (see `read_shard_settings`)."""
+    tensors = {name: tensor.contiguous() for name, tensor in tensors.items()}
+    header = {"settings": json.dumps(settings, sort_keys=True)}
+    _replace_atomically(path, lambda temp_path: save_file(tensors, temp_path, metadata=header))
+
+
+def read_shard_settings(path: str) -> dict[str, Any] | None:
+    """The settings a complete shard was written with, or None if the file is missing or unreadable."""
+    try:
+        with safe_open(path, framework="pt") as shard:
+            return json.loads(shard.metadata()["settings"])
+    except Exception:  # missing, truncated, or not a shard: treat as absent
+        return None
+
+
+def write_metadata(latents_dir: str, metadata: dict[str, Any]) -> None:
+    path = os.path.join(latents_dir, METADATA_NAME)
+
+    def write(temp_path: str) -> None:
+        with open(temp_path, "w") as f:
+            json.dump(metadata, f, indent=2)
+
+    _replace_atomically(path, write)
+
+
+def posterior_generator(seed: int, index: int, flipped: bool) -> torch.Generator:
+    """The generator for image `index`'s posterior sample: one stream per (seed, image, copy), so the sample does
+    not depend on the batch size, the shard size or the number of processes."""
+    state = np.random.SeedSequence([seed, index, int(flipped)]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
+class LatentShardDataset(Dataset):
+    """The latents written by ``training/extract_latents.py``: items ``{"latents": (C, h, w), "class_labels": int}``.
+
+    Shards are memory-mapped and read one row per item, so a large dataset is not loaded into RAM. If flipped copies
+    were stored and `random_flip` is set, each access returns the flipped copy with p=0.5 (torch's global RNG).
+    """
+
+    def __init__(self, latents_dir: str, random_flip: bool = True):
+        path = os.path.join(latents_dir, METADATA_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"{path} not found: run training/extract_latents.py --output_dir {latents_dir} to completion "
+                "(it writes metadata.json last, once every shard is complete)."
+            )
+        with open(path) as f:
+            self.metadata: dict[str, Any] = json.load(f)
+        self.latents_dir = latents_dir
+        self.random_flip = random_flip and self.metadata["flip"]
+        self.id2label = {int(k): v for k, v in self.metadata["id2label"].items()}
+        self.shard_paths = [os.path.join(latents_dir, shard["file"]) for shard in self.metadata["shards"]]
+
+        labels = []
+        for shard_path in self.shard_paths:
+            with safe_open(shard_path, framework="pt") as shard:
+                labels.append(shard.get_tensor("class_labels"))
+        self.class_labels = torch.cat(labels)
+        self.shard_starts = np.cumsum([0] + [len(shard_labels) for shard_labels in labels[:-1]]).tolist()
+        if len(self.class_labels) != self.metadata["num_samples"]:
+            raise ValueError(
+                f"{latents_dir}: the shards hold {len(self.class_labels)} samples, metadata.json says "
+                f"{self.metadata['num_samples']}; re-run training/extract_latents.py."
+            )
+        self._shards: dict[int, Any] = {}  # opened lazily, per process (DataLoader workers open their own)
+
+    def __len__(self) -> int:
+        return len(self.class_labels)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_shards": {}}  # open file handles don't pickle
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} samples")
+        shard_index = bisect.bisect_right(self.shard_starts, index) - 1
+        if shard_index not in self._shards:
+            self._shards[shard_index] = safe_open(self.shard_paths[shard_index], framework="pt")
+        name = "latents_flipped" if self.random_flip and torch.rand(()) < 0.5 else "latents"
+        row = index - self.shard_starts[shard_index]
+        latents = self._shards[shard_index].get_slice(name)[row : row + 1][0]
+        return {"latents": latents.float(), "class_labels": int(self.class_labels[index])}
+
+
+def _same_vae(a: str, b: str) -> bool:
+    if a == b:
+        return True
+    return os.path.exists(a) and os.path.exists(b) and os.path.realpath(a) == os.path.realpath(b)
+
+
+def check_latents_match(
+    metadata: dict[str, Any], *, in_channels: int, sample_size: int, vae: str | None = None
+) -> None:
+    """Raise a ValueError naming every mismatch between extracted latents and the model (and the VAE, if given)."""
+    channels, size, resolution = metadata["latent_channels"], metadata["latent_size"], metadata["resolution"]
+    problems = []
+    if channels != in_channels:
+        problems.append(
+            f"the latents have {channels} channels but the model has in_channels={in_channels}: set in_channels="
+            f"{channels} (and out_channels={2 * channels} with learned sigma), or re-extract with a VAE that has "
+            f"{in_channels} latent channels"
+        )
+    if size != sample_size:
+        problems.append(
+            f"the latents are {size}x{size} (images at {resolution} px) but the model has sample_size={sample_size}: "
+            f"set sample_size={size}, or re-extract with --resolution {sample_size * (resolution // size)}"
+        )
+    if vae is not None and not _same_vae(vae, metadata["vae"]):
+        problems.append(
+            f"the latents were encoded with the VAE {metadata['vae']!r} but this run uses {vae!r} (e.g. to decode "
+            f"samples): use --vae {metadata['vae']}, or re-extract with --vae {vae}"
+        )
+    if problems:
+        raise ValueError("The latents do not match the model:\n- " + "\n- ".join(problems))

@@ -1,0 +1,301 @@
+"""End-to-end tests of training/train_tread.py: `accelerate launch` on tiny settings, as Diffusers tests its examples."""
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate.utils import write_basic_config
+from huggingface_hub import ModelCard
+from safetensors.torch import load_file
+
+from diffusers_tread import TreadDiTPipeline
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "training" / "train_tread.py"
+# 8x8 digits (native size), the 8-block width-64 preset: a few seconds per run on 2 CPU cores.
+TINY = [
+    "--resolution=8",
+    "--train_batch_size=16",
+    "--report_to=none",
+    "--num_validation_images=1",
+    "--validation_num_inference_steps=2",
+    "--validation_class_labels=0,1",
+    "--dataloader_num_workers=0",
+]
+
+
+@pytest.fixture(scope="session")
+def accelerate_config(tmp_path_factory):
+    path = tmp_path_factory.mktemp("accelerate") / "default_config.yaml"
+    write_basic_config(mixed_precision="no", save_location=str(path))
+    return str(path)
+
+
+def launch(accelerate_config, *args, num_processes=1):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = ["accelerate", "launch", "--config_file", accelerate_config, "--num_processes", str(num_processes)]
+    result = subprocess.run(
+        [*command, str(SCRIPT), *TINY, *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    return result
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("train_tread", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def transformer_weights(folder):
+    return load_file(Path(folder, "transformer", "diffusion_pytorch_model.safetensors"))
+
+
+@pytest.mark.parametrize(
+    "objective, tread_loss, scheduler_class",
+    [
+        ("flow", "plain", "FlowMatchEulerDiscreteScheduler"),
+        ("ddpm", "adapted", "DDPMScheduler"),
+        ("edm", "adapted", "EDMEulerScheduler"),
+    ],
+)
+def test_each_objective_trains_and_saves_a_loadable_pipeline(
+    tmp_path, accelerate_config, objective, tread_loss, scheduler_class
+):
+    out = tmp_path / "out"
+    launch(
+        accelerate_config,
+        f"--output_dir={out}",
+        f"--objective={objective}",
+        f"--tread_loss={tread_loss}",
+        "--max_train_steps=3",
+        "--checkpointing_steps=100",
+        "--validation_steps=100",
+    )
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["transformer"] == ["diffusers_tread", "TreadTransformer2DModel"]
+    assert index["scheduler"][1] == scheduler_class
+    assert index["id2label"]["7"] == "7"
+    pipe = TreadDiTPipeline.from_pretrained(out)
+    assert pipe.transformer.config.routes == [{"start_layer_idx": 2, "end_layer_idx": 4, "selection_ratio": 0.5}]
+    assert pipe.transformer.config.out_channels == (2 if objective == "ddpm" else 1)
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe([3, "7"], num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert images.shape == (2, 8, 8, 1)
+    assert (out / "samples" / "final_grid.png").exists() and (out / "samples" / "loss.png").exists()
+    card = ModelCard.load(out / "README.md")
+    assert card.data.library_name == "diffusers" and "tread" in card.data.tags
+    assert f'"name": "{objective}"' in card.text and tread_loss in card.text
+
+
+def test_checkpoints_pruning_validation_and_ema(tmp_path, accelerate_config):
+    out = tmp_path / "out"
+    launch(
+        accelerate_config,
+        f"--output_dir={out}",
+        "--max_train_steps=6",
+        "--checkpointing_steps=2",
+        "--checkpoints_total_limit=2",
+        "--validation_steps=3",
+        "--no-ema_warmup",
+    )
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
+    checkpoint = out / "checkpoint-6"
+    assert (checkpoint / "transformer" / "config.json").exists()
+    ema_config = json.loads((checkpoint / "transformer_ema" / "config.json").read_text())
+    assert ema_config["decay"] == 0.9999 and ema_config["min_decay"] == 0.9999 and ema_config["optimization_step"] == 6
+    assert sorted(p.name for p in (out / "samples").glob("step_*.png")) == ["step_0000003.png", "step_0000006.png"]
+    # the output folder holds the EMA weights, which differ from the raw weights after 6 steps at decay 0.9999
+    raw = transformer_weights(checkpoint)
+    final = transformer_weights(out)
+    ema = load_file(checkpoint / "transformer_ema" / "diffusion_pytorch_model.safetensors")
+    key = "proj_out_2.weight"
+    assert torch.equal(final[key], ema[key]) and not torch.equal(final[key], raw[key])
+    assert len((out / "loss_history.csv").read_text().splitlines()) == 6
+
+
+def test_resume_continues_the_same_run(tmp_path, accelerate_config):
+    common = ["--max_train_steps=4", "--checkpointing_steps=2", "--validation_steps=100"]
+    launch(accelerate_config, f"--output_dir={tmp_path / 'straight'}", *common)
+    launch(
+        accelerate_config,
+        f"--output_dir={tmp_path / 'resumed'}",
+        "--max_train_steps=2",
+        "--checkpointing_steps=2",
+        "--validation_steps=100",
+    )
+    result = launch(
+        accelerate_config, f"--output_dir={tmp_path / 'resumed'}", *common, "--resume_from_checkpoint=latest"
+    )
+    assert "Resuming from" in result.stderr + result.stdout
+    straight, resumed = transformer_weights(tmp_path / "straight"), transformer_weights(tmp_path / "resumed")
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=0, msg=key)
+
+
+def test_gradient_accumulation_and_disable_routing(tmp_path, accelerate_config):
+    out = tmp_path / "out"
+    launch(
+        accelerate_config,
+        f"--output_dir={out}",
+        "--max_train_steps=2",
+        "--gradient_accumulation_steps=2",
+        "--checkpointing_steps=1",
+        "--validation_steps=100",
+        "--disable_routing_after_step=1",
+        "--routes=1:3:0.25,5:6:0.5",
+        "--route_reinsertion=pre_route_plus_input",
+        "--gradient_checkpointing",
+    )
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    config = json.loads((out / "transformer" / "config.json").read_text())
+    assert config["routes"] == [
+        {"start_layer_idx": 1, "end_layer_idx": 3, "selection_ratio": 0.25},
+        {"start_layer_idx": 5, "end_layer_idx": 6, "selection_ratio": 0.5},
+    ]
+    assert config["route_reinsertion"] == "pre_route_plus_input"
+
+
+def test_routes_shorthand_and_json_parse():
+    script = load_script()
+    assert script.parse_routes("2:8:0.5,10:12:0.3") == [
+        {"start_layer_idx": 2, "end_layer_idx": 8, "selection_ratio": 0.5},
+        {"start_layer_idx": 10, "end_layer_idx": 12, "selection_ratio": 0.3},
+    ]
+    assert (
+        script.parse_routes('[{"start_layer_idx": 2, "end_layer_idx": -4, "selection_ratio": 0.5}]')[0][
+            "end_layer_idx"
+        ]
+        == -4
+    )
+    assert script.parse_routes("none") == [] and script.parse_routes("paper") == "paper"
+    with pytest.raises(Exception, match="start:end:ratio"):
+        script.parse_routes("2-8-0.5")
+
+
+def test_bad_inputs_fail_with_clear_messages(tmp_path, accelerate_config):
+    script = load_script()
+    with pytest.raises(ValueError, match=r"route 0 .*outside the model's layers"):
+        script.main([*TINY, f"--output_dir={tmp_path}", "--routes=2:9:0.5", "--max_train_steps=1"])
+    with pytest.raises(ValueError, match="not divisible by the patch size"):
+        script.main([*TINY[1:], "--resolution=9", f"--output_dir={tmp_path}", "--max_train_steps=1"])
+
+
+def test_push_to_hub_uploads_the_final_folder_and_never_the_token(tmp_path, monkeypatch):
+    script = load_script()
+    calls = []
+    monkeypatch.setattr(
+        script,
+        "create_repo",
+        lambda repo_id, **kw: (
+            calls.append(("create", repo_id, kw)) or type("Repo", (), {"repo_id": f"user/{repo_id}"})()
+        ),
+    )
+
+    class Done:
+        def result(self):
+            return None
+
+    def fake_upload(**kwargs):
+        calls.append(("upload", kwargs["folder_path"], kwargs))
+        return Done()
+
+    monkeypatch.setattr(script, "upload_folder", fake_upload)
+    token = "hf_FAKEtoken1234567890abcdefghij"
+    out = tmp_path / "tread-push"
+    script.main(
+        [
+            *TINY,
+            f"--output_dir={out}",
+            "--max_train_steps=2",
+            "--checkpointing_steps=1",
+            "--validation_steps=100",
+            "--push_to_hub",
+            "--push_checkpoints",
+            f"--hub_token={token}",
+        ]
+    )
+    assert calls[0][:2] == ("create", "tread-push") and calls[0][2]["token"] == token
+    uploads = [c for c in calls if c[0] == "upload"]
+    assert [Path(c[1]).name for c in uploads] == ["checkpoint-1", "checkpoint-2", "tread-push"]
+    final = uploads[-1][2]
+    assert final["repo_id"] == "user/tread-push" and "checkpoint-*" in final["ignore_patterns"]
+    assert uploads[0][2]["run_as_future"] and uploads[0][2]["path_in_repo"] == "checkpoint-1"
+    for path in out.rglob("*"):
+        if path.is_file():
+            assert token.encode() not in path.read_bytes(), path
+    assert "<redacted>" in (out / "README.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def tiny_vae(tmp_path_factory):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 8),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=16,
+    )
+    path = tmp_path_factory.mktemp("vae")
+    vae.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def digits_latents(tmp_path_factory, accelerate_config, tiny_vae):
+    """16x16 digits through the tiny VAE: 8x8x4 latent shards written by training/extract_latents.py."""
+    latents_dir = tmp_path_factory.mktemp("latents")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    extract = [
+        "accelerate", "launch", "--config_file", accelerate_config, "--num_processes", "1",
+        str(REPO / "training" / "extract_latents.py"), "--use_digits", "--resolution=16", f"--vae={tiny_vae}",
+        f"--output_dir={latents_dir}", "--batch_size=64", "--shard_size=500",
+    ]  # fmt: skip
+    result = subprocess.run(extract, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return latents_dir
+
+
+def test_training_from_latents_matches_training_through_the_vae(tmp_path, accelerate_config, tiny_vae, digits_latents):
+    """Extract once, then train from the shards or encode on the fly: the same run (posterior mean both ways)."""
+    latents_dir = digits_latents
+    common = [
+        "--resolution=16",
+        "--max_train_steps=2",
+        "--learning_rate=1e-4",
+        "--checkpointing_steps=100",
+        "--validation_steps=100",
+    ]
+    launch(accelerate_config, f"--output_dir={tmp_path / 'from_latents'}", f"--latents_dir={latents_dir}", *common)
+    launch(accelerate_config, f"--output_dir={tmp_path / 'through_vae'}", f"--vae={tiny_vae}", *common)
+    from_latents = transformer_weights(tmp_path / "from_latents")
+    through_vae = transformer_weights(tmp_path / "through_vae")
+    for key in from_latents:
+        torch.testing.assert_close(from_latents[key], through_vae[key], rtol=1e-4, atol=1e-5, msg=key)
+    pipe = TreadDiTPipeline.from_pretrained(tmp_path / "from_latents")
+    assert (
+        pipe.vae is not None and pipe.transformer.config.in_channels == 4 and pipe.transformer.config.sample_size == 8
+    )
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe([1], num_inference_steps=2, output_type="np").images.shape == (1, 16, 16, 3)
+
+
+def test_latents_from_another_vae_are_rejected(tmp_path, tiny_vae, digits_latents):
+    script = load_script()
+    other_vae = tmp_path / "other-vae"
+    shutil.copytree(tiny_vae, other_vae)
+    with pytest.raises(ValueError, match="VAE"):
+        script.main([*TINY, f"--output_dir={tmp_path / 'out'}", f"--latents_dir={digits_latents}",
+                     f"--vae={other_vae}", "--max_train_steps=1"])  # fmt: skip

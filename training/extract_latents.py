@@ -1,0 +1,218 @@
+#!/usr/bin/env python
+"""Encode an image dataset once with a VAE and store the latents as safetensors shards for training.
+
+    accelerate launch training/extract_latents.py --dataset_name <imagenet-like dataset> \
+        --vae stabilityai/sd-vae-ft-ema --resolution 256 --center_crop --flip --output_dir latents/imagenet-256
+
+Each process encodes its own interleaved slice of the shards (shard k goes to process k % num_processes). A shard is
+written to a temporary name and renamed when complete, with the extraction settings in its header: re-running the
+same command skips every complete shard and redoes the rest. The main process writes metadata.json last, once every
+shard exists; `diffusers_tread.data.LatentShardDataset` reads it. The format is described in
+`diffusers_tread/data/latents.py`.
+"""
+
+import argparse
+import logging
+import math
+import os
+
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from diffusers import AutoencoderKL
+from safetensors import safe_open
+from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
+
+from diffusers_tread.data import load_digits, load_image_dataset
+from diffusers_tread.data.latents import (
+    METADATA_NAME,
+    posterior_generator,
+    read_shard_settings,
+    shard_file_name,
+    write_metadata,
+    write_shard,
+)
+
+logger = get_logger(__name__)
+
+
+def parse_args(input_args=None):
+    parser = argparse.ArgumentParser(description="Encode an image dataset into VAE latent shards.")
+    parser.add_argument("--dataset_name", type=str, default=None, help="A Hub dataset or a local dataset path.")
+    parser.add_argument(
+        "--train_data_dir", type=str, default=None, help="A folder of images, one subfolder per class."
+    )
+    parser.add_argument("--use_digits", action="store_true", help="Use scikit-learn's bundled digits (offline).")
+    parser.add_argument(
+        "--digits_split",
+        type=str,
+        default="train",
+        choices=["train", "test", "all"],
+        help="Which digits to encode; the default keeps the held-out 'test' digits unseen, for evaluation.",
+    )
+    parser.add_argument("--image_column", type=str, default="image")
+    parser.add_argument("--label_column", type=str, default="label")
+    parser.add_argument("--cache_dir", type=str, default=None, help="Where `datasets` caches downloads.")
+    parser.add_argument("--resolution", type=int, default=256, help="Images are resized and cropped to this size.")
+    parser.add_argument(
+        "--center_crop",
+        action="store_true",
+        help="Center crop. Without it each image gets one random crop (seeded per shard), frozen into its latents.",
+    )
+    parser.add_argument(
+        "--flip", action="store_true", help="Also store the latents of the horizontally flipped images."
+    )
+    parser.add_argument("--vae", type=str, required=True, help="An AutoencoderKL: a Hub id or a local path.")
+    parser.add_argument("--vae_subfolder", type=str, default=None, help='e.g. "vae" for a full pipeline repo.')
+    parser.add_argument("--revision", type=str, default=None, help="Revision of the VAE on the Hub.")
+    parser.add_argument(
+        "--sample_posterior",
+        action="store_true",
+        help="Store one sample of the VAE posterior (DiT's training code samples) instead of its mean. The mean is "
+        "the default: deterministic, and no single noise draw gets frozen into the data; the posterior's std is "
+        "small next to its mean for the usual KL-regularised VAEs.",
+    )
+    parser.add_argument("--output_dir", type=str, required=True, help="The latents directory.")
+    parser.add_argument("--batch_size", type=int, default=32, help="Images per VAE forward pass.")
+    parser.add_argument("--shard_size", type=int, default=4096, help="Images per shard (the unit of resuming).")
+    parser.add_argument("--dataloader_num_workers", type=int, default=0)
+    parser.add_argument(
+        "--mixed_precision",
+        type=str,
+        default=None,
+        choices=["no", "fp16", "bf16"],
+        help="Run the VAE in this precision (latents are stored as float32). Some VAEs overflow in fp16.",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="Seeds random crops and posterior samples.")
+
+    args = parser.parse_args(input_args)
+    sources = [args.dataset_name is not None, args.train_data_dir is not None, args.use_digits]
+    if sum(sources) != 1:
+        parser.error("Pass exactly one of --dataset_name, --train_data_dir and --use_digits.")
+    return args
+
+
+def main(args):
+    accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S", level=logging.INFO
+    )
+    logger.info(accelerator.state, main_process_only=False)
+
+    # The VAE, frozen, in the requested precision.
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    vae = AutoencoderKL.from_pretrained(
+        args.vae, subfolder=args.vae_subfolder, revision=args.revision, torch_dtype=weight_dtype
+    )
+    vae.requires_grad_(False).eval().to(accelerator.device)
+    scaling_factor = vae.config.scaling_factor
+    shift_factor = getattr(vae.config, "shift_factor", None) or 0.0
+
+    # The images, unflipped (flipped copies are encoded separately). The main process loads (and caches) first.
+    with accelerator.main_process_first():
+        if args.use_digits:
+            dataset, id2label = load_digits(
+                args.resolution, split=args.digits_split, num_channels=vae.config.in_channels
+            )
+        else:
+            dataset, id2label = load_image_dataset(
+                dataset_name=args.dataset_name,
+                train_data_dir=args.train_data_dir,
+                image_column=args.image_column,
+                label_column=args.label_column,
+                resolution=args.resolution,
+                center_crop=args.center_crop,
+                random_flip=False,
+                cache_dir=args.cache_dir,
+                num_channels=vae.config.in_channels,
+            )
+
+    # Everything that determines a shard's content: a shard on disk with other settings is redone.
+    settings = {
+        "dataset": f"digits:{args.digits_split}" if args.use_digits else (args.dataset_name or args.train_data_dir),
+        "image_column": args.image_column,
+        "label_column": args.label_column,
+        "num_samples": len(dataset),
+        "resolution": args.resolution,
+        "center_crop": args.center_crop,
+        "flip": args.flip,
+        "vae": args.vae,
+        "vae_subfolder": args.vae_subfolder,
+        "revision": args.revision,
+        "sample_posterior": args.sample_posterior,
+        "mixed_precision": accelerator.mixed_precision,
+        "seed": args.seed,
+        "shard_size": args.shard_size,
+    }
+    num_shards = math.ceil(len(dataset) / args.shard_size)
+    shard_names = [shard_file_name(index, num_shards) for index in range(num_shards)]
+
+    # metadata.json marks a complete, consistent directory: remove it until this run has finished.
+    os.makedirs(args.output_dir, exist_ok=True)
+    metadata_path = os.path.join(args.output_dir, METADATA_NAME)
+    if accelerator.is_main_process and os.path.exists(metadata_path):
+        os.remove(metadata_path)
+    accelerator.wait_for_everyone()
+
+    @torch.no_grad()
+    def encode(pixel_values: torch.Tensor, indices: list[int], flipped: bool) -> torch.Tensor:
+        posterior = vae.encode(pixel_values.to(accelerator.device, dtype=weight_dtype)).latent_dist
+        if args.sample_posterior:
+            latents = posterior.sample([posterior_generator(args.seed, index, flipped) for index in indices])
+        else:
+            latents = posterior.mean
+        return ((latents - shift_factor) * scaling_factor).float().cpu()
+
+    # This process's shards: k, k + N, k + 2N, ...
+    my_shards = range(accelerator.process_index, num_shards, accelerator.num_processes)
+    skipped = 0
+    for shard_index in tqdm(my_shards, desc="Shards", disable=not accelerator.is_local_main_process):
+        path = os.path.join(args.output_dir, shard_names[shard_index])
+        if read_shard_settings(path) == settings:
+            skipped += 1
+            continue
+
+        torch.manual_seed(args.seed + shard_index)  # random crops, also in DataLoader workers
+        indices = list(range(shard_index * args.shard_size, min((shard_index + 1) * args.shard_size, len(dataset))))
+        loader = DataLoader(
+            Subset(dataset, indices), batch_size=args.batch_size, num_workers=args.dataloader_num_workers
+        )
+        latents, latents_flipped, class_labels = [], [], []
+        for step, batch in enumerate(loader):
+            batch_indices = indices[step * args.batch_size : (step + 1) * args.batch_size]
+            latents.append(encode(batch["pixel_values"], batch_indices, flipped=False))
+            if args.flip:
+                latents_flipped.append(encode(batch["pixel_values"].flip(-1), batch_indices, flipped=True))
+            class_labels.append(batch["class_labels"].long())
+
+        tensors = {"latents": torch.cat(latents), "class_labels": torch.cat(class_labels)}
+        if args.flip:
+            tensors["latents_flipped"] = torch.cat(latents_flipped)
+        write_shard(path, tensors, settings)
+    logger.info(f"Process {accelerator.process_index}: skipped {skipped} complete shards.", main_process_only=False)
+
+    # Once every process is done, the main process describes the directory.
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shards = []
+        for name in shard_names:
+            with safe_open(os.path.join(args.output_dir, name), framework="pt") as shard:
+                shape = shard.get_slice("latents").get_shape()
+            shards.append({"file": name, "num_samples": shape[0]})
+        metadata = {
+            **settings,
+            "scaling_factor": scaling_factor,
+            "shift_factor": shift_factor,
+            "latent_channels": shape[1],
+            "latent_size": shape[2],
+            "id2label": {str(label): name for label, name in id2label.items()},
+            "shards": shards,
+        }
+        write_metadata(args.output_dir, metadata)
+        logger.info(f"Wrote {len(dataset)} latents of shape {tuple(shape[1:])} in {num_shards} shards.")
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main(parse_args())

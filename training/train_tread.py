@@ -1,0 +1,806 @@
+#!/usr/bin/env python
+"""Train a class-conditional DiT with TREAD token routing (Krause et al., arXiv 2501.04765) using Accelerate.
+
+With no arguments it trains a small TREAD model in pixel space on scikit-learn's bundled handwritten digits (16x16,
+10 classes) and writes a `TreadDiTPipeline` folder with a sample grid; flags scale it to ImageNet-256 latents.
+
+    accelerate launch training/train_tread.py
+    accelerate launch training/train_tread.py --latents_dir imagenet-latents --model_config DiT-XL/2 ...  # see README
+
+The story, top to bottom: arguments -> data -> model, objective, EMA -> optimizer -> (resume) -> loop -> save/push.
+The math lives in the library: `diffusers_tread.objectives` (noising, targets, samplers), `diffusers_tread.losses`
+(route-aware reduction) and the model's forward (routing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+import os
+import platform
+import re
+import shlex
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import diffusers
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from diffusers import AutoencoderKL
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from diffusers.utils import make_image_grid
+from huggingface_hub import ModelCard, ModelCardData, create_repo, upload_folder
+from PIL import Image, ImageOps
+from tqdm.auto import tqdm
+
+from diffusers_tread import PRESETS, TreadDiTPipeline, TreadTransformer2DModel, paper_routes
+from diffusers_tread.data import LatentShardDataset, check_latents_match, load_digits, load_image_dataset
+from diffusers_tread.losses import TREAD_LOSSES, tread_loss
+from diffusers_tread.models.transformer_tread import ROUTE_REINSERTION_MODES
+from diffusers_tread.objectives import OBJECTIVES, get_objective
+
+logger = get_logger(__name__, log_level="INFO")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+MODEL_CARD_TEMPLATE = REPO_ROOT / "model_cards" / "tread_dit.md"
+
+
+def parse_routes(text: str) -> list[dict] | str:
+    """`--routes`: "paper", "none", JSON (a list of route dicts) or the shorthand "2:8:0.5,10:12:0.3"."""
+    text = text.strip()
+    if text in ("paper", "none", ""):
+        return "paper" if text == "paper" else []
+    if text.startswith("["):
+        return json.loads(text)
+    routes = []
+    for part in text.split(","):
+        fields = part.split(":")
+        if len(fields) != 3:
+            raise argparse.ArgumentTypeError(f"route {part!r} is not start:end:ratio (e.g. 2:8:0.5)")
+        start, end, ratio = fields
+        routes.append({"start_layer_idx": int(start), "end_layer_idx": int(end), "selection_ratio": float(ratio)})
+    return routes
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Train a DiT with TREAD token routing.")
+    # Model
+    parser.add_argument(
+        "--model_config", default="DiT-Tiny/2", help=f"a preset ({', '.join(PRESETS)}) or a config.json"
+    )
+    parser.add_argument("--pretrained_model_name_or_path", default=None, help="DiT or TREAD checkpoint to fine-tune")
+    parser.add_argument("--revision", default=None)
+    parser.add_argument("--variant", default=None)
+    parser.add_argument(
+        "--routes",
+        type=parse_routes,
+        default=None,
+        help='"paper" (2..depth-4 at 0.5, the default for new models; a TREAD checkpoint keeps its '
+        'own), "none", JSON, or start:end:ratio[,start:end:ratio]',
+    )
+    parser.add_argument(
+        "--route_reinsertion",
+        choices=ROUTE_REINSERTION_MODES,
+        default=None,
+        help="pre_route (ICCV, default for new models) or pre_route_plus_input (v1)",
+    )
+    parser.add_argument(
+        "--disable_routing_after_step",
+        type=int,
+        default=None,
+        help='train without routing from this step on: the paper\'s final "(F)" fine-tune',
+    )
+    # Objective and loss
+    parser.add_argument("--objective", choices=sorted(OBJECTIVES), default="flow")
+    parser.add_argument(
+        "--tread_loss",
+        choices=TREAD_LOSSES,
+        default="plain",
+        help="plain: ordinary loss on all tokens (ICCV); adapted: v1's loss over all routes + MAE",
+    )
+    parser.add_argument("--mae_loss_weight", type=float, default=0.1, help="lambda of the adapted loss's MAE term")
+    parser.add_argument("--class_dropout_prob", type=float, default=0.1, help="CFG label dropout, once per sample")
+    # Data
+    parser.add_argument("--dataset_name", default=None, help="datasets.load_dataset name or local path")
+    parser.add_argument("--dataset_config_name", default=None)
+    parser.add_argument("--train_data_dir", default=None, help="an imagefolder (one subfolder per class)")
+    parser.add_argument("--image_column", default="image")
+    parser.add_argument("--label_column", default="label")
+    parser.add_argument("--resolution", type=int, default=None, help="image size; default 16 for digits, else 256")
+    parser.add_argument("--center_crop", action="store_true")
+    parser.add_argument("--random_flip", action="store_true")
+    parser.add_argument("--vae", default=None, help="AutoencoderKL path or Hub id for latent training")
+    parser.add_argument("--vae_subfolder", default=None)
+    parser.add_argument(
+        "--sample_posterior",
+        action="store_true",
+        help="encode with a VAE posterior sample instead of its mean (as extract_latents.py)",
+    )
+    parser.add_argument("--latents_dir", default=None, help="precomputed latents from training/extract_latents.py")
+    parser.add_argument("--cache_dir", default=None)
+    parser.add_argument("--dataloader_num_workers", type=int, default=0)
+    # Optimisation
+    parser.add_argument("--output_dir", default="tread-digits")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train_batch_size", type=int, default=64, help="per device")
+    parser.add_argument("--num_train_epochs", type=int, default=100)
+    parser.add_argument("--max_train_steps", type=int, default=None, help="overrides --num_train_epochs")
+    parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    parser.add_argument("--gradient_checkpointing", action="store_true")
+    parser.add_argument("--learning_rate", type=float, default=None, help="default 1e-4 (DiT); 5e-4 for the digits")
+    parser.add_argument("--scale_lr", action="store_true", help="multiply the LR by batch x accumulation x processes")
+    parser.add_argument(
+        "--lr_scheduler",
+        default="constant",
+        help="linear, cosine, cosine_with_restarts, polynomial, constant, constant_with_warmup",
+    )
+    parser.add_argument("--lr_warmup_steps", type=int, default=0)
+    parser.add_argument("--adam_beta1", type=float, default=0.9)
+    parser.add_argument("--adam_beta2", type=float, default=0.999)
+    parser.add_argument("--adam_weight_decay", type=float, default=0.0, help="DiT uses 0")
+    parser.add_argument("--adam_epsilon", type=float, default=1e-8)
+    parser.add_argument("--max_grad_norm", type=float, default=1.0)
+    parser.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None)
+    parser.add_argument("--allow_tf32", action="store_true")
+    # EMA: DiT keeps a fixed 0.9999 decay (--no-ema_warmup); the default warms the decay up, 1 - (1 + step)^-0.75,
+    # which matters for short runs and reaches 0.9999 after ~215k steps.
+    parser.add_argument("--use_ema", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--ema_decay", type=float, default=0.9999)
+    parser.add_argument("--ema_warmup", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--ema_power", type=float, default=0.75)
+    # Checkpoints, validation, logging
+    parser.add_argument("--checkpointing_steps", type=int, default=500)
+    parser.add_argument("--checkpoints_total_limit", type=int, default=None)
+    parser.add_argument("--resume_from_checkpoint", default=None, help='a checkpoint path or "latest"')
+    parser.add_argument("--validation_steps", type=int, default=500)
+    parser.add_argument(
+        "--validation_class_labels", default=None, help="comma-separated ids or names (default: the first 10 classes)"
+    )
+    parser.add_argument("--num_validation_images", type=int, default=8, help="per class")
+    parser.add_argument("--validation_num_inference_steps", type=int, default=50)
+    parser.add_argument("--validation_guidance_scale", type=float, default=2.0)
+    parser.add_argument("--report_to", default="tensorboard", help='tensorboard, wandb, all or "none"')
+    parser.add_argument("--logging_dir", default="logs")
+    parser.add_argument("--tracker_project_name", default="train_tread")
+    parser.add_argument("--push_to_hub", action="store_true")
+    parser.add_argument("--push_checkpoints", action="store_true", help="also upload checkpoints, in the background")
+    parser.add_argument("--hub_model_id", default=None)
+    parser.add_argument("--hub_token", default=None)
+    parser.add_argument("--hub_private_repo", action="store_true")
+    args = parser.parse_args(argv)
+
+    if args.pretrained_model_name_or_path and args.model_config != parser.get_default("model_config"):
+        parser.error("give --model_config or --pretrained_model_name_or_path, not both")
+    if args.latents_dir and (args.dataset_name or args.train_data_dir):
+        parser.error("--latents_dir replaces --dataset_name/--train_data_dir; give one data source")
+    if args.dataset_name and args.train_data_dir:
+        parser.error("give --dataset_name or --train_data_dir, not both")
+    if not 0.0 <= args.class_dropout_prob < 1.0:
+        parser.error("--class_dropout_prob must be in [0, 1)")
+    # The built-in digits job (no data flag) is a ~10-minute CPU run of a 0.8M-parameter model: it wants a higher
+    # learning rate than DiT's 1e-4 and a step budget rather than 100 epochs.
+    builtin_digits = not (args.latents_dir or args.dataset_name or args.train_data_dir)
+    if args.learning_rate is None:
+        args.learning_rate = 5e-4 if builtin_digits else 1e-4
+    if args.max_train_steps is None and builtin_digits:
+        args.max_train_steps = 3000
+    return args
+
+
+def redacted_command(argv: list[str]) -> str:
+    """The launch command for the model card, with the Hub token removed."""
+    text = " ".join(shlex.quote(a) for a in ["accelerate", "launch", "training/train_tread.py", *argv])
+    return re.sub(r"(--hub_token[ =])\S+", r"\1<redacted>", text)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    started = time.time()
+
+    # 1. Accelerator, logging, seed, output folder and Hub repo.
+    logging_dir = Path(args.output_dir, args.logging_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=str(logging_dir)),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),  # same data order on resume
+    )
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    logger.info(accelerator.state, main_process_only=False)
+    if accelerator.is_local_main_process:
+        diffusers.utils.logging.set_verbosity_warning()
+    else:
+        diffusers.utils.logging.set_verbosity_error()
+    set_seed(args.seed)
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    repo_id = None
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+        if args.push_to_hub:
+            repo_id = create_repo(
+                args.hub_model_id or Path(args.output_dir).name,
+                exist_ok=True,
+                private=args.hub_private_repo,
+                token=args.hub_token,
+            ).repo_id
+
+    # 2. Data: precomputed latents, an image dataset (optionally through a VAE), or the built-in digits.
+    if args.latents_dir:
+        train_dataset = LatentShardDataset(args.latents_dir, random_flip=args.random_flip)
+        id2label = train_dataset.id2label
+        dataset_description = f"latents from {args.latents_dir}"
+        vae = load_vae(
+            args.vae or train_dataset.metadata.get("vae"),
+            args.vae_subfolder or train_dataset.metadata.get("vae_subfolder"),
+            args,
+        )
+    else:
+        vae = load_vae(args.vae, args.vae_subfolder, args)
+        image_channels = vae.config.in_channels if vae is not None else None
+        if args.dataset_name or args.train_data_dir:
+            train_dataset, id2label = load_image_dataset(
+                dataset_name=args.dataset_name,
+                train_data_dir=args.train_data_dir,
+                image_column=args.image_column,
+                label_column=args.label_column,
+                resolution=args.resolution or 256,
+                center_crop=args.center_crop,
+                random_flip=args.random_flip,
+                cache_dir=args.cache_dir,
+                num_channels=image_channels or 3,
+            )
+            dataset_description = args.dataset_name or args.train_data_dir
+        else:
+            train_dataset, id2label = load_digits(
+                resolution=args.resolution or 16, split="train", num_channels=image_channels or 1
+            )
+            dataset_description = "scikit-learn handwritten digits (train split)"
+    num_classes = len(id2label)
+    example = train_dataset[0]
+    if args.latents_dir:
+        data_channels, data_size = example["latents"].shape[0], example["latents"].shape[-1]
+    elif vae is not None:
+        downsample = 2 ** (len(vae.config.block_out_channels) - 1)
+        data_channels, data_size = vae.config.latent_channels, example["pixel_values"].shape[-1] // downsample
+    else:
+        data_channels, data_size = example["pixel_values"].shape[0], example["pixel_values"].shape[-1]
+
+    # 3. Model, objective, EMA.
+    objective = get_objective(args.objective)
+    tread_kwargs = {} if args.route_reinsertion is None else {"route_reinsertion": args.route_reinsertion}
+    if args.pretrained_model_name_or_path:
+        path = args.pretrained_model_name_or_path
+        subfolder = None if Path(path, "config.json").is_file() else "transformer"  # a model or a pipeline folder
+        load_kwargs = dict(subfolder=subfolder, revision=args.revision, cache_dir=args.cache_dir)
+        config = TreadTransformer2DModel.load_config(path, **load_kwargs)
+        # Keep a TREAD checkpoint's routes unless --routes is given; a plain DiT gets the paper's route.
+        routes = args.routes if args.routes is not None else config.get("routes") or "paper"
+        if routes == "paper":
+            routes = paper_routes(config["num_layers"])
+        model = TreadTransformer2DModel.from_pretrained(
+            path, variant=args.variant, routes=routes, **load_kwargs, **tread_kwargs
+        )
+    else:
+        overrides = dict(
+            in_channels=data_channels,
+            out_channels=objective.model_out_channels(data_channels),
+            sample_size=data_size,
+            num_embeds_ada_norm=num_classes,
+            **tread_kwargs,
+        )
+        routes = "paper" if args.routes is None else args.routes
+        if args.model_config in PRESETS:
+            model = TreadTransformer2DModel.from_preset(args.model_config, routes=routes, **overrides)
+        else:
+            config = json.loads(Path(args.model_config).read_text())
+            config = {k: v for k, v in config.items() if not k.startswith("_")} | overrides
+            if args.routes is not None or "routes" not in config:
+                config["routes"] = paper_routes(config["num_layers"]) if routes == "paper" else routes
+            model = TreadTransformer2DModel.from_config(config)
+    check_model_matches_data(model, data_channels, data_size, num_classes, objective)
+    if args.latents_dir:
+        check_latents_match(
+            train_dataset.metadata,
+            in_channels=model.config.in_channels,
+            sample_size=model.config.sample_size,
+            vae=args.vae,
+        )
+    if args.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    model.train()
+    ema_model = None
+    if args.use_ema:
+        # min_decay == decay without warmup gives DiT's fixed decay (the first update copies the weights).
+        ema_model = EMAModel(
+            model.parameters(),
+            decay=args.ema_decay,
+            min_decay=0.0 if args.ema_warmup else args.ema_decay,
+            use_ema_warmup=args.ema_warmup,
+            power=args.ema_power,
+            model_cls=TreadTransformer2DModel,
+            model_config=model.config,
+        )
+
+    # One generator per process draws all training randomness (noise, timesteps, label dropout, routed subsets), so a
+    # checkpoint can carry it and a resumed run draws exactly what the uninterrupted run would have.
+    train_generator = torch.Generator(device=accelerator.device).manual_seed(args.seed + accelerator.process_index)
+
+    # Checkpoints are Diffusers folders: accelerate's save/load state call these hooks (on every process).
+    def save_model_hook(models, weights, output_dir):
+        os.makedirs(output_dir, exist_ok=True)
+        torch.save(train_generator.get_state(), os.path.join(output_dir, f"train_rng_{accelerator.process_index}.pt"))
+        if accelerator.is_main_process:
+            if ema_model is not None:
+                ema_model.save_pretrained(os.path.join(output_dir, "transformer_ema"))
+            for saved_model in models:
+                accelerator.unwrap_model(saved_model).save_pretrained(os.path.join(output_dir, "transformer"))
+                weights.pop()
+
+    def load_model_hook(models, input_dir):
+        rng_file = os.path.join(input_dir, f"train_rng_{accelerator.process_index}.pt")
+        if os.path.exists(rng_file):
+            train_generator.set_state(torch.load(rng_file, weights_only=True))
+        if ema_model is not None:
+            loaded_ema = EMAModel.from_pretrained(os.path.join(input_dir, "transformer_ema"), TreadTransformer2DModel)
+            ema_model.load_state_dict(loaded_ema.state_dict())
+            ema_model.to(accelerator.device)
+        for _ in range(len(models)):
+            loaded_into = accelerator.unwrap_model(models.pop())
+            loaded = TreadTransformer2DModel.from_pretrained(input_dir, subfolder="transformer")
+            loaded_into.load_state_dict(loaded.state_dict())
+
+    accelerator.register_save_state_pre_hook(save_model_hook)
+    accelerator.register_load_state_pre_hook(load_model_hook)
+
+    # 4. Optimizer, data loader, LR schedule.
+    if args.scale_lr:
+        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+    optimizer = torch.optim.AdamW(
+        model.parameters(),
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+    )
+    train_dataloader = torch.utils.data.DataLoader(
+        train_dataset,
+        batch_size=args.train_batch_size,
+        shuffle=True,
+        num_workers=args.dataloader_num_workers,
+        drop_last=True,
+    )
+    if len(train_dataloader) == 0:
+        raise ValueError(
+            f"The dataset has {len(train_dataset)} examples, fewer than one batch of {args.train_batch_size}: "
+            "lower --train_batch_size or add data."
+        )
+    num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+    if args.max_train_steps is None:
+        args.max_train_steps = args.num_train_epochs * num_update_steps_per_epoch
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=args.max_train_steps * accelerator.num_processes,
+    )
+    model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
+        model, optimizer, train_dataloader, lr_scheduler
+    )
+    if ema_model is not None:
+        ema_model.to(accelerator.device)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    if vae is not None:
+        vae.to(accelerator.device, dtype=weight_dtype)
+    num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+    num_train_epochs = math.ceil(args.max_train_steps / num_update_steps_per_epoch)
+    if accelerator.is_main_process:
+        tracker_config = {k: v for k, v in vars(args).items() if k != "hub_token"}
+        tracker_config = {
+            k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v) for k, v in tracker_config.items()
+        }
+        accelerator.init_trackers(args.tracker_project_name, tracker_config)
+
+    total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    unwrapped = accelerator.unwrap_model(model)
+    num_parameters = sum(p.numel() for p in unwrapped.parameters())
+    logger.info("***** Running training *****")
+    logger.info(f"  Examples = {len(train_dataset)}, classes = {num_classes}, epochs = {num_train_epochs}")
+    logger.info(f"  Batch per device = {args.train_batch_size}, total = {total_batch_size}")
+    logger.info(f"  Optimization steps = {args.max_train_steps}, parameters = {num_parameters / 1e6:.2f}M")
+    logger.info(f"  Objective = {args.objective}, TREAD loss = {args.tread_loss}, routes = {unwrapped.config.routes}")
+
+    # 5. Resume.
+    global_step, first_epoch, resume_step = 0, 0, 0
+    if args.resume_from_checkpoint:
+        checkpoint = find_checkpoint(args.output_dir, args.resume_from_checkpoint)
+        if checkpoint is None:
+            logger.info(f"No checkpoint found for '{args.resume_from_checkpoint}'; starting a new run.")
+        else:
+            logger.info(f"Resuming from {checkpoint}")
+            accelerator.load_state(checkpoint)
+            global_step = int(Path(checkpoint).name.split("-")[1])
+            first_epoch = global_step // num_update_steps_per_epoch
+            resume_step = (global_step % num_update_steps_per_epoch) * args.gradient_accumulation_steps
+    loss_log = Path(args.output_dir, "loss_history.csv")
+
+    # 6. Training loop.
+    progress_bar = tqdm(
+        range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
+    )
+    null_class = num_classes  # the extra row of the label table
+    patch_size = unwrapped.config.patch_size
+    step_started, last_loss = time.time(), float("nan")
+    for epoch in range(first_epoch, num_train_epochs):
+        train_dataloader.set_epoch(epoch)
+        loader = train_dataloader
+        if epoch == first_epoch and resume_step:
+            loader = accelerator.skip_first_batches(train_dataloader, resume_step)
+        for batch in loader:
+            if args.disable_routing_after_step is not None and global_step >= args.disable_routing_after_step:
+                unwrapped.disable_routing()
+            with accelerator.accumulate(model):
+                if args.latents_dir:
+                    x0 = batch["latents"].to(weight_dtype)
+                elif vae is not None:
+                    with torch.no_grad():
+                        x0 = encode_latents(
+                            vae, batch["pixel_values"].to(weight_dtype), args.sample_posterior, train_generator
+                        )
+                else:
+                    x0 = batch["pixel_values"].to(weight_dtype)
+                labels = batch["class_labels"]
+                # CFG label dropout, once per sample (Diffusers' per-block dropout is off in the model).
+                drop = torch.rand(labels.shape, generator=train_generator, device=labels.device)
+                labels = torch.where(drop < args.class_dropout_prob, torch.full_like(labels, null_class), labels)
+
+                inputs = objective.training_inputs(x0.float(), generator=train_generator)
+                output = model(
+                    inputs.model_input, timestep=inputs.timestep, class_labels=labels, route_generator=train_generator
+                )
+                per_element = objective.per_element_loss(output.sample.float(), x0.float(), inputs)
+                use_mae = args.tread_loss == "adapted" and args.mae_loss_weight > 0 and output.route_masks
+                loss = tread_loss(
+                    per_element,
+                    output.route_masks,
+                    patch_size,
+                    mode=args.tread_loss,
+                    denoised=objective.denoised(output.sample.float(), inputs) if use_mae else None,
+                    noisy_input=inputs.model_input if use_mae else None,
+                    mae_loss_weight=args.mae_loss_weight,
+                )
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"Loss is {loss.item()} at step {global_step}. The last checkpoint in {args.output_dir} is "
+                        "untouched; resume from it with a lower --learning_rate, --max_grad_norm, or bf16 instead of "
+                        "fp16 (--mixed_precision bf16)."
+                    )
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+
+            if not accelerator.sync_gradients:
+                continue
+            if ema_model is not None:
+                ema_model.step(model.parameters())
+            global_step += 1
+            progress_bar.update(1)
+            last_loss = accelerator.gather(loss.detach()).mean().item()
+            steps_per_s = 1.0 / max(time.time() - step_started, 1e-9)
+            step_started = time.time()
+            logs = {"loss": last_loss, "lr": lr_scheduler.get_last_lr()[0], "steps_per_s": steps_per_s}
+            if ema_model is not None:
+                logs["ema_decay"] = ema_model.cur_decay_value
+            progress_bar.set_postfix(loss=f"{last_loss:.4f}", lr=logs["lr"], it_s=f"{steps_per_s:.2f}")
+            accelerator.log(logs, step=global_step)
+            if accelerator.is_main_process:
+                with loss_log.open("a", newline="") as f:
+                    csv.writer(f).writerow([global_step, f"{last_loss:.6f}", f"{time.time() - started:.1f}"])
+
+            if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
+                save_checkpoint(accelerator, args, global_step, repo_id)
+            if accelerator.is_main_process and (
+                global_step % args.validation_steps == 0 or global_step == args.max_train_steps
+            ):
+                log_validation(
+                    accelerator,
+                    args,
+                    unwrapped,
+                    ema_model,
+                    vae,
+                    objective,
+                    id2label,
+                    global_step,
+                )
+            if global_step >= args.max_train_steps:
+                break
+
+    # 7. Save the final pipeline (EMA weights), model card, and push.
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        final_model = accelerator.unwrap_model(model)
+        if ema_model is not None:
+            ema_model.store(final_model.parameters())
+            ema_model.copy_to(final_model.parameters())
+        final_model.enable_routing()  # the config keeps the routes it was trained with
+        pipeline = TreadDiTPipeline(
+            transformer=final_model, vae=vae, scheduler=objective.make_scheduler(), id2label=id2label
+        )
+        pipeline.save_pretrained(args.output_dir)
+        grid_path = save_sample_grid(pipeline, args, id2label, Path(args.output_dir, "samples", "final_grid.png"))
+        plot_loss(loss_log, Path(args.output_dir, "samples", "loss.png"))
+        save_model_card(
+            args,
+            argv,
+            repo_id,
+            final_model,
+            objective,
+            dataset_description,
+            len(train_dataset),
+            num_classes,
+            total_batch_size,
+            global_step,
+            time.time() - started,
+            last_loss,
+            vae is not None or args.latents_dir,
+        )
+        logger.info(f"Saved the pipeline to {args.output_dir}; samples in {grid_path}")
+        if ema_model is not None:
+            ema_model.restore(final_model.parameters())
+        if args.push_to_hub:
+            push_folder(args, repo_id, args.output_dir, "End of training")
+    accelerator.end_training()
+
+
+def check_model_matches_data(model, channels: int, size: int, num_classes: int, objective) -> None:
+    """Fail before training, with what to change, when model and data disagree."""
+    config = model.config
+    problems = []
+    if config.in_channels != channels:
+        problems.append(f"the model takes {config.in_channels} input channels but the data has {channels}")
+    if config.sample_size != size:
+        problems.append(f"the model's sample_size is {config.sample_size} but the data is {size}x{size}")
+    if size % config.patch_size:
+        problems.append(f"the data size {size} is not divisible by the patch size {config.patch_size}")
+    if config.num_embeds_ada_norm != num_classes:
+        problems.append(f"the model has {config.num_embeds_ada_norm} classes but the data has {num_classes}")
+    expected_out = objective.model_out_channels(config.in_channels)
+    if model.out_channels != expected_out:
+        problems.append(
+            f"the {objective.name} objective needs {expected_out} output channels, the model has {model.out_channels}"
+        )
+    if problems:
+        raise ValueError(
+            "Model and data do not match: " + "; ".join(problems) + ". Adjust --resolution, the model "
+            "config, or start from a checkpoint trained on this kind of data."
+        )
+
+
+def load_vae(vae_id: str | None, subfolder: str | None, args) -> AutoencoderKL | None:
+    if not vae_id:
+        return None
+    kwargs = {"subfolder": subfolder} if subfolder else {}
+    vae = AutoencoderKL.from_pretrained(vae_id, revision=args.revision, cache_dir=args.cache_dir, **kwargs)
+    return vae.requires_grad_(False).eval()
+
+
+def encode_latents(vae: AutoencoderKL, pixel_values: torch.Tensor, sample: bool, generator: torch.Generator):
+    """Pixels in [-1, 1] -> scaled latents, as `extract_latents.py` writes them (posterior mean unless `sample`)."""
+    posterior = vae.encode(pixel_values.to(vae.device)).latent_dist
+    latents = posterior.sample(generator=generator) if sample else posterior.mean
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return (latents - shift) * vae.config.scaling_factor
+
+
+def find_checkpoint(output_dir: str, which: str) -> str | None:
+    if which != "latest":
+        return which
+    checkpoints = sorted(Path(output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    return str(checkpoints[-1]) if checkpoints else None
+
+
+def save_checkpoint(accelerator, args, global_step: int, repo_id: str | None) -> None:
+    """`checkpoint-<step>/` via accelerator.save_state; prune to --checkpoints_total_limit first."""
+    if accelerator.is_main_process and args.checkpoints_total_limit is not None:
+        checkpoints = sorted(Path(args.output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+        for old in checkpoints[: max(0, len(checkpoints) - args.checkpoints_total_limit + 1)]:
+            logger.info(f"Removing old checkpoint {old}")
+            shutil.rmtree(old)
+    path = os.path.join(args.output_dir, f"checkpoint-{global_step}")
+    accelerator.save_state(path)
+    if accelerator.is_main_process:
+        logger.info(f"Saved state to {path}")
+        if args.push_to_hub and args.push_checkpoints:
+            push_folder(
+                args, repo_id, path, f"checkpoint {global_step}", path_in_repo=Path(path).name, background=True
+            )
+
+
+_UPLOADS = []
+
+
+def push_folder(args, repo_id, folder, message, path_in_repo=None, background=False):
+    """Upload a folder (not the checkpoints or logs of the output folder); in the background if asked."""
+    future = upload_folder(
+        repo_id=repo_id,
+        folder_path=folder,
+        path_in_repo=path_in_repo,
+        commit_message=message,
+        ignore_patterns=["checkpoint-*", "step_*", "epoch_*", "logs/*", "*.csv"],
+        token=args.hub_token,
+        run_as_future=background,
+    )
+    if background:
+        _UPLOADS.append(future)
+    else:
+        for pending in _UPLOADS:
+            pending.result()
+    return future
+
+
+def validation_class_ids(args, id2label: dict[int, str]) -> list[int]:
+    if args.validation_class_labels is None:
+        return list(range(min(10, len(id2label))))
+    names_to_ids = {name.strip(): i for i, names in id2label.items() for name in names.split(",")}
+    ids = []
+    for item in args.validation_class_labels.split(","):
+        item = item.strip()
+        ids.append(int(item) if item.isdigit() else names_to_ids[item])
+    return ids
+
+
+def save_sample_grid(pipeline: TreadDiTPipeline, args, id2label, path: Path) -> Path:
+    """One row per validation class, --num_validation_images columns, fixed seed."""
+    class_ids = validation_class_ids(args, id2label)
+    labels = [c for c in class_ids for _ in range(args.num_validation_images)]
+    pipeline.set_progress_bar_config(disable=True)
+    images = pipeline(
+        labels,
+        guidance_scale=args.validation_guidance_scale,
+        num_inference_steps=args.validation_num_inference_steps,
+        generator=torch.Generator().manual_seed(args.seed),
+    ).images
+    images = [ImageOps.expand(image.convert("RGB"), border=1, fill=(96, 96, 96)) for image in images]  # cell borders
+    grid = make_image_grid(images, rows=len(class_ids), cols=args.num_validation_images)
+    scale = max(1, 256 // images[0].width)  # make tiny images visible
+    grid = grid.resize((grid.width * scale, grid.height * scale), resample=0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+    return path
+
+
+def log_validation(accelerator, args, model, ema_model, vae, objective, id2label, step) -> None:
+    """Sample a class-conditional grid with the EMA weights, in eval mode (all tokens), and log it."""
+    if ema_model is not None:
+        ema_model.store(model.parameters())
+        ema_model.copy_to(model.parameters())
+    pipeline = TreadDiTPipeline(transformer=model, vae=vae, scheduler=objective.make_scheduler(), id2label=id2label)
+    path = save_sample_grid(pipeline, args, id2label, Path(args.output_dir, "samples", f"step_{step:07d}.png"))
+    if ema_model is not None:
+        ema_model.restore(model.parameters())
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            import numpy as np
+
+            tracker.writer.add_image(
+                "validation", np.asarray(Image.open(path).convert("RGB")), step, dataformats="HWC"
+            )
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({"validation": wandb.Image(str(path))}, step=step)
+    logger.info(f"Validation grid at step {step}: {path}")
+
+
+def plot_loss(loss_log: Path, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not loss_log.exists():
+        return
+    rows = list(csv.reader(loss_log.open()))
+    steps, losses = [int(r[0]) for r in rows], [float(r[1]) for r in rows]
+    window = max(1, len(losses) // 50)
+    smooth = [
+        sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1])
+        for i in range(len(losses))
+    ]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, losses, alpha=0.3, label="loss")
+    ax.plot(steps, smooth, label=f"moving average ({window} steps)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def save_model_card(
+    args,
+    argv,
+    repo_id,
+    model,
+    objective,
+    dataset,
+    num_examples,
+    num_classes,
+    global_batch_size,
+    steps,
+    seconds,
+    final_loss,
+    latent_space,
+) -> None:
+    base_model = args.pretrained_model_name_or_path
+    base_model = base_model if base_model and not Path(base_model).exists() else None
+    card_data = ModelCardData(
+        library_name="diffusers",
+        license="apache-2.0",
+        tags=["tread", "diffusers", "dit", "class-conditional", "image-generation", "diffusers-tread"],
+        base_model=base_model,
+        datasets=[args.dataset_name] if args.dataset_name and not Path(args.dataset_name).exists() else None,
+    )
+    hardware = (
+        f"{accelerator_count()}x {torch.cuda.get_device_name(0)}"
+        if torch.cuda.is_available()
+        else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    )
+    config = model.config
+    card = ModelCard.from_template(
+        card_data,
+        template_path=str(MODEL_CARD_TEMPLATE),
+        model_name=Path(repo_id or args.output_dir).name,
+        repo_id=repo_id or args.output_dir,
+        base_model=base_model,
+        backbone=f"DiT, {config.num_layers} layers, width {model.inner_dim}, patch {config.patch_size}",
+        num_parameters=f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M",
+        num_tokens=(config.sample_size // config.patch_size) ** 2,
+        routes=json.dumps(config.routes),
+        route_reinsertion=config.route_reinsertion,
+        disable_routing_after_step=args.disable_routing_after_step or "never",
+        objective=json.dumps(objective.config()),
+        tread_loss=args.tread_loss + (f" (MAE weight {args.mae_loss_weight})" if args.tread_loss == "adapted" else ""),
+        dataset=dataset,
+        num_examples=num_examples,
+        num_classes=num_classes,
+        data_space="VAE latents" if latent_space else "pixel space",
+        steps=steps,
+        global_batch_size=global_batch_size,
+        learning_rate=args.learning_rate,
+        lr_scheduler=args.lr_scheduler,
+        ema=(f"decay {args.ema_decay}" + (f", warmup power {args.ema_power}" if args.ema_warmup else ", fixed"))
+        if args.use_ema
+        else "off",
+        mixed_precision=args.mixed_precision or "no",
+        hardware=hardware,
+        training_time=f"{seconds / 60:.1f} min",
+        final_loss=f"{final_loss:.4f}",
+        example_labels=validation_class_ids(args, {i: str(i) for i in range(num_classes)})[:4],
+        num_inference_steps=args.validation_num_inference_steps,
+        guidance_scale=args.validation_guidance_scale,
+        command=redacted_command(argv),
+    )
+    card.save(os.path.join(args.output_dir, "README.md"))
+
+
+def accelerator_count() -> int:
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+if __name__ == "__main__":
+    main()
