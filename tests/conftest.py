@@ -49,6 +49,24 @@ def tiny_inputs(batch_size: int = 3, seed: int = 0, model=None):
     return hidden_states, timestep, class_labels
 
 
+def tiny_vae(**overrides):
+    """A random AutoencoderKL with one 2x downsampling: 3x16x16 images <-> 4x8x8 latents."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    config = dict(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 8),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=16,
+    )
+    return AutoencoderKL(**{**config, **overrides})
+
+
 class FakeHub:
     """Serves local folders as Hub repos by patching the functions Diffusers' ``download`` calls.
 

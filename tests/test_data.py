@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_vae
 from PIL import Image
 
 from diffusers_tread.data import (
@@ -197,21 +198,7 @@ def test_load_image_dataset_errors(tmp_path):
 
 @pytest.fixture(scope="module")
 def vae_dir(tmp_path_factory) -> Path:
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(8, 8),
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=16,
-        scaling_factor=0.7,
-        shift_factor=0.1,
-    )
+    vae = tiny_vae(scaling_factor=0.7, shift_factor=0.1)
     path = tmp_path_factory.mktemp("vae")
     vae.save_pretrained(path)
     return path

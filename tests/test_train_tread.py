@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate.utils import write_basic_config
+from conftest import tiny_vae
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
@@ -104,7 +105,9 @@ def test_checkpoints_pruning_validation_and_ema(tmp_path, accelerate_config):
         "--checkpoints_total_limit=2",
         "--validation_steps=3",
         "--no-ema_warmup",
+        "--report_to=tensorboard",
     )
+    assert list((out / "logs").rglob("events.out.tfevents.*"))  # losses and validation grids went to the tracker
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
     checkpoint = out / "checkpoint-6"
     assert (checkpoint / "transformer" / "config.json").exists()
@@ -234,33 +237,21 @@ def test_push_to_hub_uploads_the_final_folder_and_never_the_token(tmp_path, monk
 
 
 @pytest.fixture(scope="module")
-def tiny_vae(tmp_path_factory):
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(8, 8),
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=16,
-    )
+def vae_dir(tmp_path_factory):
+    vae = tiny_vae()
     path = tmp_path_factory.mktemp("vae")
     vae.save_pretrained(path)
     return path
 
 
 @pytest.fixture(scope="module")
-def digits_latents(tmp_path_factory, accelerate_config, tiny_vae):
+def digits_latents(tmp_path_factory, accelerate_config, vae_dir):
     """16x16 digits through the tiny VAE: 8x8x4 latent shards written by training/extract_latents.py."""
     latents_dir = tmp_path_factory.mktemp("latents")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     extract = [
         "accelerate", "launch", "--config_file", accelerate_config, "--num_processes", "1",
-        str(REPO / "training" / "extract_latents.py"), "--use_digits", "--resolution=16", f"--vae={tiny_vae}",
+        str(REPO / "training" / "extract_latents.py"), "--use_digits", "--resolution=16", f"--vae={vae_dir}",
         f"--output_dir={latents_dir}", "--batch_size=64", "--shard_size=500",
     ]  # fmt: skip
     result = subprocess.run(extract, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
@@ -268,7 +259,7 @@ def digits_latents(tmp_path_factory, accelerate_config, tiny_vae):
     return latents_dir
 
 
-def test_training_from_latents_matches_training_through_the_vae(tmp_path, accelerate_config, tiny_vae, digits_latents):
+def test_training_from_latents_matches_training_through_the_vae(tmp_path, accelerate_config, vae_dir, digits_latents):
     """Extract once, then train from the shards or encode on the fly: the same run (posterior mean both ways)."""
     latents_dir = digits_latents
     common = [
@@ -279,7 +270,7 @@ def test_training_from_latents_matches_training_through_the_vae(tmp_path, accele
         "--validation_steps=100",
     ]
     launch(accelerate_config, f"--output_dir={tmp_path / 'from_latents'}", f"--latents_dir={latents_dir}", *common)
-    launch(accelerate_config, f"--output_dir={tmp_path / 'through_vae'}", f"--vae={tiny_vae}", *common)
+    launch(accelerate_config, f"--output_dir={tmp_path / 'through_vae'}", f"--vae={vae_dir}", *common)
     from_latents = transformer_weights(tmp_path / "from_latents")
     through_vae = transformer_weights(tmp_path / "through_vae")
     for key in from_latents:
@@ -292,10 +283,10 @@ def test_training_from_latents_matches_training_through_the_vae(tmp_path, accele
     assert pipe([1], num_inference_steps=2, output_type="np").images.shape == (1, 16, 16, 3)
 
 
-def test_latents_from_another_vae_are_rejected(tmp_path, tiny_vae, digits_latents):
+def test_latents_from_another_vae_are_rejected(tmp_path, vae_dir, digits_latents):
     script = load_script()
     other_vae = tmp_path / "other-vae"
-    shutil.copytree(tiny_vae, other_vae)
+    shutil.copytree(vae_dir, other_vae)
     with pytest.raises(ValueError, match="VAE"):
         script.main([*TINY, f"--output_dir={tmp_path / 'out'}", f"--latents_dir={digits_latents}",
                      f"--vae={other_vae}", "--max_train_steps=1"])  # fmt: skip

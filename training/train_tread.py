@@ -440,7 +440,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     null_class = num_classes  # the extra row of the label table
     patch_size = unwrapped.config.patch_size
-    step_started, last_loss = time.time(), float("nan")
+    step_started, last_loss, train_loss = time.time(), float("nan"), 0.0
     for epoch in range(first_epoch, num_train_epochs):
         train_dataloader.set_epoch(epoch)
         loader = train_dataloader
@@ -476,7 +476,7 @@ def main(argv: list[str] | None = None) -> None:
                     patch_size,
                     mode=args.tread_loss,
                     denoised=objective.denoised(output.sample.float(), inputs) if use_mae else None,
-                    noisy_input=inputs.model_input if use_mae else None,
+                    noisy_input=inputs.noisy_sample if use_mae else None,
                     mae_loss_weight=args.mae_loss_weight,
                 )
                 if not torch.isfinite(loss):
@@ -485,6 +485,8 @@ def main(argv: list[str] | None = None) -> None:
                         "untouched; resume from it with a lower --learning_rate, --max_grad_norm, or bf16 instead of "
                         "fp16 (--mixed_precision bf16)."
                     )
+                # the logged loss: averaged over processes and accumulation micro-steps, as Diffusers' examples do
+                train_loss += accelerator.gather(loss.detach()).mean().item() / args.gradient_accumulation_steps
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
@@ -498,7 +500,7 @@ def main(argv: list[str] | None = None) -> None:
                 ema_model.step(model.parameters())
             global_step += 1
             progress_bar.update(1)
-            last_loss = accelerator.gather(loss.detach()).mean().item()
+            last_loss, train_loss = train_loss, 0.0
             steps_per_s = 1.0 / max(time.time() - step_started, 1e-9)
             step_started = time.time()
             logs = {"loss": last_loss, "lr": lr_scheduler.get_last_lr()[0], "steps_per_s": steps_per_s}
