@@ -2,7 +2,7 @@ from setuptools import find_packages, setup
 
 # Diffusers is pinned to the minor release the registration hack (diffusers_tread/__init__.py) is tested on.
 install_requires = [
-    "torch>=2.4",
+    "torch>=2.5",  # torch.serialization.safe_globals (checkpoint conversion)
     "diffusers>=0.42.1,<0.43",
     "huggingface-hub>=1.0",
     "safetensors>=0.4",
@@ -13,8 +13,11 @@ install_requires = [
 ]
 extras = {
     "train": ["datasets>=3.0", "transformers>=4.45", "scikit-learn>=1.3", "tensorboard", "matplotlib"],
+    # The Gradio demo (spaces/tread-dit); the Space itself gets gradio from its sdk_version.
+    "demo": ["gradio>=6,<7"],
 }
-extras["test"] = extras["train"] + ["pytest>=8"]
+# selenium drives Debian's chromium + chromium-driver in the demo's browser test (see .ci/run).
+extras["test"] = extras["train"] + extras["demo"] + ["pytest>=8", "selenium>=4.20"]
 extras["dev"] = extras["test"] + ["ruff>=0.6"]
 
 setup(

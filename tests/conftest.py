@@ -1,7 +1,9 @@
 """Shared fixtures: tiny models, a stock-DiT twin, and a simulated Hub (no network)."""
 
+import importlib.util
 import os
 import shutil
+import subprocess
 import types
 from pathlib import Path
 
@@ -9,7 +11,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from accelerate.utils import write_basic_config  # noqa: E402
 from diffusers import DiTTransformer2DModel  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
 
 from diffusers_tread import TreadTransformer2DModel  # noqa: E402
 
@@ -47,6 +51,48 @@ def tiny_inputs(batch_size: int = 3, seed: int = 0, model=None):
     timestep = torch.randint(0, 1000, (batch_size,), generator=generator)
     class_labels = torch.randint(0, config["num_embeds_ada_norm"], (batch_size,), generator=generator)
     return hidden_states, timestep, class_labels
+
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "training" / "train_tread.py"
+# 8x8 digits (native size), the 8-block width-64 preset: a few seconds per run on 2 CPU cores.
+TINY = [
+    "--resolution=8",
+    "--train_batch_size=16",
+    "--report_to=none",
+    "--num_validation_images=1",
+    "--validation_num_inference_steps=2",
+    "--validation_class_labels=0,1",
+    "--dataloader_num_workers=0",
+]
+
+
+@pytest.fixture(scope="session")
+def accelerate_config(tmp_path_factory):
+    path = tmp_path_factory.mktemp("accelerate") / "default_config.yaml"
+    write_basic_config(mixed_precision="no", save_location=str(path))
+    return str(path)
+
+
+def launch(accelerate_config, *args, num_processes=1):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = ["accelerate", "launch", "--config_file", accelerate_config, "--num_processes", str(num_processes)]
+    result = subprocess.run(
+        [*command, str(SCRIPT), *TINY, *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    return result
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("train_tread", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def transformer_weights(folder):
+    return load_file(Path(folder, "transformer", "diffusion_pytorch_model.safetensors"))
 
 
 def tiny_vae(**overrides):

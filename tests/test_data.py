@@ -16,6 +16,7 @@ from PIL import Image
 from diffusers_tread.data import (
     LatentShardDataset,
     check_latents_match,
+    collate_examples,
     load_digits,
     load_image_dataset,
     preprocess_image,
@@ -289,15 +290,14 @@ def test_extracted_latents_equal_direct_encoding(folder_latents, image_folder, v
         assert item["class_labels"] == images[i]["class_labels"]
         torch.testing.assert_close(item["latents"], expected[i], rtol=0, atol=1e-5)
 
-    flipping = LatentShardDataset(str(folder_latents), random_flip=True)
+    flipping = LatentShardDataset(str(folder_latents), random_flip=True, seed=3)
     seen = set()
-    for seed in range(8):
-        torch.manual_seed(seed)
+    for epoch in range(8):  # the flip is drawn per (seed, epoch, item): it varies across epochs, repeats within one
+        flipping.set_epoch(epoch)
         item = flipping[4]
         flipped = torch.allclose(item["latents"], expected_flipped[4], atol=1e-5, rtol=0)
         assert flipped or torch.allclose(item["latents"], expected[4], atol=1e-5, rtol=0)
         seen.add(flipped)
-        torch.manual_seed(seed)
         torch.testing.assert_close(flipping[4]["latents"], item["latents"])
     assert seen == {False, True}
 
@@ -379,3 +379,39 @@ def test_check_latents_match(tmp_path):
     (tmp_path / "vae").mkdir()
     local = {**metadata, "vae": str(tmp_path / "vae")}
     check_latents_match(local, in_channels=4, sample_size=32, vae=str(tmp_path / "." / "vae"))
+
+
+# ----------------------------------------------------------------------------------------------- bad images, resume
+
+
+def test_unreadable_images_stop_with_the_file_name_or_are_skipped_and_counted(image_folder, tmp_path):
+    folder = tmp_path / "broken"
+    shutil.copytree(image_folder, folder)
+    (folder / "dog" / "corrupt.png").write_bytes(b"this is not a png")
+    png = (folder / "cat" / "0.png").read_bytes()
+    (folder / "emu" / "truncated.png").write_bytes(png[: len(png) // 2])
+    kwargs = dict(train_data_dir=str(folder), resolution=8, center_crop=True, cache_dir=str(tmp_path / "cache"))
+
+    dataset, _ = load_image_dataset(**kwargs)
+    assert len(dataset) == 9
+    with pytest.raises(ValueError, match=r"Could not read the image of item \d+ \(.*(corrupt|truncated)\.png\).*"
+                       r"--bad_images skip"):  # fmt: skip
+        [dataset[i] for i in range(len(dataset))]
+
+    skipping, _ = load_image_dataset(**kwargs, bad_images="skip")
+    loader = torch.utils.data.DataLoader(skipping, batch_size=3, collate_fn=collate_examples)
+    batches = list(loader)
+    assert sum(b["num_skipped"] for b in batches) == 2
+    assert sum(len(b["class_labels"]) for b in batches) == 7  # grey, RGBA and odd-sized images all load
+    assert all(b["pixel_values"].shape[1:] == (3, 8, 8) for b in batches)
+
+
+def test_image_augmentations_are_drawn_per_seed_epoch_and_item(image_folder, tmp_path):
+    dataset, _ = load_image_dataset(
+        train_data_dir=str(image_folder), resolution=12, random_flip=True, cache_dir=str(tmp_path), seed=5
+    )
+    first = [dataset[i]["pixel_values"] for i in range(len(dataset))]
+    torch.manual_seed(123)  # the global RNG plays no part
+    assert all(torch.equal(a, dataset[i]["pixel_values"]) for i, a in enumerate(first))
+    dataset.set_epoch(1)
+    assert any(not torch.equal(a, dataset[i]["pixel_values"]) for i, a in enumerate(first))

@@ -321,3 +321,10 @@ def test_stock_dit_repo_from_the_hub_loads_as_tread(tmp_path, fake_hub):
     fake_hub.add("facebook/DiT-XL-2-256", tmp_path / "repo")
     pipe = TreadDiTPipeline.from_pretrained("facebook/DiT-XL-2-256")
     assert type(pipe.transformer) is TreadTransformer2DModel and pipe.transformer.config.routes == []
+
+
+def test_pipeline_loads_only_safetensors_by_default(tmp_path):
+    make_pipe().save_pretrained(tmp_path, safe_serialization=False)
+    with pytest.raises((OSError, EnvironmentError), match="safetensors"):
+        TreadDiTPipeline.from_pretrained(tmp_path)
+    assert TreadDiTPipeline.from_pretrained(tmp_path, use_safetensors=False).transformer.config.routes == ROUTES

@@ -304,3 +304,12 @@ def test_lora_attaches_and_trains_with_routing():
     assert set(grads) == trainable
     assert any(g.abs().sum() > 0 for n, g in grads.items() if "lora_B" in n)
     assert isinstance(out, TreadTransformer2DModelOutput)
+
+
+def test_only_safetensors_load_by_default(tmp_path):
+    model = tiny_tread()
+    model.save_pretrained(tmp_path, safe_serialization=False)  # a pickled diffusion_pytorch_model.bin
+    with pytest.raises(OSError, match="safetensors"):
+        TreadTransformer2DModel.from_pretrained(tmp_path)
+    loaded = TreadTransformer2DModel.from_pretrained(tmp_path, use_safetensors=False)  # an explicit opt-in
+    assert torch.equal(loaded.proj_out_2.weight, model.proj_out_2.weight)

@@ -103,7 +103,7 @@ def main(args):
     # The VAE, frozen, in the requested precision.
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     vae = AutoencoderKL.from_pretrained(
-        args.vae, subfolder=args.vae_subfolder, revision=args.revision, torch_dtype=weight_dtype
+        args.vae, subfolder=args.vae_subfolder, revision=args.revision, torch_dtype=weight_dtype, use_safetensors=True
     )
     vae.requires_grad_(False).eval().to(accelerator.device)
     scaling_factor = vae.config.scaling_factor

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import difflib
 import json
 import logging
 import math
@@ -24,6 +25,7 @@ import platform
 import re
 import shlex
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -42,7 +44,13 @@ from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
 from diffusers_tread import PRESETS, TreadDiTPipeline, TreadTransformer2DModel, paper_routes
-from diffusers_tread.data import LatentShardDataset, check_latents_match, load_digits, load_image_dataset
+from diffusers_tread.data import (
+    LatentShardDataset,
+    check_latents_match,
+    collate_examples,
+    load_digits,
+    load_image_dataset,
+)
 from diffusers_tread.losses import TREAD_LOSSES, tread_loss
 from diffusers_tread.models.transformer_tread import ROUTE_REINSERTION_MODES
 from diffusers_tread.objectives import OBJECTIVES, get_objective
@@ -114,6 +122,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--image_column", default="image")
     parser.add_argument("--label_column", default="label")
     parser.add_argument("--resolution", type=int, default=None, help="image size; default 16 for digits, else 256")
+    parser.add_argument(
+        "--bad_images",
+        choices=["stop", "skip"],
+        default="stop",
+        help="unreadable images: stop naming the file, or skip them (counted in the logs)",
+    )
     parser.add_argument("--center_crop", action="store_true")
     parser.add_argument("--random_flip", action="store_true")
     parser.add_argument("--vae", default=None, help="AutoencoderKL path or Hub id for latent training")
@@ -184,6 +198,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("give --dataset_name or --train_data_dir, not both")
     if not 0.0 <= args.class_dropout_prob < 1.0:
         parser.error("--class_dropout_prob must be in [0, 1)")
+    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
+        parser.error("--checkpoints_total_limit must be at least 1 (the newest checkpoint is always kept)")
     # The built-in digits job (no data flag) is a ~10-minute CPU run of a 0.8M-parameter model: it wants a higher
     # learning rate than DiT's 1e-4 and a step budget rather than 100 epochs.
     builtin_digits = not (args.latents_dir or args.dataset_name or args.train_data_dir)
@@ -237,7 +253,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # 2. Data: precomputed latents, an image dataset (optionally through a VAE), or the built-in digits.
     if args.latents_dir:
-        train_dataset = LatentShardDataset(args.latents_dir, random_flip=args.random_flip)
+        train_dataset = LatentShardDataset(args.latents_dir, random_flip=args.random_flip, seed=args.seed)
         id2label = train_dataset.id2label
         dataset_description = f"latents from {args.latents_dir}"
         vae = load_vae(
@@ -259,6 +275,8 @@ def main(argv: list[str] | None = None) -> None:
                 random_flip=args.random_flip,
                 cache_dir=args.cache_dir,
                 num_channels=image_channels or 3,
+                bad_images=args.bad_images,
+                seed=args.seed,
             )
             dataset_description = args.dataset_name or args.train_data_dir
         else:
@@ -267,6 +285,7 @@ def main(argv: list[str] | None = None) -> None:
             )
             dataset_description = "scikit-learn handwritten digits (train split)"
     num_classes = len(id2label)
+    validation_class_ids(args, id2label)  # fail now, not at the first validation, on unknown classes
     example = train_dataset[0]
     if args.latents_dir:
         data_channels, data_size = example["latents"].shape[0], example["latents"].shape[-1]
@@ -351,6 +370,12 @@ def main(argv: list[str] | None = None) -> None:
         rng_file = os.path.join(input_dir, f"train_rng_{accelerator.process_index}.pt")
         if os.path.exists(rng_file):
             train_generator.set_state(torch.load(rng_file, weights_only=True))
+        else:  # resuming on more processes than wrote the checkpoint: this process starts a fresh stream
+            step = Path(input_dir).name.rsplit("-", 1)[-1]
+            train_generator.manual_seed(
+                args.seed + accelerator.process_index + 7919 * int(step if step.isdigit() else 0)
+            )
+            logger.warning(f"{rng_file} not found: process {accelerator.process_index} reseeds its generator.")
         if ema_model is not None:
             loaded_ema = EMAModel.from_pretrained(os.path.join(input_dir, "transformer_ema"), TreadTransformer2DModel)
             ema_model.load_state_dict(loaded_ema.state_dict())
@@ -379,6 +404,7 @@ def main(argv: list[str] | None = None) -> None:
         shuffle=True,
         num_workers=args.dataloader_num_workers,
         drop_last=True,
+        collate_fn=collate_examples,
     )
     if len(train_dataloader) == 0:
         raise ValueError(
@@ -435,12 +461,13 @@ def main(argv: list[str] | None = None) -> None:
     loss_log = Path(args.output_dir, "loss_history.csv")
 
     # 6. Training loop.
+    stop = install_stop_handlers()
     progress_bar = tqdm(
         range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
     )
     null_class = num_classes  # the extra row of the label table
     patch_size = unwrapped.config.patch_size
-    step_started, last_loss, train_loss = time.time(), float("nan"), 0.0
+    step_started, last_loss, train_loss, skipped_images = time.time(), float("nan"), 0.0, 0
     for epoch in range(first_epoch, num_train_epochs):
         train_dataloader.set_epoch(epoch)
         loader = train_dataloader
@@ -459,6 +486,7 @@ def main(argv: list[str] | None = None) -> None:
                         )
                 else:
                     x0 = batch["pixel_values"].to(weight_dtype)
+                skipped_images += int(batch["num_skipped"])
                 labels = batch["class_labels"]
                 # CFG label dropout, once per sample (Diffusers' per-block dropout is off in the model).
                 drop = torch.rand(labels.shape, generator=train_generator, device=labels.device)
@@ -506,14 +534,27 @@ def main(argv: list[str] | None = None) -> None:
             logs = {"loss": last_loss, "lr": lr_scheduler.get_last_lr()[0], "steps_per_s": steps_per_s}
             if ema_model is not None:
                 logs["ema_decay"] = ema_model.cur_decay_value
+            if skipped_images:
+                logs["skipped_images"] = skipped_images
             progress_bar.set_postfix(loss=f"{last_loss:.4f}", lr=logs["lr"], it_s=f"{steps_per_s:.2f}")
             accelerator.log(logs, step=global_step)
             if accelerator.is_main_process:
                 with loss_log.open("a", newline="") as f:
                     csv.writer(f).writerow([global_step, f"{last_loss:.6f}", f"{time.time() - started:.1f}"])
 
-            if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
+            checkpoint_due = global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps
+            if checkpoint_due:
                 save_checkpoint(accelerator, args, global_step, repo_id)
+            if stop_requested(accelerator, stop):
+                if not checkpoint_due:
+                    save_checkpoint(accelerator, args, global_step, repo_id)
+                logger.info(
+                    f"Stopped by signal {stop['signal']} at step {global_step} after saving a checkpoint; continue "
+                    "with --resume_from_checkpoint latest."
+                )
+                restore_stop_handlers(stop)
+                accelerator.end_training()
+                return
             if accelerator.is_main_process and (
                 global_step % args.validation_steps == 0 or global_step == args.max_train_steps
             ):
@@ -531,6 +572,7 @@ def main(argv: list[str] | None = None) -> None:
                 break
 
     # 7. Save the final pipeline (EMA weights), model card, and push.
+    restore_stop_handlers(stop)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         final_model = accelerator.unwrap_model(model)
@@ -563,7 +605,14 @@ def main(argv: list[str] | None = None) -> None:
         if ema_model is not None:
             ema_model.restore(final_model.parameters())
         if args.push_to_hub:
-            push_folder(args, repo_id, args.output_dir, "End of training")
+            try:
+                push_folder(args, repo_id, args.output_dir, "End of training")
+            except Exception as error:
+                raise RuntimeError(
+                    f"Uploading {args.output_dir} to {repo_id} failed: {error}. The folder is complete and "
+                    f"unchanged; retry with `python training/push_to_hub.py {args.output_dir} --hub_model_id "
+                    f"{repo_id}`."
+                ) from error
     accelerator.end_training()
 
 
@@ -595,7 +644,9 @@ def load_vae(vae_id: str | None, subfolder: str | None, args) -> AutoencoderKL |
     if not vae_id:
         return None
     kwargs = {"subfolder": subfolder} if subfolder else {}
-    vae = AutoencoderKL.from_pretrained(vae_id, revision=args.revision, cache_dir=args.cache_dir, **kwargs)
+    vae = AutoencoderKL.from_pretrained(
+        vae_id, revision=args.revision, cache_dir=args.cache_dir, use_safetensors=True, **kwargs
+    )
     return vae.requires_grad_(False).eval()
 
 
@@ -607,44 +658,134 @@ def encode_latents(vae: AutoencoderKL, pixel_values: torch.Tensor, sample: bool,
     return (latents - shift) * vae.config.scaling_factor
 
 
+CHECKPOINT_COMPLETE = "checkpoint_complete.json"  # written last, just before the folder gets its final name
+
+
+def complete_checkpoints(output_dir: str) -> list[Path]:
+    """The `checkpoint-<step>` folders that finished saving, oldest first."""
+    found = [
+        path
+        for path in Path(output_dir).glob("checkpoint-*")
+        if re.fullmatch(r"checkpoint-\d+", path.name) and (path / CHECKPOINT_COMPLETE).is_file()
+    ]
+    return sorted(found, key=lambda path: int(path.name.split("-")[1]))
+
+
 def find_checkpoint(output_dir: str, which: str) -> str | None:
-    if which != "latest":
-        return which
-    checkpoints = sorted(Path(output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    return str(checkpoints[-1]) if checkpoints else None
+    """`--resume_from_checkpoint`: "latest" (the newest complete checkpoint, or None) or a checkpoint folder."""
+    if which == "latest":
+        checkpoints = complete_checkpoints(output_dir)
+        return str(checkpoints[-1]) if checkpoints else None
+    if not Path(which, CHECKPOINT_COMPLETE).is_file():
+        raise ValueError(
+            f"{which} is not a complete checkpoint (no {CHECKPOINT_COMPLETE}); pass another checkpoint-<step> folder "
+            "or --resume_from_checkpoint latest, which skips incomplete ones."
+        )
+    return which
 
 
 def save_checkpoint(accelerator, args, global_step: int, repo_id: str | None) -> None:
-    """`checkpoint-<step>/` via accelerator.save_state; prune to --checkpoints_total_limit first."""
-    if accelerator.is_main_process and args.checkpoints_total_limit is not None:
-        checkpoints = sorted(Path(args.output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-        for old in checkpoints[: max(0, len(checkpoints) - args.checkpoints_total_limit + 1)]:
-            logger.info(f"Removing old checkpoint {old}")
-            shutil.rmtree(old)
-    path = os.path.join(args.output_dir, f"checkpoint-{global_step}")
-    accelerator.save_state(path)
+    """Write `checkpoint-<step>/` so that a crash, a kill or a full disk never costs the last good checkpoint.
+
+    `accelerator.save_state` writes into a hidden `.incomplete-checkpoint-<step>/`; once every process is done, the
+    main process marks it complete and renames it (atomic), and only then prunes to --checkpoints_total_limit.
+    """
+    output_dir = Path(args.output_dir)
+    final = output_dir / f"checkpoint-{global_step}"
+    partial = output_dir / f".incomplete-checkpoint-{global_step}"
+    if accelerator.is_main_process and partial.exists():
+        shutil.rmtree(partial)
+    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(str(partial))
+    except OSError as error:
+        if accelerator.is_main_process:
+            shutil.rmtree(partial, ignore_errors=True)
+        previous = complete_checkpoints(args.output_dir)
+        raise OSError(
+            f"Saving {final} failed: {error}. The previous checkpoint "
+            f"({previous[-1] if previous else 'none'}) is intact; free disk space and resume with "
+            "--resume_from_checkpoint latest."
+        ) from error
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        logger.info(f"Saved state to {path}")
+        (partial / CHECKPOINT_COMPLETE).write_text(json.dumps({"step": global_step}))
+        if final.exists():  # the same step saved again after a resume
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        logger.info(f"Saved state to {final}")
+        if args.checkpoints_total_limit is not None:
+            for leftover in output_dir.glob(".incomplete-checkpoint-*"):  # from runs killed mid-save
+                shutil.rmtree(leftover, ignore_errors=True)
+            old_checkpoints = complete_checkpoints(args.output_dir)[: -args.checkpoints_total_limit]
+            if old_checkpoints:
+                for pending in _UPLOADS:  # never delete a checkpoint that is still being uploaded
+                    pending.result()
+            for old in old_checkpoints:
+                logger.info(f"Removing old checkpoint {old}")
+                shutil.rmtree(old)
         if args.push_to_hub and args.push_checkpoints:
             push_folder(
-                args, repo_id, path, f"checkpoint {global_step}", path_in_repo=Path(path).name, background=True
+                args, repo_id, str(final), f"checkpoint {global_step}", path_in_repo=final.name, background=True
             )
+    accelerator.wait_for_everyone()
+
+
+def install_stop_handlers() -> dict:
+    """SIGTERM (cluster schedulers) and SIGINT (Ctrl-C) ask the loop to checkpoint and exit at the next step; a
+    second SIGINT stops at once."""
+    stop = {"signal": None}
+
+    def request_stop(signum, _frame):
+        if stop["signal"] is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        stop["signal"] = signum
+
+    stop["previous"] = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    return stop
+
+
+def restore_stop_handlers(stop: dict) -> None:
+    for sig, handler in stop["previous"].items():
+        signal.signal(sig, handler)
+
+
+def stop_requested(accelerator, stop: dict) -> bool:
+    """Whether any process got a stop signal (all processes must agree, or the checkpoint would deadlock)."""
+    requested = stop["signal"] is not None
+    if accelerator.num_processes > 1:
+        flag = torch.tensor([float(requested)], device=accelerator.device)
+        requested = bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+    return requested
 
 
 _UPLOADS = []
 
 
 def push_folder(args, repo_id, folder, message, path_in_repo=None, background=False):
-    """Upload a folder (not the checkpoints or logs of the output folder); in the background if asked."""
-    future = upload_folder(
-        repo_id=repo_id,
-        folder_path=folder,
-        path_in_repo=path_in_repo,
-        commit_message=message,
-        ignore_patterns=["checkpoint-*", "step_*", "epoch_*", "logs/*", "*.csv"],
-        token=args.hub_token,
-        run_as_future=background,
-    )
+    """Upload a folder (not the checkpoints or logs of the output folder); in the background if asked.
+
+    A pipeline folder goes up with its remote-code bundle (`diffusers_tread.hub.prepare_hub_folder`), so that plain
+    Diffusers loads the repo with `trust_remote_code=True`; the folder itself is not changed.
+    """
+    from diffusers_tread import hub
+
+    def upload(path):
+        return upload_folder(
+            repo_id=repo_id,
+            folder_path=path,
+            path_in_repo=path_in_repo,
+            commit_message=message,
+            ignore_patterns=hub.HUB_IGNORE_PATTERNS,
+            token=args.hub_token,
+            run_as_future=background,
+        )
+
+    if background or path_in_repo or not Path(folder, "model_index.json").is_file():
+        future = upload(folder)
+    else:
+        with hub.hub_folder(folder, repo_id=repo_id) as staged:
+            future = upload(staged)
     if background:
         _UPLOADS.append(future)
     else:
@@ -660,7 +801,17 @@ def validation_class_ids(args, id2label: dict[int, str]) -> list[int]:
     ids = []
     for item in args.validation_class_labels.split(","):
         item = item.strip()
-        ids.append(int(item) if item.isdigit() else names_to_ids[item])
+        if item.isdigit():
+            if int(item) >= len(id2label):
+                raise ValueError(
+                    f"--validation_class_labels: class id {item} is out of range (0..{len(id2label) - 1})."
+                )
+            ids.append(int(item))
+        elif item in names_to_ids:
+            ids.append(names_to_ids[item])
+        else:
+            close = difflib.get_close_matches(item, list(names_to_ids), n=5, cutoff=0.0)
+            raise ValueError(f"--validation_class_labels: unknown class {item!r}; closest names: {close}.")
     return ids
 
 
@@ -748,12 +899,13 @@ def save_model_card(
     final_loss,
     latent_space,
 ) -> None:
+    """Write README.md (rendered by `diffusers_tread.hub` from model_cards/tread_dit.md) and tread_card.json."""
+    from diffusers_tread import hub
+
     base_model = args.pretrained_model_name_or_path
     base_model = base_model if base_model and not Path(base_model).exists() else None
     card_data = ModelCardData(
-        library_name="diffusers",
         license="apache-2.0",
-        tags=["tread", "diffusers", "dit", "class-conditional", "image-generation", "diffusers-tread"],
         base_model=base_model,
         datasets=[args.dataset_name] if args.dataset_name and not Path(args.dataset_name).exists() else None,
     )
@@ -762,13 +914,15 @@ def save_model_card(
         if torch.cuda.is_available()
         else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
     )
+    if args.validation_class_labels is None:
+        example_labels = list(range(min(4, num_classes)))
+    else:  # ids or class names, both of which the pipeline takes
+        items = [item.strip() for item in args.validation_class_labels.split(",")]
+        example_labels = [int(item) if item.isdigit() else item for item in items][:4]
     config = model.config
-    card = ModelCard.from_template(
-        card_data,
-        template_path=str(MODEL_CARD_TEMPLATE),
+    info = hub.ModelCardInfo(
         model_name=Path(repo_id or args.output_dir).name,
         repo_id=repo_id or args.output_dir,
-        base_model=base_model,
         backbone=f"DiT, {config.num_layers} layers, width {model.inner_dim}, patch {config.patch_size}",
         num_parameters=f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M",
         num_tokens=(config.sample_size // config.patch_size) ** 2,
@@ -792,12 +946,13 @@ def save_model_card(
         hardware=hardware,
         training_time=f"{seconds / 60:.1f} min",
         final_loss=f"{final_loss:.4f}",
-        example_labels=validation_class_ids(args, {i: str(i) for i in range(num_classes)})[:4],
+        example_labels=example_labels,
         num_inference_steps=args.validation_num_inference_steps,
         guidance_scale=args.validation_guidance_scale,
         command=redacted_command(argv),
     )
-    card.save(os.path.join(args.output_dir, "README.md"))
+    card: ModelCard = hub.save_model_card(args.output_dir, info, card_data, template_path=MODEL_CARD_TEMPLATE)
+    logger.info(f"Model card: {os.path.join(args.output_dir, 'README.md')} ({len(card.text)} characters)")
 
 
 def accelerator_count() -> int:

@@ -4,7 +4,15 @@ Not imported by ``import diffusers_tread``: the training-only dependencies (``da
 imported inside the functions that need them.
 """
 
-from .images import load_digits, load_image_dataset, preprocess_image
+from .images import collate_examples, load_digits, load_image_dataset, preprocess_image, seeded_generator
 from .latents import LatentShardDataset, check_latents_match
 
-__all__ = ["LatentShardDataset", "check_latents_match", "load_digits", "load_image_dataset", "preprocess_image"]
+__all__ = [
+    "LatentShardDataset",
+    "check_latents_match",
+    "collate_examples",
+    "load_digits",
+    "load_image_dataset",
+    "preprocess_image",
+    "seeded_generator",
+]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 from typing import Any
 
@@ -12,6 +13,14 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 DIGITS_SPLIT_SEED = 0  # fixed, so that every run and benchmark holds out the same digits
+BAD_IMAGE_POLICIES = ("stop", "skip")
+
+
+def seeded_generator(*keys: int) -> torch.Generator:
+    """A torch generator for one (seed, epoch, item, ...) key: the same key gives the same draws in every run,
+    whatever the batch size, number of workers or processes, or where a run was resumed."""
+    state = np.random.SeedSequence(list(keys)).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
 
 
 class TensorImageDataset(Dataset):
@@ -77,13 +86,18 @@ def load_digits(
 
 
 def preprocess_image(
-    image: Image.Image, resolution: int, center_crop: bool = False, random_flip: bool = False, mode: str = "RGB"
+    image: Image.Image,
+    resolution: int,
+    center_crop: bool = False,
+    random_flip: bool = False,
+    mode: str = "RGB",
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """PIL image -> (C, R, R) float tensor in [-1, 1], like the torchvision transforms of Diffusers' examples.
 
     Converts to `mode` ("RGB" or "L"; alpha is dropped), resizes the shorter side to `resolution` (bilinear), crops a
     square at the center or at a random offset, and flips horizontally with p=0.5 if `random_flip`. The random draws
-    use torch's global RNG, so ``torch.manual_seed`` (and DataLoader worker seeding) makes them reproducible.
+    use `generator`, else torch's global RNG.
     """
     image = image.convert(mode)
     width, height = image.size
@@ -96,9 +110,10 @@ def preprocess_image(
     if center_crop:
         left, top = int(round(free_x / 2)), int(round(free_y / 2))
     else:
-        top, left = int(torch.randint(0, free_y + 1, ())), int(torch.randint(0, free_x + 1, ()))
+        top = int(torch.randint(0, free_y + 1, (), generator=generator))
+        left = int(torch.randint(0, free_x + 1, (), generator=generator))
     image = image.crop((left, top, left + resolution, top + resolution))
-    if random_flip and torch.rand(()) < 0.5:
+    if random_flip and torch.rand((), generator=generator) < 0.5:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
@@ -106,7 +121,13 @@ def preprocess_image(
 
 
 class HFImageDataset(Dataset):
-    """A `datasets.Dataset` with an image and a label column, decoded and preprocessed on access."""
+    """A `datasets.Dataset` with an image and a label column, decoded and preprocessed on access.
+
+    Random crops and flips are drawn per (seed, epoch, item) (`set_epoch` is called by Accelerate's data loader), so a
+    resumed run sees exactly the augmentations of an uninterrupted one. An unreadable image (corrupt, truncated, not
+    an image) raises a ValueError naming it with ``bad_images="stop"``; with ``"skip"`` the item is None and
+    `collate_examples` drops and counts it.
+    """
 
     def __init__(
         self,
@@ -118,24 +139,58 @@ class HFImageDataset(Dataset):
         center_crop: bool,
         random_flip: bool,
         mode: str,
+        bad_images: str = "stop",
+        seed: int = 0,
     ):
+        if bad_images not in BAD_IMAGE_POLICIES:
+            raise ValueError(f"bad_images must be one of {BAD_IMAGE_POLICIES}, got {bad_images!r}")
         self.data = data
         self.image_column, self.label_column, self.label_to_id = image_column, label_column, label_to_id
         self.resolution, self.center_crop, self.random_flip, self.mode = resolution, center_crop, random_flip, mode
+        self.bad_images, self.seed, self.epoch = bad_images, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.data)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
         example = self.data[int(index)]
-        image = example[self.image_column]
-        if isinstance(image, str):  # a column of file paths
-            image = Image.open(image)
+        image, source = example[self.image_column], f"item {index}"
+        try:
+            if isinstance(image, dict):  # undecoded `datasets.Image`: {"bytes", "path"}
+                source = f"item {index} ({image.get('path') or 'embedded bytes'})"
+                image = Image.open(io.BytesIO(image["bytes"])) if image.get("bytes") else Image.open(image["path"])
+            elif isinstance(image, str):  # a column of file paths
+                source = f"item {index} ({image})"
+                image = Image.open(image)
+            generator = seeded_generator(self.seed, self.epoch, int(index))
+            pixel_values = preprocess_image(
+                image, self.resolution, self.center_crop, self.random_flip, self.mode, generator=generator
+            )
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+            if self.bad_images == "skip":
+                return None
+            raise ValueError(
+                f"Could not read the image of {source}: {error}. Fix or remove it, or pass --bad_images skip to "
+                "skip unreadable images (they are counted and logged)."
+            ) from error
         label = example[self.label_column]
         return {
-            "pixel_values": preprocess_image(image, self.resolution, self.center_crop, self.random_flip, self.mode),
+            "pixel_values": pixel_values,
             "class_labels": self.label_to_id[label] if self.label_to_id is not None else int(label),
         }
+
+
+def collate_examples(examples: list[dict[str, Any] | None]) -> dict[str, Any]:
+    """Batch dataset items, dropping the unreadable ones a dataset returned as None; ``num_skipped`` counts them."""
+    good = [example for example in examples if example is not None]
+    if not good:
+        raise ValueError(f"All {len(examples)} images of a batch were unreadable; check the dataset.")
+    batch = torch.utils.data.default_collate(good)
+    batch["num_skipped"] = len(examples) - len(good)
+    return batch
 
 
 def _is_saved_dataset(path: str) -> bool:
@@ -154,6 +209,8 @@ def load_image_dataset(
     cache_dir: str | None = None,
     num_channels: int = 3,
     split: str = "train",
+    bad_images: str = "stop",
+    seed: int = 0,
 ) -> tuple[HFImageDataset, dict[int, str]]:
     """A labelled image dataset from the Hub, a local dataset path, or an image folder (one subfolder per class).
 
@@ -161,7 +218,8 @@ def load_image_dataset(
     ``load_from_disk``); `train_data_dir` is loaded as ``load_dataset("imagefolder", data_dir=...)``. The label map
     comes from the label column's ``ClassLabel`` names when it has them, else from its sorted unique values (which
     are then mapped to 0..K-1). Images are preprocessed by `preprocess_image` (center or random crop, optional flip)
-    with ``num_channels`` 3 (RGB) or 1 (grey).
+    with ``num_channels`` 3 (RGB) or 1 (grey); grey, RGBA and odd-sized images are converted. `bad_images` and
+    `seed`: see `HFImageDataset`.
     """
     import datasets
 
@@ -205,6 +263,10 @@ def load_image_dataset(
         id2label = {i: str(value) for i, value in enumerate(values)}
         label_to_id = {value: i for i, value in enumerate(values)}
 
+    if isinstance(data.features[image_column], datasets.Image):  # decode ourselves, to name unreadable files
+        data = data.cast_column(image_column, datasets.Image(decode=False))
     mode = "RGB" if num_channels == 3 else "L"
-    dataset = HFImageDataset(data, image_column, label_column, label_to_id, resolution, center_crop, random_flip, mode)
+    dataset = HFImageDataset(
+        data, image_column, label_column, label_to_id, resolution, center_crop, random_flip, mode, bad_images, seed
+    )
     return dataset, id2label

@@ -21,6 +21,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import Dataset
 
+from .images import seeded_generator
+
 METADATA_NAME = "metadata.json"
 
 
@@ -64,18 +66,19 @@ def write_metadata(latents_dir: str, metadata: dict[str, Any]) -> None:
 def posterior_generator(seed: int, index: int, flipped: bool) -> torch.Generator:
     """The generator for image `index`'s posterior sample: one stream per (seed, image, copy), so the sample does
     not depend on the batch size, the shard size or the number of processes."""
-    state = np.random.SeedSequence([seed, index, int(flipped)]).generate_state(1, dtype=np.uint64)[0]
-    return torch.Generator().manual_seed(int(state))
+    return seeded_generator(seed, index, int(flipped))
 
 
 class LatentShardDataset(Dataset):
     """The latents written by ``training/extract_latents.py``: items ``{"latents": (C, h, w), "class_labels": int}``.
 
     Shards are memory-mapped and read one row per item, so a large dataset is not loaded into RAM. If flipped copies
-    were stored and `random_flip` is set, each access returns the flipped copy with p=0.5 (torch's global RNG).
+    were stored and `random_flip` is set, an item is the flipped copy with p=0.5, drawn per (seed, epoch, item) so
+    that a resumed run reads exactly what an uninterrupted one would.
     """
 
-    def __init__(self, latents_dir: str, random_flip: bool = True):
+    def __init__(self, latents_dir: str, random_flip: bool = True, seed: int = 0):
+        self.seed, self.epoch = seed, 0
         path = os.path.join(latents_dir, METADATA_NAME)
         if not os.path.isfile(path):
             raise FileNotFoundError(
@@ -105,6 +108,9 @@ class LatentShardDataset(Dataset):
     def __len__(self) -> int:
         return len(self.class_labels)
 
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_shards": {}}  # open file handles don't pickle
 
@@ -114,7 +120,8 @@ class LatentShardDataset(Dataset):
         shard_index = bisect.bisect_right(self.shard_starts, index) - 1
         if shard_index not in self._shards:
             self._shards[shard_index] = safe_open(self.shard_paths[shard_index], framework="pt")
-        name = "latents_flipped" if self.random_flip and torch.rand(()) < 0.5 else "latents"
+        flip = self.random_flip and torch.rand((), generator=seeded_generator(self.seed, self.epoch, index)) < 0.5
+        name = "latents_flipped" if flip else "latents"
         row = index - self.shard_starts[shard_index]
         latents = self._shards[shard_index].get_slice(name)[row : row + 1][0]
         return {"latents": latents.float(), "class_labels": int(self.class_labels[index])}

@@ -129,6 +129,13 @@ class TreadTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAdapter
         self.routing_enabled = True
 
     @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> TreadTransformer2DModel:
+        """`ModelMixin.from_pretrained`, loading only safetensors unless ``use_safetensors=False`` is passed (pickled
+        ``.bin`` weights can run code when loaded)."""
+        kwargs.setdefault("use_safetensors", True)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    @classmethod
     def from_preset(cls, name: str, routes: str | list[dict] | None = "paper", **overrides) -> TreadTransformer2DModel:
         """A freshly initialised model of a DiT size, e.g. ``"DiT-XL/2"``, with ``routes="paper"`` (2 .. depth-4 at
         0.5), an explicit route list, or ``None``/``[]`` for a dense model. ``overrides`` go to the config.

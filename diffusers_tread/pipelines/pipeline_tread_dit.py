@@ -5,7 +5,8 @@ It also fixes what ``DiTPipeline`` gets wrong (diffusers issue #13616): the null
 rather than a hard-coded 1000, ``out_channels=None`` works, ``id2label`` survives ``save_pretrained``, label names
 may be passed directly, a learned variance reaches schedulers that use it (``variance_type="learned_range"``), the
 initial noise is scaled by ``scheduler.init_noise_sigma`` (Euler-type schedulers), and ``vae=None`` samples in pixel
-space. Sampling always uses every token: the transformer is in eval mode, so no route is applied.
+space. Sampling uses every token (the transformer is in eval mode, so no route is applied), except with Sparse
+Guidance (``guidance="sparse"``), which forces the model's routes at two selection ratios (arXiv 2601.01608).
 """
 
 from __future__ import annotations
@@ -25,6 +26,33 @@ from diffusers.utils.torch_utils import randn_tensor
 from ..models.transformer_tread import TreadTransformer2DModel
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+GUIDANCE_KINDS = ("cfg", "sparse", "cfg+sparse")
+
+
+def noise_levels(scheduler) -> torch.Tensor:
+    """The noise level of the model input at each of ``scheduler.timesteps`` (call after ``set_timesteps``), as EDM's
+    sigma: the noise standard deviation relative to the signal, ``x_t = a_t (x_0 + sigma_t * noise)`` (Karras et al.
+    2022, Eq. 1 up to the scale a_t). This is the scale in which ``guidance_interval`` is given; it is the same
+    number for every scheduler type, so one interval carries over between samplers and step counts:
+
+    - variance preserving (DDIM, DDPM, PNDM: ``alphas_cumprod``): ``sigma = sqrt((1 - abar_t) / abar_t)``;
+    - Euler / DPM-Solver / EDM schedulers: their ``sigmas``, which are already EDM's sigma;
+    - flow matching (``x_t = (1 - s) x_0 + s noise``): ``sigma = s / (1 - s)`` (``inf`` at pure noise, s = 1).
+    """
+    timesteps = scheduler.timesteps
+    sigmas = getattr(scheduler, "sigmas", None)
+    if sigmas is not None and len(sigmas) >= len(timesteps):
+        sigmas = torch.as_tensor(sigmas[: len(timesteps)]).detach().cpu().to(torch.float64)
+        uses_flow_sigmas = "FlowMatch" in type(scheduler).__name__ or scheduler.config.get("use_flow_sigmas", False)
+        return sigmas / (1.0 - sigmas) if uses_flow_sigmas else sigmas
+    alphas_cumprod = getattr(scheduler, "alphas_cumprod", None)
+    if alphas_cumprod is None:
+        raise ValueError(
+            f"Cannot tell the noise level of {type(scheduler).__name__}'s steps (it has neither `sigmas` nor "
+            "`alphas_cumprod`), so guidance_interval cannot be used with it."
+        )
+    alphas_cumprod = alphas_cumprod.detach().cpu().to(torch.float64)[timesteps.detach().cpu().long()]
+    return ((1.0 - alphas_cumprod) / alphas_cumprod).sqrt()
 
 
 @contextlib.contextmanager
@@ -76,13 +104,30 @@ class TreadDiTPipeline(DiffusionPipeline):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> TreadDiTPipeline:
         """``DiffusionPipeline.from_pretrained``; a stock DiT transformer (e.g. ``facebook/DiT-XL-2-256``) comes back as
-        a ``TreadTransformer2DModel`` without routes, sharing its weights, ready for TREAD fine-tuning."""
+        a ``TreadTransformer2DModel`` without routes, sharing its weights, ready for TREAD fine-tuning. Only
+        safetensors weights are loaded unless ``use_safetensors=False`` is passed (pickled weights can run code)."""
+        kwargs.setdefault("use_safetensors", True)
         pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         if isinstance(pipe.transformer, DiTTransformer2DModel) and not isinstance(
             pipe.transformer, TreadTransformer2DModel
         ):
             pipe.transformer = TreadTransformer2DModel.from_dit(pipe.transformer)
         return pipe
+
+    @classmethod
+    def _dict_from_json_file(cls, json_file):
+        """Read a pushed repo's remote-code `model_index.json` (``["tread_dit", X]`` entries, for users without this
+        package) as the library's own (``["diffusers_tread", X]``), so the installed package needs no
+        ``trust_remote_code``. The generated Hub copy of this class (not in `diffusers_tread`) reads it unchanged."""
+        config = super()._dict_from_json_file(json_file)
+        if not cls.__module__.startswith("diffusers_tread."):
+            return config
+        if list(config.get("_class_name") or []) == ["tread_dit", "TreadDiTPipeline"]:
+            config["_class_name"] = "TreadDiTPipeline"
+        for key, value in config.items():
+            if not key.startswith("_") and isinstance(value, list) and len(value) == 2 and value[0] == "tread_dit":
+                config[key] = ["diffusers_tread", value[1]]
+        return config
 
     @property
     def num_classes(self) -> int:
@@ -141,6 +186,71 @@ class TreadDiTPipeline(DiffusionPipeline):
             extra["generator"] = generator
         return extra
 
+    def check_guidance_inputs(
+        self,
+        guidance: str,
+        guidance_scale: float,
+        sparse_ratios: tuple[float, float],
+        sparse_guidance_scale: float | None,
+        guidance_interval: tuple[float, float] | None,
+    ) -> tuple[float, float]:
+        """Validate the guidance arguments of `__call__`; return ``(cfg_scale, sparse_scale)``, 1 for a kind not used."""
+        if guidance not in GUIDANCE_KINDS:
+            raise ValueError(f"guidance must be one of {GUIDANCE_KINDS}, got {guidance!r}.")
+        if guidance_interval is not None:
+            if len(guidance_interval) != 2 or not 0 <= guidance_interval[0] < guidance_interval[1]:
+                raise ValueError(
+                    "guidance_interval must be (sigma_low, sigma_high) with 0 <= sigma_low < sigma_high "
+                    f"(noise levels, see `noise_levels`), got {guidance_interval!r}."
+                )
+        if guidance == "cfg":
+            if sparse_guidance_scale is not None:
+                raise ValueError("sparse_guidance_scale is only used with guidance='sparse' or 'cfg+sparse'.")
+            return guidance_scale, 1.0
+        if guidance == "cfg+sparse" and sparse_guidance_scale is None:
+            raise ValueError(
+                "guidance='cfg+sparse' needs two scales: guidance_scale (classifier-free) and sparse_guidance_scale."
+            )
+
+        if len(sparse_ratios) != 2 or not 0 <= sparse_ratios[0] <= sparse_ratios[1] < 1:
+            raise ValueError(
+                "sparse_ratios must be (gamma_strong, gamma_weak) with 0 <= gamma_strong <= gamma_weak < 1: the "
+                f"fractions of tokens that bypass the model's routes in the two passes; got {sparse_ratios!r}."
+            )
+        routes = self.transformer.config.get("routes") if isinstance(self.transformer, TreadTransformer2DModel) else []
+        if not routes:
+            raise ValueError(
+                "Sparse guidance runs the model's routes at the sparse_ratios, but this transformer has no routes. "
+                "Give it the routes it was trained with, e.g. `pipe.transformer = TreadTransformer2DModel.from_dit("
+                "pipe.transformer, routes=paper_routes(pipe.transformer.config.num_layers))`, or use guidance='cfg'."
+            )
+        sparse_scale = guidance_scale if sparse_guidance_scale is None else sparse_guidance_scale
+        return (guidance_scale if guidance == "cfg+sparse" else 1.0), sparse_scale
+
+    def routed_prediction(
+        self,
+        model_input: torch.Tensor,
+        timesteps: torch.Tensor,
+        class_labels: torch.Tensor,
+        selection_ratio: float,
+        routing_seed: int,
+    ) -> torch.Tensor:
+        """``D(x, c; gamma)`` of Sparse Guidance: one forward with the model's routes forced at ``selection_ratio``.
+
+        The routed subsets are drawn by a generator seeded with ``routing_seed``. The pipeline gives every pass of a
+        step the same seed, so the passes share one random token order per sample: a pass at a lower ratio keeps a
+        superset of the tokens a pass at a higher ratio keeps, and the guidance difference reflects the sparsity, not
+        two unrelated subsets.
+        """
+        return self.transformer(
+            model_input,
+            timestep=timesteps,
+            class_labels=class_labels,
+            force_routing=True,
+            selection_ratio=selection_ratio,
+            route_generator=torch.Generator().manual_seed(routing_seed),
+        ).sample
+
     @torch.no_grad()
     def __call__(
         self,
@@ -157,12 +267,17 @@ class TreadDiTPipeline(DiffusionPipeline):
         | MultiPipelineCallbacks
         | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (Diffusers' convention)
+        guidance: str = "cfg",
+        sparse_ratios: tuple[float, float] = (0.3, 0.7),
+        sparse_guidance_scale: float | None = None,
+        guidance_interval: tuple[float, float] | None = None,
     ) -> ImagePipelineOutput | tuple:
         r"""Generate images of the given classes.
 
         Args:
             class_labels: class ids, class names (see `pipe.labels`), or both mixed; nested lists and tensors work.
-            guidance_scale: classifier-free guidance scale (conditional vs the null class); off when <= 1.
+            guidance_scale: classifier-free guidance scale (conditional vs the null class); off when <= 1. With
+                ``guidance="sparse"`` and no ``sparse_guidance_scale``, the Sparse Guidance scale instead.
             generator: makes the initial noise (and stochastic scheduler steps) reproducible.
             num_inference_steps: number of denoising steps.
             output_type: ``"pil"``, ``"np"`` (NHWC float in [0, 1]), ``"pt"`` (NCHW float in [0, 1]) or ``"latent"``.
@@ -172,6 +287,33 @@ class TreadDiTPipeline(DiffusionPipeline):
             callback_on_step_end: called as ``fn(pipe, step, timestep, callback_kwargs)`` after each step; may return
                 replaced ``latents``.
             callback_on_step_end_tensor_inputs: the tensors passed in ``callback_kwargs``.
+            guidance: which guidance to apply; writing ``D(c; g)`` for the conditional prediction with the model's
+                routes forced at selection ratio ``g``, ``D(c)`` for the dense one and ``null`` for the null class:
+
+                - ``"cfg"``: classifier-free guidance, ``D(c) + (w - 1) (D(c) - D(null))``, ``w = guidance_scale``,
+                  every token in every block (as `DiTPipeline`).
+                - ``"sparse"``: Sparse Guidance (Krause et al., arXiv 2601.01608), two *conditional* passes
+                  ``D(c; g_weak) + s (D(c; g_strong) - D(c; g_weak))``, ``s = sparse_guidance_scale`` (or
+                  ``guidance_scale`` when that is None). The label is never dropped.
+                - ``"cfg+sparse"``: both, as a sum of guidance directions from the strong pass:
+                  ``D(c; g_strong) + (w - 1) (D(c; g_strong) - D(null; g_strong)) + (s - 1) (D(c; g_strong) -
+                  D(c; g_weak))``; it reduces to ``"sparse"`` for ``w = 1`` and to CFG at ratio ``g_strong`` for
+                  ``s = 1``.
+
+                A scale <= 1 turns its guidance off, leaving ``D(c)`` (``"cfg"``) or ``D(c; g_strong)`` (the sparse
+                kinds). Transformer passes per step: 1 unguided, 2 dense for ``"cfg"``, 2 routed for ``"sparse"``,
+                3 routed for ``"cfg+sparse"``.
+            sparse_ratios: ``(g_strong, g_weak)``, ``0 <= g_strong <= g_weak < 1``: the fraction of tokens that
+                bypass each of the model's configured routes in the strong and weak pass (the routes' own ratios are
+                replaced). A model without routes cannot use sparse guidance. The routed subsets are drawn from a
+                seed taken from ``generator`` (its first one for a list; the global RNG for None) after the initial
+                noise, so results are reproducible; they are drawn for the whole batch.
+            sparse_guidance_scale: the Sparse Guidance scale ``s`` (see ``guidance``).
+            guidance_interval: ``(sigma_low, sigma_high)``: guide only at steps whose noise level ``sigma`` satisfies
+                ``sigma_low < sigma <= sigma_high`` (Kynkaanniemi et al. 2024, "Applying guidance in a limited
+                interval"); elsewhere the scales are 1 and only the unguided pass runs. ``sigma`` is EDM's noise
+                level, the noise std relative to the signal, computed from the scheduler for every scheduler type
+                (see `noise_levels`); ``float("inf")`` is a valid ``sigma_high``. None guides at every step.
 
         Returns:
             [`ImagePipelineOutput`] with ``images``, or a tuple ``(images,)``.
@@ -183,13 +325,18 @@ class TreadDiTPipeline(DiffusionPipeline):
         unknown_inputs = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
         if unknown_inputs:
             raise ValueError(f"callback_on_step_end_tensor_inputs may only contain {self._callback_tensor_inputs}.")
+        cfg_scale, sparse_scale = self.check_guidance_inputs(
+            guidance, guidance_scale, sparse_ratios, sparse_guidance_scale, guidance_interval
+        )
 
         device = self._execution_device
         class_ids = self._class_ids(class_labels)
         batch_size = len(class_ids)
         latent_size = self.transformer.config.sample_size
         latent_channels = self.transformer.config.in_channels
-        do_cfg = guidance_scale > 1
+        do_cfg = cfg_scale > 1
+        do_sparse_guidance = sparse_scale > 1
+        sparse = guidance != "cfg"
 
         shape = (batch_size, latent_channels, latent_size, latent_size)
         if latents is None:
@@ -200,19 +347,30 @@ class TreadDiTPipeline(DiffusionPipeline):
         latents = latents.to(device=device, dtype=self.transformer.dtype) * getattr(
             self.scheduler, "init_noise_sigma", 1.0
         )
+        if sparse:
+            # One draw, after the initial noise: step i's routed passes use seed routing_seed + i.
+            source = generator[0] if isinstance(generator, list) else generator
+            source_device = source.device if source is not None else "cpu"
+            routing_seed = int(torch.randint(0, 2**62, (1,), generator=source, device=source_device).item())
 
         class_labels = torch.tensor(class_ids, device=device)
-        if do_cfg:
-            class_null = torch.full((batch_size,), self.num_classes, device=device)
-            class_labels = torch.cat([class_labels, class_null])
+        class_null = torch.full((batch_size,), self.num_classes, device=device)
 
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
         learned_variance = self.scheduler.config.get("variance_type") in ("learned", "learned_range")
+        if guidance_interval is None:
+            guided_steps = [True] * len(self.scheduler.timesteps)
+        else:
+            sigma_low, sigma_high = guidance_interval
+            guided_steps = [sigma_low < sigma <= sigma_high for sigma in noise_levels(self.scheduler).tolist()]
 
         with sampling_mode(self.transformer):
             for step, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
-                model_input = torch.cat([latents, latents]) if do_cfg else latents
+                step_cfg = do_cfg and guided_steps[step]
+                step_sparse_guidance = do_sparse_guidance and guided_steps[step]
+                # Sparse kinds run separate passes (different ratios cannot share a batch); "cfg" batches its two.
+                model_input = torch.cat([latents, latents]) if step_cfg and not sparse else latents
                 if hasattr(self.scheduler, "scale_model_input"):  # flow-matching schedulers have none
                     model_input = self.scheduler.scale_model_input(model_input, t)
 
@@ -228,16 +386,34 @@ class TreadDiTPipeline(DiffusionPipeline):
                     timesteps = timesteps[None].to(model_input.device)
                 timesteps = timesteps.expand(model_input.shape[0])
 
-                noise_pred = self.transformer(model_input, timestep=timesteps, class_labels=class_labels).sample
-
-                # Guidance on the predicted noise (all latent channels, as DiTPipeline); a learned variance
-                # (learned-sigma models, channels latent_channels:) is taken from the conditional pass.
-                if do_cfg:
-                    cond, uncond = noise_pred.chunk(2)
-                    guided = uncond[:, :latent_channels] + guidance_scale * (
-                        cond[:, :latent_channels] - uncond[:, :latent_channels]
-                    )
-                    noise_pred = torch.cat([guided, cond[:, latent_channels:]], dim=1)
+                if not sparse:
+                    labels = torch.cat([class_labels, class_null]) if step_cfg else class_labels
+                    noise_pred = self.transformer(model_input, timestep=timesteps, class_labels=labels).sample
+                    # Guidance on the predicted noise (all latent channels, as DiTPipeline); a learned variance
+                    # (learned-sigma models, channels latent_channels:) is taken from the conditional pass.
+                    if step_cfg:
+                        cond, uncond = noise_pred.chunk(2)
+                        guided = uncond[:, :latent_channels] + cfg_scale * (
+                            cond[:, :latent_channels] - uncond[:, :latent_channels]
+                        )
+                        noise_pred = torch.cat([guided, cond[:, latent_channels:]], dim=1)
+                else:
+                    gamma_strong, gamma_weak = sparse_ratios
+                    seed = routing_seed + step
+                    strong = self.routed_prediction(model_input, timesteps, class_labels, gamma_strong, seed)
+                    guided = strong[:, :latent_channels]
+                    if step_sparse_guidance:
+                        # Sparse Guidance (arXiv 2601.01608), both passes conditional:
+                        # D(c; g_w) + s (D(c; g_s) - D(c; g_w)) = D(c; g_s) + (s - 1) (D(c; g_s) - D(c; g_w))
+                        weak = self.routed_prediction(model_input, timesteps, class_labels, gamma_weak, seed)
+                        guided = guided + (sparse_scale - 1) * (
+                            strong[:, :latent_channels] - weak[:, :latent_channels]
+                        )
+                    if step_cfg:
+                        # CFG at the strong ratio, same token subsets: + (w - 1) (D(c; g_s) - D(null; g_s))
+                        uncond = self.routed_prediction(model_input, timesteps, class_null, gamma_strong, seed)
+                        guided = guided + (cfg_scale - 1) * (strong[:, :latent_channels] - uncond[:, :latent_channels])
+                    noise_pred = torch.cat([guided, strong[:, latent_channels:]], dim=1)
                 if noise_pred.shape[1] == 2 * latent_channels and not learned_variance:
                     noise_pred = noise_pred[:, :latent_channels]
 

@@ -1,0 +1,238 @@
+"""Reliability of training/train_tread.py: exact resume, crash-safe checkpoints, signals, bad input, multi-process."""
+
+import csv
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+from conftest import REPO, SCRIPT, TINY, launch, load_script, transformer_weights
+from safetensors.torch import load_file
+
+from diffusers_tread import TreadDiTPipeline, TreadTransformer2DModel
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def checkpoint_state(folder):
+    """Everything a checkpoint restores, as flat {name: tensor}: weights, EMA, optimizer moments and steps."""
+    state = {
+        f"model.{k}": v for k, v in load_file(folder / "transformer" / "diffusion_pytorch_model.safetensors").items()
+    }
+    ema = load_file(folder / "transformer_ema" / "diffusion_pytorch_model.safetensors")
+    state |= {f"ema.{k}": v for k, v in ema.items()}
+    optimizer = torch.load(folder / "optimizer.bin", weights_only=True)
+    for index, moments in optimizer["state"].items():
+        for name, value in moments.items():
+            state[f"optimizer.{index}.{name}"] = torch.as_tensor(value)
+    return state
+
+
+def test_exact_resume_bit_for_bit_with_accumulation_and_new_checkpointing_steps(tmp_path, accelerate_config):
+    """N steps straight == N/2 steps, stop, resume N/2 (with another --checkpointing_steps): weights, EMA, optimizer."""
+    common = ["--gradient_accumulation_steps=2", "--validation_steps=100", "--routes=1:3:0.5,4:5:0.25"]
+    launch(accelerate_config, f"--output_dir={tmp_path / 'straight'}", "--max_train_steps=6", "--checkpointing_steps=3",
+           *common)  # fmt: skip
+    launch(accelerate_config, f"--output_dir={tmp_path / 'resumed'}", "--max_train_steps=3", "--checkpointing_steps=3",
+           *common)  # fmt: skip
+    launch(accelerate_config, f"--output_dir={tmp_path / 'resumed'}", "--max_train_steps=6", "--checkpointing_steps=2",
+           "--resume_from_checkpoint=latest", *common)  # fmt: skip
+    straight = checkpoint_state(tmp_path / "straight" / "checkpoint-6")
+    resumed = checkpoint_state(tmp_path / "resumed" / "checkpoint-6")
+    assert straight.keys() == resumed.keys() and any(k.startswith("optimizer.") for k in straight)
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
+    history = [row[:2] for row in csv.reader((tmp_path / "resumed" / "loss_history.csv").open())]
+    assert history == [row[:2] for row in csv.reader((tmp_path / "straight" / "loss_history.csv").open())]
+
+
+KILL_DURING_SAVE = textwrap.dedent(
+    """
+    import importlib.util, os, signal, sys
+    import safetensors.torch
+
+    spec = importlib.util.spec_from_file_location("train_tread", sys.argv[1])
+    train_tread = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_tread)
+    original = safetensors.torch.save_file
+
+    def save_file(tensors, filename, metadata=None):
+        if ".incomplete-checkpoint-4" in str(filename):  # half a file, then die as SIGKILL would leave it
+            with open(filename, "wb") as f:
+                f.write(b"\\0" * 64)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(tensors, filename, metadata=metadata)
+
+    safetensors.torch.save_file = save_file
+    train_tread.main(sys.argv[2:])
+    """
+)
+
+
+def test_sigkill_while_saving_keeps_the_previous_checkpoint_and_latest_skips_the_partial_one(tmp_path):
+    out = tmp_path / "out"
+    wrapper = tmp_path / "kill_during_save.py"
+    wrapper.write_text(KILL_DURING_SAVE)
+    args = [*TINY, f"--output_dir={out}", "--max_train_steps=6", "--checkpointing_steps=2", "--validation_steps=100",
+            "--checkpoints_total_limit=1"]  # fmt: skip
+    result = subprocess.run([sys.executable, str(wrapper), str(SCRIPT), *args], env=ENV, cwd=REPO, capture_output=True)
+    assert result.returncode == -signal.SIGKILL
+    assert (out / "checkpoint-2" / "checkpoint_complete.json").is_file()
+    assert not (out / "checkpoint-4").exists() and (out / ".incomplete-checkpoint-4").exists()
+    # the survivor loads, and `latest` resumes from it and finishes the run
+    TreadTransformer2DModel.from_pretrained(out / "checkpoint-2" / "transformer")
+    result = subprocess.run([sys.executable, str(SCRIPT), *args, "--resume_from_checkpoint=latest"], env=ENV, cwd=REPO,
+                            capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "checkpoint-2" in result.stderr and (out / "model_index.json").exists()
+    assert sorted(p.name for p in out.glob("*checkpoint-*")) == ["checkpoint-6"]  # pruned to 1, leftovers cleaned
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    out = tmp_path / "out"
+    args = [*TINY, f"--output_dir={out}", "--max_train_steps=100000", "--checkpointing_steps=100000",
+            "--validation_steps=100000"]  # fmt: skip
+    log = (tmp_path / "stderr.log").open("w")  # a file, not a pipe: a full pipe would block the trainer
+    process = subprocess.Popen([sys.executable, str(SCRIPT), *args], env=ENV, cwd=REPO, stdout=log, stderr=log)
+    history = out / "loss_history.csv"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not history.exists() or len(history.read_text().splitlines()) < 3):
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=120)
+    stderr = (tmp_path / "stderr.log").read_text()
+    assert process.returncode == 0, stderr[-3000:]
+    checkpoints = list(out.glob("checkpoint-*"))
+    assert len(checkpoints) == 1 and (checkpoints[0] / "checkpoint_complete.json").is_file()
+    step = int(checkpoints[0].name.split("-")[1])
+    assert step >= 3 and f"Stopped by signal {int(signal.SIGTERM)} at step {step}" in stderr
+    # and the run continues from there
+    resumed = [*args[:-3], f"--max_train_steps={step + 2}", "--resume_from_checkpoint=latest"]
+    result = subprocess.run([sys.executable, str(SCRIPT), *resumed], env=ENV, cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(history.read_text().splitlines()) == step + 2
+
+
+def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    script = load_script()
+    original = safetensors.torch.save_file
+
+    def save_file(tensors, filename, metadata=None):
+        if ".incomplete-checkpoint-4" in str(filename):
+            raise OSError(28, "No space left on device")
+        return original(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+    out = tmp_path / "out"
+    with pytest.raises(OSError, match=r"checkpoint-4 failed: .*No space left.*checkpoint-2\) is intact"):
+        script.main([*TINY, f"--output_dir={out}", "--max_train_steps=6", "--checkpointing_steps=2",
+                     "--validation_steps=100"])  # fmt: skip
+    assert sorted(p.name for p in out.glob("*checkpoint-*")) == ["checkpoint-2"]
+    assert script.find_checkpoint(str(out), "latest") == str(out / "checkpoint-2")
+
+
+def test_nan_loss_stops_with_the_step_and_a_hint_and_leaves_the_checkpoint(tmp_path):
+    script = load_script()
+    out = tmp_path / "out"
+    with pytest.raises(FloatingPointError, match=r"Loss is (nan|inf) at step \d+\..*untouched.*--learning_rate"):
+        script.main([*TINY, f"--output_dir={out}", "--max_train_steps=50", "--checkpointing_steps=1",
+                     "--validation_steps=100", "--learning_rate=1e30", "--max_grad_norm=0"])  # fmt: skip
+    last = script.find_checkpoint(str(out), "latest")
+    weights = transformer_weights(last)
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_latest_skips_incomplete_and_explicit_incomplete_is_refused(tmp_path):
+    script = load_script()
+    for step, complete in ((2, True), (4, True), (6, False)):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        if complete:
+            (folder / "checkpoint_complete.json").write_text("{}")
+    (tmp_path / "checkpoint-8-old").mkdir()
+    assert script.find_checkpoint(str(tmp_path), "latest") == str(tmp_path / "checkpoint-4")
+    with pytest.raises(ValueError, match="not a complete checkpoint"):
+        script.find_checkpoint(str(tmp_path), str(tmp_path / "checkpoint-6"))
+    assert script.find_checkpoint(str(tmp_path / "empty"), "latest") is None
+
+
+def test_bad_validation_labels_and_checkpoint_limit(tmp_path):
+    script = load_script()
+    with pytest.raises(ValueError, match=r"--validation_class_labels: unknown class 'eleven'.*'9'"):
+        script.main([*TINY, f"--output_dir={tmp_path}", "--validation_class_labels=3,eleven", "--max_train_steps=1"])
+    with pytest.raises(ValueError, match=r"--validation_class_labels: class id 10 is out of range \(0..9\)"):
+        script.main([*TINY, f"--output_dir={tmp_path}", "--validation_class_labels=10", "--max_train_steps=1"])
+    with pytest.raises(SystemExit):
+        script.parse_args(["--checkpoints_total_limit=0"])
+
+
+def test_failed_hub_push_keeps_the_folder_and_says_how_to_retry(tmp_path, monkeypatch):
+    script = load_script()
+    monkeypatch.setattr(script, "create_repo", lambda repo_id, **kw: type("Repo", (), {"repo_id": f"u/{repo_id}"})())
+
+    def failing_upload(**kwargs):
+        raise ConnectionError("Hub unreachable")
+
+    monkeypatch.setattr(script, "upload_folder", failing_upload)
+    out = tmp_path / "tread-x"
+    with pytest.raises(RuntimeError, match=r"Uploading .*tread-x to u/tread-x failed: Hub unreachable.*retry"):
+        script.main([*TINY, f"--output_dir={out}", "--max_train_steps=1", "--validation_steps=100", "--push_to_hub"])
+    assert (out / "model_index.json").exists() and (out / "transformer" / "config.json").exists()
+    TreadDiTPipeline.from_pretrained(out)
+
+
+# --- multi-process (gloo on CPU) ---------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch_two(*args):
+    """`accelerate launch` with 2 CPU processes (torch.distributed over gloo)."""
+    env = {**ENV, "ACCELERATE_USE_CPU": "1"}
+    command = ["accelerate", "launch", "--multi_gpu", "--num_processes=2", "--num_machines=1",
+               "--mixed_precision=no", "--dynamo_backend=no", f"--main_process_port={free_port()}"]  # fmt: skip
+    result = subprocess.run([*command, str(SCRIPT), *TINY, *args], env=env, cwd=REPO, capture_output=True, text=True,
+                            timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def losses(folder):
+    return [float(row[1]) for row in csv.reader((folder / "loss_history.csv").open())]
+
+
+def test_two_processes_match_one_at_the_same_global_batch_and_checkpoints_move_between_them(
+    tmp_path, accelerate_config
+):
+    steps = ["--max_train_steps=8", "--checkpointing_steps=4", "--validation_steps=100"]
+    result = launch_two(f"--output_dir={tmp_path / 'two'}", "--train_batch_size=8", *steps)
+    assert "Num processes: 2" in result.stderr
+    launch(accelerate_config, f"--output_dir={tmp_path / 'one'}", "--train_batch_size=16", *steps)
+    two, one = losses(tmp_path / "two"), losses(tmp_path / "one")
+    assert len(two) == len(one) == 8
+    # Same 16 samples per step (accelerate shards each global batch); the noise differs per process, so the losses
+    # agree statistically: the 8-step means within 10%.
+    assert abs(sum(two) - sum(one)) / sum(one) < 0.10
+    # only the main process writes: one loss line per step, one pipeline, a generator state per process
+    checkpoint = tmp_path / "two" / "checkpoint-8"
+    assert sorted(p.name for p in checkpoint.glob("train_rng_*.pt")) == ["train_rng_0.pt", "train_rng_1.pt"]
+    assert len(list((tmp_path / "two").rglob("model_index.json"))) == 1
+
+    # a 2-process checkpoint resumes on 1 process, and a 1-process checkpoint on 2
+    launch(accelerate_config, f"--output_dir={tmp_path / 'two'}", "--train_batch_size=16", "--max_train_steps=10",
+           "--checkpointing_steps=100", "--validation_steps=100", "--resume_from_checkpoint=latest")  # fmt: skip
+    assert len(losses(tmp_path / "two")) == 10
+    launch_two(f"--output_dir={tmp_path / 'one'}", "--train_batch_size=8", "--max_train_steps=10",
+               "--checkpointing_steps=100", "--validation_steps=100", "--resume_from_checkpoint=latest")  # fmt: skip
+    assert len(losses(tmp_path / "one")) == 10

@@ -1,0 +1,249 @@
+"""The Gradio demo (spaces/tread-dit): its pieces on a tiny pipeline, and end to end in headless Chromium against the
+app served on 127.0.0.1 from a Hub-ready (remote-code) folder, as on a Space. Offline throughout."""
+
+import importlib.util
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from urllib.parse import urlparse
+
+import gradio
+import pytest
+import torch
+from conftest import tiny_tread
+from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+from huggingface_hub import SpaceCard
+from PIL import Image
+
+from diffusers_tread import TreadDiTPipeline, hub
+from diffusers_tread.pipelines import pipeline_tread_dit
+
+REPO = Path(__file__).resolve().parent.parent
+SPACE = REPO / "spaces" / "tread-dit"
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium") or "/usr/bin/chromium", shutil.which("chromedriver")
+CHROMIUM_FLAGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--window-size=1280,1300",
+]
+ID2LABEL = {0: "tench, Tinca tinca", 1: "goldfish", 2: "golden retriever", 3: "tabby, tabby cat"}
+KINDS = list(getattr(pipeline_tread_dit, "GUIDANCE_KINDS", ()))
+
+
+def load_app():
+    spec = importlib.util.spec_from_file_location("tread_space_app", SPACE / "app.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def model_folders(tmp_path_factory):
+    """A tiny pixel-space TREAD pipeline, saved as a training output folder and as the folder pushed to the Hub."""
+    root = tmp_path_factory.mktemp("space-model")
+    transformer = tiny_tread(
+        in_channels=3,
+        out_channels=None,
+        num_embeds_ada_norm=len(ID2LABEL),
+        routes=[{"start_layer_idx": 1, "end_layer_idx": 3, "selection_ratio": 0.5}],
+    )
+    TreadDiTPipeline(
+        transformer=transformer.eval(), vae=None, scheduler=DDIMScheduler(), id2label=ID2LABEL
+    ).save_pretrained(root / "tread-tiny")
+    hub.prepare_hub_folder(root / "tread-tiny", root / "hub" / "tread-tiny", repo_id="user/tread-tiny")
+    return root / "tread-tiny", root / "hub" / "tread-tiny"
+
+
+def test_space_folder_is_ready_to_push():
+    card = SpaceCard.load(SPACE / "README.md")
+    assert card.data.sdk == "gradio" and card.data.app_file == "app.py" and card.data.license == "apache-2.0"
+    assert card.data.sdk_version.split(".")[0] == gradio.__version__.split(".")[0]
+    lines = (SPACE / "requirements.txt").read_text().splitlines()
+    packages = [line.split(">")[0].split("=")[0] for line in lines if line and not line.startswith(("#", "-"))]
+    assert {"torch", "diffusers"} <= set(packages) and "diffusers-tread" not in packages  # remote code instead
+
+
+def test_app_loads_lists_classes_and_passes_the_guidance_through(model_folders):
+    library_folder, _ = model_folders
+    app = load_app()
+    pipe = app.load_pipeline(str(library_folder))
+    assert isinstance(pipe, TreadDiTPipeline)
+    assert app.class_choices(pipe) == [("tench", 0), ("goldfish", 1), ("golden retriever", 2), ("tabby", 3)]
+    assert app.guidance_kinds(pipe) == KINDS
+
+    # The last guidance kind the pipeline offers (e.g. "cfg+sparse"), with both scales, goes through as chosen.
+    kind = KINDS[-1] if KINDS else None
+    call = {"guidance": kind} if kind else {}
+    if kind and "sparse" in kind:
+        call["sparse_guidance_scale"] = 1.5
+    grid, summary = app.generate(pipe, [1, "2"], kind, 2.0, 1.5, 2, 0, 3)
+    assert grid.size == (3 * 96, 2 * 96)  # 8x8 samples shown 12x larger, a row per class
+    assert summary.startswith("6 images (2 classes x 3) in **") and "2 steps on CPU, seed 0" in summary
+    expected = pipe([1, 1, 1, 2, 2, 2], guidance_scale=2.0, num_inference_steps=2, output_type="pil",
+                    generator=torch.Generator().manual_seed(0), **call).images  # fmt: skip
+    for index, sample in enumerate(expected):
+        row, column = divmod(index, 3)
+        cell = grid.crop((column * 96, row * 96, (column + 1) * 96, (row + 1) * 96))
+        assert cell.resize((8, 8), Image.NEAREST).tobytes() == sample.convert("RGB").tobytes()
+
+    with pytest.raises(app.gr.Error, match="at least one class"):
+        app.generate(pipe, [], None, 2.0, 0.0, 2, 0, 1)
+    with pytest.raises(app.gr.Error, match="At most 64 images"):
+        app.generate(pipe, [0, 1, 2, 3], None, 2.0, 0.0, 2, 0, 17)
+    if KINDS:
+        with pytest.raises(app.gr.Error, match="guidance must be one of"):  # the pipeline's own message
+            app.generate(pipe, [0], "no-such-guidance", 2.0, 0.0, 2, 0, 1)
+
+    torch.manual_seed(0)
+    stock = DiTPipeline(
+        transformer=DiTTransformer2DModel(sample_size=8, num_layers=1, attention_head_dim=8, num_attention_heads=2),
+        vae=None,
+        scheduler=DDIMScheduler(),
+    )
+    assert app.guidance_kinds(stock) == []  # no `guidance=`: classifier-free guidance only, nothing passed
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_server(url: str, process: subprocess.Popen, log: Path, timeout: float = 180) -> None:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"the app exited ({process.returncode}):\n{log.read_text()[-5000:]}")
+        try:
+            with opener.open(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"the app did not answer at {url} within {timeout} s")
+
+
+@pytest.mark.skipif(
+    not (Path(CHROMIUM).is_file() and CHROMEDRIVER),
+    reason="needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver; .ci/run does)",
+)
+def test_demo_generates_a_grid_in_headless_chromium(model_folders, tmp_path, capsys, monkeypatch):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    _, hub_folder = model_folders
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/"
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_HOME": str(tmp_path / "hf-home"),
+        "HF_MODULES_CACHE": str(tmp_path / "hf-modules"),
+        "GRADIO_TEMP_DIR": str(tmp_path / "gradio"),
+        "GRADIO_ANALYTICS_ENABLED": "False",
+        "NO_PROXY": "127.0.0.1,localhost",
+    }
+    started = time.monotonic()
+    log = tmp_path / "app.log"
+    command = [sys.executable, str(SPACE / "app.py"), "--model", str(hub_folder), "--host", "127.0.0.1"]
+    with log.open("w") as output:
+        server = subprocess.Popen(
+            [*command, "--port", str(port)], env=env, cwd=tmp_path, stdout=output, stderr=subprocess.STDOUT
+        )
+    driver = None
+    try:
+        wait_for_server(url, server, log)
+        served = time.monotonic()
+        options = webdriver.ChromeOptions()
+        options.binary_location = CHROMIUM
+        for flag in [*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'chromium-profile'}"]:
+            options.add_argument(flag)
+        options.set_capability("goog:loggingPrefs", {"performance": "ALL"})
+        monkeypatch.setenv("SE_OFFLINE", "true")  # Selenium Manager must not look for drivers online
+        driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+        wait = WebDriverWait(driver, 60)
+
+        driver.get(url)
+        wait.until(expected_conditions.element_to_be_clickable((By.ID, "tread-generate")))
+        classes = driver.find_element(By.CSS_SELECTOR, "#tread-classes input[role=combobox]")
+        classes.click()
+        classes.send_keys("golden")
+        option = wait.until(
+            lambda d: next(
+                (o for o in d.find_elements(By.CSS_SELECTOR, "[role=option]") if o.text == "golden retriever"), None
+            )
+        )
+        option.click()
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#tread-classes .token")) == 2)
+        classes.send_keys(Keys.ESCAPE)  # close the option list
+        wait.until(lambda d: not [o for o in d.find_elements(By.CSS_SELECTOR, "[role=option]") if o.is_displayed()])
+        if KINDS:
+            kind = KINDS[1] if len(KINDS) > 1 else KINDS[0]
+            driver.find_element(By.XPATH, f"//*[@id='tread-guidance']//label[normalize-space()='{kind}']").click()
+        driver.find_element(By.ID, "tread-generate").click()
+
+        image = wait.until(
+            lambda d: next(
+                (i for i in d.find_elements(By.CSS_SELECTOR, "#tread-grid img") if i.get_attribute("src")), None
+            )
+        )
+        summary = wait.until(lambda d: d.find_element(By.ID, "tread-time").text or None)
+        generated = time.monotonic()
+        screenshot = tmp_path / "tread-space-demo.png"
+        driver.save_screenshot(str(screenshot))
+
+        assert summary.startswith("8 images (2 classes x 4) in"), summary
+        assert "25 steps on CPU, seed 0" in summary and (not KINDS or f", {kind})" in summary)
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with opener.open(image.get_attribute("src"), timeout=10) as response:
+            grid = Image.open(response)
+            grid.load()
+        assert grid.size == (4 * 96, 2 * 96)
+        assert len(set(grid.convert("L").getdata())) > 10  # samples, not a blank canvas
+
+        # Offline: the page asked nothing of any host but the app (no fonts, analytics or CDN).
+        requested = {
+            json.loads(entry["message"])["message"]["params"]["request"]["url"]
+            for entry in driver.get_log("performance")
+            if json.loads(entry["message"])["message"]["method"] == "Network.requestWillBeSent"
+        }
+        outside = [
+            u for u in requested if urlparse(u).scheme in ("http", "https", "ws", "wss") and urlparse(u).hostname not in ("127.0.0.1", "localhost")
+        ]  # fmt: skip
+        assert not outside, outside
+
+        artifact = Path(os.environ.get("TREAD_TEST_ARTIFACTS", tempfile.gettempdir())) / "tread-space-demo.png"
+        artifact.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(screenshot, artifact)
+        with capsys.disabled():
+            print(
+                f"\n[test_space] screenshot: {artifact} (app up in {served - started:.1f} s, page + generate "
+                f"{generated - served:.1f} s)"
+            )
+    finally:
+        if driver is not None:
+            driver.quit()
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
