@@ -1,6 +1,7 @@
 """End-to-end tests of training/train_tread.py: `accelerate launch` on tiny settings, as Diffusers tests its examples."""
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -148,7 +149,8 @@ def test_bad_inputs_fail_with_clear_messages(tmp_path, accelerate_config):
         script.main([*TINY[1:], "--resolution=9", f"--output_dir={tmp_path}", "--max_train_steps=1"])
 
 
-def test_push_to_hub_uploads_the_final_folder_and_never_the_token(tmp_path, monkeypatch):
+def test_push_to_hub_uploads_the_final_folder_and_never_the_token(tmp_path, monkeypatch, capsys, caplog):
+    caplog.set_level(logging.DEBUG)
     script = load_script()
     calls = []
     monkeypatch.setattr(
@@ -192,6 +194,8 @@ def test_push_to_hub_uploads_the_final_folder_and_never_the_token(tmp_path, monk
         if path.is_file():
             assert token.encode() not in path.read_bytes(), path
     assert "<redacted>" in (out / "README.md").read_text()
+    captured = capsys.readouterr()
+    assert caplog.text and token not in captured.out + captured.err + caplog.text  # nor in any log line
 
 
 @pytest.fixture(scope="module")
@@ -248,3 +252,53 @@ def test_latents_from_another_vae_are_rejected(tmp_path, vae_dir, digits_latents
     with pytest.raises(ValueError, match="VAE"):
         script.main([*TINY, f"--output_dir={tmp_path / 'out'}", f"--latents_dir={digits_latents}",
                      f"--vae={other_vae}", "--max_train_steps=1"])  # fmt: skip
+
+
+def test_lora_fine_tune_trains_only_adapters_and_the_pipeline_loads_scales_fuses_and_unloads_them(
+    tmp_path, accelerate_config
+):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from diffusers_tread import TreadTransformer2DModel
+
+    routes = [{"start_layer_idx": 2, "end_layer_idx": 4, "selection_ratio": 0.5}]
+    torch.manual_seed(0)
+    base = TreadTransformer2DModel.from_preset(
+        "DiT-Tiny/2", routes=routes, in_channels=1, out_channels=None, sample_size=8, num_embeds_ada_norm=10
+    )
+    id2label = {i: str(i) for i in range(10)}
+    TreadDiTPipeline(base, None, FlowMatchEulerDiscreteScheduler(), id2label).save_pretrained(tmp_path / "base")
+    out = tmp_path / "lora"
+    lora = ["--lora_rank=4", "--lora_target_modules=to_q,to_v", "--learning_rate=1e-2", "--validation_steps=100"]
+    launch(accelerate_config, f"--pretrained_model_name_or_path={tmp_path / 'base'}", f"--output_dir={out}",
+           "--max_train_steps=2", "--checkpointing_steps=2", *lora)  # fmt: skip
+    assert (out / "checkpoint-2" / "transformer_lora" / "pytorch_lora_weights.safetensors").exists()
+    launch(accelerate_config, f"--pretrained_model_name_or_path={tmp_path / 'base'}", f"--output_dir={out}",
+           "--max_train_steps=3", "--resume_from_checkpoint=latest", *lora)  # fmt: skip
+
+    # only adapter weights changed: the saved base transformer is the pretrained one
+    saved, pretrained = transformer_weights(out), transformer_weights(tmp_path / "base")
+    assert saved.keys() == pretrained.keys() and all(torch.equal(saved[k], pretrained[k]) for k in saved)
+    adapters = load_file(out / "pytorch_lora_weights.safetensors")
+    assert adapters and all("lora_" in k and (".to_q." in k or ".to_v." in k) for k in adapters)
+    assert any(v.abs().sum() > 0 for k, v in adapters.items() if "lora_B" in k)  # trained away from zero
+
+    pipe = TreadDiTPipeline.from_pretrained(out)
+    pipe.set_progress_bar_config(disable=True)
+
+    def sample():
+        return pipe(
+            [3], num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="latent"
+        ).images
+
+    plain = sample()
+    pipe.load_lora_weights(out)
+    adapted = sample()
+    pipe.set_adapters("default", 0.5)
+    half = sample()
+    assert not torch.equal(adapted, plain) and not torch.equal(half, adapted)
+    pipe.fuse_lora()
+    torch.testing.assert_close(sample(), half, rtol=1e-4, atol=1e-5)
+    pipe.unfuse_lora()
+    pipe.unload_lora_weights()
+    torch.testing.assert_close(sample(), plain, rtol=1e-5, atol=1e-6)

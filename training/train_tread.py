@@ -40,7 +40,10 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from diffusers.utils import make_image_grid
 from huggingface_hub import ModelCard, ModelCardData, create_repo, upload_folder
+from peft import LoraConfig
+from peft.utils import set_peft_model_state_dict
 from PIL import Image, ImageOps
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from diffusers_tread import PRESETS, TreadDiTPipeline, TreadTransformer2DModel, paper_routes
@@ -104,6 +107,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=None,
         help='train without routing from this step on: the paper\'s final "(F)" fine-tune',
+    )
+    # LoRA fine-tuning (PEFT adapters on a pretrained DiT/TREAD checkpoint, routes on)
+    parser.add_argument(
+        "--lora_rank", type=int, default=None, help="train LoRA adapters of this rank, not all weights"
+    )
+    parser.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
+    parser.add_argument(
+        "--lora_target_modules", default="to_q,to_k,to_v,to_out.0", help="comma-separated module names"
     )
     # Objective and loss
     parser.add_argument("--objective", choices=sorted(OBJECTIVES), default="flow")
@@ -198,6 +209,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("give --dataset_name or --train_data_dir, not both")
     if not 0.0 <= args.class_dropout_prob < 1.0:
         parser.error("--class_dropout_prob must be in [0, 1)")
+    if args.lora_rank is not None and not args.pretrained_model_name_or_path:
+        parser.error("--lora_rank fine-tunes a checkpoint: give --pretrained_model_name_or_path")
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
         parser.error("--checkpoints_total_limit must be at least 1 (the newest checkpoint is always kept)")
     # The built-in digits job (no data flag) is a ~10-minute CPU run of a 0.8M-parameter model: it wants a higher
@@ -335,11 +348,23 @@ def main(argv: list[str] | None = None) -> None:
             sample_size=model.config.sample_size,
             vae=args.vae,
         )
+    if args.lora_rank:
+        # Only the adapters train; saved in Diffusers' LoRA format (`save_lora_adapter`), loaded with
+        # `TreadDiTPipeline.load_lora_weights`. EMA is off for LoRA, as in Diffusers' LoRA examples.
+        model.requires_grad_(False)
+        model.add_adapter(
+            LoraConfig(
+                r=args.lora_rank,
+                lora_alpha=args.lora_alpha or args.lora_rank,
+                init_lora_weights="gaussian",
+                target_modules=[name.strip() for name in args.lora_target_modules.split(",")],
+            )
+        )
     if args.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     model.train()
     ema_model = None
-    if args.use_ema:
+    if args.use_ema and not args.lora_rank:
         # min_decay == decay without warmup gives DiT's fixed decay (the first update copies the weights).
         ema_model = EMAModel(
             model.parameters(),
@@ -363,7 +388,12 @@ def main(argv: list[str] | None = None) -> None:
             if ema_model is not None:
                 ema_model.save_pretrained(os.path.join(output_dir, "transformer_ema"))
             for saved_model in models:
-                accelerator.unwrap_model(saved_model).save_pretrained(os.path.join(output_dir, "transformer"))
+                if args.lora_rank:
+                    accelerator.unwrap_model(saved_model).save_lora_adapter(
+                        os.path.join(output_dir, "transformer_lora")
+                    )
+                else:
+                    accelerator.unwrap_model(saved_model).save_pretrained(os.path.join(output_dir, "transformer"))
                 weights.pop()
 
     def load_model_hook(models, input_dir):
@@ -382,8 +412,12 @@ def main(argv: list[str] | None = None) -> None:
             ema_model.to(accelerator.device)
         for _ in range(len(models)):
             loaded_into = accelerator.unwrap_model(models.pop())
-            loaded = TreadTransformer2DModel.from_pretrained(input_dir, subfolder="transformer")
-            loaded_into.load_state_dict(loaded.state_dict())
+            if args.lora_rank:  # in place, so the optimizer keeps its parameters
+                lora_file = os.path.join(input_dir, "transformer_lora", "pytorch_lora_weights.safetensors")
+                set_peft_model_state_dict(loaded_into, load_file(lora_file), adapter_name="default")
+            else:
+                loaded = TreadTransformer2DModel.from_pretrained(input_dir, subfolder="transformer")
+                loaded_into.load_state_dict(loaded.state_dict())
 
     accelerator.register_save_state_pre_hook(save_model_hook)
     accelerator.register_load_state_pre_hook(load_model_hook)
@@ -392,7 +426,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.scale_lr:
         args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
     optimizer = torch.optim.AdamW(
-        model.parameters(),
+        [p for p in model.parameters() if p.requires_grad],
         lr=args.learning_rate,
         betas=(args.adam_beta1, args.adam_beta2),
         weight_decay=args.adam_weight_decay,
@@ -583,8 +617,11 @@ def main(argv: list[str] | None = None) -> None:
         pipeline = TreadDiTPipeline(
             transformer=final_model, vae=vae, scheduler=objective.make_scheduler(), id2label=id2label
         )
-        pipeline.save_pretrained(args.output_dir)
         grid_path = save_sample_grid(pipeline, args, id2label, Path(args.output_dir, "samples", "final_grid.png"))
+        if args.lora_rank:  # the adapters in Diffusers' LoRA format, next to the unchanged base pipeline
+            final_model.save_lora_adapter(args.output_dir)
+            final_model.unload_lora()
+        pipeline.save_pretrained(args.output_dir)
         plot_loss(loss_log, Path(args.output_dir, "samples", "loss.png"))
         save_model_card(
             args,

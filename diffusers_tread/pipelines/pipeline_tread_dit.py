@@ -129,6 +129,30 @@ class TreadDiTPipeline(DiffusionPipeline):
                 config[key] = ["diffusers_tread", value[1]]
         return config
 
+    # LoRA adapters (Diffusers' LoRA format), delegated to the transformer's PeftAdapterMixin.
+    def load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name: str | None = None, **kwargs):
+        """Load a LoRA saved by `save_lora_weights` / `train_tread.py --lora_rank` (a folder, Hub id or state dict)."""
+        kwargs.setdefault("use_safetensors", True)
+        self.transformer.load_lora_adapter(
+            pretrained_model_name_or_path_or_dict, prefix=None, adapter_name=adapter_name, **kwargs
+        )
+
+    def save_lora_weights(self, save_directory: str, adapter_name: str = "default") -> None:
+        self.transformer.save_lora_adapter(save_directory, adapter_name=adapter_name)
+
+    def set_adapters(self, adapter_names: list[str] | str, adapter_weights: float | list[float] | None = None):
+        """Activate adapters with scales, e.g. ``pipe.set_adapters("default", 0.5)``."""
+        self.transformer.set_adapters(adapter_names, adapter_weights)
+
+    def fuse_lora(self, lora_scale: float = 1.0, adapter_names: list[str] | None = None) -> None:
+        self.transformer.fuse_lora(lora_scale=lora_scale, adapter_names=adapter_names)
+
+    def unfuse_lora(self) -> None:
+        self.transformer.unfuse_lora()
+
+    def unload_lora_weights(self) -> None:
+        self.transformer.unload_lora()
+
     @property
     def num_classes(self) -> int:
         return self.transformer.config.num_embeds_ada_norm
