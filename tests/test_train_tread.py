@@ -111,6 +111,7 @@ def test_gradient_accumulation_and_disable_routing(tmp_path, accelerate_config):
         "--checkpointing_steps=1",
         "--validation_steps=100",
         "--disable_routing_after_step=1",
+        "--selection_ratio_warmup_steps=2",
         "--routes=1:3:0.25,5:6:0.5",
         "--route_reinsertion=pre_route_plus_input",
         "--gradient_checkpointing",
@@ -302,3 +303,15 @@ def test_lora_fine_tune_trains_only_adapters_and_the_pipeline_loads_scales_fuses
     pipe.unfuse_lora()
     pipe.unload_lora_weights()
     torch.testing.assert_close(sample(), plain, rtol=1e-5, atol=1e-6)
+
+
+def test_selection_ratio_schedule():
+    script = load_script()
+    routes = [{"selection_ratio": 0.5}, {"selection_ratio": 0.2}]
+    args = script.parse_args(["--selection_ratio_warmup_steps=100", "--selection_ratio_anneal_steps=50",
+                              "--max_train_steps=1000"])  # fmt: skip
+    assert script.scheduled_ratios(args, routes, 0) == [0.0, 0.0]
+    assert script.scheduled_ratios(args, routes, 50) == [0.25, 0.1]
+    assert script.scheduled_ratios(args, routes, 500) is None  # the configured ratios
+    assert script.scheduled_ratios(args, routes, 975) == [0.25, 0.1]
+    assert script.scheduled_ratios(script.parse_args([]), routes, 0) is None

@@ -313,3 +313,16 @@ def test_only_safetensors_load_by_default(tmp_path):
         TreadTransformer2DModel.from_pretrained(tmp_path)
     loaded = TreadTransformer2DModel.from_pretrained(tmp_path, use_safetensors=False)  # an explicit opt-in
     assert torch.equal(loaded.proj_out_2.weight, model.proj_out_2.weight)
+
+
+def test_per_route_selection_ratio_override():
+    routes = [
+        {"start_layer_idx": 0, "end_layer_idx": 1, "selection_ratio": 0.5},
+        {"start_layer_idx": 3, "end_layer_idx": 4, "selection_ratio": 0.25},
+    ]
+    model = tiny_tread(routes=routes).train()
+    x, t, y = tiny_inputs(model=model)
+    masks = model(x, t, y, selection_ratio=[0.0, 0.75]).route_masks
+    assert masks[0].sum(1).tolist() == [0, 0, 0] and masks[1].sum(1).tolist() == [12, 12, 12]
+    with pytest.raises(ValueError, match="1 values for 2 routes"):
+        model(x, t, y, selection_ratio=[0.5])

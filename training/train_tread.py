@@ -108,6 +108,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help='train without routing from this step on: the paper\'s final "(F)" fine-tune',
     )
+    parser.add_argument(
+        "--selection_ratio_warmup_steps",
+        type=int,
+        default=0,
+        help="ramp every route's selection ratio up from 0 over this many steps (e.g. when routing "
+        "starts on a pretrained dense model)",
+    )
+    parser.add_argument(
+        "--selection_ratio_anneal_steps",
+        type=int,
+        default=0,
+        help="ramp the selection ratios down to 0 over the last this-many steps",
+    )
     # LoRA fine-tuning (PEFT adapters on a pretrained DiT/TREAD checkpoint, routes on)
     parser.add_argument(
         "--lora_rank", type=int, default=None, help="train LoRA adapters of this rank, not all weights"
@@ -528,7 +541,11 @@ def main(argv: list[str] | None = None) -> None:
 
                 inputs = objective.training_inputs(x0.float(), generator=train_generator)
                 output = model(
-                    inputs.model_input, timestep=inputs.timestep, class_labels=labels, route_generator=train_generator
+                    inputs.model_input,
+                    timestep=inputs.timestep,
+                    class_labels=labels,
+                    selection_ratio=scheduled_ratios(args, unwrapped.config.routes, global_step),
+                    route_generator=train_generator,
                 )
                 per_element = objective.per_element_loss(output.sample.float(), x0.float(), inputs)
                 use_mae = args.tread_loss == "adapted" and args.mae_loss_weight > 0 and output.route_masks
@@ -651,6 +668,19 @@ def main(argv: list[str] | None = None) -> None:
                     f"{repo_id}`."
                 ) from error
     accelerator.end_training()
+
+
+def scheduled_ratios(args, routes: list[dict], step: int) -> list[float] | None:
+    """Each route's selection ratio at `step` under --selection_ratio_warmup_steps / --selection_ratio_anneal_steps
+    (linear ramps; None = the configured ratios)."""
+    factor = 1.0
+    if args.selection_ratio_warmup_steps > 0:
+        factor = min(factor, step / args.selection_ratio_warmup_steps)
+    if args.selection_ratio_anneal_steps > 0:
+        factor = min(factor, (args.max_train_steps - step) / args.selection_ratio_anneal_steps)
+    if factor >= 1.0 or not routes:
+        return None
+    return [route["selection_ratio"] * max(factor, 0.0) for route in routes]
 
 
 def check_model_matches_data(model, channels: int, size: int, num_classes: int, objective) -> None:

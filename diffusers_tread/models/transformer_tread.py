@@ -177,14 +177,15 @@ class TreadTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAdapter
         cross_attention_kwargs: dict[str, Any] | None = None,
         return_dict: bool = True,
         force_routing: bool = False,
-        selection_ratio: float | None = None,
+        selection_ratio: float | list[float] | None = None,
         route_generator: torch.Generator | None = None,
     ) -> TreadTransformer2DModelOutput | tuple:
         """DiT's forward with TREAD routing.
 
         Args (beyond ``DiTTransformer2DModel.forward``'s):
             force_routing: route even in eval mode (e.g. for Sparse Guidance).
-            selection_ratio: overrides every route's selection ratio for this call.
+            selection_ratio: overrides the routes' selection ratios for this call: one value for every route, or a
+                list with one per route (e.g. a training-time ratio schedule).
             route_generator: draws the routed subsets, for reproducible routing.
 
         Returns:
@@ -192,8 +193,11 @@ class TreadTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAdapter
             ``route_masks`` is None and the tuple is ``(sample,)``, exactly as ``DiTTransformer2DModel`` returns.
         """
         routes = self.config.routes if (self.training and self.routing_enabled) or force_routing else []
-        if selection_ratio is not None:
-            routes = [{**route, "selection_ratio": selection_ratio} for route in routes]
+        if selection_ratio is not None and routes:
+            ratios = selection_ratio if isinstance(selection_ratio, (list, tuple)) else [selection_ratio] * len(routes)
+            if len(ratios) != len(routes):
+                raise ValueError(f"selection_ratio has {len(ratios)} values for {len(routes)} routes.")
+            routes = [{**route, "selection_ratio": ratio} for route, ratio in zip(routes, ratios, strict=True)]
         route_at_start = {route["start_layer_idx"]: route for route in routes}
         route_at_end = {route["end_layer_idx"] for route in routes}
 
