@@ -524,22 +524,23 @@ def main(argv: list[str] | None = None) -> None:
             if args.disable_routing_after_step is not None and global_step >= args.disable_routing_after_step:
                 unwrapped.disable_routing()
             with accelerator.accumulate(model):
+                # Data stays fp32 (autocast covers the model); only the frozen VAE runs in the mixed-precision dtype.
                 if args.latents_dir:
-                    x0 = batch["latents"].to(weight_dtype)
+                    x0 = batch["latents"].float()
                 elif vae is not None:
                     with torch.no_grad():
                         x0 = encode_latents(
                             vae, batch["pixel_values"].to(weight_dtype), args.sample_posterior, train_generator
-                        )
+                        ).float()
                 else:
-                    x0 = batch["pixel_values"].to(weight_dtype)
+                    x0 = batch["pixel_values"].float()
                 skipped_images += int(batch["num_skipped"])
                 labels = batch["class_labels"]
                 # CFG label dropout, once per sample (Diffusers' per-block dropout is off in the model).
                 drop = torch.rand(labels.shape, generator=train_generator, device=labels.device)
                 labels = torch.where(drop < args.class_dropout_prob, torch.full_like(labels, null_class), labels)
 
-                inputs = objective.training_inputs(x0.float(), generator=train_generator)
+                inputs = objective.training_inputs(x0, generator=train_generator)
                 output = model(
                     inputs.model_input,
                     timestep=inputs.timestep,
@@ -547,7 +548,7 @@ def main(argv: list[str] | None = None) -> None:
                     selection_ratio=scheduled_ratios(args, unwrapped.config.routes, global_step),
                     route_generator=train_generator,
                 )
-                per_element = objective.per_element_loss(output.sample.float(), x0.float(), inputs)
+                per_element = objective.per_element_loss(output.sample.float(), x0, inputs)
                 use_mae = args.tread_loss == "adapted" and args.mae_loss_weight > 0 and output.route_masks
                 loss = tread_loss(
                     per_element,
