@@ -18,6 +18,7 @@ import statistics
 import time
 
 import torch
+from diffusers import DiTTransformer2DModel
 from torch.utils.flop_counter import FlopCounterMode
 
 from diffusers_tread import PRESETS, TreadTransformer2DModel, paper_routes
@@ -89,7 +90,15 @@ def bench_model(name: str, routes: list[dict], args, device: torch.device, dtype
     if dtype != torch.float32:
         dense = dense.to(dtype)
     routed = TreadTransformer2DModel.from_dit(dense, routes=routes)  # same parameters, routes on
-    arms = {"dense": dense, "routed": routed}
+    # Stock Diffusers DiT with the same parameters: shows that our dense path costs nothing extra. (In train mode it
+    # also draws its per-block label dropout, which ours switches off.)
+    config = {
+        k: v for k, v in dense.config.items() if not k.startswith("_") and k not in ("routes", "route_reinsertion")
+    }
+    stock = DiTTransformer2DModel.from_config(config)
+    stock.load_state_dict(dense.state_dict(), assign=True)
+    stock.pos_embed.pos_embed = dense.pos_embed.pos_embed
+    arms = {"stock": stock.train(), "dense": dense, "routed": routed}
     optimizers = {arm: torch.optim.AdamW(model.parameters(), lr=1e-4) for arm, model in arms.items()}
     batch = make_batch(args.batch_size, device, dtype)
 
@@ -116,6 +125,7 @@ def bench_model(name: str, routes: list[dict], args, device: torch.device, dtype
         result[f"{arm}_median_s"] = statistics.median(times[arm])
         result[f"{arm}_images_per_s"] = args.batch_size / result[f"{arm}_median_s"]
         result[f"{arm}_peak_gpu_mib"] = peak.get(arm)
+    result["dense_over_stock_time"] = result["dense_median_s"] / result["stock_median_s"]
     result["flop_ratio"] = result["routed_flops"] / result["dense_flops"]
     result["time_ratio"] = result["routed_median_s"] / result["dense_median_s"]
     result["time_over_flop_ratio"] = result["time_ratio"] / result["flop_ratio"]
@@ -154,17 +164,18 @@ def main() -> None:
         results.append(bench_model(name, routes, args, device, dtype))
 
     header = (
-        "| model | route | batch | dense img/s | routed img/s | time ratio | FLOP ratio | time/FLOP | "
-        "saved act. MiB dense / routed | peak GPU MiB dense / routed | target |"
+        "| model | route | batch | stock DiT img/s | dense img/s | routed img/s | dense/stock time | routed/dense time "
+        "| FLOP ratio | time/FLOP | saved act. MiB dense / routed | peak GPU MiB dense / routed | target |"
     )
     print(header)
-    print("|" + "---|" * 11)
+    print("|" + "---|" * 13)
     for r in results:
         route = ",".join(f"{x['start_layer_idx']}..{x['end_layer_idx']}@{x['selection_ratio']}" for x in r["routes"])
         peak = f"{r['dense_peak_gpu_mib']:.0f} / {r['routed_peak_gpu_mib']:.0f}" if r["dense_peak_gpu_mib"] else "n/a"
         print(
-            f"| {r['model']} | {route} | {r['batch_size']} | {r['dense_images_per_s']:.2f} | "
-            f"{r['routed_images_per_s']:.2f} | {r['time_ratio']:.3f} | {r['flop_ratio']:.3f} | "
+            f"| {r['model']} | {route} | {r['batch_size']} | {r['stock_images_per_s']:.2f} | "
+            f"{r['dense_images_per_s']:.2f} | {r['routed_images_per_s']:.2f} | {r['dense_over_stock_time']:.3f} | "
+            f"{r['time_ratio']:.3f} | {r['flop_ratio']:.3f} | "
             f"{r['time_over_flop_ratio']:.3f} | {r['dense_saved_activation_mib']:.0f} / "
             f"{r['routed_saved_activation_mib']:.0f} | {peak} | {'met' if r['meets_target'] else 'MISSED'} |"
         )
