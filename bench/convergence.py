@@ -1,0 +1,556 @@
+"""Convergence at laptop scale: dense DiT vs TREAD on the bundled digits, against steps and wall-clock (issue #4).
+
+Every arm trains from the same seed on the same batches with the same noise (one data/noise generator per seed,
+routing draws from its own generator), rectified flow, AdamW, EMA with warm-up. Arms with the same model size and
+seed form a group: a dense arm (no routes) and routed arms (TREAD, plain or adapted loss). Arms run interleaved,
+`--chunk_steps` steps at a time, so a noisy neighbour on a shared machine slows every arm alike. Every training step
+is timed; an arm's "seconds" at step k are k times its median step time (a step's cost is fixed by the arm's shapes,
+and the median ignores bursts from other processes); the raw sum of step times is kept as "wall_seconds".
+Evaluation time is never counted.
+
+At every `--eval_every` steps the EMA weights, in eval mode (all tokens, as sampling), are measured on the held-out
+split of the digits, with a small CNN classifier trained once on the train split:
+  - FD: Frechet distance between classifier features of class-balanced samples (`TreadDiTPipeline`, Euler,
+    no guidance) and of the held-out images; `floor` is the FD of as many real train images vs the held-out ones,
+    the score of a perfect generator at this sample size.
+  - accuracy: the classifier's accuracy on the samples, against the classes they were drawn for.
+  - held-out loss: the flow loss on the held-out images at fixed noise levels and fixed noise.
+
+Headline, the paper's definition of speedup (ICCV Sec. 4.2) at our scale: the steps and seconds a routed arm needs
+to reach its dense arm's final FD (linear interpolation between evaluations), as ratios of the dense arm's.
+
+    python bench/convergence.py                 # the default plan, ~45 minutes on 2 CPU cores
+    python bench/convergence.py --quick         # the same code on tiny settings, ~2 minutes (a CI smoke test)
+    python bench/convergence.py --plan objectives   # which objective gives the best dense baseline
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers.training_utils import EMAModel
+from diffusers.utils import make_image_grid
+from torch import nn
+
+from diffusers_tread import TreadDiTPipeline, TreadTransformer2DModel
+from diffusers_tread.data import load_digits
+from diffusers_tread.losses import tread_loss
+from diffusers_tread.metrics import feature_statistics, frechet_distance
+from diffusers_tread.objectives import get_objective
+
+RESOLUTION = 16  # the 8x8 digits upscaled 2x, as the README's main job
+HELD_OUT_TIMES = (0.1, 0.3, 0.5, 0.7, 0.9)  # flow times t of the held-out loss
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One training run. ``routes`` is ``((start, end, selection_ratio), ...)``; empty for the dense baseline."""
+
+    num_layers: int
+    patch_size: int
+    routes: tuple[tuple[int, int, float], ...] = ()
+    loss: str = "plain"
+    seed: int = 0
+    steps: int = 1000
+    objective: str = "flow"
+    backbone: str = "dit"
+    width: int = 64  # 4 heads of 16, the width of DiT-Tiny/2
+
+    @property
+    def tokens(self) -> int:
+        return (RESOLUTION // self.patch_size) ** 2
+
+    @property
+    def group(self) -> str:
+        """Arms that are compared with each other: same backbone, size, tokens, objective and seed."""
+        return f"{self.backbone}-d{self.num_layers}-w{self.width}-t{self.tokens}-{self.objective}-s{self.seed}"
+
+    @property
+    def config_name(self) -> str:
+        return f"{self.backbone} depth {self.num_layers}, width {self.width}, {self.tokens} tokens"
+
+    @property
+    def method(self) -> str:
+        if not self.routes:
+            return "dense"
+        spans = "+".join(f"{start}..{end}@{ratio:g}" for start, end, ratio in self.routes)
+        return f"tread-{self.loss} {spans}"
+
+    @property
+    def name(self) -> str:
+        return f"{self.group}/{self.method}"
+
+
+def route_dicts(arm: Arm) -> list[dict]:
+    return [{"start_layer_idx": s, "end_layer_idx": e, "selection_ratio": r} for s, e, r in arm.routes]
+
+
+def paper_route(num_layers: int, ratio: float = 0.5) -> tuple[tuple[int, int, float], ...]:
+    """The paper's default route, layers 2 .. depth-4 at 0.5 (ICCV Sec. 4.1)."""
+    return ((2, num_layers - 4, ratio),)
+
+
+def plan_arms(plan: str, steps: int, routed_steps_factor: float) -> list[Arm]:
+    """The arms of a plan. Routed arms run ``routed_steps_factor`` times the dense steps, so that they can reach the
+    dense arm's final quality even if they need more steps, and be compared with it at equal wall-clock."""
+    routed_steps = round(steps * routed_steps_factor)
+    arms: list[Arm] = []
+
+    def group(num_layers, patch_size, routed, seeds=(0,), **kw):
+        for seed in seeds:
+            arms.append(Arm(num_layers, patch_size, seed=seed, steps=steps, **kw))
+            for routes, loss in routed:
+                arms.append(Arm(num_layers, patch_size, routes, loss, seed=seed, steps=routed_steps, **kw))
+
+    if plan == "quick":
+        group(4, 2, [(((1, 2, 0.5),), "plain"), (((1, 2, 0.5),), "adapted")], width=32)
+    elif plan == "objectives":
+        for objective in ("flow", "ddpm", "edm"):
+            arms.append(Arm(8, 2, steps=steps, objective=objective))
+    elif plan == "default":
+        # Main comparison, two seeds: dense vs TREAD with the plain and the adapted loss, paper route.
+        group(12, 2, [(paper_route(12), "plain"), (paper_route(12), "adapted")], seeds=(0, 1))
+        # Route placement and ratio at the same size: longer route, higher ratio, two routes.
+        for routes in (((1, 9, 0.5),), ((2, 8, 0.75),), ((1, 4, 0.5), (6, 9, 0.5))):
+            arms.append(Arm(12, 2, routes, "plain", seed=0, steps=routed_steps))
+        # Crossover sweep: depth 8 and 16 at 64 tokens, and 256 tokens (patch 1) at depth 12.
+        group(8, 2, [(paper_route(8), "plain")])
+        group(16, 2, [(paper_route(16), "plain")])
+        group(12, 1, [(paper_route(12), "plain")])
+    else:
+        raise ValueError(f"unknown plan {plan!r}")
+    return arms
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The judge: a small CNN trained once on the train split
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class DigitClassifier(nn.Module):
+    """Three convolutions and two linear layers; ``features`` is the 64-d penultimate layer (before its ReLU)."""
+
+    def __init__(self):
+        super().__init__()
+        self.convs = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(64, 64, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Flatten(),
+        )  # fmt: skip
+        self.fc = nn.Linear(64 * (RESOLUTION // 4) ** 2, 64)
+        self.head = nn.Linear(64, 10)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.convs(images))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(F.relu(self.features(images)))
+
+
+def train_classifier(train_x, train_y, test_x, test_y, epochs: int, seed: int = 0) -> tuple[DigitClassifier, float]:
+    """Deterministic (fixed seed, fixed batch order); returns the classifier and its held-out accuracy."""
+    torch.manual_seed(seed)
+    classifier = DigitClassifier()
+    optimizer = torch.optim.Adam(classifier.parameters(), lr=1e-3)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        for batch in torch.randperm(len(train_x), generator=generator).split(64):
+            loss = F.cross_entropy(classifier(train_x[batch]), train_y[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    classifier.eval().requires_grad_(False)
+    accuracy = (classifier(test_x).argmax(1) == test_y).float().mean().item()
+    return classifier, accuracy
+
+
+def balanced_subset(labels: torch.Tensor, per_class: int) -> torch.Tensor:
+    """The first ``per_class`` indices of every class, in class order."""
+    return torch.cat([torch.nonzero(labels == c).flatten()[:per_class] for c in range(10)])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Training and evaluation
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    arm: Arm
+    model: nn.Module
+    ema: EMAModel
+    optimizer: torch.optim.Optimizer
+    data_generator: torch.Generator
+    route_generator: torch.Generator
+    step: int = 0
+    step_seconds: list[float] = field(default_factory=list)
+    train_losses: list[float] = field(default_factory=list)
+    evals: list[dict] = field(default_factory=list)
+    last_images: torch.Tensor | None = None  # the last evaluation's samples, for the grids
+
+
+def build_model(arm: Arm) -> nn.Module:
+    torch.manual_seed(arm.seed)  # the same initial weights for every arm of a group
+    objective = get_objective(arm.objective)
+    if arm.backbone != "dit":
+        raise ValueError(f"unknown backbone {arm.backbone!r}")
+    return TreadTransformer2DModel(
+        num_attention_heads=arm.width // 16,
+        attention_head_dim=16,
+        in_channels=1,
+        out_channels=objective.model_out_channels(1),
+        num_layers=arm.num_layers,
+        sample_size=RESOLUTION,
+        patch_size=arm.patch_size,
+        num_embeds_ada_norm=10,
+        routes=route_dicts(arm),
+    )
+
+
+def start_run(arm: Arm, learning_rate: float) -> Run:
+    model = build_model(arm).train()
+    ema = EMAModel(model.parameters(), decay=0.9999, use_ema_warmup=True, power=2 / 3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
+    return Run(
+        arm,
+        model,
+        ema,
+        optimizer,
+        data_generator=torch.Generator().manual_seed(arm.seed),
+        route_generator=torch.Generator().manual_seed(10_000 + arm.seed),
+    )
+
+
+def train_steps(run: Run, train_x, train_y, num_steps: int, batch_size: int, class_dropout_prob: float = 0.1) -> None:
+    """``num_steps`` optimiser steps; the data and noise depend only on the seed and the step, never on the routes."""
+    arm, model, objective = run.arm, run.model, get_objective(run.arm.objective)
+    for _ in range(num_steps):
+        started = time.perf_counter()
+        batch = torch.randint(0, len(train_x), (batch_size,), generator=run.data_generator)
+        x0, labels = train_x[batch], train_y[batch]
+        drop = torch.rand(batch_size, generator=run.data_generator) < class_dropout_prob
+        labels = torch.where(drop, torch.full_like(labels, 10), labels)
+        inputs = objective.training_inputs(x0, generator=run.data_generator)
+        output = model(inputs.model_input, inputs.timestep, labels, route_generator=run.route_generator)
+        per_element = objective.per_element_loss(output.sample, x0, inputs)
+        use_mae = arm.loss == "adapted" and bool(output.route_masks)
+        loss = tread_loss(
+            per_element,
+            output.route_masks,
+            arm.patch_size,
+            mode=arm.loss,
+            denoised=objective.denoised(output.sample, inputs) if use_mae else None,
+            noisy_input=inputs.noisy_sample if use_mae else None,
+        )
+        run.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        run.optimizer.step()
+        run.ema.step(model.parameters())
+        run.train_losses.append(loss.item())
+        run.step += 1
+        run.step_seconds.append(time.perf_counter() - started)
+
+
+def seconds(run: Run) -> float:
+    """Training time to the current step: steps times the median step time (see the module docstring)."""
+    return run.step * float(np.median(run.step_seconds))
+
+
+@torch.no_grad()
+def evaluate(
+    run: Run, classifier, reference_stats, test_x, test_y, num_samples: int, num_inference_steps: int
+) -> dict:
+    objective = get_objective(run.arm.objective)
+    ema_model = copy.deepcopy(run.model)
+    run.ema.copy_to(ema_model.parameters())
+    ema_model.eval()
+
+    # Held-out loss at fixed flow times, with noise fixed across arms and evaluations.
+    generator = torch.Generator().manual_seed(1234)
+    held_out = {}
+    if run.arm.objective == "flow":
+        for t_value in HELD_OUT_TIMES:
+            noise = torch.randn(test_x.shape, generator=generator)
+            t = torch.full((len(test_x),), t_value)
+            x_t = (1 - t_value) * test_x + t_value * noise
+            prediction = ema_model(x_t, t * objective.num_train_timesteps, test_y).sample
+            held_out[f"{t_value:g}"] = F.mse_loss(prediction, noise - test_x).item()
+
+    pipe = TreadDiTPipeline(transformer=ema_model, vae=None, scheduler=objective.make_scheduler())
+    pipe.set_progress_bar_config(disable=True)
+    labels = torch.arange(10).repeat_interleave(num_samples // 10)
+    images = pipe(
+        labels.tolist(),
+        guidance_scale=1.0,
+        num_inference_steps=num_inference_steps,
+        generator=torch.Generator().manual_seed(4321),
+        output_type="pt",
+    ).images
+    images = images * 2 - 1  # [0, 1] -> the data's [-1, 1]
+    mu, sigma = feature_statistics(classifier.features(images).numpy())
+    record = {
+        "step": run.step,
+        "seconds": round(seconds(run), 2),
+        "wall_seconds": round(sum(run.step_seconds), 2),
+        "fd": frechet_distance(mu, sigma, *reference_stats),
+        "accuracy": (classifier(images).argmax(1) == labels).float().mean().item(),
+        "held_out_loss": float(np.mean(list(held_out.values()))) if held_out else None,
+        "held_out_loss_by_t": held_out,
+        "train_loss": float(np.mean(run.train_losses[-50:])),
+    }
+    run.evals.append(record)
+    run.last_images = images
+    return record
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Analysis
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def crossing(evals: list[dict], target: float, key: str) -> float | None:
+    """``key`` (step or seconds) where FD first falls to ``target``, linearly interpolated between evaluations."""
+    previous = None
+    for record in evals:
+        if record["fd"] <= target:
+            if previous is None:
+                return float(record[key])
+            fraction = (previous["fd"] - target) / (previous["fd"] - record["fd"])
+            return previous[key] + fraction * (record[key] - previous[key])
+        previous = record
+    return None
+
+
+def value_at(evals: list[dict], position: float, key: str, metric: str = "fd") -> float | None:
+    """``metric`` interpolated at ``key == position``; None beyond the arm's last evaluation."""
+    points = [(r[key], r[metric]) for r in evals]
+    if not points or position > points[-1][0] or position < points[0][0]:
+        return None
+    return float(np.interp(position, *zip(*points, strict=True)))
+
+
+def compare(runs: list[Run]) -> list[dict]:
+    """Each routed arm against the dense arm of its group."""
+    dense = {run.arm.group: run for run in runs if not run.arm.routes}
+    rows = []
+    for run in runs:
+        base = dense.get(run.arm.group)
+        if not run.arm.routes or base is None:
+            continue
+        final = base.evals[-1]
+        reach_step = crossing(run.evals, final["fd"], "step")
+        reach_seconds = crossing(run.evals, final["fd"], "seconds")
+        rows.append(
+            {
+                "arm": run.arm.name,
+                "group": run.arm.group,
+                "config": run.arm.config_name,
+                "method": run.arm.method,
+                "seed": run.arm.seed,
+                "step_time_ratio": float(np.median(run.step_seconds) / np.median(base.step_seconds)),
+                "dense_final_fd": final["fd"],
+                "dense_steps": final["step"],
+                "dense_seconds": final["seconds"],
+                "fd_at_dense_steps": value_at(run.evals, final["step"], "step"),
+                "fd_at_dense_seconds": value_at(run.evals, final["seconds"], "seconds"),
+                "steps_to_dense_fd": reach_step,
+                "seconds_to_dense_fd": reach_seconds,
+                "step_speedup": final["step"] / reach_step if reach_step else None,
+                "time_speedup": final["seconds"] / reach_seconds if reach_seconds else None,
+            }
+        )
+    return rows
+
+
+def fmt(value, digits: int = 2) -> str:
+    if value is None:
+        return "not reached" if digits >= 0 else "-"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def write_report(runs: list[Run], rows: list[dict], info: dict, out: Path) -> None:
+    lines = [
+        f"Command: `{info['command']}`  ",
+        f"Machine: {info['machine']}; torch threads {info['threads']}; total {info['total_minutes']:.1f} min.  ",
+        f"Judge: classifier held-out accuracy {info['classifier_accuracy']:.3f}; FD floor (real train vs held-out, "
+        f"{info['num_samples']} images) {info['fd_floor']:.2f}.",
+        "",
+        "| arm | steps | train s | median s/step | FD | accuracy | held-out loss |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for run in runs:
+        last = run.evals[-1]
+        lines.append(
+            f"| {run.arm.name} | {run.step} | {seconds(run):.0f} | {seconds(run) / run.step:.3f} | {last['fd']:.2f} | "
+            f"{last['accuracy']:.3f} | {fmt(last['held_out_loss'], 4)} |"
+        )
+    lines += [
+        "",
+        "Routed arms against their dense arm (same size, seed, data and noise); speedups reach the dense arm's final FD.",
+        "",
+        "| config | seed | method | step time ratio | FD at dense steps | FD at dense seconds | dense final FD | "
+        "step speedup | time speedup |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['config']} | {row['seed']} | {row['method']} | {row['step_time_ratio']:.3f} | "
+            f"{fmt(row['fd_at_dense_steps'])} | {fmt(row['fd_at_dense_seconds'])} | {row['dense_final_fd']:.2f} | "
+            f"{fmt(row['step_speedup'])} | {fmt(row['time_speedup'])} |"
+        )
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+
+
+def plot(runs: list[Run], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    configs = sorted({run.arm.config_name for run in runs})
+    for key, label in (("step", "training steps"), ("seconds", "training seconds (2 CPU threads)")):
+        fig, axes = plt.subplots(1, len(configs), figsize=(5 * len(configs), 4), squeeze=False)
+        for ax, config in zip(axes[0], configs, strict=True):
+            for run in runs:
+                if run.arm.config_name != config:
+                    continue
+                style = "-" if run.arm.seed == 0 else "--"
+                xs, ys = [r[key] for r in run.evals], [r["fd"] for r in run.evals]
+                ax.plot(xs, ys, style, marker="o", markersize=3, label=f"{run.arm.method} s{run.arm.seed}")
+            ax.set(title=config, xlabel=label, ylabel="FD (classifier features)", yscale="log")
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / f"fd_vs_{key}.png", dpi=90)
+        plt.close(fig)
+
+
+def save_grids(runs: list[Run], out: Path) -> None:
+    """The last evaluation's first eight samples of every class (one row per class) for each arm."""
+    from PIL import Image
+
+    for run in runs:
+        images = run.last_images.reshape(10, -1, *run.last_images.shape[1:])[:, :8].flatten(0, 1)
+        pixels = ((images[:, 0] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+        tiles = [Image.fromarray(p).resize((32, 32), Image.NEAREST) for p in pixels]
+        slug = re.sub(r"[^A-Za-z0-9.]+", "_", run.arm.name).strip("_")
+        make_image_grid(tiles, rows=10, cols=len(tiles) // 10).save(out / f"samples_{slug}.png")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--plan", default="default", choices=("default", "quick", "objectives"))
+    parser.add_argument("--quick", action="store_true", help="the quick plan and tiny settings (~2 minutes)")
+    parser.add_argument("--arms", default=None, help="regex: run only the arms whose name matches (and their dense)")
+    parser.add_argument("--steps", type=int, default=1000, help="dense steps; routed arms run --routed_steps_factor x")
+    parser.add_argument("--routed_steps_factor", type=float, default=1.4)
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--learning_rate", type=float, default=5e-4)
+    parser.add_argument("--eval_every", type=int, default=200)
+    parser.add_argument("--chunk_steps", type=int, default=20, help="steps per arm per turn of the interleaving")
+    parser.add_argument("--num_samples", type=int, default=200, help="class-balanced samples per evaluation")
+    parser.add_argument("--num_inference_steps", type=int, default=16)
+    parser.add_argument("--classifier_epochs", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--output_dir", default="bench/results/convergence")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.plan = "quick"
+        for name, value in dict(steps=60, eval_every=30, num_samples=50, num_inference_steps=4, classifier_epochs=2,
+                                chunk_steps=10).items():  # fmt: skip
+            if getattr(args, name) == parser.get_default(name):
+                setattr(args, name, value)
+    if args.num_samples % 10 or args.num_samples < 20:
+        parser.error("--num_samples must be a multiple of 10 (class-balanced), at least 20")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    begun = time.perf_counter()
+
+    train_set, _ = load_digits(resolution=RESOLUTION, split="train")
+    test_set, _ = load_digits(resolution=RESOLUTION, split="test")
+    train_x, train_y = train_set.pixel_values, train_set.class_labels
+    test_x, test_y = test_set.pixel_values, test_set.class_labels
+
+    classifier, accuracy = train_classifier(train_x, train_y, test_x, test_y, args.classifier_epochs)
+    with torch.no_grad():
+        reference_stats = feature_statistics(classifier.features(test_x).numpy())
+        floor_images = train_x[balanced_subset(train_y, args.num_samples // 10)]
+        fd_floor = frechet_distance(*feature_statistics(classifier.features(floor_images).numpy()), *reference_stats)
+    print(f"classifier held-out accuracy {accuracy:.3f}; FD floor {fd_floor:.2f}", flush=True)
+
+    arms = plan_arms(args.plan, args.steps, args.routed_steps_factor)
+    if args.arms:
+        wanted = {arm.group for arm in arms if re.search(args.arms, arm.name)}
+        arms = [arm for arm in arms if arm.group in wanted and (not arm.routes or re.search(args.arms, arm.name))]
+    runs = [start_run(arm, args.learning_rate) for arm in arms]
+
+    # Interleave: every unfinished arm trains chunk_steps, evaluating at multiples of eval_every.
+    while any(run.step < run.arm.steps for run in runs):
+        for run in runs:
+            if run.step >= run.arm.steps:
+                continue
+            next_eval = (run.step // args.eval_every + 1) * args.eval_every
+            num_steps = min(args.chunk_steps, run.arm.steps - run.step, next_eval - run.step)
+            train_steps(run, train_x, train_y, num_steps, args.batch_size)
+            if run.step % args.eval_every == 0 or run.step == run.arm.steps:
+                record = evaluate(run, classifier, reference_stats, test_x, test_y, args.num_samples,
+                                  args.num_inference_steps)  # fmt: skip
+                print(f"{run.arm.name}: step {record['step']} {record['seconds']:.0f}s FD {record['fd']:.2f} "
+                      f"acc {record['accuracy']:.3f} held-out {fmt(record['held_out_loss'], 4)}", flush=True)  # fmt: skip
+
+    rows = compare(runs)
+    info = {
+        "command": "python bench/convergence.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": machine_description(),
+        "threads": args.threads,
+        "total_minutes": (time.perf_counter() - begun) / 60,
+        "classifier_accuracy": accuracy,
+        "fd_floor": fd_floor,
+        "num_samples": args.num_samples,
+        "args": vars(args),
+    }
+    results = {
+        **info,
+        "arms": [{"name": r.arm.name, **asdict(r.arm), "evals": r.evals} for r in runs],
+        "comparisons": rows,
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    write_report(runs, rows, info, out)
+    plot(runs, out)
+    save_grids(runs, out)
+    print((out / "results.md").read_text())
+    return results
+
+
+def machine_description() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {torch.get_num_threads()} threads of {os.cpu_count()} cores, torch {torch.__version__}"
+
+
+if __name__ == "__main__":
+    main()

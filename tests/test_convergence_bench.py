@@ -1,0 +1,81 @@
+"""bench/convergence.py: the --quick smoke run, the fairness of its arms, and its speedup arithmetic."""
+
+import importlib.util
+import json
+import math
+import sys
+
+import pytest
+import torch
+from conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def convergence():
+    spec = importlib.util.spec_from_file_location("convergence", REPO / "bench" / "convergence.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["convergence"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules["convergence"]
+
+
+def test_quick_run_writes_results_plots_and_grids(convergence, tmp_path):
+    results = convergence.main(["--quick", f"--output_dir={tmp_path}"])
+    methods = [arm["name"].split("/")[1] for arm in results["arms"]]
+    assert methods == ["dense", "tread-plain 1..2@0.5", "tread-adapted 1..2@0.5"]
+    dense, plain, _ = results["arms"]
+    assert [r["step"] for r in dense["evals"]] == [30, 60]
+    assert [r["step"] for r in plain["evals"]] == [30, 60, 84]  # routed arms run 1.4x the dense steps
+    for arm in results["arms"]:
+        for record in arm["evals"]:
+            assert math.isfinite(record["fd"]) and record["fd"] > 0
+            assert 0 <= record["accuracy"] <= 1
+            assert set(record["held_out_loss_by_t"]) == {"0.1", "0.3", "0.5", "0.7", "0.9"}
+        assert arm["evals"][-1]["held_out_loss"] < arm["evals"][0]["held_out_loss"]  # it learns
+    assert len(results["comparisons"]) == 2
+    assert 0.5 < results["classifier_accuracy"] <= 1
+    assert json.loads((tmp_path / "results.json").read_text())["comparisons"] == results["comparisons"]
+    assert "| config | seed | method |" in (tmp_path / "results.md").read_text()
+    for name in ("fd_vs_step.png", "fd_vs_seconds.png"):
+        assert (tmp_path / name).stat().st_size > 1000
+    assert len(list(tmp_path.glob("samples_*.png"))) == 3
+
+
+def test_arms_of_a_group_see_the_same_weights_data_and_noise(convergence):
+    """A route at ratio 0 is the identity, so if data, noise and initial weights depend only on the seed (never on
+    the routes or the loss), such an arm must train bit for bit like the dense arm."""
+    train_set, _ = convergence.load_digits(resolution=16, split="train")
+    x, y = train_set.pixel_values, train_set.class_labels
+    dense = convergence.Arm(4, 2, width=32, steps=4)
+    identity_route = convergence.Arm(4, 2, ((1, 2, 0.0),), "adapted", width=32, steps=4)
+    routed = convergence.Arm(4, 2, ((1, 2, 0.5),), width=32, steps=4)
+    runs = [convergence.start_run(arm, 5e-4) for arm in (dense, identity_route, routed)]
+    for run in runs:
+        convergence.train_steps(run, x, y, 4, batch_size=8)
+    weights = [torch.cat([p.detach().flatten() for p in run.model.parameters()]) for run in runs]
+    assert runs[0].train_losses == runs[1].train_losses
+    assert torch.equal(weights[0], weights[1])
+    assert not torch.equal(weights[0], weights[2])
+
+
+def test_crossing_and_interpolation(convergence):
+    evals = [{"step": 100, "seconds": 10.0, "fd": 50.0}, {"step": 200, "seconds": 20.0, "fd": 30.0},
+             {"step": 300, "seconds": 30.0, "fd": 20.0}]  # fmt: skip
+    assert convergence.crossing(evals, 40.0, "step") == pytest.approx(150.0)
+    assert convergence.crossing(evals, 30.0, "seconds") == pytest.approx(20.0)
+    assert convergence.crossing(evals, 60.0, "step") == 100.0  # already below at the first evaluation
+    assert convergence.crossing(evals, 10.0, "step") is None  # never reached
+    assert convergence.value_at(evals, 250, "step") == pytest.approx(25.0)
+    assert convergence.value_at(evals, 350, "step") is None  # beyond the arm's run
+
+
+def test_default_plan_covers_the_sweep(convergence):
+    arms = convergence.plan_arms("default", steps=1000, routed_steps_factor=1.4)
+    configs = {(arm.num_layers, arm.tokens) for arm in arms}
+    assert configs == {(8, 64), (12, 64), (16, 64), (12, 256)}
+    main = [arm for arm in arms if (arm.num_layers, arm.tokens) == (12, 64)]
+    assert {arm.seed for arm in main} == {0, 1}
+    assert {arm.loss for arm in main if arm.routes} == {"plain", "adapted"}
+    assert all(arm.steps == (1400 if arm.routes else 1000) for arm in arms)
+    assert len({arm.name for arm in arms}) == len(arms)
