@@ -63,19 +63,21 @@ def step_flops(model, batch) -> int:
 def saved_activation_bytes(model, batch) -> int:
     """Bytes of tensors autograd saves for backward in one forward pass (what routing shrinks)."""
     latents, _, timestep, labels = batch
-    seen, total = set(), 0
+    # Weights are not activations: autograd may hand them to the hook as plain tensors, so skip by storage.
+    seen = {parameter.untyped_storage().data_ptr() for parameter in model.parameters()}
+    total = 0
 
     def pack(tensor):
         nonlocal total
-        key = (tensor.untyped_storage().data_ptr(), tensor.dtype)
-        if key not in seen and not isinstance(tensor, torch.nn.Parameter):
+        key = tensor.untyped_storage().data_ptr()
+        if key not in seen:
             seen.add(key)
             total += tensor.untyped_storage().nbytes()
         return tensor
 
+    # The forward pass alone: autograd saves everything backward needs while the graph is built.
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        model(latents, timestep=timestep, class_labels=labels).sample.float().mean().backward()
-    model.zero_grad(set_to_none=True)
+        model(latents, timestep=timestep, class_labels=labels).sample.float().mean()
     return total
 
 
