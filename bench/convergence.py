@@ -10,8 +10,8 @@ Evaluation time is never counted.
 
 At every `--eval_every` steps the EMA weights, in eval mode (all tokens, as sampling), are measured on the held-out
 split of the digits, with a small CNN classifier trained once on the train split:
-  - FD: Frechet distance between classifier features of class-balanced samples (`TreadDiTPipeline`, Euler,
-    no guidance) and of the held-out images; `floor` is the FD of as many real train images vs the held-out ones,
+  - FD: Frechet distance between classifier features of class-balanced samples (`TreadDiTPipeline`, no guidance,
+    the objective's Euler scheduler; DPM-Solver++ for DDPM) and of the held-out images; `floor` is the FD of as many real train images vs the held-out ones,
     the score of a perfect generator at this sample size.
   - accuracy: the classifier's accuracy on the samples, against the classes they were drawn for.
   - held-out loss: the flow loss on the held-out images at fixed noise levels and fixed noise.
@@ -22,6 +22,7 @@ to reach its dense arm's final FD (linear interpolation between evaluations), as
     python bench/convergence.py                 # the default plan, ~45 minutes on 2 CPU cores
     python bench/convergence.py --quick         # the same code on tiny settings, ~2 minutes (a CI smoke test)
     python bench/convergence.py --plan objectives   # which objective gives the best dense baseline
+    python bench/convergence.py --plan ssm          # the state-space backbone (compare with the depth-8 DiT group)
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers import DPMSolverMultistepScheduler
 from diffusers.training_utils import EMAModel
 from diffusers.utils import make_image_grid
 from torch import nn
@@ -115,10 +117,13 @@ def plan_arms(plan: str, steps: int, routed_steps_factor: float) -> list[Arm]:
                 arms.append(Arm(num_layers, patch_size, routes, loss, seed=seed, steps=routed_steps, **kw))
 
     if plan == "quick":
-        group(4, 2, [(((1, 2, 0.5),), "plain"), (((1, 2, 0.5),), "adapted")], width=32)
+        group(6, 2, [(paper_route(6), "plain"), (paper_route(6), "adapted")], width=32)
     elif plan == "objectives":
         for objective in ("flow", "ddpm", "edm"):
             arms.append(Arm(8, 2, steps=steps, objective=objective))
+    elif plan == "ssm":
+        # The state-space backbone (bidirectional Mamba blocks), beside the default plan's depth-8 DiT group.
+        group(8, 2, [(paper_route(8), "plain")], backbone="ssm")
     elif plan == "default":
         # Main comparison, two seeds: dense vs TREAD with the plain and the adapted loss, paper route.
         group(12, 2, [(paper_route(12), "plain"), (paper_route(12), "adapted")], seeds=(0, 1))
@@ -205,6 +210,19 @@ class Run:
 def build_model(arm: Arm) -> nn.Module:
     torch.manual_seed(arm.seed)  # the same initial weights for every arm of a group
     objective = get_objective(arm.objective)
+    if arm.backbone == "ssm":
+        from diffusers_tread import TreadSSM2DModel
+
+        return TreadSSM2DModel(
+            sample_size=RESOLUTION,
+            patch_size=arm.patch_size,
+            in_channels=1,
+            out_channels=objective.model_out_channels(1),
+            num_layers=arm.num_layers,
+            hidden_size=arm.width,
+            num_embeds_ada_norm=10,
+            routes=route_dicts(arm),
+        )
     if arm.backbone != "dit":
         raise ValueError(f"unknown backbone {arm.backbone!r}")
     return TreadTransformer2DModel(
@@ -289,7 +307,10 @@ def evaluate(
             prediction = ema_model(x_t, t * objective.num_train_timesteps, test_y).sample
             held_out[f"{t_value:g}"] = F.mse_loss(prediction, noise - test_x).item()
 
-    pipe = TreadDiTPipeline(transformer=ema_model, vae=None, scheduler=objective.make_scheduler())
+    scheduler = objective.make_scheduler()
+    if run.arm.objective == "ddpm":  # ancestral DDPM needs far more than a few steps; DPM-Solver++ does not
+        scheduler = DPMSolverMultistepScheduler.from_config(scheduler.config)
+    pipe = TreadDiTPipeline(transformer=ema_model, vae=None, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
     labels = torch.arange(10).repeat_interleave(num_samples // 10)
     images = pipe(
@@ -342,6 +363,10 @@ def value_at(evals: list[dict], position: float, key: str, metric: str = "fd") -
     return float(np.interp(position, *zip(*points, strict=True)))
 
 
+def ratio(value: float | None, reference: float) -> float | None:
+    return None if value is None else value / reference
+
+
 def compare(runs: list[Run]) -> list[dict]:
     """Each routed arm against the dense arm of its group."""
     dense = {run.arm.group: run for run in runs if not run.arm.routes}
@@ -360,7 +385,9 @@ def compare(runs: list[Run]) -> list[dict]:
                 "config": run.arm.config_name,
                 "method": run.arm.method,
                 "seed": run.arm.seed,
-                "step_time_ratio": float(np.median(run.step_seconds) / np.median(base.step_seconds)),
+                "step_time_ratio": (run.evals[-1]["seconds"] / run.evals[-1]["step"])
+                / (final["seconds"] / final["step"]),
+                "dense_layers": base.arm.num_layers,
                 "dense_final_fd": final["fd"],
                 "dense_steps": final["step"],
                 "dense_seconds": final["seconds"],
@@ -368,6 +395,8 @@ def compare(runs: list[Run]) -> list[dict]:
                 "fd_at_dense_seconds": value_at(run.evals, final["seconds"], "seconds"),
                 "steps_to_dense_fd": reach_step,
                 "seconds_to_dense_fd": reach_seconds,
+                "fd_ratio_at_dense_steps": ratio(value_at(run.evals, final["step"], "step"), final["fd"]),
+                "fd_ratio_at_dense_seconds": ratio(value_at(run.evals, final["seconds"], "seconds"), final["fd"]),
                 "step_speedup": final["step"] / reach_step if reach_step else None,
                 "time_speedup": final["seconds"] / reach_seconds if reach_seconds else None,
             }
@@ -394,7 +423,8 @@ def write_report(runs: list[Run], rows: list[dict], info: dict, out: Path) -> No
     for run in runs:
         last = run.evals[-1]
         lines.append(
-            f"| {run.arm.name} | {run.step} | {seconds(run):.0f} | {seconds(run) / run.step:.3f} | {last['fd']:.2f} | "
+            f"| {run.arm.name} | {last['step']} | {last['seconds']:.0f} | {last['seconds'] / last['step']:.3f} | "
+            f"{last['fd']:.2f} | "
             f"{last['accuracy']:.3f} | {fmt(last['held_out_loss'], 4)} |"
         )
     lines += [
@@ -411,10 +441,31 @@ def write_report(runs: list[Run], rows: list[dict], info: dict, out: Path) -> No
             f"{fmt(row['fd_at_dense_steps'])} | {fmt(row['fd_at_dense_seconds'])} | {row['dense_final_fd']:.2f} | "
             f"{fmt(row['step_speedup'])} | {fmt(row['time_speedup'])} |"
         )
+    paper = [row for row in rows if row["method"] == f"tread-plain 2..{row['dense_layers'] - 4}@0.5"]
+    if paper:
+        lines += [
+            "",
+            "Crossover: the paper route with the plain loss against dense, per model size (mean over seeds; FD ratios "
+            "below 1 and speedups above 1 mean TREAD is ahead).",
+            "",
+            "| config | seeds | step time ratio | FD ratio at equal steps | FD ratio at equal seconds | time speedup |",
+            "|---|---|---|---|---|---|",
+        ]
+        for config in dict.fromkeys(row["config"] for row in paper):
+            group = [row for row in paper if row["config"] == config]
+
+            def mean(key, group=group):
+                values = [row[key] for row in group]
+                return None if any(v is None for v in values) else float(np.mean(values))
+
+            lines.append(
+                f"| {config} | {len(group)} | {mean('step_time_ratio'):.3f} | {fmt(mean('fd_ratio_at_dense_steps'))} | "
+                f"{fmt(mean('fd_ratio_at_dense_seconds'))} | {fmt(mean('time_speedup'))} |"
+            )
     (out / "results.md").write_text("\n".join(lines) + "\n")
 
 
-def plot(runs: list[Run], out: Path) -> None:
+def plot(runs: list[Run], rows: list[dict], out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -436,6 +487,29 @@ def plot(runs: list[Run], out: Path) -> None:
         fig.savefig(out / f"fd_vs_{key}.png", dpi=90)
         plt.close(fig)
 
+    # Crossover: per model size, the paper route with the plain loss against dense, averaged over seeds.
+    paper = [row for row in rows if row["method"].startswith("tread-plain") and row["fd_at_dense_steps"] is not None]
+    paper = [row for row in paper if row["method"].endswith(f"2..{row['dense_layers'] - 4}@0.5")]
+    configs = sorted({row["config"] for row in paper}, key=lambda c: [int(n) for n in re.findall(r"\d+", c)])
+    if not configs:
+        return
+    mean = {c: {k: float(np.mean([r[k] for r in paper if r["config"] == c and r[k] is not None] or [np.nan]))
+                for k in ("step_time_ratio", "fd_ratio_at_dense_steps", "fd_ratio_at_dense_seconds")}
+            for c in configs}  # fmt: skip
+    fig, ax = plt.subplots(figsize=(2 + 1.6 * len(configs), 4))
+    positions = np.arange(len(configs))
+    for offset, key, label in ((-0.25, "step_time_ratio", "step time, routed / dense"),
+                               (0.0, "fd_ratio_at_dense_steps", "FD at equal steps, routed / dense"),
+                               (0.25, "fd_ratio_at_dense_seconds", "FD at equal seconds, routed / dense")):  # fmt: skip
+        ax.bar(positions + offset, [mean[c][key] for c in configs], width=0.25, label=label)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks(positions, [c.replace(", ", "\n") for c in configs], fontsize=7)
+    ax.set(ylabel="ratio (below 1: TREAD better)", title="Where TREAD pays off (paper route, plain loss)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "crossover.png", dpi=90)
+    plt.close(fig)
+
 
 def save_grids(runs: list[Run], out: Path) -> None:
     """The last evaluation's first eight samples of every class (one row per class) for each arm."""
@@ -451,7 +525,7 @@ def save_grids(runs: list[Run], out: Path) -> None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--plan", default="default", choices=("default", "quick", "objectives"))
+    parser.add_argument("--plan", default="default", choices=("default", "quick", "objectives", "ssm"))
     parser.add_argument("--quick", action="store_true", help="the quick plan and tiny settings (~2 minutes)")
     parser.add_argument("--arms", default=None, help="regex: run only the arms whose name matches (and their dense)")
     parser.add_argument("--steps", type=int, default=1000, help="dense steps; routed arms run --routed_steps_factor x")
@@ -465,6 +539,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--classifier_epochs", type=int, default=15)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output_dir", default="bench/results/convergence")
+    parser.add_argument("--from_results", default=None, help="a results.json: redo its tables and plots, no training")
     args = parser.parse_args(argv)
     if args.quick:
         args.plan = "quick"
@@ -482,6 +557,8 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if args.from_results:
+        return rewrite_report(Path(args.from_results), out)
     begun = time.perf_counter()
 
     train_set, _ = load_digits(resolution=RESOLUTION, split="train")
@@ -503,6 +580,7 @@ def main(argv=None) -> dict:
     runs = [start_run(arm, args.learning_rate) for arm in arms]
 
     # Interleave: every unfinished arm trains chunk_steps, evaluating at multiples of eval_every.
+    evaluated = False
     while any(run.step < run.arm.steps for run in runs):
         for run in runs:
             if run.step >= run.arm.steps:
@@ -515,13 +593,25 @@ def main(argv=None) -> dict:
                                   args.num_inference_steps)  # fmt: skip
                 print(f"{run.arm.name}: step {record['step']} {record['seconds']:.0f}s FD {record['fd']:.2f} "
                       f"acc {record['accuracy']:.3f} held-out {fmt(record['held_out_loss'], 4)}", flush=True)  # fmt: skip
+                evaluated = True
+        if evaluated and all(run.evals for run in runs):
+            write_results(runs, args, argv, accuracy, fd_floor, time.perf_counter() - begun, out, finished=False)
+            evaluated = False
 
+    results = write_results(runs, args, argv, accuracy, fd_floor, time.perf_counter() - begun, out, finished=True)
+    print((out / "results.md").read_text())
+    return results
+
+
+def write_results(runs, args, argv, accuracy, fd_floor, elapsed, out: Path, finished: bool) -> dict:
+    """results.json, results.md and the plots; called after every round, so a stopped run keeps what it measured."""
     rows = compare(runs)
     info = {
         "command": "python bench/convergence.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": machine_description(),
         "threads": args.threads,
-        "total_minutes": (time.perf_counter() - begun) / 60,
+        "total_minutes": elapsed / 60,
+        "finished": finished,
         "classifier_accuracy": accuracy,
         "fd_floor": fd_floor,
         "num_samples": args.num_samples,
@@ -534,9 +624,23 @@ def main(argv=None) -> dict:
     }
     (out / "results.json").write_text(json.dumps(results, indent=1))
     write_report(runs, rows, info, out)
-    plot(runs, out)
+    plot(runs, rows, out)
     save_grids(runs, out)
-    print((out / "results.md").read_text())
+    return results
+
+
+def rewrite_report(path: Path, out: Path) -> dict:
+    """Tables and plots from a saved results.json (sample grids need the samples, so they are not redone)."""
+    results = json.loads(path.read_text())
+    fields = set(Arm.__dataclass_fields__)
+    runs = []
+    for saved in results["arms"]:
+        arm = Arm(**{k: (tuple(map(tuple, v)) if k == "routes" else v) for k, v in saved.items() if k in fields})
+        runs.append(Run(arm, None, None, None, None, None, step=saved["evals"][-1]["step"], evals=saved["evals"]))
+    results["comparisons"] = compare(runs)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    write_report(runs, results["comparisons"], results, out)
+    plot(runs, results["comparisons"], out)
     return results
 
 

@@ -23,7 +23,7 @@ def convergence():
 def test_quick_run_writes_results_plots_and_grids(convergence, tmp_path):
     results = convergence.main(["--quick", f"--output_dir={tmp_path}"])
     methods = [arm["name"].split("/")[1] for arm in results["arms"]]
-    assert methods == ["dense", "tread-plain 1..2@0.5", "tread-adapted 1..2@0.5"]
+    assert methods == ["dense", "tread-plain 2..2@0.5", "tread-adapted 2..2@0.5"]
     dense, plain, _ = results["arms"]
     assert [r["step"] for r in dense["evals"]] == [30, 60]
     assert [r["step"] for r in plain["evals"]] == [30, 60, 84]  # routed arms run 1.4x the dense steps
@@ -36,10 +36,17 @@ def test_quick_run_writes_results_plots_and_grids(convergence, tmp_path):
     assert len(results["comparisons"]) == 2
     assert 0.5 < results["classifier_accuracy"] <= 1
     assert json.loads((tmp_path / "results.json").read_text())["comparisons"] == results["comparisons"]
-    assert "| config | seed | method |" in (tmp_path / "results.md").read_text()
-    for name in ("fd_vs_step.png", "fd_vs_seconds.png"):
+    report = (tmp_path / "results.md").read_text()
+    assert "| config | seed | method |" in report and "Crossover" in report
+    for name in ("fd_vs_step.png", "fd_vs_seconds.png", "crossover.png"):
         assert (tmp_path / name).stat().st_size > 1000
     assert len(list(tmp_path.glob("samples_*.png"))) == 3
+
+    # The report can be redone from results.json alone.
+    again = convergence.main(["--from_results", str(tmp_path / "results.json"), f"--output_dir={tmp_path / 'again'}"])
+    for row, redone in zip(results["comparisons"], again["comparisons"], strict=True):
+        assert redone == pytest.approx(row, rel=1e-3)
+    assert (tmp_path / "again" / "results.md").read_text().splitlines()[3:] == report.splitlines()[3:]
 
 
 def test_arms_of_a_group_see_the_same_weights_data_and_noise(convergence):
