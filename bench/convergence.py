@@ -19,7 +19,8 @@ split of the digits, with a small CNN classifier trained once on the train split
 Headline, the paper's definition of speedup (ICCV Sec. 4.2) at our scale: the steps and seconds a routed arm needs
 to reach its dense arm's final FD (linear interpolation between evaluations), as ratios of the dense arm's.
 
-    python bench/convergence.py                 # the default plan, ~45 minutes on 2 CPU cores
+    python bench/convergence.py                 # the default plan (main comparison, depth sweep), < 45 min on 2 cores
+    python bench/convergence.py --plan full     # + route placement/ratio, 256 tokens, adapted loss on 2 seeds: ~100 min
     python bench/convergence.py --quick         # the same code on tiny settings, ~2 minutes (a CI smoke test)
     python bench/convergence.py --plan objectives   # which objective gives the best dense baseline
     python bench/convergence.py --plan ssm          # the state-space backbone (compare with the depth-8 DiT group)
@@ -124,16 +125,20 @@ def plan_arms(plan: str, steps: int, routed_steps_factor: float) -> list[Arm]:
     elif plan == "ssm":
         # The state-space backbone (bidirectional Mamba blocks), beside the default plan's depth-8 DiT group.
         group(8, 2, [(paper_route(8), "plain")], backbone="ssm")
-    elif plan == "default":
-        # Main comparison, two seeds: dense vs TREAD with the plain and the adapted loss, paper route.
-        group(12, 2, [(paper_route(12), "plain"), (paper_route(12), "adapted")], seeds=(0, 1))
-        # Route placement and ratio at the same size: longer route, higher ratio, two routes.
-        for routes in (((1, 9, 0.5),), ((2, 8, 0.75),), ((1, 4, 0.5), (6, 9, 0.5))):
-            arms.append(Arm(12, 2, routes, "plain", seed=0, steps=routed_steps))
-        # Crossover sweep: depth 8 and 16 at 64 tokens, and 256 tokens (patch 1) at depth 12.
+    elif plan in ("default", "full"):
+        # Main comparison: dense vs TREAD (paper route) with the plain loss on two seeds, the adapted loss on one
+        # ("full": on both).
+        group(12, 2, [(paper_route(12), "plain"), (paper_route(12), "adapted")])
+        group(12, 2, [(paper_route(12), "plain")] + [(paper_route(12), "adapted")] * (plan == "full"), seeds=(1,))
+        if plan == "full":
+            # Route placement and ratio at the same size: longer route, higher ratio, two routes.
+            for routes in (((1, 9, 0.5),), ((2, 8, 0.75),), ((1, 4, 0.5), (6, 9, 0.5))):
+                arms.append(Arm(12, 2, routes, "plain", seed=0, steps=routed_steps))
+        # Crossover sweep: depth 8 and 16 at 64 tokens ("full": and 256 tokens, patch 1, at depth 12).
         group(8, 2, [(paper_route(8), "plain")])
         group(16, 2, [(paper_route(16), "plain")])
-        group(12, 1, [(paper_route(12), "plain")])
+        if plan == "full":
+            group(12, 1, [(paper_route(12), "plain")])
     else:
         raise ValueError(f"unknown plan {plan!r}")
     return arms
@@ -328,7 +333,8 @@ def evaluate(
 
     scheduler = objective.make_scheduler()
     if run.arm.objective == "ddpm":  # ancestral DDPM needs far more than a few steps; DPM-Solver++ does not
-        scheduler = DPMSolverMultistepScheduler.from_config(scheduler.config)
+        # variance_type=None: the pipeline drops the learned-variance channel (DPM-Solver's own drop assumes RGB)
+        scheduler = DPMSolverMultistepScheduler.from_config(scheduler.config, variance_type=None)
     pipe = TreadDiTPipeline(transformer=ema_model, vae=None, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
     labels = torch.arange(10).repeat_interleave(num_samples // 10)
@@ -423,9 +429,9 @@ def compare(runs: list[Run]) -> list[dict]:
     return rows
 
 
-def fmt(value, digits: int = 2) -> str:
+def fmt(value, digits: int = 2, missing: str = "not reached") -> str:
     if value is None:
-        return "not reached" if digits >= 0 else "-"
+        return missing
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
@@ -444,7 +450,7 @@ def write_report(runs: list[Run], rows: list[dict], info: dict, out: Path) -> No
         lines.append(
             f"| {run.arm.name} | {last['step']} | {last['seconds']:.0f} | {last['seconds'] / last['step']:.3f} | "
             f"{last['fd']:.2f} | "
-            f"{last['accuracy']:.3f} | {fmt(last['held_out_loss'], 4)} |"
+            f"{last['accuracy']:.3f} | {fmt(last['held_out_loss'], 4, '-')} |"
         )
     lines += [
         "",
@@ -457,7 +463,7 @@ def write_report(runs: list[Run], rows: list[dict], info: dict, out: Path) -> No
     for row in rows:
         lines.append(
             f"| {row['config']} | {row['seed']} | {row['method']} | {row['step_time_ratio']:.3f} | "
-            f"{fmt(row['fd_at_dense_steps'])} | {fmt(row['fd_at_dense_seconds'])} | {row['dense_final_fd']:.2f} | "
+            f"{fmt(row['fd_at_dense_steps'])} | {fmt(row['fd_at_dense_seconds'], missing='ran shorter')} | {row['dense_final_fd']:.2f} | "
             f"{fmt(row['step_speedup'])} | {fmt(row['time_speedup'])} |"
         )
     paper = [row for row in rows if row["method"] == f"tread-plain 2..{row['dense_layers'] - 4}@0.5"]
@@ -479,7 +485,7 @@ def write_report(runs: list[Run], rows: list[dict], info: dict, out: Path) -> No
 
             lines.append(
                 f"| {config} | {len(group)} | {mean('step_time_ratio'):.3f} | {fmt(mean('fd_ratio_at_dense_steps'))} | "
-                f"{fmt(mean('fd_ratio_at_dense_seconds'))} | {fmt(mean('time_speedup'))} |"
+                f"{fmt(mean('fd_ratio_at_dense_seconds'), missing='ran shorter')} | {fmt(mean('time_speedup'))} |"
             )
     (out / "results.md").write_text("\n".join(lines) + "\n")
 
@@ -544,7 +550,7 @@ def save_grids(runs: list[Run], out: Path) -> None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--plan", default="default", choices=("default", "quick", "objectives", "ssm"))
+    parser.add_argument("--plan", default="default", choices=("default", "full", "quick", "objectives", "ssm"))
     parser.add_argument("--quick", action="store_true", help="the quick plan and tiny settings (~2 minutes)")
     parser.add_argument("--arms", default=None, help="regex: run only the arms whose name matches (and their dense)")
     parser.add_argument("--steps", type=int, default=1000, help="dense steps; routed arms run --routed_steps_factor x")
@@ -602,7 +608,7 @@ def main(argv=None) -> dict:
                 record = evaluate(run, classifier, reference_stats, test_x, test_y, args.num_samples,
                                   args.num_inference_steps)  # fmt: skip
                 print(f"{run.arm.name}: step {record['step']} {record['seconds']:.0f}s FD {record['fd']:.2f} "
-                      f"acc {record['accuracy']:.3f} held-out {fmt(record['held_out_loss'], 4)}", flush=True)  # fmt: skip
+                      f"acc {record['accuracy']:.3f} held-out {fmt(record['held_out_loss'], 4, '-')}", flush=True)  # fmt: skip
                 evaluated = True
         if evaluated and all(run.evals for run in runs):
             write_results(runs, args, argv, accuracy, fd_floor, time.perf_counter() - begun, out, finished=False)

@@ -77,12 +77,14 @@ def test_crossing_and_interpolation(convergence):
     assert convergence.value_at(evals, 350, "step") is None  # beyond the arm's run
 
 
-def test_default_plan_covers_the_sweep(convergence):
-    arms = convergence.plan_arms("default", steps=1000, routed_steps_factor=1.4)
+@pytest.mark.parametrize("plan", ["default", "full"])
+def test_plans_cover_the_sweep(convergence, plan):
+    arms = convergence.plan_arms(plan, steps=1000, routed_steps_factor=1.4)
     configs = {(arm.num_layers, arm.tokens) for arm in arms}
-    assert configs == {(8, 64), (12, 64), (16, 64), (12, 256)}
+    assert configs == {(8, 64), (12, 64), (16, 64)} | ({(12, 256)} if plan == "full" else set())
     main = [arm for arm in arms if (arm.num_layers, arm.tokens) == (12, 64)]
-    assert {arm.seed for arm in main} == {0, 1}
-    assert {arm.loss for arm in main if arm.routes} == {"plain", "adapted"}
+    assert {arm.seed for arm in main if arm.loss == "plain"} == {0, 1}
+    assert {arm.seed for arm in main if arm.loss == "adapted"} == ({0, 1} if plan == "full" else {0})
     assert all(arm.steps == (1400 if arm.routes else 1000) for arm in arms)
     assert len({arm.name for arm in arms}) == len(arms)
+    assert len(arms) == (15 if plan == "full" else 9)
