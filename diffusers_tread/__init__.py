@@ -1,11 +1,11 @@
 """diffusers-tread: TREAD token routing (arXiv 2501.04765) for Hugging Face Diffusers.
 
 Importing this package registers it with Diffusers' pipeline loader, so that ``save_pretrained`` records the
-transformer as ``["diffusers_tread", "TreadTransformer2DModel"]`` and ``TreadDiTPipeline.from_pretrained`` resolves
-it from a local folder and from the Hub alike. Diffusers only downloads components whose library it knows
-(``LOADABLE_CLASSES``) and, since 0.42, only resolves libraries that are already imported; hence the in-place
-registration and the eager imports below. This relies on a Diffusers internal: the tested range is pinned in setup.py
-and ``tests/test_registration.py`` simulates a Hub download to catch a change.
+transformer as ``["diffusers_tread", "TreadTransformer2DModel"]`` (or ``"TreadSSM2DModel"``) and
+``TreadDiTPipeline.from_pretrained`` resolves it from a local folder and from the Hub alike. Diffusers only downloads
+components whose library it knows (``LOADABLE_CLASSES``) and, since 0.42, only resolves libraries that are already
+imported; hence the in-place registration and the eager imports below. This relies on a Diffusers internal: the
+tested range is pinned in setup.py and ``tests/test_registration.py`` simulates a Hub download to catch a change.
 """
 
 from diffusers import ModelMixin  # noqa: F401  (the loader looks up `diffusers_tread.ModelMixin`)
@@ -14,15 +14,28 @@ from diffusers.pipelines import pipeline_loading_utils as _loading_utils
 _loading_utils.LOADABLE_CLASSES.setdefault("diffusers_tread", {"ModelMixin": ["save_pretrained", "from_pretrained"]})
 
 from . import routing  # noqa: E402
-from .models import PRESETS, TreadTransformer2DModel, TreadTransformer2DModelOutput, paper_routes  # noqa: E402
+from .models import (  # noqa: E402
+    PRESETS,
+    SSM_PRESETS,
+    TreadRouter,
+    TreadSSM2DModel,
+    TreadTransformer2DModel,
+    TreadTransformer2DModelOutput,
+    apply_tread,
+    paper_routes,
+)
 from .pipelines import TreadDiTPipeline  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = [
     "PRESETS",
+    "SSM_PRESETS",
     "TreadDiTPipeline",
+    "TreadRouter",
+    "TreadSSM2DModel",
     "TreadTransformer2DModel",
     "TreadTransformer2DModelOutput",
+    "apply_tread",
     "paper_routes",
     "routing",
 ]

@@ -57,7 +57,7 @@ HUB_IGNORE_PATTERNS = ["checkpoint-*", "step_*", "epoch_*", "logs/*", "*.csv"]
 REMOTE_MODULE = "tread_dit"
 REMOTE_SOURCE = f"{PACKAGE}.pipelines.pipeline_tread_dit"
 REMOTE_PIPELINE_CLASS = "TreadDiTPipeline"
-REMOTE_COMPONENT_CLASSES = ("TreadTransformer2DModel",)
+REMOTE_COMPONENT_CLASSES = ("TreadTransformer2DModel", "TreadSSM2DModel")  # the pipeline's source imports both
 
 # The Hub has no class-conditional task; class-conditional DiT checkpoints are image generators without a prompt or
 # an input image, which is the Hub's "unconditional-image-generation" task.
@@ -439,6 +439,7 @@ class ModelCardInfo:
     demo_url: str | None = None
     # the model
     backbone: str | None = None
+    model_class: str = "TreadTransformer2DModel"  # or "TreadSSM2DModel"
     num_parameters: str | None = None
     num_tokens: int | None = None
     routes: str | None = None

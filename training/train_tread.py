@@ -1,6 +1,9 @@
 #!/usr/bin/env python
 """Train a class-conditional DiT with TREAD token routing (Krause et al., arXiv 2501.04765) using Accelerate.
 
+`--model_type ssm` trains the state-space backbone (`TreadSSM2DModel`, bidirectional Mamba blocks) instead; everything
+else (objectives, losses, routes, checkpoints, the saved `TreadDiTPipeline`) is the same.
+
 With no arguments it trains a small TREAD model in pixel space on scikit-learn's bundled handwritten digits (16x16,
 10 classes) and writes a `TreadDiTPipeline` folder with a sample grid; flags scale it to ImageNet-256 latents.
 
@@ -46,7 +49,14 @@ from PIL import Image, ImageOps
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from diffusers_tread import PRESETS, TreadDiTPipeline, TreadTransformer2DModel, paper_routes
+from diffusers_tread import (
+    PRESETS,
+    SSM_PRESETS,
+    TreadDiTPipeline,
+    TreadSSM2DModel,
+    TreadTransformer2DModel,
+    paper_routes,
+)
 from diffusers_tread.data import (
     LatentShardDataset,
     check_latents_match,
@@ -61,6 +71,12 @@ from diffusers_tread.objectives import OBJECTIVES, get_objective
 logger = get_logger(__name__, log_level="INFO")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MODEL_CARD_TEMPLATE = REPO_ROOT / "model_cards" / "tread_dit.md"
+# --model_type: the model class, its presets, the preset used when --model_config is left at its default, and the
+# default LoRA targets (DiT's attention projections; the SSM mixer's input and output projections).
+MODEL_TYPES = {
+    "dit": (TreadTransformer2DModel, PRESETS, "DiT-Tiny/2", "to_q,to_k,to_v,to_out.0"),
+    "ssm": (TreadSSM2DModel, SSM_PRESETS, "SSM-Tiny/2", "in_proj,out_proj"),
+}
 
 
 def parse_routes(text: str) -> list[dict] | str:
@@ -84,7 +100,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Train a DiT with TREAD token routing.")
     # Model
     parser.add_argument(
-        "--model_config", default="DiT-Tiny/2", help=f"a preset ({', '.join(PRESETS)}) or a config.json"
+        "--model_type",
+        choices=sorted(MODEL_TYPES),
+        default="dit",
+        help="dit: TreadTransformer2DModel; ssm: TreadSSM2DModel (bidirectional Mamba blocks)",
+    )
+    parser.add_argument(
+        "--model_config",
+        default=None,
+        help=f"a preset ({', '.join(PRESETS)}; with --model_type ssm: {', '.join(SSM_PRESETS)}) or a config.json "
+        "(default: DiT-Tiny/2, or SSM-Tiny/2 with --model_type ssm)",
     )
     parser.add_argument("--pretrained_model_name_or_path", default=None, help="DiT or TREAD checkpoint to fine-tune")
     parser.add_argument("--revision", default=None)
@@ -127,7 +152,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
     parser.add_argument(
-        "--lora_target_modules", default="to_q,to_k,to_v,to_out.0", help="comma-separated module names"
+        "--lora_target_modules",
+        default=None,
+        help="comma-separated module names (default: to_q,to_k,to_v,to_out.0; for ssm: in_proj,out_proj)",
     )
     # Objective and loss
     parser.add_argument("--objective", choices=sorted(OBJECTIVES), default="flow")
@@ -214,8 +241,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--hub_private_repo", action="store_true")
     args = parser.parse_args(argv)
 
-    if args.pretrained_model_name_or_path and args.model_config != parser.get_default("model_config"):
+    if args.pretrained_model_name_or_path and args.model_config is not None:
         parser.error("give --model_config or --pretrained_model_name_or_path, not both")
+    _, presets, default_preset, default_lora_targets = MODEL_TYPES[args.model_type]
+    other_presets = {
+        name for kind, (_, names, _, _) in MODEL_TYPES.items() if kind != args.model_type for name in names
+    }
+    if args.model_config in other_presets:
+        parser.error(
+            f"--model_config {args.model_config} is not a --model_type {args.model_type} preset; choose one of "
+            f"{', '.join(presets)}, a config.json, or the matching --model_type"
+        )
+    args.model_config = args.model_config or default_preset
+    args.lora_target_modules = args.lora_target_modules or default_lora_targets
     if args.latents_dir and (args.dataset_name or args.train_data_dir):
         parser.error("--latents_dir replaces --dataset_name/--train_data_dir; give one data source")
     if args.dataset_name and args.train_data_dir:
@@ -323,19 +361,24 @@ def main(argv: list[str] | None = None) -> None:
 
     # 3. Model, objective, EMA.
     objective = get_objective(args.objective)
+    model_cls, presets, _, _ = MODEL_TYPES[args.model_type]
     tread_kwargs = {} if args.route_reinsertion is None else {"route_reinsertion": args.route_reinsertion}
     if args.pretrained_model_name_or_path:
         path = args.pretrained_model_name_or_path
         subfolder = None if Path(path, "config.json").is_file() else "transformer"  # a model or a pipeline folder
         load_kwargs = dict(subfolder=subfolder, revision=args.revision, cache_dir=args.cache_dir)
-        config = TreadTransformer2DModel.load_config(path, **load_kwargs)
+        config = model_cls.load_config(path, **load_kwargs)
+        is_ssm_checkpoint = config.get("_class_name") == TreadSSM2DModel.__name__
+        if is_ssm_checkpoint != (args.model_type == "ssm"):
+            raise ValueError(
+                f"{path} holds a {config.get('_class_name')}; train it with --model_type "
+                f"{'ssm' if is_ssm_checkpoint else 'dit'}."
+            )
         # Keep a TREAD checkpoint's routes unless --routes is given; a plain DiT gets the paper's route.
         routes = args.routes if args.routes is not None else config.get("routes") or "paper"
         if routes == "paper":
             routes = paper_routes(config["num_layers"])
-        model = TreadTransformer2DModel.from_pretrained(
-            path, variant=args.variant, routes=routes, **load_kwargs, **tread_kwargs
-        )
+        model = model_cls.from_pretrained(path, variant=args.variant, routes=routes, **load_kwargs, **tread_kwargs)
     else:
         overrides = dict(
             in_channels=data_channels,
@@ -345,14 +388,14 @@ def main(argv: list[str] | None = None) -> None:
             **tread_kwargs,
         )
         routes = "paper" if args.routes is None else args.routes
-        if args.model_config in PRESETS:
-            model = TreadTransformer2DModel.from_preset(args.model_config, routes=routes, **overrides)
+        if args.model_config in presets:
+            model = model_cls.from_preset(args.model_config, routes=routes, **overrides)
         else:
             config = json.loads(Path(args.model_config).read_text())
             config = {k: v for k, v in config.items() if not k.startswith("_")} | overrides
             if args.routes is not None or "routes" not in config:
                 config["routes"] = paper_routes(config["num_layers"]) if routes == "paper" else routes
-            model = TreadTransformer2DModel.from_config(config)
+            model = model_cls.from_config(config)
     check_model_matches_data(model, data_channels, data_size, num_classes, objective)
     if args.latents_dir:
         check_latents_match(
@@ -385,7 +428,7 @@ def main(argv: list[str] | None = None) -> None:
             min_decay=0.0 if args.ema_warmup else args.ema_decay,
             use_ema_warmup=args.ema_warmup,
             power=args.ema_power,
-            model_cls=TreadTransformer2DModel,
+            model_cls=model_cls,
             model_config=model.config,
         )
 
@@ -420,7 +463,7 @@ def main(argv: list[str] | None = None) -> None:
             )
             logger.warning(f"{rng_file} not found: process {accelerator.process_index} reseeds its generator.")
         if ema_model is not None:
-            loaded_ema = EMAModel.from_pretrained(os.path.join(input_dir, "transformer_ema"), TreadTransformer2DModel)
+            loaded_ema = EMAModel.from_pretrained(os.path.join(input_dir, "transformer_ema"), model_cls)
             ema_model.load_state_dict(loaded_ema.state_dict())
             ema_model.to(accelerator.device)
         for _ in range(len(models)):
@@ -429,7 +472,7 @@ def main(argv: list[str] | None = None) -> None:
                 lora_file = os.path.join(input_dir, "transformer_lora", "pytorch_lora_weights.safetensors")
                 set_peft_model_state_dict(loaded_into, load_file(lora_file), adapter_name="default")
             else:
-                loaded = TreadTransformer2DModel.from_pretrained(input_dir, subfolder="transformer")
+                loaded = model_cls.from_pretrained(input_dir, subfolder="transformer")
                 loaded_into.load_state_dict(loaded.state_dict())
 
     accelerator.register_save_state_pre_hook(save_model_hook)
@@ -988,10 +1031,15 @@ def save_model_card(
         items = [item.strip() for item in args.validation_class_labels.split(",")]
         example_labels = [int(item) if item.isdigit() else item for item in items][:4]
     config = model.config
+    if isinstance(model, TreadSSM2DModel):
+        backbone = f"bidirectional Mamba, {config.num_layers} layers, width {config.hidden_size}"
+    else:
+        backbone = f"DiT, {config.num_layers} layers, width {model.inner_dim}"
     info = hub.ModelCardInfo(
         model_name=Path(repo_id or args.output_dir).name,
         repo_id=repo_id or args.output_dir,
-        backbone=f"DiT, {config.num_layers} layers, width {model.inner_dim}, patch {config.patch_size}",
+        backbone=f"{backbone}, patch {config.patch_size}",
+        model_class=type(model).__name__,
         num_parameters=f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M",
         num_tokens=(config.sample_size // config.patch_size) ** 2,
         routes=json.dumps(config.routes),

@@ -23,6 +23,7 @@ from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineO
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils.torch_utils import randn_tensor
 
+from ..models.ssm_tread import TreadSSM2DModel
 from ..models.transformer_tread import TreadTransformer2DModel
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -71,7 +72,8 @@ class TreadDiTPipeline(DiffusionPipeline):
     r"""Class-conditional image generation with a (TREAD-trained) DiT.
 
     Args:
-        transformer ([`TreadTransformer2DModel`] or [`DiTTransformer2DModel`]): the denoiser.
+        transformer ([`TreadTransformer2DModel`], [`DiTTransformer2DModel`] or [`TreadSSM2DModel`]): the denoiser;
+            any model with DiT's forward (``hidden_states, timestep, class_labels``) and config fields.
         vae ([`AutoencoderKL`], *optional*): decodes latents to images; ``None`` for a pixel-space model.
         scheduler ([`SchedulerMixin`]): e.g. DDIM, DDPM (``variance_type="learned_range"`` for learned-sigma models),
             DPM-Solver++ or Euler.
@@ -85,7 +87,7 @@ class TreadDiTPipeline(DiffusionPipeline):
 
     def __init__(
         self,
-        transformer: DiTTransformer2DModel,
+        transformer: DiTTransformer2DModel | TreadSSM2DModel,
         vae: AutoencoderKL | None,
         scheduler: KarrasDiffusionSchedulers,
         id2label: dict[int, str] | dict[str, str] | None = None,
@@ -241,7 +243,7 @@ class TreadDiTPipeline(DiffusionPipeline):
                 "sparse_ratios must be (gamma_strong, gamma_weak) with 0 <= gamma_strong <= gamma_weak < 1: the "
                 f"fractions of tokens that bypass the model's routes in the two passes; got {sparse_ratios!r}."
             )
-        routes = self.transformer.config.get("routes") if isinstance(self.transformer, TreadTransformer2DModel) else []
+        routes = self.transformer.config.get("routes") or []  # TREAD backbones (DiT or SSM); a stock DiT has none
         if not routes:
             raise ValueError(
                 "Sparse guidance runs the model's routes at the sparse_ratios, but this transformer has no routes. "

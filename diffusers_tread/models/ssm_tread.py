@@ -1,0 +1,487 @@
+"""TreadSSM2DModel: a class-conditional state-space (Mamba) diffusion backbone with TREAD routing (arXiv 2501.04765).
+
+DiT's layout with the attention replaced by a bidirectional selective scan::
+
+    patchify + fixed 2D sin-cos positions (raster order)
+    -> num_layers x [adaLN-Zero -> bidirectional S6 mixer -> gated residual (-> adaLN-Zero -> MLP -> gated residual)]
+    -> adaLN final layer -> linear -> unpatchify
+
+Sources:
+- Selective scan (S6): Gu & Dao 2023, "Mamba: Linear-Time Sequence Modeling with Selective State Spaces"
+  (arXiv 2312.00752), Alg. 2 and Sec. 3; the mixer follows their block (in_proj -> causal depthwise conv -> SiLU ->
+  S6, gated by SiLU(z) -> out_proj) and their initialisation (S4D-real A, log-uniform step sizes).
+- Bidirectional scan over image patches: Vision Mamba (Zhu et al. 2024, arXiv 2401.09417): a forward and a backward
+  scan with their own conv/S6 parameters, shared in/out projections, outputs averaged (Vim's "v2" block). State-space
+  diffusion backbones built on such scans: DiS (Fei et al. 2024, "Scalable Diffusion Models with State Space
+  Backbone", arXiv 2402.05608), Zigma (Hu et al. 2024, arXiv 2403.13802).
+- Conditioning: DiT's adaLN-Zero (Peebles & Xie 2023, arXiv 2212.09748): per-block shift/scale/gate from the
+  timestep + class embedding, zero-initialised, so every block starts as the identity.
+
+TREAD routing is the same as in `TreadTransformer2DModel` and uses the same router (`diffusers_tread.routing`). The
+scan depends on token order, and the router returns each sample's kept tokens in ascending (raster) order, so a route
+scans the kept tokens in their original order, with the bypassed ones left out.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.loaders import PeftAdapterMixin
+from diffusers.models.attention import FeedForward
+from diffusers.models.embeddings import CombinedTimestepLabelEmbeddings, PatchEmbed
+from diffusers.models.modeling_utils import ModelMixin
+from torch import nn
+
+from .. import routing
+from .transformer_tread import ROUTE_REINSERTION_MODES, TreadTransformer2DModelOutput, paper_routes
+
+# Our sizes (not from a paper): DiT's depth and width (Peebles & Xie 2023, Table 1) with the attention replaced by
+# the bidirectional mixer and the MLP kept, so parameters and FLOPs are close to the DiT of the same name.
+SSM_SIZES = {
+    "Tiny": {"num_layers": 8, "hidden_size": 64},  # for tests and CPU demos, like DiT-Tiny/2
+    "S": {"num_layers": 12, "hidden_size": 384},
+    "B": {"num_layers": 12, "hidden_size": 768},
+}
+SSM_PRESETS = {f"SSM-{size}/2": {**dims, "patch_size": 2} for size, dims in SSM_SIZES.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Selective scan
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def selective_scan_reference(u, delta, A, B, C, D):
+    """Mamba's selective scan (Gu & Dao 2023, Alg. 2) as a plain loop over time, with autograd through every step.
+
+    ``u``, ``delta``: ``(batch, dim, length)`` inputs and positive step sizes; ``A``: ``(dim, state)``, negative;
+    ``B``, ``C``: ``(batch, state, length)``; ``D``: ``(dim,)``. With the zero-order-hold ``exp(delta A)`` for ``A``
+    and Mamba's simplified ``delta B`` for ``B``::
+
+        h_t = exp(delta_t A) * h_{t-1} + delta_t B_t u_t,    y_t = C_t . h_t + D u_t,    h_{-1} = 0
+
+    The test oracle for `selective_scan`; slow and memory-hungry, not for training.
+    """
+    h = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])
+    ys = []
+    for t in range(u.shape[-1]):
+        dt = delta[:, :, t, None]
+        h = torch.exp(dt * A) * h + dt * B[:, None, :, t] * u[:, :, t, None]
+        ys.append((h * C[:, None, :, t]).sum(-1))
+    return torch.stack(ys, dim=-1) + D[:, None] * u
+
+
+def _time_major(tensor: torch.Tensor) -> torch.Tensor:
+    """``(batch, channels, length)`` -> contiguous ``(length, batch, channels)``: each time step one block."""
+    return tensor.permute(2, 0, 1).contiguous()
+
+
+def _at_least_float32(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    return [tensor.to(torch.promote_types(tensor.dtype, torch.float32)) for tensor in tensors]
+
+
+def _chunk_states(u, delta, A, B, h_before):
+    """One time chunk of the recurrence (time-major inputs): ``exp(delta_t A)`` and the states ``h_t``, both
+    ``(chunk, batch, dim, state)``, starting from the state ``h_before`` (``(batch, dim, state)``)."""
+    decay = torch.exp(delta.unsqueeze(-1) * A)
+    h = (delta * u).unsqueeze(-1) * B.unsqueeze(2)  # delta_t B_t u_t
+    h[0].addcmul_(decay[0], h_before)
+    for t in range(1, h.shape[0]):
+        h[t].addcmul_(decay[t], h[t - 1])  # h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t
+    return decay, h
+
+
+class _SelectiveScan(torch.autograd.Function):
+    """``y_t = C_t . h_t`` of `selective_scan_reference` (without ``D``), chunked over time, with its own backward.
+
+    The sequence is cut into time chunks whose ``(chunk, batch, dim, state)`` tensors fit in a CPU cache (about
+    `CHUNK_ELEMENTS` numbers each). Within a chunk, everything but the recurrence is one batched op; the recurrence
+    itself is one fused multiply-add per step, in place. This is exact (only products of decays <= 1 occur, so
+    nothing overflows whatever the step sizes, unlike log-space cumulative sums) and on CPU it was faster than the
+    parallel-scan formulations we tried (Hillis-Steele doubling, chunked log-space cumsums), which stream
+    ``length x state`` tensors through memory several times.
+
+    Memory: forward keeps the inputs and the state at each chunk boundary; backward recomputes a chunk's states from
+    its boundary (as Mamba's CUDA kernel recomputes) and runs the adjoint recurrence backwards in time,
+    ``g_t = C_t dy_t + exp(delta_{t+1} A) g_{t+1}`` (the gradient with respect to ``h_t``), from which every input
+    gradient is a product or a sum.
+    """
+
+    CHUNK_ELEMENTS = 2**18
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C):
+        with torch.autocast(u.device.type, enabled=False):  # float32 (or 64) throughout, under mixed precision too
+            u_, delta_, A_, B_, C_ = _at_least_float32(u, delta, A, B, C)
+            u_, delta_, B_, C_ = (_time_major(tensor) for tensor in (u_, delta_, B_, C_))
+            length, batch, dim = u_.shape
+            chunk = ctx.chunk = max(1, _SelectiveScan.CHUNK_ELEMENTS // (batch * A.numel()))
+            h_last = u_.new_zeros(batch, dim, A.shape[1])
+            boundaries, ys = [], []
+            for start in range(0, length, chunk):
+                window = slice(start, start + chunk)
+                boundaries.append(h_last)
+                _, h = _chunk_states(u_[window], delta_[window], A_, B_[window], h_last)
+                ys.append(torch.bmm(h.flatten(0, 1), C_[window].flatten(0, 1).unsqueeze(-1)).view(-1, batch, dim))
+                h_last = h[-1].clone()
+            ctx.save_for_backward(u, delta, A, B, C, torch.stack(boundaries))
+            return torch.cat(ys).permute(1, 2, 0).to(u.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y):
+        with torch.autocast(grad_y.device.type, enabled=False):
+            *inputs, boundaries = ctx.saved_tensors
+            u, delta, A, B, C, grad_y = _at_least_float32(*inputs, grad_y)
+            u, delta, B, C, grad_y = (_time_major(tensor) for tensor in (u, delta, B, C, grad_y))
+            length, batch, dim = u.shape
+            chunk = ctx.chunk
+            grad_u, grad_delta, grad_B, grad_C = (torch.empty_like(tensor) for tensor in (u, delta, B, C))
+            grad_A = torch.zeros_like(A)
+            g_next = decay_next = None  # g and exp(delta A) at the first step of the chunk after this one
+            for index in reversed(range(len(boundaries))):
+                window = slice(index * chunk, (index + 1) * chunk)
+                h_before = boundaries[index]
+                decay, h = _chunk_states(u[window], delta[window], A, B[window], h_before)
+                g = grad_y[window].unsqueeze(-1) * C[window].unsqueeze(2)  # the direct part C_t dy_t
+                if g_next is not None:
+                    g[-1].addcmul_(decay_next, g_next)
+                for t in range(g.shape[0] - 2, -1, -1):
+                    g[t].addcmul_(decay[t + 1], g[t + 1])
+                g_next, decay_next = g[0], decay[0]
+
+                steps = g.shape[0]
+                flat_g, flat_h = g.flatten(0, 1), h.flatten(0, 1)  # (steps * batch, dim, state)
+                grad_C[window] = torch.bmm(grad_y[window].flatten(0, 1).unsqueeze(1), flat_h).view(steps, batch, -1)
+                # through exp(delta_t A) h_{t-1}: gradient with respect to delta_t A
+                h_previous = torch.cat([h_before.unsqueeze(0), h[:-1]])
+                grad_log_decay = g * decay * h_previous
+                grad_A += torch.einsum("tbdn,tbd->dn", grad_log_decay, delta[window])
+                # through delta_t B_t u_t: sum_n g_t B_t is the gradient with respect to delta_t u_t
+                g_dot_B = torch.bmm(flat_g, B[window].flatten(0, 1).unsqueeze(-1)).view(steps, batch, dim)
+                grad_delta[window] = (grad_log_decay * A).sum(-1) + g_dot_B * u[window]
+                grad_u[window] = g_dot_B * delta[window]
+                delta_u = (delta[window] * u[window]).flatten(0, 1).unsqueeze(1)
+                grad_B[window] = torch.bmm(delta_u, flat_g).view(steps, batch, -1)
+            grads = [tensor.permute(1, 2, 0) for tensor in (grad_u, grad_delta)]
+            grads += [grad_A] + [tensor.permute(1, 2, 0) for tensor in (grad_B, grad_C)]
+            return tuple(grad.to(tensor.dtype) for grad, tensor in zip(grads, inputs, strict=True))
+
+
+@functools.cache
+def fused_selective_scan():
+    """Mamba's fused CUDA kernel, ``mamba_ssm``'s ``selective_scan_fn``, when that package is installed; else None.
+    Optional: nothing here needs it (imported by name so that the package stays out of the import lines)."""
+    if importlib.util.find_spec("mamba_ssm") is None:
+        return None
+    return importlib.import_module("mamba_ssm.ops.selective_scan_interface").selective_scan_fn
+
+
+def selective_scan(u, delta, A, B, C, D):
+    """The selective scan of `selective_scan_reference` (same arguments and result), fast and memory-lean.
+
+    CUDA tensors use Mamba's fused kernel when ``mamba_ssm`` is installed; everything else (CPU included) runs the
+    pure-PyTorch `_SelectiveScan`. The scan runs in float32 whatever the input dtype (as Mamba's kernel); the result
+    has ``u``'s dtype.
+    """
+    if u.is_cuda and fused_selective_scan() is not None:
+        return fused_selective_scan()(u, delta, A, B, C, D.float())
+    return (_SelectiveScan.apply(u, delta, A, B, C) + D[:, None] * u).to(u.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Blocks
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class S6Scan(nn.Module):
+    """One scan direction of the Mamba mixer: causal depthwise conv -> SiLU -> S6 with input-dependent step size,
+    ``B`` and ``C`` (Gu & Dao 2023, Alg. 2). Parameter names follow Mamba / transformers' ``MambaMixer``."""
+
+    def __init__(self, inner_size: int, state_size: int, conv_kernel: int, time_step_rank: int):
+        super().__init__()
+        self.time_step_rank, self.state_size = time_step_rank, state_size
+        self.conv1d = nn.Conv1d(inner_size, inner_size, conv_kernel, groups=inner_size, padding=conv_kernel - 1)
+        self.x_proj = nn.Linear(inner_size, time_step_rank + 2 * state_size, bias=False)
+        self.dt_proj = nn.Linear(time_step_rank, inner_size)
+        # Mamba's initialisation: S4D-real A = -(1..N); step sizes log-uniform in [1e-3, 1e-1] through the softplus.
+        self.A_log = nn.Parameter(
+            torch.log(torch.arange(1, state_size + 1, dtype=torch.float32)).repeat(inner_size, 1)
+        )
+        self.D = nn.Parameter(torch.ones(inner_size))
+        nn.init.uniform_(self.dt_proj.weight, -(time_step_rank**-0.5), time_step_rank**-0.5)
+        dt = torch.exp(torch.rand(inner_size) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)).clamp(min=1e-4)
+        with torch.no_grad():
+            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(batch, inner_size, length)`` -> same shape, scanning from the first token to the last."""
+        length = x.shape[-1]
+        x = F.silu(self.conv1d(x)[..., :length])  # causal: token t sees tokens t-k+1..t
+        delta, B, C = self.x_proj(x.transpose(1, 2)).split(
+            [self.time_step_rank, self.state_size, self.state_size], dim=-1
+        )
+        delta = F.softplus(self.dt_proj(delta)).transpose(1, 2)
+        A = -torch.exp(self.A_log.float())
+        return selective_scan(x, delta, A, B.transpose(1, 2), C.transpose(1, 2), self.D)
+
+
+class BidirectionalMambaMixer(nn.Module):
+    """Mamba's mixer scanning the token sequence both ways (Vision Mamba's block, Zhu et al. 2024).
+
+    ``in_proj`` gives ``x`` and the gate ``z``; ``x`` is scanned forwards by ``forward_scan`` and, reversed, by
+    ``backward_scan`` (separate conv/S6 parameters: the two directions see different causal contexts); the two outputs
+    are averaged, gated by ``SiLU(z)`` and projected back by ``out_proj``. Every output token depends on every input
+    token, as with attention.
+    """
+
+    def __init__(self, hidden_size: int, state_size: int, expand: int, conv_kernel: int, time_step_rank: int):
+        super().__init__()
+        inner_size = expand * hidden_size
+        self.in_proj = nn.Linear(hidden_size, 2 * inner_size, bias=False)
+        self.forward_scan = S6Scan(inner_size, state_size, conv_kernel, time_step_rank)
+        self.backward_scan = S6Scan(inner_size, state_size, conv_kernel, time_step_rank)
+        self.out_proj = nn.Linear(inner_size, hidden_size, bias=False)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        x, z = self.in_proj(hidden_states).transpose(1, 2).chunk(2, dim=1)  # (batch, inner, length) each
+        y = (self.forward_scan(x) + self.backward_scan(x.flip(-1)).flip(-1)) / 2
+        return self.out_proj(y.transpose(1, 2) * F.silu(z.transpose(1, 2)))
+
+
+class SSMBlock(nn.Module):
+    """A DiT block with the attention replaced by `BidirectionalMambaMixer`; adaLN-Zero conditioning (DiT Sec. 3.2).
+
+    ``hidden_states``: ``(batch, tokens, hidden_size)``, any number of tokens (a route passes only its kept tokens);
+    ``conditioning``: ``(batch, hidden_size)``, the timestep + class embedding. With ``mlp_ratio`` 0 the block is the
+    mixer alone (a plain Mamba block with adaLN).
+    """
+
+    def __init__(self, hidden_size, state_size, expand, conv_kernel, time_step_rank, mlp_ratio, norm_eps):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=norm_eps)
+        self.mixer = BidirectionalMambaMixer(hidden_size, state_size, expand, conv_kernel, time_step_rank)
+        self.has_mlp = mlp_ratio > 0
+        if self.has_mlp:
+            self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=norm_eps)
+            self.ff = FeedForward(
+                hidden_size, inner_dim=int(hidden_size * mlp_ratio), activation_fn="gelu-approximate"
+            )
+        # shift, scale, gate for the mixer (and the MLP); zero-init: every block starts as the identity
+        self.adaLN_modulation = nn.Linear(hidden_size, (6 if self.has_mlp else 3) * hidden_size)
+        nn.init.zeros_(self.adaLN_modulation.weight)
+        nn.init.zeros_(self.adaLN_modulation.bias)
+
+    def forward(self, hidden_states: torch.Tensor, conditioning: torch.Tensor) -> torch.Tensor:
+        modulation = self.adaLN_modulation(F.silu(conditioning)).unsqueeze(1).chunk(6 if self.has_mlp else 3, dim=-1)
+        shift, scale, gate = modulation[:3]
+        hidden_states = hidden_states + gate * self.mixer(self.norm1(hidden_states) * (1 + scale) + shift)
+        if self.has_mlp:
+            shift, scale, gate = modulation[3:]
+            hidden_states = hidden_states + gate * self.ff(self.norm2(hidden_states) * (1 + scale) + shift)
+        return hidden_states
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class TreadSSM2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
+    """A class-conditional bidirectional-Mamba diffusion backbone with TREAD routes; a drop-in for
+    `TreadTransformer2DModel` in `TreadDiTPipeline`, `train_tread.py` and the losses (same forward and output).
+
+    Config:
+        sample_size, patch_size, in_channels, out_channels (None: ``in_channels``): the input grid, as DiT.
+        num_layers, hidden_size: depth and width.
+        state_size, expand, conv_kernel, time_step_rank (None: ``ceil(hidden_size / 16)``): the mixer, named as in
+            transformers' ``MambaConfig``; the mixer's inner width is ``expand * hidden_size``.
+        mlp_ratio (`float`, defaults to 4.0): MLP width per block, as DiT's; 0 drops the MLP sub-block.
+        num_embeds_ada_norm (`int`): number of classes; the label table has one more row, the null class
+            ``num_embeds_ada_norm`` used for classifier-free guidance.
+        norm_eps: the LayerNorms' epsilon.
+        routes, route_reinsertion: TREAD routes, exactly as `TreadTransformer2DModel` (validated by
+            `routing.validate_routes`; stored resolved).
+
+    Tokens are scanned in raster order (row by row, as ``PatchEmbed`` flattens them) and in reverse.
+    """
+
+    _supports_gradient_checkpointing = True
+    _no_split_modules = ["SSMBlock"]
+    _repeated_blocks = ["SSMBlock"]
+
+    @register_to_config
+    def __init__(
+        self,
+        sample_size: int = 32,
+        patch_size: int = 2,
+        in_channels: int = 4,
+        out_channels: int | None = None,
+        num_layers: int = 12,
+        hidden_size: int = 384,
+        state_size: int = 16,
+        expand: int = 2,
+        conv_kernel: int = 4,
+        time_step_rank: int | None = None,
+        mlp_ratio: float = 4.0,
+        num_embeds_ada_norm: int = 1000,
+        norm_eps: float = 1e-6,
+        routes: list[dict] | None = None,
+        route_reinsertion: str = "pre_route",
+    ):
+        super().__init__()
+        if route_reinsertion not in ROUTE_REINSERTION_MODES:
+            raise ValueError(f"route_reinsertion must be one of {ROUTE_REINSERTION_MODES}, got {route_reinsertion!r}.")
+        # Store the resolved routes (negative indices made absolute) so config.json says exactly what runs.
+        self.register_to_config(routes=routing.validate_routes(routes, num_layers))
+        self.out_channels = in_channels if out_channels is None else out_channels
+        self.patch_size = patch_size
+        self.gradient_checkpointing = False
+        self.routing_enabled = True
+
+        # 1. Input: patches with fixed 2D sin-cos positions; timestep + class embedding (Diffusers' DiT modules).
+        self.pos_embed = PatchEmbed(sample_size, sample_size, patch_size, in_channels, hidden_size)
+        self.emb = CombinedTimestepLabelEmbeddings(num_embeds_ada_norm, hidden_size, class_dropout_prob=0.1)
+        # The 0.1 above only makes room for the null-class row; CFG label dropout happens once per sample in the
+        # training script, so the embedder's own dropout is off (as in TreadTransformer2DModel).
+        self.emb.class_embedder.dropout_prob = 0.0
+
+        # 2. Blocks.
+        self.blocks = nn.ModuleList(
+            [
+                SSMBlock(
+                    hidden_size,
+                    state_size,
+                    expand,
+                    conv_kernel,
+                    time_step_rank or math.ceil(hidden_size / 16),
+                    mlp_ratio,
+                    norm_eps,
+                )
+                for _ in range(num_layers)
+            ]
+        )
+
+        # 3. Output: DiT's final layer (adaLN shift/scale, linear to patches), zero-initialised as in DiT.
+        self.norm_out = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.proj_out_1 = nn.Linear(hidden_size, 2 * hidden_size)
+        self.proj_out_2 = nn.Linear(hidden_size, patch_size * patch_size * self.out_channels)
+        for layer in (self.proj_out_1, self.proj_out_2):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def disable_routing(self) -> None:
+        """Train on all tokens from now on (the paper's final "(F)" fine-tune), keeping the routes in the config."""
+        self.routing_enabled = False
+
+    def enable_routing(self) -> None:
+        self.routing_enabled = True
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> TreadSSM2DModel:
+        """`ModelMixin.from_pretrained`, loading only safetensors unless ``use_safetensors=False`` is passed."""
+        kwargs.setdefault("use_safetensors", True)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    @classmethod
+    def from_preset(cls, name: str, routes: str | list[dict] | None = "paper", **overrides) -> TreadSSM2DModel:
+        """A freshly initialised model of one of `SSM_PRESETS` (our sizes, see there), with ``routes="paper"``
+        (2 .. depth-4 at 0.5), an explicit route list, or ``None``/``[]``. ``overrides`` go to the config.
+
+        Defaults follow DiT on ImageNet 256 latents: 4x32x32 input, 8 output channels, 1000 classes.
+        """
+        if name not in SSM_PRESETS:
+            raise ValueError(f"Unknown preset {name!r}; choose one of {sorted(SSM_PRESETS)}.")
+        config = {"in_channels": 4, "out_channels": 8, "sample_size": 32, "num_embeds_ada_norm": 1000}
+        config.update(SSM_PRESETS[name])
+        config.update(overrides)
+        if isinstance(routes, str):
+            if routes != "paper":
+                raise ValueError(f"routes must be 'paper', a list of route dicts or None, got {routes!r}.")
+            routes = paper_routes(config["num_layers"])
+        return cls(routes=routes, **config)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.LongTensor | None = None,
+        class_labels: torch.LongTensor | None = None,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        return_dict: bool = True,
+        force_routing: bool = False,
+        selection_ratio: float | list[float] | None = None,
+        route_generator: torch.Generator | None = None,
+    ) -> TreadTransformer2DModelOutput | tuple:
+        """`TreadTransformer2DModel.forward`'s signature and outputs (``cross_attention_kwargs`` is accepted and
+        unused: there is no attention).
+
+        Args:
+            force_routing: route even in eval mode (e.g. for Sparse Guidance).
+            selection_ratio: overrides the routes' selection ratios for this call: one value, or one per route.
+            route_generator: draws the routed subsets, for reproducible routing.
+
+        Returns:
+            ``TreadTransformer2DModelOutput(sample, route_masks)`` or ``(sample, route_masks)``; with routing off,
+            ``route_masks`` is None and the tuple is ``(sample,)``.
+        """
+        routes = self.config.routes if (self.training and self.routing_enabled) or force_routing else []
+        if selection_ratio is not None and routes:
+            ratios = selection_ratio if isinstance(selection_ratio, (list, tuple)) else [selection_ratio] * len(routes)
+            if len(ratios) != len(routes):
+                raise ValueError(f"selection_ratio has {len(ratios)} values for {len(routes)} routes.")
+            routes = [{**route, "selection_ratio": ratio} for route, ratio in zip(routes, ratios, strict=True)]
+        route_at_start = {route["start_layer_idx"]: route for route in routes}
+        route_at_end = {route["end_layer_idx"] for route in routes}
+
+        # 1. Input: patchify and add positions (once, so routed tokens keep theirs); the conditioning vector.
+        height, width = hidden_states.shape[-2] // self.patch_size, hidden_states.shape[-1] // self.patch_size
+        hidden_states = self.pos_embed(hidden_states)
+        input_tokens = hidden_states  # x_T in the v1 paper's notation
+        batch_size, num_tokens, _ = hidden_states.shape
+        conditioning = self.emb(timestep, class_labels, hidden_dtype=hidden_states.dtype)
+
+        # 2. Blocks; inside a route only the kept tokens run, in their original (raster) order: the router returns
+        # them sorted, so the scan sees the same token order as without routing, with the bypassed tokens left out.
+        route_masks = []
+        for layer_idx, block in enumerate(self.blocks):
+            if layer_idx in route_at_start:
+                pre_route = hidden_states  # x_D_last: the full sequence entering the route
+                kept_indices = routing.sample_kept_indices(
+                    batch_size,
+                    num_tokens,
+                    route_at_start[layer_idx]["selection_ratio"],
+                    generator=route_generator,
+                    device=hidden_states.device,
+                )
+                hidden_states = routing.gather_tokens(hidden_states, kept_indices)
+
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                hidden_states = self._gradient_checkpointing_func(block, hidden_states, conditioning)
+            else:
+                hidden_states = block(hidden_states, conditioning)
+
+            if layer_idx in route_at_end:
+                if self.config.route_reinsertion == "pre_route_plus_input":
+                    reinsert_into = pre_route + input_tokens  # v1 (Jan 2025): x_D_last + x_T
+                else:
+                    reinsert_into = pre_route  # ICCV version: x_D_last
+                hidden_states = routing.scatter_tokens(hidden_states, kept_indices, reinsert_into)
+                route_masks.append(routing.bypass_mask(kept_indices, num_tokens))
+
+        # 3. Output: adaLN final layer, linear to patches, unpatchify (as DiT).
+        shift, scale = self.proj_out_1(F.silu(conditioning)).chunk(2, dim=1)
+        hidden_states = self.norm_out(hidden_states) * (1 + scale[:, None]) + shift[:, None]
+        hidden_states = self.proj_out_2(hidden_states)
+        hidden_states = hidden_states.reshape(-1, height, width, self.patch_size, self.patch_size, self.out_channels)
+        hidden_states = torch.einsum("nhwpqc->nchpwq", hidden_states)
+        output = hidden_states.reshape(-1, self.out_channels, height * self.patch_size, width * self.patch_size)
+
+        route_masks = tuple(route_masks) if routes else None
+        if not return_dict:
+            return (output,) if route_masks is None else (output, route_masks)
+        return TreadTransformer2DModelOutput(sample=output, route_masks=route_masks)

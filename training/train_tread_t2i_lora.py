@@ -1,0 +1,1326 @@
+#!/usr/bin/env python
+"""LoRA text-to-image fine-tuning with TREAD token routing (Krause et al., arXiv 2501.04765) for PixArt, SD3 and Flux.
+
+In the style of Diffusers' `train_dreambooth_lora_sd3.py` / `train_text_to_image_lora.py`: an image-caption data set (an
+`imagefolder` with a `metadata.jsonl`, a local `datasets` folder, or a Hub data set), a Diffusers pipeline folder or Hub
+id, LoRA adapters (PEFT) on the transformer, and TREAD routing on the transformer's image tokens while it trains.
+
+    accelerate launch training/train_tread_t2i_lora.py \
+        --pretrained_model_name_or_path PixArt-alpha/PixArt-Sigma-XL-2-512-MS --train_data_dir my-images \
+        --resolution 512 --rank 16 --routes paper --validation_prompt "a photo of a red fox" --output_dir fox-lora
+
+The story, top to bottom: arguments -> which model (from `model_index.json`) -> data -> text embeddings (and optionally
+VAE latents) computed ONCE, after which the text encoders are freed -> transformer + LoRA + routing -> optimizer ->
+(resume) -> loop -> LoRA weights in Diffusers' format, a model card, and an optional push.
+
+Routing (`diffusers_tread.models.tread_t2i.apply_tread`) is a set of hooks on the transformer's blocks: it runs only in
+train mode, touches only image tokens (text tokens and the conditioning are never routed), and leaves the module tree
+and state dict alone, so PEFT's LoRA layers and Diffusers' LoRA saving and loading are unaffected. Validation switches
+the model to eval mode, which samples with every token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import hashlib
+import json
+import logging
+import math
+import os
+import platform
+import re
+import shlex
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import diffusers
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    DiffusionPipeline,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+)
+from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE, LoraBaseMixin
+from diffusers.loaders.peft import PeftAdapterMixin
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import (
+    cast_training_params,
+    compute_density_for_timestep_sampling,
+    compute_loss_weighting_for_sd3,
+)
+from diffusers.utils.hub_utils import populate_model_card
+from huggingface_hub import ModelCard, ModelCardData, create_repo, upload_folder
+from peft import LoraConfig, inject_adapter_in_model
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from diffusers_tread import paper_routes
+from diffusers_tread.data import preprocess_image, seeded_generator
+from diffusers_tread.models.tread_t2i import apply_tread
+from diffusers_tread.routing import validate_routes
+
+# The class-conditional script's route parser and crash-safe checkpoints (`.incomplete-checkpoint-N` -> `checkpoint-N`),
+# so that both scripts behave the same way.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_tread import (  # noqa: E402
+    find_checkpoint,
+    install_stop_handlers,
+    parse_routes,
+    restore_stop_handlers,
+    save_checkpoint,
+    stop_requested,
+)
+
+logger = get_logger(__name__, log_level="INFO")
+
+# What never goes to the Hub from an output folder.
+HUB_IGNORE_PATTERNS = ["checkpoint-*", ".incomplete-checkpoint-*", "logs/*", "validation/step_*", "*.csv"]
+EMBEDDINGS_FILE = "embeddings.safetensors"
+EMBEDDINGS_INFO = "embeddings.json"
+# The LoraConfig fields a saved file's metadata gives back when it is loaded into a PixArt transformer.
+LORA_CONFIG_FIELDS = ("r", "lora_alpha", "lora_dropout", "target_modules", "bias", "use_rslora", "use_dora")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The supported model families: what tells them apart is collected here.
+# ----------------------------------------------------------------------------------------------------------------------
+
+FAMILIES = {
+    # transformer class -> family. PixArt: DDPM (epsilon or v) with learned sigma, T5. SD3 and Flux: rectified flow,
+    # CLIP x2 + T5 (Flux: CLIP + T5, packed 2x2 latents, RoPE ids, guidance embedding).
+    "PixArtTransformer2DModel": "pixart",
+    "SD3Transformer2DModel": "sd3",
+    "FluxTransformer2DModel": "flux",
+}
+DEFAULT_TARGET_MODULES = {
+    "pixart": ["to_k", "to_q", "to_v", "to_out.0"],  # self- and cross-attention (attn1, attn2)
+    "sd3": ["to_k", "to_q", "to_v", "to_out.0", "add_k_proj", "add_q_proj", "add_v_proj", "to_add_out"],
+    "flux": ["to_k", "to_q", "to_v", "to_out.0", "add_k_proj", "add_q_proj", "add_v_proj", "to_add_out"],
+}
+# The pipelines' own defaults (PixArt-Alpha was trained with 120 T5 tokens, Sigma with 300); 77 for SD3 as in
+# Diffusers' SD3 LoRA examples (the CLIP length; T5 may take more).
+DEFAULT_MAX_SEQUENCE_LENGTH = {"PixArtAlphaPipeline": 120, "PixArtSigmaPipeline": 300, "sd3": 77, "flux": 512}
+
+
+class ModelSpec:
+    """What the script needs to know about the base pipeline, read from its `model_index.json`."""
+
+    def __init__(self, path: str, model_index: dict):
+        self.path = path  # a local folder (Hub ids are downloaded first)
+        self.model_index = model_index
+        self.pipeline_class_name = model_index.get("_class_name")
+        transformer = model_index.get("transformer")
+        transformer_class = (
+            transformer[1] if isinstance(transformer, (list, tuple)) and len(transformer) == 2 else None
+        )
+        if transformer_class not in FAMILIES:
+            supported = ", ".join(f"{cls} ({family})" for cls, family in FAMILIES.items())
+            raise ValueError(
+                f"{path}: the pipeline's transformer is {transformer_class!r} (pipeline {self.pipeline_class_name}); "
+                f"this script supports {supported}."
+            )
+        self.transformer_class_name = transformer_class
+        self.family = FAMILIES[transformer_class]
+        self.pipeline_class = getattr(diffusers, self.pipeline_class_name, None)
+        if self.pipeline_class is None or not issubclass(self.pipeline_class, DiffusionPipeline):
+            raise ValueError(f"{path}: unknown pipeline class {self.pipeline_class_name!r} in model_index.json.")
+        self.transformer_class = getattr(diffusers, transformer_class)
+        # Every component from transformers (text encoders, tokenizers): loaded to encode captions, then freed.
+        self.text_components = [
+            name
+            for name, value in model_index.items()
+            if isinstance(value, (list, tuple)) and len(value) == 2 and value[0] == "transformers"
+        ]
+
+    @property
+    def flow_matching(self) -> bool:
+        return self.family in ("sd3", "flux")
+
+    def default_max_sequence_length(self) -> int:
+        return DEFAULT_MAX_SEQUENCE_LENGTH.get(self.pipeline_class_name) or DEFAULT_MAX_SEQUENCE_LENGTH.get(
+            self.family, 300
+        )
+
+
+def check_routes(spec: ModelSpec, routes) -> None:
+    """Fail early on routes that do not fit the transformer's blocks (the router checks them again when attached).
+    Flux counts its double-stream blocks first, then its single-stream blocks."""
+    if not routes:
+        return
+    config = spec.transformer_class.load_config(spec.path, subfolder="transformer")
+    num_blocks = config["num_layers"] + (config.get("num_single_layers", 0) if spec.family == "flux" else 0)
+    if routes == "paper" and num_blocks < 6:
+        raise ValueError(
+            f"--routes paper (blocks 2..{num_blocks - 4}, i.e. 2..depth-4, at ratio 0.5) does not fit a transformer "
+            f"with {num_blocks} blocks; give the routes explicitly, e.g. --routes 1:{num_blocks - 2}:0.5, or none."
+        )
+    validate_routes(paper_routes(num_blocks) if routes == "paper" else routes, num_blocks)
+
+
+def resolve_model(args) -> ModelSpec:
+    """A local pipeline folder, or a Hub id downloaded once (every later load reads the local snapshot)."""
+    path = args.pretrained_model_name_or_path
+    if not Path(path).is_dir():
+        path = DiffusionPipeline.download(
+            path, revision=args.revision, variant=args.variant, cache_dir=args.cache_dir, token=args.hub_token
+        )
+    index_file = Path(path, "model_index.json")
+    if not index_file.is_file():
+        raise ValueError(
+            f"{args.pretrained_model_name_or_path} is not a Diffusers pipeline (no model_index.json); pass a "
+            "pipeline folder or Hub id, e.g. PixArt-alpha/PixArt-Sigma-XL-2-512-MS or "
+            "stabilityai/stable-diffusion-3-medium-diffusers."
+        )
+    return ModelSpec(str(path), json.loads(index_file.read_text()))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="LoRA text-to-image fine-tuning with TREAD token routing.")
+    # Model
+    parser.add_argument(
+        "--pretrained_model_name_or_path",
+        required=True,
+        help="a Diffusers pipeline folder or Hub id (PixArt-Alpha/Sigma, Stable Diffusion 3, Flux)",
+    )
+    parser.add_argument("--revision", default=None)
+    parser.add_argument("--variant", default=None, help='e.g. "fp16"')
+    parser.add_argument("--cache_dir", default=None)
+    parser.add_argument(
+        "--routes",
+        type=parse_routes,
+        default="paper",
+        help='TREAD routes over the transformer blocks: "paper" (default), "none" (dense training), JSON, or '
+        "start:end:ratio[,start:end:ratio] (end inclusive)",
+    )
+    # LoRA
+    parser.add_argument("--rank", type=int, default=4, help="LoRA rank")
+    parser.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
+    parser.add_argument("--lora_dropout", type=float, default=0.0)
+    parser.add_argument(
+        "--lora_target_modules",
+        default=None,
+        help="comma-separated module names; default: the attention projections (SD3/Flux: with the add_*_proj)",
+    )
+    # Data
+    parser.add_argument("--dataset_name", default=None, help="a Hub data set, or a local `datasets` folder")
+    parser.add_argument("--dataset_config_name", default=None)
+    parser.add_argument(
+        "--train_data_dir", default=None, help="an imagefolder: images plus a metadata.jsonl with the captions"
+    )
+    parser.add_argument("--image_column", default="image")
+    parser.add_argument("--caption_column", default="text")
+    parser.add_argument("--max_train_samples", type=int, default=None)
+    parser.add_argument("--resolution", type=int, default=512)
+    parser.add_argument("--center_crop", action="store_true")
+    parser.add_argument("--random_flip", action="store_true")
+    parser.add_argument(
+        "--max_sequence_length",
+        type=int,
+        default=None,
+        help="T5 tokens (default: the pipeline's own: PixArt-Alpha 120, PixArt-Sigma 300, SD3 77, Flux 512)",
+    )
+    parser.add_argument("--text_encoding_batch_size", type=int, default=8)
+    parser.add_argument(
+        "--cache_latents",
+        action="store_true",
+        help="encode every image with the VAE once, before training (crops and flips are then drawn once)",
+    )
+    parser.add_argument(
+        "--precomputed_embeddings_dir",
+        default=None,
+        help="where the caption embeddings are kept: read if it holds them for this model and data, else written",
+    )
+    parser.add_argument(
+        "--precompute_only",
+        action="store_true",
+        help="write the embeddings to --precomputed_embeddings_dir and exit (e.g. on a machine with more memory)",
+    )
+    parser.add_argument("--dataloader_num_workers", type=int, default=0)
+    # Objective
+    parser.add_argument(
+        "--weighting_scheme",
+        choices=["sigma_sqrt", "logit_normal", "mode", "cosmap", "none"],
+        default="none",
+        help="SD3/Flux: timestep density and loss weighting (SD3 paper)",
+    )
+    parser.add_argument("--logit_mean", type=float, default=0.0)
+    parser.add_argument("--logit_std", type=float, default=1.0)
+    parser.add_argument("--mode_scale", type=float, default=1.29)
+    parser.add_argument(
+        "--precondition_outputs",
+        type=int,
+        default=1,
+        help="SD3/Flux: 1 compares x0 = x_t - sigma * v with the clean latents (as Diffusers' SD3 examples); "
+        "0 compares the velocity with noise - latents",
+    )
+    parser.add_argument("--guidance_scale", type=float, default=3.5, help="Flux's guidance embedding while training")
+    # Optimisation
+    parser.add_argument("--output_dir", default="tread-t2i-lora")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train_batch_size", type=int, default=4, help="per device")
+    parser.add_argument("--num_train_epochs", type=int, default=1)
+    parser.add_argument("--max_train_steps", type=int, default=None, help="overrides --num_train_epochs")
+    parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    parser.add_argument("--gradient_checkpointing", action="store_true")
+    parser.add_argument("--learning_rate", type=float, default=1e-4)
+    parser.add_argument("--scale_lr", action="store_true", help="multiply the LR by batch x accumulation x processes")
+    parser.add_argument(
+        "--lr_scheduler",
+        default="constant",
+        help="linear, cosine, cosine_with_restarts, polynomial, constant, constant_with_warmup",
+    )
+    parser.add_argument("--lr_warmup_steps", type=int, default=0)
+    parser.add_argument("--adam_beta1", type=float, default=0.9)
+    parser.add_argument("--adam_beta2", type=float, default=0.999)
+    parser.add_argument("--adam_weight_decay", type=float, default=1e-4)
+    parser.add_argument("--adam_epsilon", type=float, default=1e-8)
+    parser.add_argument("--max_grad_norm", type=float, default=1.0)
+    parser.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None)
+    parser.add_argument("--allow_tf32", action="store_true")
+    # Checkpoints, validation, logging, Hub
+    parser.add_argument("--checkpointing_steps", type=int, default=500)
+    parser.add_argument("--checkpoints_total_limit", type=int, default=None)
+    parser.add_argument("--resume_from_checkpoint", default=None, help='a checkpoint folder or "latest"')
+    parser.add_argument("--validation_prompt", default=None)
+    parser.add_argument("--num_validation_images", type=int, default=4)
+    parser.add_argument("--validation_steps", type=int, default=None, help="validate every this many steps")
+    parser.add_argument("--validation_epochs", type=int, default=None, help="validate every this many epochs")
+    parser.add_argument("--validation_num_inference_steps", type=int, default=25)
+    parser.add_argument("--validation_guidance_scale", type=float, default=None, help="default: the pipeline's")
+    parser.add_argument("--report_to", default="tensorboard", help='tensorboard, wandb, all or "none"')
+    parser.add_argument("--logging_dir", default="logs")
+    parser.add_argument("--tracker_project_name", default="train_tread_t2i_lora")
+    parser.add_argument("--push_to_hub", action="store_true")
+    parser.add_argument("--push_checkpoints", action="store_true", help="also upload checkpoints, in the background")
+    parser.add_argument("--hub_model_id", default=None)
+    parser.add_argument("--hub_token", default=None)
+    parser.add_argument("--hub_private_repo", action="store_true")
+    args = parser.parse_args(argv)
+
+    if (args.dataset_name is None) == (args.train_data_dir is None):
+        parser.error("give exactly one of --dataset_name and --train_data_dir")
+    if args.precompute_only and not args.precomputed_embeddings_dir:
+        parser.error("--precompute_only writes to --precomputed_embeddings_dir: give it")
+    if args.rank < 1:
+        parser.error("--rank must be at least 1")
+    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
+        parser.error("--checkpoints_total_limit must be at least 1 (the newest checkpoint is always kept)")
+    if args.resolution % 16:
+        parser.error("--resolution must be a multiple of 16 (VAE downsampling x patch size)")
+    return args
+
+
+def redacted_command(argv: list[str]) -> str:
+    """The launch command for the model card, with the Hub token removed."""
+    text = " ".join(shlex.quote(a) for a in ["accelerate", "launch", "training/train_tread_t2i_lora.py", *argv])
+    return re.sub(r"(--hub_token[ =])\S+", r"\1<redacted>", text)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Data: an image-caption data set; captions become indices into a table of precomputed embeddings.
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def load_captioned_images(args):
+    """The training split and its captions (one per image; the first of a list)."""
+    import datasets
+
+    if args.train_data_dir is not None:
+        source = f"image folder {args.train_data_dir!r}"
+        data = datasets.load_dataset("imagefolder", data_dir=args.train_data_dir, cache_dir=args.cache_dir)
+    elif Path(args.dataset_name).is_dir() and any(
+        Path(args.dataset_name, name).is_file() for name in ("state.json", "dataset_dict.json")
+    ):
+        source = f"saved dataset {args.dataset_name!r}"
+        data = datasets.load_from_disk(args.dataset_name)
+    else:
+        source = f"dataset {args.dataset_name!r}"
+        data = datasets.load_dataset(args.dataset_name, args.dataset_config_name, cache_dir=args.cache_dir)
+    if isinstance(data, datasets.DatasetDict):
+        if "train" not in data:
+            raise ValueError(f"The {source} has no 'train' split; its splits are {list(data)}.")
+        data = data["train"]
+    for column, flag in ((args.image_column, "--image_column"), (args.caption_column, "--caption_column")):
+        if column not in data.column_names:
+            hint = (
+                " An imagefolder takes its captions from a metadata.jsonl next to the images, one line per image: "
+                '{"file_name": "0.png", "text": "a red circle"}.'
+                if flag == "--caption_column" and args.train_data_dir
+                else ""
+            )
+            raise ValueError(
+                f"The {source} has no column {column!r} (set by {flag}); its columns are {data.column_names}.{hint}"
+            )
+    if args.max_train_samples is not None:
+        data = data.shuffle(seed=args.seed).select(range(min(args.max_train_samples, len(data))))
+    if len(data) == 0:
+        raise ValueError(f"The {source} is empty.")
+    captions = []
+    for index, caption in enumerate(data[args.caption_column]):
+        if isinstance(caption, (list, tuple)):
+            caption = caption[0] if caption else None
+        if not isinstance(caption, str):
+            raise ValueError(
+                f"The caption of item {index} of the {source} is {caption!r}; --caption_column must hold strings (or "
+                "lists of strings, of which the first is used)."
+            )
+        captions.append(caption)
+    data = data.select_columns([args.image_column])
+    if isinstance(data.features[args.image_column], datasets.Image):  # decode ourselves, to name unreadable files
+        data = data.cast_column(args.image_column, datasets.Image(decode=False))
+    return data, captions, source
+
+
+def open_image(image) -> Image.Image:
+    if isinstance(image, dict):  # undecoded `datasets.Image`: {"bytes", "path"}
+        import io
+
+        return Image.open(io.BytesIO(image["bytes"])) if image.get("bytes") else Image.open(image["path"])
+    if isinstance(image, str):
+        return Image.open(image)
+    return image
+
+
+class CaptionedImageDataset(torch.utils.data.Dataset):
+    """Items ``{"pixel_values": (3, R, R) in [-1, 1], "caption_index": int}``; crops and flips are drawn per
+    (seed, epoch, item), so a resumed run sees exactly the augmentations of an uninterrupted one."""
+
+    def __init__(self, data, image_column, caption_indices, resolution, center_crop, random_flip, seed):
+        self.data, self.image_column, self.caption_indices = data, image_column, caption_indices
+        self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> dict:
+        image = self.data[int(index)][self.image_column]
+        try:
+            pixel_values = preprocess_image(
+                open_image(image),
+                self.resolution,
+                self.center_crop,
+                self.random_flip,
+                generator=seeded_generator(self.seed, self.epoch, int(index)),
+            )
+        except (OSError, ValueError, SyntaxError) as error:
+            raise ValueError(f"Could not read the image of item {index}: {error}. Fix or remove it.") from error
+        return {"pixel_values": pixel_values, "caption_index": self.caption_indices[index]}
+
+
+class CachedLatentDataset(torch.utils.data.Dataset):
+    """Items ``{"latent_parameters": VAE posterior (mean | logvar), "caption_index": int}`` (--cache_latents)."""
+
+    def __init__(self, latent_parameters: torch.Tensor, caption_indices: list[int]):
+        self.latent_parameters, self.caption_indices = latent_parameters, caption_indices
+
+    def __len__(self) -> int:
+        return len(self.latent_parameters)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"latent_parameters": self.latent_parameters[index], "caption_index": self.caption_indices[index]}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Text embeddings, computed once
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def encode_prompts(spec: ModelSpec, pipeline, prompts: list[str], max_sequence_length: int, device, negative=False):
+    """Each pipeline's own `encode_prompt`, so training sees exactly the embeddings inference makes.
+
+    Returns the keyword arguments the pipeline's `__call__` takes (with `negative=True`: also the negative ones, for
+    classifier-free guidance at validation); the training loop uses the positive ones.
+    """
+    with torch.no_grad():
+        if spec.family == "pixart":
+            embeds, mask, negative_embeds, negative_mask = pipeline.encode_prompt(
+                prompts,
+                do_classifier_free_guidance=negative,
+                device=device,
+                clean_caption=False,
+                max_sequence_length=max_sequence_length,
+            )
+            out = {"prompt_embeds": embeds, "prompt_attention_mask": mask}
+            if negative:
+                out |= {"negative_prompt_embeds": negative_embeds, "negative_prompt_attention_mask": negative_mask}
+        elif spec.family == "sd3":
+            embeds, negative_embeds, pooled, negative_pooled = pipeline.encode_prompt(
+                prompts,
+                None,
+                None,
+                device=device,
+                do_classifier_free_guidance=negative,
+                max_sequence_length=max_sequence_length,
+            )
+            out = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+            if negative:
+                out |= {"negative_prompt_embeds": negative_embeds, "negative_pooled_prompt_embeds": negative_pooled}
+        else:  # flux: guidance-distilled, no negative prompt; text_ids are the same (zeros) for every prompt
+            embeds, pooled, _ = pipeline.encode_prompt(
+                prompts, None, device=device, max_sequence_length=max_sequence_length
+            )
+            out = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+    return {key: value.detach() for key, value in out.items()}
+
+
+def embeddings_fingerprint(spec: ModelSpec, args, captions: list[str]) -> dict:
+    """What the embeddings depend on: written next to them and checked before they are reused."""
+    text_configs = {}
+    for name in spec.text_components:
+        for config_name in ("config.json", "tokenizer_config.json", "tokenizer.json"):
+            path = Path(spec.path, name, config_name)
+            if path.is_file():
+                text_configs[f"{name}/{config_name}"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return {
+        "model": args.pretrained_model_name_or_path,
+        "revision": args.revision,
+        "pipeline": spec.pipeline_class_name,
+        "text_components": text_configs,
+        "max_sequence_length": args.max_sequence_length,
+        "captions_sha256": hashlib.sha256("\n".join(captions).encode()).hexdigest(),
+        "num_captions": len(captions),
+    }
+
+
+def load_precomputed_embeddings(folder: str, fingerprint: dict) -> tuple[dict[str, torch.Tensor], dict] | None:
+    """The caption table saved by an earlier run and its fingerprint, or None if the folder holds none; an error if it
+    holds embeddings of other captions, another model or another sequence length."""
+    info_file, tensor_file = Path(folder, EMBEDDINGS_INFO), Path(folder, EMBEDDINGS_FILE)
+    if not (info_file.is_file() and tensor_file.is_file()):
+        return None
+    saved = json.loads(info_file.read_text())
+    different = sorted(key for key in fingerprint if saved.get(key) != fingerprint[key])
+    if different:
+        raise ValueError(
+            f"{folder} holds embeddings for other inputs (they differ in: {', '.join(different)}). Use another "
+            "--precomputed_embeddings_dir, or delete the folder to compute them again."
+        )
+    return load_file(tensor_file), saved
+
+
+def compute_embeddings(spec: ModelSpec, args, unique_captions: list[str], accelerator, weight_dtype):
+    """Encode every distinct caption (and the validation prompt) once; the text encoders are freed afterwards."""
+    logger.info(f"Encoding {len(unique_captions)} distinct captions with {', '.join(spec.text_components)}")
+    pipeline = spec.pipeline_class.from_pretrained(
+        spec.path, transformer=None, vae=None, variant=args.variant, dtype=weight_dtype
+    )
+    pipeline.to(accelerator.device)
+    pipeline.set_progress_bar_config(disable=True)
+    chunks: dict[str, list[torch.Tensor]] = {}
+    for start in range(0, len(unique_captions), args.text_encoding_batch_size):
+        batch = unique_captions[start : start + args.text_encoding_batch_size]
+        for key, value in encode_prompts(spec, pipeline, batch, args.max_sequence_length, accelerator.device).items():
+            chunks.setdefault(key, []).append(value.cpu())
+    table = {key: torch.cat(values).contiguous() for key, values in chunks.items()}
+    validation = None
+    if args.validation_prompt:
+        validation = encode_prompts(
+            spec, pipeline, [args.validation_prompt], args.max_sequence_length, accelerator.device, negative=True
+        )
+        validation = {key: value.cpu() for key, value in validation.items()}
+    del pipeline
+    free_memory()
+    return table, validation
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# LoRA: add, save in Diffusers' format, load back
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def add_lora(transformer, config: LoraConfig) -> None:
+    """`add_adapter` where the transformer has Diffusers' PEFT mixin (SD3, Flux); PixArt's transformer has none in
+    Diffusers 0.42, so it gets the same PEFT injection `add_adapter` performs."""
+    if isinstance(transformer, PeftAdapterMixin):
+        transformer.add_adapter(config)
+    else:
+        inject_adapter_in_model(config, transformer, "default")
+
+
+def save_lora(spec: ModelSpec, folder: str, transformer) -> Path:
+    """`pytorch_lora_weights.safetensors` in Diffusers' format: PEFT keys prefixed `transformer.`, the LoRA config in
+    the file's metadata. SD3/Flux: the pipeline's own `save_lora_weights`; PixArt (no LoRA loader mixin): the same
+    file through `LoraBaseMixin.write_lora_layers`."""
+    state_dict = {key: value.detach().float().cpu() for key, value in get_peft_model_state_dict(transformer).items()}
+    metadata = transformer.peft_config["default"].to_dict()
+    if hasattr(spec.pipeline_class, "save_lora_weights"):
+        spec.pipeline_class.save_lora_weights(
+            folder, transformer_lora_layers=state_dict, transformer_lora_adapter_metadata=metadata
+        )
+    else:
+        LoraBaseMixin.write_lora_layers(
+            state_dict={f"transformer.{key}": value for key, value in state_dict.items()},
+            save_directory=folder,
+            is_main_process=True,
+            weight_name=LORA_WEIGHT_NAME_SAFE,
+            save_function=None,
+            safe_serialization=True,
+            lora_adapter_metadata={f"transformer.{key}": value for key, value in metadata.items()},
+        )
+    return Path(folder, LORA_WEIGHT_NAME_SAFE)
+
+
+def read_transformer_lora(folder: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """The transformer's LoRA tensors (keys without the `transformer.` prefix) and config from a saved file."""
+    path = Path(folder, LORA_WEIGHT_NAME_SAFE)
+    with safe_open(str(path), framework="pt") as f:
+        packed = json.loads((f.metadata() or {}).get("lora_adapter_metadata", "{}"))
+        state_dict = {key.removeprefix("transformer."): f.get_tensor(key) for key in f.keys()}
+    config = {key.removeprefix("transformer."): value for key, value in packed.items()}
+    return state_dict, config
+
+
+def load_lora_into_transformer(transformer, folder: str, adapter_name: str = "default") -> None:
+    """Load a saved LoRA into a transformer without Diffusers' PEFT mixin (PixArt): PEFT injection, then weights."""
+    state_dict, config = read_transformer_lora(folder)
+    if "r" not in config:  # a file without Diffusers' metadata: the rank and targets from the tensors themselves
+        down = [key for key in state_dict if key.endswith("lora_A.weight")]
+        config = {
+            "r": state_dict[down[0]].shape[0],
+            "target_modules": sorted({key.split(".lora_A")[0] for key in down}),
+        }
+    config = LoraConfig(**{key: value for key, value in config.items() if key in LORA_CONFIG_FIELDS})
+    inject_adapter_in_model(config, transformer, adapter_name)
+    result = set_peft_model_state_dict(transformer, state_dict, adapter_name=adapter_name)
+    if getattr(result, "unexpected_keys", None):
+        raise ValueError(f"{folder}: LoRA weights that match no module: {result.unexpected_keys[:5]}")
+
+
+def load_lora(pipeline, folder: str) -> None:
+    """Load this script's output into a pipeline: `load_lora_weights` (SD3, Flux) or PEFT injection (PixArt)."""
+    if hasattr(pipeline, "load_lora_weights"):
+        pipeline.load_lora_weights(folder, weight_name=LORA_WEIGHT_NAME_SAFE)
+    else:
+        load_lora_into_transformer(pipeline.transformer, folder)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# One training step's model call and loss
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def vae_latents(vae_config, sample: torch.Tensor) -> torch.Tensor:
+    shift = getattr(vae_config, "shift_factor", None) or 0.0
+    return (sample - shift) * vae_config.scaling_factor
+
+
+def model_prediction(spec: ModelSpec, transformer, noisy, timesteps, embeds, args, weight_dtype, vae_scale_factor):
+    """The transformer's output for `noisy` latents `(B, C, H, W)`, as `(B, C, H, W)` (PixArt: the epsilon/v half of
+    a learned-sigma output)."""
+    noisy = noisy.to(weight_dtype)
+    embeds = {
+        key: value.to(noisy.device, weight_dtype if value.is_floating_point() else value.dtype)
+        for key, value in embeds.items()
+    }
+    if spec.family == "pixart":
+        config = unwrap(transformer).config
+        batch, channels, height, width = noisy.shape
+        added = {"resolution": None, "aspect_ratio": None}
+        if getattr(unwrap(transformer), "use_additional_conditions", False):  # PixArt-Alpha 1024: size conditioning
+            pixels = [height * vae_scale_factor, width * vae_scale_factor]
+            added["resolution"] = torch.tensor([pixels] * batch, dtype=weight_dtype, device=noisy.device)
+            added["aspect_ratio"] = torch.tensor([[height / width]] * batch, dtype=weight_dtype, device=noisy.device)
+        output = transformer(
+            noisy,
+            encoder_hidden_states=embeds["prompt_embeds"],
+            encoder_attention_mask=embeds["prompt_attention_mask"],
+            timestep=timesteps,
+            added_cond_kwargs=added,
+            return_dict=False,
+        )[0]
+        if config.out_channels == 2 * channels:  # learned sigma: [eps | variance]; Diffusers trains the first half
+            output = output.chunk(2, dim=1)[0]
+        return output
+    if spec.family == "sd3":
+        return transformer(
+            hidden_states=noisy,
+            timestep=timesteps,
+            encoder_hidden_states=embeds["prompt_embeds"],
+            pooled_projections=embeds["pooled_prompt_embeds"],
+            return_dict=False,
+        )[0]
+    # flux: 2x2 patches packed into tokens, RoPE ids for image and text tokens, guidance as an input
+    batch, channels, height, width = noisy.shape
+    packed = FluxPipeline._pack_latents(noisy, batch, channels, height, width)
+    image_ids = FluxPipeline._prepare_latent_image_ids(batch, height // 2, width // 2, noisy.device, weight_dtype)
+    text_ids = torch.zeros(embeds["prompt_embeds"].shape[1], 3, device=noisy.device, dtype=weight_dtype)
+    guidance = None
+    if unwrap(transformer).config.guidance_embeds:
+        guidance = torch.full((batch,), args.guidance_scale, device=noisy.device, dtype=torch.float32)
+    output = transformer(
+        hidden_states=packed,
+        timestep=timesteps / 1000,
+        guidance=guidance,
+        pooled_projections=embeds["pooled_prompt_embeds"],
+        encoder_hidden_states=embeds["prompt_embeds"],
+        txt_ids=text_ids,
+        img_ids=image_ids,
+        return_dict=False,
+    )[0]
+    return FluxPipeline._unpack_latents(output, height * vae_scale_factor, width * vae_scale_factor, vae_scale_factor)
+
+
+def unwrap(model):
+    """The model inside DDP/compile wrappers (without needing the Accelerator)."""
+    while hasattr(model, "module"):
+        model = model.module
+    return getattr(model, "_orig_mod", model)
+
+
+def training_loss(spec, transformer, noise_scheduler, x0, embeds, args, generator, weight_dtype, vae_scale_factor):
+    """Noise the clean latents `x0`, run the (routed) transformer, and return the loss.
+
+    The loss is the plain diffusion loss on **all** image tokens, the TREAD paper's loss in its ICCV version (Sec. 3,
+    "no additional losses"): routing only changes which blocks a token passes through; every token, bypassed or not,
+    leaves the final layer with a prediction, so every token has a target and the loss is the one dense fine-tuning
+    uses. (v1's adapted loss, kept-token denoising plus an MAE term on the bypassed tokens, is `--tread_loss adapted`
+    of the class-conditional script.) PixArt: MSE to epsilon (or v, per its scheduler); SD3/Flux: rectified flow with
+    Diffusers' SD3 timestep densities and loss weightings.
+    """
+    batch = x0.shape[0]
+    noise = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0.device)
+    if spec.flow_matching:
+        u = compute_density_for_timestep_sampling(
+            weighting_scheme=args.weighting_scheme,
+            batch_size=batch,
+            logit_mean=args.logit_mean,
+            logit_std=args.logit_std,
+            mode_scale=args.mode_scale,
+            device=generator.device,
+            generator=generator,
+        )
+        indices = (u * noise_scheduler.config.num_train_timesteps).long().clamp(max=len(noise_scheduler.timesteps) - 1)
+        timesteps = noise_scheduler.timesteps[indices.cpu()].to(x0.device)
+        sigmas = noise_scheduler.sigmas[indices.cpu()].to(x0.device, torch.float32).view(batch, 1, 1, 1)
+        noisy = (1.0 - sigmas) * x0 + sigmas * noise
+        prediction = model_prediction(
+            spec, transformer, noisy, timesteps, embeds, args, weight_dtype, vae_scale_factor
+        ).float()
+        if args.precondition_outputs:
+            prediction = prediction * (-sigmas) + noisy
+            target = x0
+        else:
+            target = noise - x0
+        weighting = compute_loss_weighting_for_sd3(weighting_scheme=args.weighting_scheme, sigmas=sigmas).float()
+        per_sample = (weighting * (prediction - target) ** 2).reshape(batch, -1).mean(dim=1)
+        return per_sample.mean()
+    timesteps = torch.randint(
+        0, noise_scheduler.config.num_train_timesteps, (batch,), generator=generator, device=generator.device
+    ).to(x0.device)
+    noisy = noise_scheduler.add_noise(x0, noise, timesteps)
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        target = noise_scheduler.get_velocity(x0, noise, timesteps)
+    else:
+        target = noise
+    prediction = model_prediction(spec, transformer, noisy, timesteps, embeds, args, weight_dtype, vae_scale_factor)
+    return torch.nn.functional.mse_loss(prediction.float(), target.float())
+
+
+def describe_routing(router) -> list[dict]:
+    """Per route of the last forward: how many image tokens of each sample bypassed it (from the router's masks)."""
+    masks = getattr(router, "route_masks", None) if router is not None else None
+    if not masks:
+        return []
+    routes = list(getattr(router, "routes", None) or [{}] * len(masks))
+    return [
+        {
+            "route": index,
+            "blocks": f"{route.get('start_layer_idx', '?')}..{route.get('end_layer_idx', '?')}",
+            "bypassed": int(mask[0].sum()),
+            "tokens": int(mask.shape[1]),
+            "fraction": float(mask.float().mean()),
+        }
+        for index, (route, mask) in enumerate(zip(routes, masks, strict=True))
+    ]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Validation, model card, push
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def validation_pipeline(spec: ModelSpec, args, transformer, vae, weight_dtype):
+    """The base pipeline around the training transformer, without text encoders (prompts come precomputed)."""
+    no_text = {name: None for name in spec.text_components}
+    pipeline = spec.pipeline_class.from_pretrained(
+        spec.path, transformer=transformer, vae=vae, variant=args.variant, dtype=weight_dtype, **no_text
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def generate(spec: ModelSpec, pipeline, args, prompt_kwargs: dict, device, weight_dtype) -> list[Image.Image]:
+    """--num_validation_images images of the validation prompt, one per call with seeds seed, seed + 1, ... (a batch
+    of precomputed prompt embeddings is not expanded the same way by every pipeline), with all tokens (eval mode)."""
+    kwargs = {key: value.to(device) for key, value in prompt_kwargs.items()}
+    kwargs |= dict(
+        height=args.resolution, width=args.resolution, num_inference_steps=args.validation_num_inference_steps
+    )
+    if args.validation_guidance_scale is not None:
+        kwargs["guidance_scale"] = args.validation_guidance_scale
+    if spec.family == "pixart":  # no aspect-ratio bins; the negative prompt comes as embeddings ("" by default)
+        kwargs |= {"use_resolution_binning": False, "negative_prompt": None}
+    if spec.family in ("pixart", "sd3"):
+        kwargs["max_sequence_length"] = args.max_sequence_length
+    autocast = torch.autocast(device.type, dtype=weight_dtype) if weight_dtype != torch.float32 else nullcontext()
+    images = []
+    with autocast:
+        for index in range(args.num_validation_images):
+            generator = torch.Generator(device="cpu").manual_seed(args.seed + index)
+            images += pipeline(**kwargs, generator=generator).images
+    return images
+
+
+def log_validation(accelerator, spec, args, transformer, vae, prompt_kwargs, weight_dtype, step, name) -> list:
+    transformer.eval()  # every token through every block: routing is training-only
+    pipeline = validation_pipeline(spec, args, transformer, vae, weight_dtype)
+    images = generate(spec, pipeline, args, prompt_kwargs, accelerator.device, weight_dtype)
+    folder = Path(args.output_dir, "validation")
+    folder.mkdir(parents=True, exist_ok=True)
+    for index, image in enumerate(images):
+        image.save(folder / f"{name}_{index}.png")
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_images(
+                "validation", np.stack([np.asarray(image) for image in images]), step, dataformats="NHWC"
+            )
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({"validation": [wandb.Image(image, caption=args.validation_prompt) for image in images]})
+    logger.info(f"Validation images at step {step}: {folder}/{name}_*.png")
+    del pipeline
+    free_memory()
+    transformer.train()
+    return images
+
+
+def save_model_card(
+    args, argv, spec, repo_id, images, routes, steps, total_batch_size, seconds, final_loss, num_examples
+) -> None:
+    """README.md: Diffusers' LoRA card metadata (base model, widget, tags via `populate_model_card`) and how to load it."""
+    base_model = args.pretrained_model_name_or_path
+    hub_base = base_model if not Path(base_model).exists() else None
+    widget = []
+    for index, image in enumerate(images or []):
+        image.save(Path(args.output_dir, f"image_{index}.png"))
+        widget.append({"text": args.validation_prompt, "output": {"url": f"image_{index}.png"}})
+    if spec.family == "pixart":
+        how_to_load = f"""```python
+from diffusers import {spec.pipeline_class_name}
+from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+from safetensors.torch import load_file
+
+# Diffusers has no LoRA loader for PixArt: inject the adapter with PEFT and load the weights.
+pipe = {spec.pipeline_class_name}.from_pretrained("{base_model}")
+weights = load_file("pytorch_lora_weights.safetensors")  # from this repository
+weights = {{k.removeprefix("transformer."): v for k, v in weights.items()}}
+config = LoraConfig(r={args.rank}, lora_alpha={args.lora_alpha}, target_modules={args.lora_target_modules})
+inject_adapter_in_model(config, pipe.transformer)
+set_peft_model_state_dict(pipe.transformer, weights)
+image = pipe("{args.validation_prompt or "a photo"}").images[0]
+```"""
+    else:
+        how_to_load = f"""```python
+from diffusers import {spec.pipeline_class_name}
+
+pipe = {spec.pipeline_class_name}.from_pretrained("{base_model}")
+pipe.load_lora_weights("{repo_id or args.output_dir}")
+image = pipe("{args.validation_prompt or "a photo"}").images[0]
+```"""
+    hardware = (
+        f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}"
+        if torch.cuda.is_available()
+        else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    )
+    description = f"""# TREAD LoRA for {base_model}
+
+LoRA adapters (rank {args.rank}, alpha {args.lora_alpha}, on `{", ".join(args.lora_target_modules)}`) for the
+`{spec.transformer_class_name}` of `{base_model}`, trained with [TREAD token routing](https://arxiv.org/abs/2501.04765)
+by `training/train_tread_t2i_lora.py` of diffusers-tread. Routing only changes training (a random subset of image tokens
+skips the routed blocks); the adapters are ordinary Diffusers LoRA weights, and inference uses every token.
+
+## How to use
+
+{how_to_load}
+
+## Training
+
+| | |
+|---|---|
+| routes | `{json.dumps(routes)}` |
+| loss | {"flow matching, weighting " + args.weighting_scheme if spec.flow_matching else "epsilon/v MSE (DDPM)"}, on all tokens |
+| data | {num_examples} image-caption pairs from `{args.dataset_name or Path(args.train_data_dir).name}`, {args.resolution} px |
+| steps | {steps} at batch {total_batch_size} ({args.train_batch_size} per device x {args.gradient_accumulation_steps} accumulation) |
+| learning rate | {args.learning_rate} ({args.lr_scheduler}) |
+| mixed precision | {args.mixed_precision or "no"} |
+| hardware, time | {hardware}, {seconds / 60:.1f} min |
+| final loss | {final_loss:.4f} |
+
+Command: `{redacted_command(argv)}`
+"""
+    # Diffusers' LoRA card metadata (as `load_or_create_model_card(..., from_training=True)` writes it), with our text
+    # only: its template would add "TODO" sections, and its Hub lookup would keep an older card found there.
+    card_data = ModelCardData(
+        license=None,
+        library_name="diffusers",
+        inference=True,
+        base_model=hub_base,
+        instance_prompt=args.validation_prompt,
+        widget=widget,
+    )
+    card = ModelCard.from_template(
+        card_data, template_str="---\n{{ card_data }}\n---\n\n{{ model_description }}", model_description=description
+    )
+    tags = ["text-to-image", "diffusers-training", "diffusers", "lora", "tread", spec.family, "template:sd-lora"]
+    card = populate_model_card(card, tags=tags)
+    card.save(os.path.join(args.output_dir, "README.md"))
+
+
+def push_output(args, repo_id: str) -> None:
+    try:
+        upload_folder(
+            repo_id=repo_id,
+            folder_path=args.output_dir,
+            commit_message="End of training",
+            ignore_patterns=HUB_IGNORE_PATTERNS,
+            token=args.hub_token,
+        )
+    except Exception as error:
+        raise RuntimeError(
+            f"Uploading {args.output_dir} to {repo_id} failed: {error}. The folder is complete and unchanged; retry "
+            f"with `huggingface-cli upload {repo_id} {args.output_dir}`."
+        ) from error
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    started = time.time()
+
+    # 1. Accelerator, logging, seed, the model (its family decides the rest), Hub repo.
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(
+            project_dir=args.output_dir, logging_dir=str(Path(args.output_dir, args.logging_dir))
+        ),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),  # same data order on resume
+    )
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    logger.info(accelerator.state, main_process_only=False)
+    if accelerator.is_local_main_process:
+        diffusers.utils.logging.set_verbosity_warning()
+    else:
+        diffusers.utils.logging.set_verbosity_error()
+    set_seed(args.seed)
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+    spec = resolve_model(args)
+    if args.max_sequence_length is None:
+        args.max_sequence_length = spec.default_max_sequence_length()
+    if args.lora_target_modules is None:
+        args.lora_target_modules = DEFAULT_TARGET_MODULES[spec.family]
+    else:
+        args.lora_target_modules = [name.strip() for name in args.lora_target_modules.split(",") if name.strip()]
+    args.lora_alpha = args.lora_alpha or args.rank
+    logger.info(f"Model: {spec.pipeline_class_name} ({spec.family}, {spec.transformer_class_name}) from {spec.path}")
+    check_routes(spec, args.routes)  # before the (slow) text encoding
+
+    repo_id = None
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+        if args.push_to_hub and not args.precompute_only:
+            repo_id = create_repo(
+                args.hub_model_id or Path(args.output_dir).name,
+                exist_ok=True,
+                private=args.hub_private_repo,
+                token=args.hub_token,
+            ).repo_id
+
+    # 2. Data, and every caption's text embedding, computed once (or read from --precomputed_embeddings_dir).
+    data, captions, source = load_captioned_images(args)
+    unique_captions = sorted(set(captions))
+    position = {caption: index for index, caption in enumerate(unique_captions)}
+    caption_indices = [position[caption] for caption in captions]
+    fingerprint = embeddings_fingerprint(spec, args, unique_captions)
+    # The main process first: with --precomputed_embeddings_dir the other processes then read what it wrote.
+    with accelerator.main_process_first():
+        table, validation_prompt_kwargs = None, None
+        if args.precomputed_embeddings_dir:
+            loaded = load_precomputed_embeddings(args.precomputed_embeddings_dir, fingerprint)
+            if loaded is not None:
+                table, saved_info = loaded
+                logger.info(
+                    f"Loaded the embeddings of {len(unique_captions)} captions from {args.precomputed_embeddings_dir}"
+                )
+                saved_validation = {
+                    k.removeprefix("validation."): v for k, v in table.items() if k.startswith("validation.")
+                }
+                table = {key: value for key, value in table.items() if not key.startswith("validation.")}
+                if args.validation_prompt and saved_info.get("validation_prompt") == args.validation_prompt:
+                    validation_prompt_kwargs = saved_validation
+        need_captions = table is None
+        if need_captions or (args.validation_prompt and validation_prompt_kwargs is None):
+            computed, validation_prompt_kwargs = compute_embeddings(
+                spec, args, unique_captions if need_captions else [], accelerator, weight_dtype
+            )
+            if need_captions:
+                table = computed
+                if args.precomputed_embeddings_dir and accelerator.is_main_process:
+                    folder = Path(args.precomputed_embeddings_dir)
+                    folder.mkdir(parents=True, exist_ok=True)
+                    tensors = dict(table) | {f"validation.{k}": v for k, v in (validation_prompt_kwargs or {}).items()}
+                    save_file(tensors, folder / EMBEDDINGS_FILE)
+                    info = fingerprint | {"validation_prompt": args.validation_prompt}
+                    (folder / EMBEDDINGS_INFO).write_text(json.dumps(info, indent=2))
+                    logger.info(f"Wrote the embeddings to {folder}")
+    accelerator.wait_for_everyone()
+    if args.precompute_only:
+        logger.info("--precompute_only: done.")
+        accelerator.end_training()
+        return
+    vae = AutoencoderKL.from_pretrained(
+        spec.path, subfolder="vae", revision=args.revision, variant=args.variant
+    ).requires_grad_(False)
+    vae.to(accelerator.device, dtype=torch.float32)  # fp32: the SD3/SDXL VAEs overflow in fp16
+    vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    dataset = CaptionedImageDataset(
+        data, args.image_column, caption_indices, args.resolution, args.center_crop, args.random_flip, args.seed
+    )
+    if args.cache_latents:
+        parameters = []
+        for start in tqdm(range(0, len(dataset), args.train_batch_size), desc="Caching latents",
+                          disable=not accelerator.is_local_main_process):  # fmt: skip
+            items = [
+                dataset[i]["pixel_values"] for i in range(start, min(start + args.train_batch_size, len(dataset)))
+            ]
+            with torch.no_grad():
+                parameters.append(vae.encode(torch.stack(items).to(accelerator.device)).latent_dist.parameters.cpu())
+        dataset = CachedLatentDataset(torch.cat(parameters), caption_indices)
+        if not args.validation_prompt:
+            vae = vae.to("cpu")  # only its config is needed from here on
+            free_memory()
+
+    # 3. Transformer, LoRA, TREAD routing.
+    transformer = spec.transformer_class.from_pretrained(
+        spec.path, subfolder="transformer", revision=args.revision, variant=args.variant
+    )
+    transformer.requires_grad_(False)
+    transformer.to(accelerator.device, dtype=weight_dtype)
+    if args.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    add_lora(
+        transformer,
+        LoraConfig(
+            r=args.rank,
+            lora_alpha=args.lora_alpha,
+            lora_dropout=args.lora_dropout,
+            init_lora_weights="gaussian",
+            target_modules=args.lora_target_modules,
+        ),
+    )
+    if accelerator.mixed_precision in ("fp16", "bf16"):
+        cast_training_params(transformer, dtype=torch.float32)  # LoRA weights train in fp32
+    lora_parameters = [p for p in transformer.parameters() if p.requires_grad]
+
+    # One generator per process draws all training randomness (noise, timesteps, VAE samples, routed subsets), so a
+    # checkpoint can carry it and a resumed run draws exactly what the uninterrupted run would have.
+    train_generator = torch.Generator(device=accelerator.device).manual_seed(args.seed + accelerator.process_index)
+    router, routes = None, args.routes
+    if routes:
+        router = apply_tread(transformer, routes=routes, generator=train_generator)  # validates the routes
+        routes = getattr(router, "routes", routes)
+    latent_size = args.resolution // vae_scale_factor
+    patch_size = 2 if spec.family == "flux" else transformer.config.patch_size
+    num_tokens = (latent_size // patch_size) ** 2
+    transformer.train()
+
+    def save_model_hook(models, weights, output_dir):
+        os.makedirs(output_dir, exist_ok=True)
+        torch.save(train_generator.get_state(), os.path.join(output_dir, f"train_rng_{accelerator.process_index}.pt"))
+        for model in models:
+            if accelerator.is_main_process:
+                save_lora(spec, output_dir, unwrap(model))
+            weights.pop()  # only the adapters, never the frozen base weights
+
+    def load_model_hook(models, input_dir):
+        rng_file = os.path.join(input_dir, f"train_rng_{accelerator.process_index}.pt")
+        if os.path.exists(rng_file):
+            train_generator.set_state(torch.load(rng_file, weights_only=True))
+        else:
+            logger.warning(f"{rng_file} not found: process {accelerator.process_index} reseeds its generator.")
+            train_generator.manual_seed(args.seed + accelerator.process_index + 7919)
+        state_dict, _ = read_transformer_lora(input_dir)
+        for _ in range(len(models)):
+            model = unwrap(models.pop())
+            result = set_peft_model_state_dict(model, state_dict, adapter_name="default")  # in place
+            if getattr(result, "unexpected_keys", None):
+                raise ValueError(f"{input_dir}: LoRA weights that match no module: {result.unexpected_keys[:5]}")
+            if accelerator.mixed_precision in ("fp16", "bf16"):
+                cast_training_params(model, dtype=torch.float32)
+
+    accelerator.register_save_state_pre_hook(save_model_hook)
+    accelerator.register_load_state_pre_hook(load_model_hook)
+
+    # 4. Optimizer, data loader, LR schedule.
+    if args.scale_lr:
+        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+    optimizer = torch.optim.AdamW(
+        lora_parameters,
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+    )
+    train_dataloader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=args.train_batch_size,
+        shuffle=True,
+        num_workers=args.dataloader_num_workers,
+        drop_last=True,
+    )
+    if len(train_dataloader) == 0:
+        raise ValueError(
+            f"The data set has {len(dataset)} examples, fewer than one batch of {args.train_batch_size}: lower "
+            "--train_batch_size or add data."
+        )
+    num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+    if args.max_train_steps is None:
+        args.max_train_steps = args.num_train_epochs * num_update_steps_per_epoch
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=args.max_train_steps * accelerator.num_processes,
+    )
+    transformer, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
+        transformer, optimizer, train_dataloader, lr_scheduler
+    )
+    num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+    num_train_epochs = math.ceil(args.max_train_steps / num_update_steps_per_epoch)
+    if spec.flow_matching:
+        # its training-time timesteps and sigmas (`set_timesteps` is never called on this instance)
+        noise_scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(spec.path, subfolder="scheduler")
+    else:
+        noise_scheduler = DDPMScheduler.from_pretrained(spec.path, subfolder="scheduler")
+    if accelerator.is_main_process:
+        config = {k: v for k, v in vars(args).items() if k != "hub_token"}
+        config = {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v) for k, v in config.items()}
+        accelerator.init_trackers(args.tracker_project_name, config)
+
+    total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    logger.info("***** Running training *****")
+    logger.info(f"  Examples = {len(dataset)} ({len(unique_captions)} distinct captions), epochs = {num_train_epochs}")
+    logger.info(f"  Batch per device = {args.train_batch_size}, total = {total_batch_size}")
+    logger.info(f"  Optimization steps = {args.max_train_steps}, LoRA parameters = "
+                f"{sum(p.numel() for p in lora_parameters) / 1e6:.3f}M")  # fmt: skip
+    logger.info(f"  Image tokens per sample = {num_tokens}, routes = {json.dumps(routes) if routes else 'none'}")
+
+    # 5. Resume.
+    global_step, first_epoch, resume_step = 0, 0, 0
+    if args.resume_from_checkpoint:
+        checkpoint = find_checkpoint(args.output_dir, args.resume_from_checkpoint)
+        if checkpoint is None:
+            logger.info(f"No checkpoint found for '{args.resume_from_checkpoint}'; starting a new run.")
+        else:
+            logger.info(f"Resuming from {checkpoint}")
+            accelerator.load_state(checkpoint)
+            global_step = int(Path(checkpoint).name.split("-")[1])
+            first_epoch = global_step // num_update_steps_per_epoch
+            resume_step = (global_step % num_update_steps_per_epoch) * args.gradient_accumulation_steps
+
+    # 6. Training loop.
+    stop = install_stop_handlers()
+    progress_bar = tqdm(
+        range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
+    )
+    loss_log = Path(args.output_dir, "loss_history.csv")
+    step_started, last_loss, train_loss, routing_reported = time.time(), float("nan"), 0.0, False
+    for epoch in range(first_epoch, num_train_epochs):
+        train_dataloader.set_epoch(epoch)
+        loader = train_dataloader
+        if epoch == first_epoch and resume_step:
+            loader = accelerator.skip_first_batches(train_dataloader, resume_step)
+        for batch in loader:
+            with accelerator.accumulate(transformer):
+                with torch.no_grad():
+                    if "latent_parameters" in batch:
+                        posterior = DiagonalGaussianDistribution(batch["latent_parameters"].to(accelerator.device))
+                    else:
+                        posterior = vae.encode(batch["pixel_values"].to(accelerator.device)).latent_dist
+                    x0 = vae_latents(vae.config, posterior.sample(generator=train_generator)).float()
+                indices = batch["caption_index"].cpu()
+                embeds = {key: value[indices] for key, value in table.items()}
+                loss = training_loss(
+                    spec,
+                    transformer,
+                    noise_scheduler,
+                    x0,
+                    embeds,
+                    args,
+                    train_generator,
+                    weight_dtype,
+                    vae_scale_factor,
+                )
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"Loss is {loss.item()} at step {global_step}. The last checkpoint in {args.output_dir} is "
+                        "untouched; resume from it with a lower --learning_rate, or bf16 instead of fp16."
+                    )
+                routing = describe_routing(router)
+                train_loss += accelerator.gather(loss.detach()).mean().item() / args.gradient_accumulation_steps
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(lora_parameters, args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+
+            if not accelerator.sync_gradients:
+                continue
+            global_step += 1
+            progress_bar.update(1)
+            last_loss, train_loss = train_loss, 0.0
+            step_time = time.time() - step_started
+            step_started = time.time()
+            logs = {"loss": last_loss, "lr": lr_scheduler.get_last_lr()[0], "step_time_s": step_time}
+            for route in routing:
+                logs[f"tread/route_{route['route']}_bypassed_fraction"] = route["fraction"]
+            if routing and not routing_reported:
+                for route in routing:
+                    logger.info(
+                        f"TREAD routing: route {route['route']} (blocks {route['blocks']}): {route['bypassed']} of "
+                        f"{route['tokens']} image tokens bypassed per sample"
+                    )
+                routing_reported = True
+            progress_bar.set_postfix(loss=f"{last_loss:.4f}", lr=logs["lr"])
+            accelerator.log(logs, step=global_step)
+            if accelerator.is_main_process:
+                with loss_log.open("a") as f:
+                    bypassed = ";".join(f"{route['fraction']:.4f}" for route in routing)
+                    f.write(f"{global_step},{last_loss:.6f},{step_time:.4f},{bypassed}\n")
+
+            checkpoint_due = global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps
+            if checkpoint_due:
+                save_checkpoint(accelerator, args, global_step, repo_id)
+            if stop_requested(accelerator, stop):
+                if not checkpoint_due:
+                    save_checkpoint(accelerator, args, global_step, repo_id)
+                logger.info(
+                    f"Stopped by signal {stop['signal']} at step {global_step} after saving a checkpoint; continue "
+                    "with --resume_from_checkpoint latest."
+                )
+                restore_stop_handlers(stop)
+                accelerator.end_training()
+                return
+            if (
+                accelerator.is_main_process
+                and args.validation_prompt
+                and args.validation_steps
+                and global_step % args.validation_steps == 0
+                and global_step < args.max_train_steps
+            ):
+                log_validation(accelerator, spec, args, unwrap(transformer), vae, validation_prompt_kwargs,
+                               weight_dtype, global_step, f"step_{global_step:07d}")  # fmt: skip
+            if global_step >= args.max_train_steps:
+                break
+        epoch_done = epoch + 1
+        if (
+            accelerator.is_main_process
+            and args.validation_prompt
+            and args.validation_epochs
+            and epoch_done % args.validation_epochs == 0
+            and global_step < args.max_train_steps
+        ):
+            log_validation(accelerator, spec, args, unwrap(transformer), vae, validation_prompt_kwargs,
+                           weight_dtype, global_step, f"step_{global_step:07d}")  # fmt: skip
+
+    # 7. Save the LoRA weights, check that they load into a fresh base pipeline, sample, write the card, push.
+    restore_stop_handlers(stop)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        final = unwrap(transformer)
+        if router is not None:
+            router.remove()
+        lora_file = save_lora(spec, args.output_dir, final)
+        logger.info(f"Saved the LoRA weights to {lora_file}")
+        images = None
+        if args.validation_prompt:
+            del final
+            transformer, optimizer = accelerator.free_memory(transformer, optimizer)
+            free_memory()
+            base = spec.transformer_class.from_pretrained(
+                spec.path, subfolder="transformer", revision=args.revision, variant=args.variant,
+                dtype=weight_dtype,
+            ).to(accelerator.device)  # fmt: skip
+            pipeline = validation_pipeline(spec, args, base, vae, weight_dtype)
+            load_lora(pipeline, args.output_dir)  # the saved file, exactly as users will load it
+            pipeline.transformer.eval()
+            images = generate(spec, pipeline, args, validation_prompt_kwargs, accelerator.device, weight_dtype)
+            folder = Path(args.output_dir, "validation")
+            folder.mkdir(parents=True, exist_ok=True)
+            for index, image in enumerate(images):
+                image.save(folder / f"final_{index}.png")
+            for tracker in accelerator.trackers:
+                if tracker.name == "tensorboard":
+                    tracker.writer.add_images(
+                        "test", np.stack([np.asarray(image) for image in images]), global_step, dataformats="NHWC"
+                    )
+            del pipeline
+        save_model_card(
+            args,
+            argv,
+            spec,
+            repo_id,
+            images,
+            routes,
+            global_step,
+            total_batch_size,
+            time.time() - started,
+            last_loss,
+            len(dataset),
+        )
+        if args.push_to_hub:
+            push_output(args, repo_id)
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()
