@@ -93,3 +93,14 @@ def test_plans_cover_the_sweep(convergence, plan):
     assert all(arm.steps == (1400 if arm.routes else 1000) for arm in arms)
     assert len({arm.name for arm in arms}) == len(arms)
     assert len(arms) == (15 if plan == "full" else 9)
+
+
+def test_the_state_space_backbone_trains_and_is_judged(convergence):
+    """`--plan ssm` builds TreadSSM2DModel arms; a routed step runs and the evaluation path accepts the model."""
+    train_set, _ = convergence.load_digits(resolution=16, split="train")
+    arm = convergence.Arm(2, 2, ((0, 0, 0.5),), backbone="ssm", width=16, steps=2)
+    run = convergence.start_run(arm, 5e-4)
+    assert type(run.model).__name__ == "TreadSSM2DModel"
+    convergence.train_steps(run, train_set.pixel_values, train_set.class_labels, 2, batch_size=4)
+    assert len(run.train_losses) == 2 and all(math.isfinite(loss) for loss in run.train_losses)
+    assert {arm.backbone for arm in convergence.plan_arms("ssm", 1000, 1.4)} == {"ssm"}
