@@ -24,6 +24,7 @@ to reach its dense arm's final FD (linear interpolation between evaluations), as
     python bench/convergence.py --quick         # the same code on tiny settings, ~2 minutes (a CI smoke test)
     python bench/convergence.py --plan objectives   # which objective gives the best dense baseline
     python bench/convergence.py --plan ssm          # the state-space backbone (compare with the depth-8 DiT group)
+    python bench/convergence.py --plan ratio_ramp   # routing from step 0 vs the selection ratio ramped up (#6)
 """
 
 from __future__ import annotations
@@ -70,6 +71,9 @@ class Arm:
     objective: str = "flow"
     backbone: str = "dit"
     width: int = 64  # 4 heads of 16, the width of DiT-Tiny/2
+    ratio_warmup_steps: int = (
+        0  # ramp every route's ratio linearly from 0 (train_tread.py --selection_ratio_warmup_steps)
+    )
 
     @property
     def tokens(self) -> int:
@@ -89,7 +93,8 @@ class Arm:
         if not self.routes:
             return "dense"
         spans = "+".join(f"{start}..{end}@{ratio:g}" for start, end, ratio in self.routes)
-        return f"tread-{self.loss} {spans}"
+        ramp = f" ramp{self.ratio_warmup_steps}" if self.ratio_warmup_steps else ""
+        return f"tread-{self.loss} {spans}{ramp}"
 
     @property
     def name(self) -> str:
@@ -122,6 +127,10 @@ def plan_arms(plan: str, steps: int, routed_steps_factor: float) -> list[Arm]:
     elif plan == "objectives":
         for objective in ("flow", "ddpm", "edm"):
             arms.append(Arm(8, 2, steps=steps, objective=objective))
+    elif plan == "ratio_ramp":
+        # Issue #6: the paper route from the first step vs its ratio ramped up over the first 400 steps, from scratch.
+        group(12, 2, [(paper_route(12), "plain")])
+        arms.append(Arm(12, 2, paper_route(12), "plain", steps=routed_steps, ratio_warmup_steps=400))
     elif plan == "ssm":
         # The state-space backbone (bidirectional Mamba blocks), beside the default plan's depth-8 DiT group.
         group(8, 2, [(paper_route(8), "plain")], backbone="ssm")
@@ -286,7 +295,12 @@ def train_steps(run: Run, train_x, train_y, num_steps: int, batch_size: int, cla
         drop = torch.rand(batch_size, generator=run.data_generator) < class_dropout_prob
         labels = torch.where(drop, torch.full_like(labels, 10), labels)
         inputs = objective.training_inputs(x0, generator=run.data_generator)
-        output = model(inputs.model_input, inputs.timestep, labels, route_generator=run.route_generator)
+        ratios = None
+        if arm.ratio_warmup_steps and run.step < arm.ratio_warmup_steps:
+            ratios = [ratio * run.step / arm.ratio_warmup_steps for _, _, ratio in arm.routes]
+        output = model(
+            inputs.model_input, inputs.timestep, labels, selection_ratio=ratios, route_generator=run.route_generator
+        )
         per_element = objective.per_element_loss(output.sample, x0, inputs)
         use_mae = arm.loss == "adapted" and bool(output.route_masks)
         loss = tread_loss(
@@ -550,7 +564,9 @@ def save_grids(runs: list[Run], out: Path) -> None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--plan", default="default", choices=("default", "full", "quick", "objectives", "ssm"))
+    parser.add_argument(
+        "--plan", default="default", choices=("default", "full", "quick", "objectives", "ssm", "ratio_ramp")
+    )
     parser.add_argument("--quick", action="store_true", help="the quick plan and tiny settings (~2 minutes)")
     parser.add_argument("--arms", default=None, help="regex: run only the arms whose name matches (and their dense)")
     parser.add_argument("--steps", type=int, default=1000, help="dense steps; routed arms run --routed_steps_factor x")

@@ -104,3 +104,17 @@ def test_the_state_space_backbone_trains_and_is_judged(convergence):
     convergence.train_steps(run, train_set.pixel_values, train_set.class_labels, 2, batch_size=4)
     assert len(run.train_losses) == 2 and all(math.isfinite(loss) for loss in run.train_losses)
     assert {arm.backbone for arm in convergence.plan_arms("ssm", 1000, 1.4)} == {"ssm"}
+
+
+def test_a_ratio_ramp_starts_dense(convergence):
+    """`--plan ratio_ramp` (issue #6): at step 0 the ramped ratio is 0, so the first step is the dense one."""
+    train_set, _ = convergence.load_digits(resolution=16, split="train")
+    x, y = train_set.pixel_values, train_set.class_labels
+    dense = convergence.Arm(4, 2, width=32, steps=3)
+    ramp = convergence.Arm(4, 2, ((1, 2, 0.5),), width=32, steps=3, ratio_warmup_steps=2)
+    runs = [convergence.start_run(arm, 5e-4) for arm in (dense, ramp)]
+    for run in runs:
+        convergence.train_steps(run, x, y, 3, batch_size=8)
+    assert runs[0].train_losses[0] == runs[1].train_losses[0]
+    assert runs[0].train_losses[1:] != runs[1].train_losses[1:]
+    assert ramp.method == "tread-plain 1..2@0.5 ramp2"
