@@ -100,19 +100,20 @@ class _SelectiveScan(torch.autograd.Function):
     """``y_t = C_t . h_t`` of `selective_scan_reference` (without ``D``), chunked over time, with its own backward.
 
     The sequence is cut into time chunks whose ``(chunk, batch, dim, state)`` tensors fit in a CPU cache (about
-    `CHUNK_ELEMENTS` numbers each). Within a chunk, everything but the recurrence is one batched op; the recurrence
-    itself is one fused multiply-add per step, in place. This is exact (only products of decays <= 1 occur, so
-    nothing overflows whatever the step sizes, unlike log-space cumulative sums) and on CPU it was faster than the
-    parallel-scan formulations we tried (Hillis-Steele doubling, chunked log-space cumsums), which stream
-    ``length x state`` tensors through memory several times.
+    `CHUNK_ELEMENTS` numbers each, but at least `MIN_CHUNK_STEPS` steps). Within a chunk, everything but the
+    recurrence is one batched op; the recurrence itself is one fused multiply-add per step, in place. This is exact
+    (only products of decays <= 1 occur, so nothing overflows whatever the step sizes, unlike log-space cumulative
+    sums) and on CPU it was faster than the parallel-scan formulations we tried (Hillis-Steele doubling, chunked
+    log-space cumsums), which stream ``length x state`` tensors through memory several times.
 
-    Memory: forward keeps the inputs and the state at each chunk boundary; backward recomputes a chunk's states from
-    its boundary (as Mamba's CUDA kernel recomputes) and runs the adjoint recurrence backwards in time,
-    ``g_t = C_t dy_t + exp(delta_{t+1} A) g_{t+1}`` (the gradient with respect to ``h_t``), from which every input
-    gradient is a product or a sum.
+    Memory: forward keeps the inputs and the state at each chunk boundary (with 16 states and chunks of at least 8
+    steps, no more than the inputs); backward recomputes a chunk's states from its boundary (as Mamba's CUDA kernel
+    recomputes) and runs the adjoint recurrence backwards in time, ``g_t = C_t dy_t + exp(delta_{t+1} A) g_{t+1}``
+    (the gradient with respect to ``h_t``), from which every input gradient is a product or a sum.
     """
 
     CHUNK_ELEMENTS = 2**18
+    MIN_CHUNK_STEPS = 8
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C):
@@ -120,7 +121,8 @@ class _SelectiveScan(torch.autograd.Function):
             u_, delta_, A_, B_, C_ = _at_least_float32(u, delta, A, B, C)
             u_, delta_, B_, C_ = (_time_major(tensor) for tensor in (u_, delta_, B_, C_))
             length, batch, dim = u_.shape
-            chunk = ctx.chunk = max(1, _SelectiveScan.CHUNK_ELEMENTS // (batch * A.numel()))
+            chunk = max(_SelectiveScan.MIN_CHUNK_STEPS, _SelectiveScan.CHUNK_ELEMENTS // (batch * A.numel()))
+            ctx.chunk = chunk
             h_last = u_.new_zeros(batch, dim, A.shape[1])
             boundaries, ys = [], []
             for start in range(0, length, chunk):
