@@ -5,7 +5,7 @@ routing draws from its own generator), rectified flow, AdamW, EMA with warm-up. 
 seed form a group: a dense arm (no routes) and routed arms (TREAD, plain or adapted loss). Arms run interleaved,
 `--chunk_steps` steps at a time, so a noisy neighbour on a shared machine slows every arm alike. Every training step
 is timed; an arm's "seconds" at step k are k times its median step time (a step's cost is fixed by the arm's shapes,
-and the median ignores bursts from other processes); the raw sum of step times is kept as "wall_seconds".
+and the median ignores bursts from other processes; during a ratio warm-up, medians of 20-step windows); the raw sum of step times is kept as "wall_seconds".
 Evaluation time is never counted.
 
 At every `--eval_every` steps the EMA weights, in eval mode (all tokens, as sampling), are measured on the held-out
@@ -25,6 +25,8 @@ to reach its dense arm's final FD (linear interpolation between evaluations), as
     python bench/convergence.py --plan objectives   # which objective gives the best dense baseline
     python bench/convergence.py --plan ssm          # the state-space backbone (compare with the depth-8 DiT group)
     python bench/convergence.py --plan ratio_ramp   # routing from step 0 vs the selection ratio ramped up (#6)
+
+Each plan writes to bench/results/convergence_<plan>/ unless --output_dir says otherwise.
 """
 
 from __future__ import annotations
@@ -321,8 +323,17 @@ def train_steps(run: Run, train_x, train_y, num_steps: int, batch_size: int, cla
 
 
 def seconds(run: Run) -> float:
-    """Training time to the current step: steps times the median step time (see the module docstring)."""
-    return run.step * float(np.median(run.step_seconds))
+    """Training time to the current step: steps times the median step time (see the module docstring).
+
+    During a selection-ratio warm-up a step's cost falls as the ratio grows, so those steps are timed in windows of
+    20 (steps times each window's median); without a warm-up this is exactly steps times the median.
+    """
+    times = np.asarray(run.step_seconds)
+    warmup = min(run.arm.ratio_warmup_steps, len(times))
+    windows = np.array_split(times[:warmup], -(-warmup // 20)) if warmup else []
+    ramp = sum(len(window) * float(np.median(window)) for window in windows)
+    rest = times[warmup:]
+    return ramp + (len(rest) * float(np.median(rest)) if len(rest) else 0.0)
 
 
 @torch.no_grad()
@@ -579,7 +590,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--num_inference_steps", type=int, default=16)
     parser.add_argument("--classifier_epochs", type=int, default=15)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--output_dir", default="bench/results/convergence")
+    parser.add_argument("--output_dir", default=None, help="default: bench/results/convergence_<plan>")
     parser.add_argument("--from_results", default=None, help="a results.json: redo its tables and plots, no training")
     args = parser.parse_args(argv)
     if args.quick:
@@ -596,7 +607,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    out = Path(args.output_dir)
+    # One folder per plan, so that running one plan never overwrites another's results.
+    default_out = Path(args.from_results).parent if args.from_results else f"bench/results/convergence_{args.plan}"
+    out = Path(args.output_dir or default_out)
     out.mkdir(parents=True, exist_ok=True)
     if args.from_results:
         return rewrite_report(Path(args.from_results), out)

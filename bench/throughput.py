@@ -2,7 +2,8 @@
 
 For each model it times full training steps (forward + backward + AdamW step) alternately for the dense and the routed
 model, reports the median images/s, the FLOPs of one step (``torch.utils.flop_counter``, forward + backward), the
-activation memory saved for backward, and peak GPU memory on CUDA. The target (issue #2): a routed step costs at most
+activation memory saved for backward, and on CUDA the step's GPU memory: the peak during the step minus what was
+allocated before it (weights and optimizer states), i.e. activations, gradients and temporaries. The target (issue #2): a routed step costs at most
 1.05x its FLOP share of the dense step.
 
     python bench/throughput.py                                   # DiT-S/2 and DiT-B/2, 4x32x32 latents, CPU fp32
@@ -116,17 +117,19 @@ def bench_model(name: str, routes: list[dict], args, device: torch.device, dtype
         for arm, model in arms.items():
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
+                resident = torch.cuda.memory_allocated()  # weights and optimizer states of all three arms
             synchronize(device)
             start = time.perf_counter()
             train_step(model, optimizers[arm], batch)
             synchronize(device)
             times[arm].append(time.perf_counter() - start)
             if device.type == "cuda":
-                peak[arm] = max(peak.get(arm, 0), torch.cuda.max_memory_allocated() / 2**20)
+                step_peak = (torch.cuda.max_memory_allocated() - resident) / 2**20  # activations, gradients
+                peak[arm] = max(peak.get(arm, 0), step_peak)
     for arm in arms:
         result[f"{arm}_median_s"] = statistics.median(times[arm])
         result[f"{arm}_images_per_s"] = args.batch_size / result[f"{arm}_median_s"]
-        result[f"{arm}_peak_gpu_mib"] = peak.get(arm)
+        result[f"{arm}_step_gpu_mib"] = peak.get(arm)
     result["dense_over_stock_time"] = result["dense_median_s"] / result["stock_median_s"]
     result["flop_ratio"] = result["routed_flops"] / result["dense_flops"]
     result["time_ratio"] = result["routed_median_s"] / result["dense_median_s"]
@@ -167,13 +170,13 @@ def main() -> None:
 
     header = (
         "| model | route | batch | stock DiT img/s | dense img/s | routed img/s | dense/stock time | routed/dense time "
-        "| FLOP ratio | time/FLOP | saved act. MiB dense / routed | peak GPU MiB dense / routed | target |"
+        "| FLOP ratio | time/FLOP | saved act. MiB dense / routed | step GPU MiB dense / routed | target |"
     )
     print(header)
     print("|" + "---|" * 13)
     for r in results:
         route = ",".join(f"{x['start_layer_idx']}..{x['end_layer_idx']}@{x['selection_ratio']}" for x in r["routes"])
-        peak = f"{r['dense_peak_gpu_mib']:.0f} / {r['routed_peak_gpu_mib']:.0f}" if r["dense_peak_gpu_mib"] else "n/a"
+        peak = f"{r['dense_step_gpu_mib']:.0f} / {r['routed_step_gpu_mib']:.0f}" if r["dense_step_gpu_mib"] else "n/a"
         print(
             f"| {r['model']} | {route} | {r['batch_size']} | {r['stock_images_per_s']:.2f} | "
             f"{r['dense_images_per_s']:.2f} | {r['routed_images_per_s']:.2f} | {r['dense_over_stock_time']:.3f} | "

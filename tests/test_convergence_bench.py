@@ -118,3 +118,14 @@ def test_a_ratio_ramp_starts_dense(convergence):
     assert runs[0].train_losses[0] == runs[1].train_losses[0]
     assert runs[0].train_losses[1:] != runs[1].train_losses[1:]
     assert ramp.method == "tread-plain 1..2@0.5 ramp2"
+
+
+def test_seconds_follow_a_ratio_ramps_falling_step_cost(convergence):
+    """Steps times the median step time; during a ratio warm-up, per 20-step window (its steps get cheaper)."""
+    from types import SimpleNamespace
+
+    times = [1.0] * 20 + [0.6] * 20 + [0.5] * 59 + [9.0]  # 100 steps; the last one hit by a neighbour's burst
+    plain = SimpleNamespace(arm=convergence.Arm(4, 2), step=100, step_seconds=times)
+    assert convergence.seconds(plain) == pytest.approx(100 * 0.5)
+    ramp = SimpleNamespace(arm=convergence.Arm(4, 2, ratio_warmup_steps=40), step=100, step_seconds=times)
+    assert convergence.seconds(ramp) == pytest.approx(20 * 1.0 + 20 * 0.6 + 60 * 0.5)
