@@ -105,10 +105,13 @@ def bench_model(name: str, routes: list[dict], args, device: torch.device, dtype
     optimizers = {arm: torch.optim.AdamW(model.parameters(), lr=1e-4) for arm, model in arms.items()}
     batch = make_batch(args.batch_size, device, dtype)
 
-    result = {"model": name, "routes": routes, "batch_size": args.batch_size}
+    result = {"model": name, "routes": routes, "batch_size": args.batch_size, "compile": args.compile}
     for arm, model in arms.items():
         result[f"{arm}_flops"] = step_flops(model, batch)
         result[f"{arm}_saved_activation_mib"] = saved_activation_bytes(model, batch) / 2**20
+    if args.compile:  # counted eager above; timed compiled (the warm-up steps compile)
+        arms = {arm: torch.compile(model) for arm, model in arms.items()}
+    for arm, model in arms.items():
         for _ in range(args.warmup):
             train_step(model, optimizers[arm], batch)
     times = {arm: [] for arm in arms}
@@ -147,6 +150,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--compile", action="store_true", help="time torch.compile'd models (default: eager)")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
 
@@ -158,6 +162,7 @@ def main() -> None:
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     print(
         f"# device={device} ({machine}), threads={torch.get_num_threads()}, dtype={args.dtype}, torch={torch.__version__}"
+        f", {'torch.compile' if args.compile else 'eager'}"
     )
 
     results = []
