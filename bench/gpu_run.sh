@@ -17,9 +17,13 @@ python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffuser
 timeout 120 python3 bench/throughput.py --models DiT-B/2 DiT-XL/2 --routes paper --batch_size 32 --dtype bf16 \
     --repeats 10 --warmup 3 --json "$OUT/throughput_bf16.json" 2>&1 | tee "$OUT/throughput_bf16.md"
 
-# 1b. The same at batch 128: at batch 32 an H100 step is dominated by per-kernel launch overhead, not FLOPs.
-timeout 200 python3 bench/throughput.py --models DiT-B/2 DiT-XL/2 --routes paper --batch_size 128 --dtype bf16 \
+# 1b. B/2 at batch 128 (compute-bound enough for routing to pay; XL/2 at batch 64 and 128 ran out of 80 GB here).
+timeout 200 python3 bench/throughput.py --models DiT-B/2 --routes paper --batch_size 128 --dtype bf16 \
     --repeats 6 --warmup 2 --json "$OUT/throughput_bf16_b128.json" 2>&1 | tee "$OUT/throughput_bf16_b128.md"
+
+# 1c. B/2 at batch 32 under torch.compile (default mode).
+timeout 215 python3 bench/throughput.py --models DiT-B/2 --routes paper --batch_size 32 --dtype bf16 \
+    --repeats 10 --warmup 3 --compile --json "$OUT/throughput_bf16_compile.json" 2>&1 | tee "$OUT/throughput_bf16_compile.md"
 
 # 2. The state-space backbone on ImageNet-256-shaped latents (4x32x32, 256 tokens), fp32.
 timeout 120 python3 bench/ssm_throughput.py --device cuda --models SSM-S/2 SSM-B/2 --in_channels 4 --sample_size 32 \

@@ -655,8 +655,15 @@ def card_info_from_folder(folder: str | os.PathLike, model_name: str | None = No
     config_path = folder / "transformer" / "config.json"
     if config_path.is_file():
         config = json.loads(config_path.read_text())
-        width = config.get("num_attention_heads", 0) * config.get("attention_head_dim", 0)
-        info.backbone = f"DiT, {config.get('num_layers')} layers, width {width}, patch {config.get('patch_size')}"
+        info.model_class = config.get("_class_name", info.model_class)
+        if info.model_class == "TreadSSM2DModel":
+            info.backbone = (
+                f"bidirectional Mamba, {config.get('num_layers')} layers, width {config.get('hidden_size')}"
+            )
+        else:
+            width = config.get("num_attention_heads", 0) * config.get("attention_head_dim", 0)
+            info.backbone = f"DiT, {config.get('num_layers')} layers, width {width}"
+        info.backbone += f", patch {config.get('patch_size')}"
         info.num_tokens = (config.get("sample_size", 0) // max(config.get("patch_size", 1), 1)) ** 2
         info.routes = json.dumps(config.get("routes", []))
         info.route_reinsertion = config.get("route_reinsertion")

@@ -2,12 +2,15 @@
 
 import importlib.util
 import json
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import launch, load_script
+from conftest import SCRIPT, TINY, launch, load_script
 from diffusers import DDIMScheduler
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -445,3 +448,33 @@ def test_train_script_trains_resumes_and_saves_a_loadable_ssm_pipeline(tmp_path,
     images = pipe([3, "7"], num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images
     assert images.shape == (2, 8, 8, 1) and np.isfinite(images).all()
     assert "Mamba" in (out / "README.md").read_text()
+
+    # A DiT run refuses the SSM checkpoint and names the flag to use.
+    command = [sys.executable, str(SCRIPT), *TINY, f"--output_dir={tmp_path / 'dit'}"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    refused = subprocess.run(
+        [*command, f"--pretrained_model_name_or_path={out}"], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert refused.returncode != 0 and "holds a TreadSSM2DModel; train it with --model_type ssm" in refused.stderr
+
+    # push_to_hub.py turns the SSM checkpoint into a pipeline folder (EMA weights) with a Mamba card.
+    spec = importlib.util.spec_from_file_location("push_to_hub", SCRIPT.parent / "push_to_hub.py")
+    push = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(push)
+    staged = Path(push.main([str(checkpoint), "--hub_model_id=user/ssm-tiny", f"--save_to={tmp_path / 'staged'}"]))
+    pushed = TreadDiTPipeline.from_pretrained(staged)
+    assert type(pushed.transformer) is TreadSSM2DModel
+    ema = TreadSSM2DModel.from_pretrained(checkpoint / "transformer_ema")
+    for name, tensor in ema.state_dict().items():
+        torch.testing.assert_close(pushed.transformer.state_dict()[name], tensor, rtol=0, atol=0)
+    card = (staged / "README.md").read_text()
+    assert "bidirectional Mamba, 8 layers, width 64, patch 2" in card and "| steps | 2 |" in card
+
+
+def test_card_of_a_saved_ssm_pipeline_names_its_backbone(tmp_path):
+    """A pipeline folder without the training run's card info still gets the right backbone on its model card."""
+    model = TreadSSM2DModel.from_preset("SSM-Tiny/2", in_channels=1, sample_size=8, num_embeds_ada_norm=4)
+    TreadDiTPipeline(transformer=model, vae=None, scheduler=DDIMScheduler()).save_pretrained(tmp_path)
+    info = hub.card_info_from_folder(tmp_path)
+    assert info.model_class == "TreadSSM2DModel"
+    assert info.backbone == "bidirectional Mamba, 8 layers, width 64, patch 2" and info.num_tokens == 16

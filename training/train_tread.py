@@ -97,7 +97,9 @@ def parse_routes(text: str) -> list[dict] | str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Train a DiT with TREAD token routing.")
+    parser = argparse.ArgumentParser(
+        description="Train a DiT (or, with --model_type ssm, a state-space model) with TREAD token routing."
+    )
     # Model
     parser.add_argument(
         "--model_type",
