@@ -19,7 +19,7 @@ split of the digits, with a small CNN classifier trained once on the train split
 Headline, the paper's definition of speedup (ICCV Sec. 4.2) at our scale: the steps and seconds a routed arm needs
 to reach its dense arm's final FD (linear interpolation between evaluations), as ratios of the dense arm's.
 
-    python bench/convergence.py                 # the default plan (main comparison, depth sweep), < 45 min on 2 cores
+    python bench/convergence.py                 # the default plan (main comparison, depth sweep), 24 min on 2 cores
     python bench/convergence.py --plan full     # + route placement/ratio, 256 tokens, adapted loss on 2 seeds: ~100 min
     python bench/convergence.py --quick         # the same code on tiny settings, ~2 minutes (a CI smoke test)
     python bench/convergence.py --plan objectives   # which objective gives the best dense baseline
