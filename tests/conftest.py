@@ -27,7 +27,7 @@ TINY_CONFIG = dict(
     patch_size=2,
     num_embeds_ada_norm=10,
 )
-TREAD_ONLY_KEYS = ("routes", "route_reinsertion")
+TREAD_ONLY_KEYS = ("routes", "route_reinsertion", "shared_conditioning")
 
 
 def tiny_tread(seed: int = 0, **overrides) -> TreadTransformer2DModel:

@@ -258,9 +258,13 @@ def test_presets_cover_paper_sizes_and_default_route():
         xl = TreadTransformer2DModel.from_preset("DiT-XL/2")
         b = TreadTransformer2DModel.from_preset("DiT-B/4", routes=None)
         dense = TreadTransformer2DModel.from_preset("DiT-S/8", routes=[])
+        per_block = TreadTransformer2DModel.from_preset("DiT-XL/2", shared_conditioning=False)
     assert xl.config.routes == [{"start_layer_idx": 2, "end_layer_idx": 24, "selection_ratio": 0.5}]
-    # Diffusers' DiT-XL/2 has a timestep+label embedder per block: 749.8M parameters (DIFFUSERS.md)
-    assert round(sum(p.numel() for p in xl.parameters()) / 1e6, 1) == 749.8
+    # One timestep+label embedder, as DiT: 674,834,720 trainable parameters, the count of CompVis/tread's and
+    # facebookresearch/DiT's DiT-XL/2 (learned sigma) without their frozen pos_embed; the paper's "675M" (Table 1).
+    assert xl.config.shared_conditioning and sum(p.numel() for p in xl.parameters()) == 674_834_720
+    # Diffusers' layout has a timestep+label embedder per block: 749.8M parameters (DIFFUSERS.md)
+    assert round(sum(p.numel() for p in per_block.parameters()) / 1e6, 1) == 749.8
     assert xl.config.out_channels == 8 and xl.config.sample_size == 32 and xl.inner_dim == 1152
     assert b.config.routes == [] and b.config.patch_size == 4 and b.inner_dim == 768
     assert dense.config.routes == []

@@ -385,12 +385,6 @@ class TreadSSM2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         self.routing_enabled = True
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> TreadSSM2DModel:
-        """`ModelMixin.from_pretrained`, loading only safetensors unless ``use_safetensors=False`` is passed."""
-        kwargs.setdefault("use_safetensors", True)
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-
-    @classmethod
     def from_preset(cls, name: str, routes: str | list[dict] | None = "paper", **overrides) -> TreadSSM2DModel:
         """A freshly initialised model of one of `SSM_PRESETS` (our sizes, see there), with ``routes="paper"``
         (2 .. depth-4 at 0.5), an explicit route list, or ``None``/``[]``. ``overrides`` go to the config.

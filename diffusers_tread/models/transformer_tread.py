@@ -15,9 +15,12 @@ import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import register_to_config
 from diffusers.loaders import PeftAdapterMixin
-from diffusers.models.attention import AttentionMixin
+from diffusers.models.attention import AttentionMixin, BasicTransformerBlock, _chunked_feed_forward
+from diffusers.models.attention_processor import AttnProcessor2_0
+from diffusers.models.embeddings import CombinedTimestepLabelEmbeddings
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.transformers.dit_transformer_2d import DiTTransformer2DModel
+from torch import nn
 
 from .. import routing
 
@@ -52,6 +55,83 @@ class TreadTransformer2DModelOutput(Transformer2DModelOutput):
     route_masks: tuple[torch.BoolTensor, ...] | None = None
 
 
+class TreadDiTBlock(BasicTransformerBlock):
+    """Diffusers' DiT block (``BasicTransformerBlock`` with adaLN-Zero, no cross-attention), same modules and weights,
+    with a forward that runs only DiT's path (Peebles & Xie 2023, Sec. 3.2 and Fig. 3) and takes the SiLU'd
+    conditioning embedding from the model when the model computes it once (``shared_conditioning=True``).
+
+    The arithmetic is stock's, op for op, so outputs are bit-identical to ``BasicTransformerBlock``'s; what goes is the
+    per-call Python of the generic block (norm-type branches, GLIGEN, the processor's signature inspection) and the
+    no-op ``/ rescale_output_factor`` and zero-probability dropouts, each an eager op in every block.
+    """
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        timestep: torch.LongTensor | None = None,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        class_labels: torch.LongTensor | None = None,
+        added_cond_kwargs: dict[str, torch.Tensor] | None = None,
+        activated_conditioning: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if encoder_hidden_states is not None or added_cond_kwargs is not None:
+            raise ValueError("DiT blocks have no cross-attention or added conditions.")
+        # adaLN-Zero: six (batch, 1, dim) modulation vectors from SiLU(timestep + label embedding).
+        if activated_conditioning is None:
+            conditioning = self.norm1.emb(timestep, class_labels, hidden_dtype=hidden_states.dtype)
+            activated_conditioning = F.silu(conditioning)
+        modulation = self.norm1.linear(activated_conditioning).unsqueeze(1)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation.chunk(6, dim=-1)
+
+        norm_hidden_states = self.norm1.norm(hidden_states) * (1 + scale_msa) + shift_msa
+        attn_output = self._self_attention(norm_hidden_states, attention_mask, cross_attention_kwargs)
+        hidden_states = gate_msa * attn_output + hidden_states
+
+        norm_hidden_states = self.norm3(hidden_states) * (1 + scale_mlp) + shift_mlp
+        if self._chunk_size is not None:
+            ff_output = _chunked_feed_forward(self.ff, norm_hidden_states, self._chunk_dim, self._chunk_size)
+        else:
+            ff_output = self._feed_forward(norm_hidden_states)
+        return gate_mlp * ff_output + hidden_states
+
+    # The linear layers take the tokens as one (batch * tokens, dim) matrix: what `F.linear` does internally for a
+    # 3-d input (view, addmm, view; the same addmm, so the same numbers), without two view ops per layer.
+    def _self_attention(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, cross_attention_kwargs: dict | None
+    ) -> torch.Tensor:
+        attn = self.attn1
+        if type(attn.processor) is not AttnProcessor2_0 or attention_mask is not None or cross_attention_kwargs:
+            # Any other processor (e.g. AttnProcessor in Diffusers' determinism tests), masks: Diffusers' path.
+            return attn(hidden_states, attention_mask=attention_mask, **(cross_attention_kwargs or {}))
+        # AttnProcessor2_0's computation for DiT's attention (no norms, no residual, output factor 1).
+        batch_size, num_tokens, dim = hidden_states.shape
+        tokens = hidden_states.reshape(batch_size * num_tokens, dim)
+        query, key, value = attn.to_q(tokens), attn.to_k(tokens), attn.to_v(tokens)
+        head_dim = key.shape[-1] // attn.heads
+        query = query.view(batch_size, num_tokens, attn.heads, head_dim).transpose(1, 2)
+        key = key.view(batch_size, num_tokens, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch_size, num_tokens, attn.heads, head_dim).transpose(1, 2)
+        hidden_states = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size * num_tokens, attn.heads * head_dim)
+        hidden_states = _dropout(attn.to_out[1], attn.to_out[0](hidden_states))
+        return hidden_states.view(batch_size, num_tokens, -1)
+
+    def _feed_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        batch_size, num_tokens, dim = hidden_states.shape
+        tokens = hidden_states.reshape(batch_size * num_tokens, dim)
+        for module in self.ff.net:
+            tokens = _dropout(module, tokens) if isinstance(module, nn.Dropout) else module(tokens)
+        return tokens.view(batch_size, num_tokens, -1)
+
+
+def _dropout(dropout: nn.Dropout, hidden_states: torch.Tensor) -> torch.Tensor:
+    """``dropout(hidden_states)``, skipped when it cannot change anything (p = 0 or eval mode)."""
+    return dropout(hidden_states) if dropout.training and dropout.p > 0 else hidden_states
+
+
 class TreadTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAdapterMixin):
     """``DiTTransformer2DModel`` with TREAD routes.
 
@@ -61,6 +141,10 @@ class TreadTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAdapter
         route_reinsertion (`str`, defaults to `"pre_route"`): the state a bypassed token carries past its route:
             ``"pre_route"``, the state entering the route's first block (ICCV version); ``"pre_route_plus_input"``,
             that state plus the patch-embedded input tokens (v1's ``x_D_last + x_T``).
+        shared_conditioning (`bool`, defaults to `False`): compute the timestep + label embedding once per forward
+            (``conditioning_embedder``) and share it across the blocks, as DiT and TREAD do (DiT-XL/2: 675M parameters).
+            `False` keeps Diffusers' layout, one embedder per block (``transformer_blocks.N.norm1.emb``, +75M for
+            XL/2), so stock checkpoints load unchanged. `from_dit`/`to_dit` convert between the two.
 
     Routing runs when the model is in train mode and has routes (unless `disable_routing()` was called), or when
     ``force_routing=True``. The per-block
@@ -68,8 +152,8 @@ class TreadTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAdapter
     sample would almost never be fully unconditional; the training script drops labels once per sample instead.
     """
 
-    _no_split_modules = ["BasicTransformerBlock"]
-    _repeated_blocks = ["BasicTransformerBlock"]
+    _no_split_modules = ["TreadDiTBlock"]
+    _repeated_blocks = ["TreadDiTBlock"]
 
     @register_to_config
     def __init__(
@@ -92,6 +176,7 @@ class TreadTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAdapter
         norm_eps: float = 1e-5,
         routes: list[dict] | None = None,
         route_reinsertion: str = "pre_route",
+        shared_conditioning: bool = False,
     ):
         super().__init__(
             num_attention_heads=num_attention_heads,
@@ -115,10 +200,21 @@ class TreadTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAdapter
             raise ValueError(f"route_reinsertion must be one of {ROUTE_REINSERTION_MODES}, got {route_reinsertion!r}.")
         # Store the resolved routes (negative indices made absolute) so config.json says exactly what runs.
         self.register_to_config(routes=routing.validate_routes(routes, num_layers))
-        # CFG label dropout happens once per sample in the training script (see the class docstring).
+        # Same modules and weights, DiT's forward without the generic block's overhead (see TreadDiTBlock).
         for block in self.transformer_blocks:
-            block.norm1.emb.class_embedder.dropout_prob = 0.0
+            block.__class__ = TreadDiTBlock
+        if shared_conditioning:  # one embedder for all blocks and the final layer, as in DiT (Peebles & Xie, Sec. 3.2)
+            self.conditioning_embedder = CombinedTimestepLabelEmbeddings(num_embeds_ada_norm, self.inner_dim)
+            for block in self.transformer_blocks:
+                block.norm1.emb = None
+        # CFG label dropout happens once per sample in the training script (see the class docstring).
+        for embedder in self.conditioning_embedders():
+            embedder.class_embedder.dropout_prob = 0.0
         self.routing_enabled = True
+
+    def conditioning_embedders(self) -> list[CombinedTimestepLabelEmbeddings]:
+        """The timestep + label embedders: one when shared, else one per block (Diffusers' layout)."""
+        return _conditioning_embedders(self)
 
     def disable_routing(self) -> None:
         """Train on all tokens from now on, e.g. the paper's final fine-tune without routing ("(F)", ICCV Table 1),
@@ -129,22 +225,23 @@ class TreadTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAdapter
         self.routing_enabled = True
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> TreadTransformer2DModel:
-        """`ModelMixin.from_pretrained`, loading only safetensors unless ``use_safetensors=False`` is passed (pickled
-        ``.bin`` weights can run code when loaded)."""
-        kwargs.setdefault("use_safetensors", True)
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-
-    @classmethod
     def from_preset(cls, name: str, routes: str | list[dict] | None = "paper", **overrides) -> TreadTransformer2DModel:
         """A freshly initialised model of a DiT size, e.g. ``"DiT-XL/2"``, with ``routes="paper"`` (2 .. depth-4 at
         0.5), an explicit route list, or ``None``/``[]`` for a dense model. ``overrides`` go to the config.
 
-        Defaults follow DiT on ImageNet 256 latents: 4x32x32 input, learned sigma (8 output channels), 1000 classes.
+        Defaults follow DiT on ImageNet 256 latents: 4x32x32 input, learned sigma (8 output channels), 1000 classes,
+        and one conditioning embedding shared by all blocks (DiT's layout, e.g. 675M parameters for DiT-XL/2); pass
+        ``shared_conditioning=False`` for Diffusers' per-block layout.
         """
         if name not in PRESETS:
             raise ValueError(f"Unknown preset {name!r}; choose one of {sorted(PRESETS)}.")
-        config = {"in_channels": 4, "out_channels": 8, "sample_size": 32, "num_embeds_ada_norm": 1000}
+        config = {
+            "in_channels": 4,
+            "out_channels": 8,
+            "sample_size": 32,
+            "num_embeds_ada_norm": 1000,
+            "shared_conditioning": True,
+        }
         config.update(PRESETS[name])
         config.update(overrides)
         if isinstance(routes, str):
@@ -154,20 +251,54 @@ class TreadTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAdapter
         return cls(routes=routes, **config)
 
     @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> TreadTransformer2DModel:
+        """`ModelMixin.from_pretrained`; ``shared_conditioning=True`` or ``False`` also converts the loaded weights to
+        that layout (see `from_dit`), e.g. a stock Diffusers DiT checkpoint to the shared form."""
+        shared_conditioning = kwargs.pop("shared_conditioning", None)
+        model = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        if shared_conditioning is None or bool(shared_conditioning) == model.config.shared_conditioning:
+            return model
+        return cls.from_dit(model, shared_conditioning=bool(shared_conditioning))
+
+    @classmethod
     def from_dit(cls, model: DiTTransformer2DModel, **config_overrides) -> TreadTransformer2DModel:
-        """Wrap a loaded ``DiTTransformer2DModel``'s weights (shared, not copied) in a TREAD model.
+        """Wrap a loaded ``DiTTransformer2DModel``'s (or TREAD model's) weights, shared, not copied, in a TREAD model.
 
         ``config_overrides`` (e.g. ``routes=[...]``) change the config; the result keeps ``model``'s train/eval mode.
+        ``shared_conditioning=True`` turns Diffusers' per-block embedders into one; this needs them to be identical
+        (true of every checkpoint converted from facebookresearch/DiT and never fine-tuned per block), else the outputs
+        would change, and a ``ValueError`` says so. ``shared_conditioning=False`` copies a shared embedder into every
+        block: the stock layout, computing the same outputs.
         """
         config = {key: value for key, value in model.config.items() if not key.startswith("_")}
         config.update(config_overrides)
+        state_dict = _conditioning_layout(
+            model.state_dict(), config["num_layers"], bool(config.get("shared_conditioning", False))
+        )
         with torch.device("meta"):
             tread = cls.from_config(config)
         # assign=True adopts model's tensors (no copy); the fixed sin-cos table is a non-persistent buffer.
-        tread.load_state_dict(model.state_dict(), assign=True)
+        tread.load_state_dict(state_dict, assign=True)
         tread.pos_embed.pos_embed = model.pos_embed.pos_embed
+        _copy_timestep_frequencies(model, tread)
         tread.register_to_config(_name_or_path=model.config.get("_name_or_path", ""))
         return tread.train(model.training)
+
+    def to_dit(self) -> DiTTransformer2DModel:
+        """This model's weights in Diffusers' stock ``DiTTransformer2DModel`` (a copy): the layout and class that
+        ``DiTPipeline`` and every Diffusers DiT tool load, computing the same eval outputs."""
+        config = {
+            key: value
+            for key, value in self.config.items()
+            if not key.startswith("_") and key not in ("routes", "route_reinsertion", "shared_conditioning")
+        }
+        state_dict = _conditioning_layout(self.state_dict(), self.config.num_layers, shared=False)
+        with torch.device("meta"):
+            dit = DiTTransformer2DModel.from_config(config)
+        dit.load_state_dict({key: value.clone() for key, value in state_dict.items()}, assign=True)
+        dit.pos_embed.pos_embed = self.pos_embed.pos_embed.clone()
+        _copy_timestep_frequencies(self, dit)
+        return dit.train(self.training)
 
     def forward(
         self,
@@ -206,6 +337,12 @@ class TreadTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAdapter
         hidden_states = self.pos_embed(hidden_states)
         input_tokens = hidden_states  # x_T in the v1 paper's notation
         batch_size, num_tokens, _ = hidden_states.shape
+        # SiLU(timestep + label embedding), the input of every adaLN modulation; computed here once when shared, else
+        # by each block from its own embedder (Diffusers' layout).
+        activated_conditioning = None
+        if self.config.shared_conditioning:
+            conditioning = self.conditioning_embedder(timestep, class_labels, hidden_dtype=hidden_states.dtype)
+            activated_conditioning = F.silu(conditioning)
 
         # 2. Blocks; inside a route only the kept tokens run.
         route_masks = []
@@ -224,17 +361,24 @@ class TreadTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAdapter
             if torch.is_grad_enabled() and self.gradient_checkpointing:
                 # The subset was gathered above, outside the checkpoint, so recomputation sees the same tokens.
                 hidden_states = self._gradient_checkpointing_func(
-                    block, hidden_states, None, None, None, timestep, cross_attention_kwargs, class_labels
+                    block,
+                    hidden_states,
+                    None,
+                    None,
+                    None,
+                    timestep,
+                    cross_attention_kwargs,
+                    class_labels,
+                    None,
+                    activated_conditioning,
                 )
             else:
                 hidden_states = block(
                     hidden_states,
-                    attention_mask=None,
-                    encoder_hidden_states=None,
-                    encoder_attention_mask=None,
                     timestep=timestep,
                     cross_attention_kwargs=cross_attention_kwargs,
                     class_labels=class_labels,
+                    activated_conditioning=activated_conditioning,
                 )
 
             if layer_idx in route_at_end:
@@ -245,9 +389,14 @@ class TreadTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAdapter
                 hidden_states = routing.scatter_tokens(hidden_states, kept_indices, reinsert_into)
                 route_masks.append(routing.bypass_mask(kept_indices, num_tokens))
 
-        # 3. Output: DiT's final adaLN layer (conditioned through block 0's embedder, as in Diffusers) and unpatchify.
-        conditioning = self.transformer_blocks[0].norm1.emb(timestep, class_labels, hidden_dtype=hidden_states.dtype)
-        shift, scale = self.proj_out_1(F.silu(conditioning)).chunk(2, dim=1)
+        # 3. Output: DiT's final adaLN layer (in Diffusers' layout conditioned through block 0's embedder) and
+        # unpatchify.
+        if activated_conditioning is None:
+            conditioning = self.transformer_blocks[0].norm1.emb(
+                timestep, class_labels, hidden_dtype=hidden_states.dtype
+            )
+            activated_conditioning = F.silu(conditioning)
+        shift, scale = self.proj_out_1(activated_conditioning).chunk(2, dim=1)
         hidden_states = self.norm_out(hidden_states) * (1 + scale[:, None]) + shift[:, None]
         hidden_states = self.proj_out_2(hidden_states)
 
@@ -263,3 +412,54 @@ class TreadTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAdapter
         if not return_dict:
             return (output,) if route_masks is None else (output, route_masks)
         return TreadTransformer2DModelOutput(sample=output, route_masks=route_masks)
+
+
+_SHARED_EMBEDDER = "conditioning_embedder."
+
+
+def _block_embedder(layer_idx: int) -> str:
+    return f"transformer_blocks.{layer_idx}.norm1.emb."
+
+
+def _conditioning_embedders(model: DiTTransformer2DModel) -> list[CombinedTimestepLabelEmbeddings]:
+    if getattr(model, "conditioning_embedder", None) is not None:
+        return [model.conditioning_embedder]
+    return [block.norm1.emb for block in model.transformer_blocks]
+
+
+def _conditioning_layout(state_dict: dict[str, torch.Tensor], num_layers: int, shared: bool) -> dict:
+    """``state_dict`` with its timestep + label embedding in the shared (``conditioning_embedder.*``) or the per-block
+    (``transformer_blocks.N.norm1.emb.*``) layout. Tensors are reused; the per-block copies beyond block 0 are cloned
+    so that they train independently, as in Diffusers."""
+    is_shared = any(key.startswith(_SHARED_EMBEDDER) for key in state_dict)
+    if is_shared == shared:
+        return dict(state_dict)
+    source_prefix = _SHARED_EMBEDDER if is_shared else _block_embedder(0)
+    embedder = {key[len(source_prefix) :]: value for key, value in state_dict.items() if key.startswith(source_prefix)}
+    converted = {
+        key: value
+        for key, value in state_dict.items()
+        if not key.startswith(_SHARED_EMBEDDER) and ".norm1.emb." not in key
+    }
+    if shared:
+        for layer_idx in range(1, num_layers):
+            for name, value in embedder.items():
+                if not torch.equal(state_dict[_block_embedder(layer_idx) + name], value):
+                    raise ValueError(
+                        f"Block {layer_idx}'s timestep/label embedder differs from block 0's (`{name}`), so one shared "
+                        "embedder would change the model's outputs. Load it with shared_conditioning=False (Diffusers' "
+                        "per-block layout)."
+                    )
+        converted.update({_SHARED_EMBEDDER + name: value for name, value in embedder.items()})
+    else:
+        for layer_idx in range(num_layers):
+            for name, value in embedder.items():
+                converted[_block_embedder(layer_idx) + name] = value if layer_idx == 0 else value.clone()
+    return converted
+
+
+def _copy_timestep_frequencies(source: DiTTransformer2DModel, target: DiTTransformer2DModel) -> None:
+    """Carry an in-memory timestep-frequency setting (``convert_checkpoint.use_original_timestep_frequencies``)."""
+    shift = _conditioning_embedders(source)[0].time_proj.downscale_freq_shift
+    for embedder in _conditioning_embedders(target):
+        embedder.time_proj.downscale_freq_shift = shift
