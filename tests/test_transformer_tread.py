@@ -186,9 +186,10 @@ def test_gradient_reaches_every_parameter_with_routing():
         assert param.grad is not None and param.grad.abs().sum() > 0, name
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
+@pytest.mark.parametrize("shared_conditioning", [False, True])
+def test_gradient_checkpointing_gives_the_same_gradients(shared_conditioning):
     def grads(checkpointing):
-        model = tiny_tread(routes=[ROUTE]).train()
+        model = tiny_tread(routes=[ROUTE], shared_conditioning=shared_conditioning).train()
         if checkpointing:
             model.enable_gradient_checkpointing()
         x, t, y = tiny_inputs(batch_size=4, model=model)
@@ -208,6 +209,78 @@ def test_gradient_checkpointing_is_applied_to_the_top_model_only():
     model.enable_gradient_checkpointing()
     applied = {type(m).__name__ for m in model.modules() if getattr(m, "gradient_checkpointing", False)}
     assert applied == {"TreadTransformer2DModel"}
+
+
+# --- one conditioning embedding per forward (shared_conditioning) -------------------------------------------------
+
+
+def stock_with_identical_embedders(seed: int = 0) -> DiTTransformer2DModel:
+    """A stock DiT whose blocks all hold block 0's timestep/label embedder: what a converted DiT checkpoint is."""
+    torch.manual_seed(seed)
+    stock = DiTTransformer2DModel(**TINY_CONFIG).eval()
+    for block in stock.transformer_blocks[1:]:
+        block.norm1.emb.load_state_dict(stock.transformer_blocks[0].norm1.emb.state_dict())
+    return stock
+
+
+def test_shared_conditioning_computes_what_stock_dit_computes_with_identical_embedders():
+    stock = stock_with_identical_embedders()
+    model = TreadTransformer2DModel.from_dit(stock, shared_conditioning=True)
+    assert model.config.shared_conditioning and not model.training
+    assert all(block.norm1.emb is None for block in model.transformer_blocks)
+    # 5 fewer parameter tensors per block beyond the first (2 linear layers, the label table), same outputs
+    stock_count = sum(p.numel() for p in stock.parameters())
+    per_block = sum(p.numel() for p in stock.transformer_blocks[0].norm1.emb.parameters())
+    assert sum(p.numel() for p in model.parameters()) == stock_count - (TINY_CONFIG["num_layers"] - 1) * per_block
+    x, t, y = tiny_inputs(model=model)
+    assert torch.equal(model(x, t, y).sample, stock(x, t, y).sample)
+    # train mode without routes: the same numbers (label dropout is off), as in Diffusers' layout
+    assert model.conditioning_embedder.class_embedder.dropout_prob == 0.0
+    assert torch.equal(model.train()(x, t, y).sample, stock(x, t, y).sample)
+
+
+def test_shared_conditioning_refuses_per_block_embedders_that_differ():
+    torch.manual_seed(0)
+    stock = DiTTransformer2DModel(**TINY_CONFIG)  # independently initialised embedders
+    with pytest.raises(ValueError, match="Block 1's timestep/label embedder differs.*shared_conditioning=False"):
+        TreadTransformer2DModel.from_dit(stock, shared_conditioning=True)
+
+
+def test_shared_model_exports_to_stock_dit_exactly(tmp_path):
+    model = tiny_tread(routes=[ROUTE], shared_conditioning=True).eval()
+    stock = model.to_dit()
+    assert type(stock) is DiTTransformer2DModel and "shared_conditioning" not in stock.config
+    x, t, y = tiny_inputs(model=model)
+    assert torch.equal(stock(x, t, y).sample, model(x, t, y).sample)
+    shared = {
+        k.removeprefix("conditioning_embedder."): v for k, v in model.state_dict().items() if "conditioning" in k
+    }
+    for i, block in enumerate(stock.transformer_blocks):
+        for name, value in block.norm1.emb.state_dict().items():
+            assert torch.equal(value, shared[name]) and value.data_ptr() != shared[name].data_ptr(), (i, name)
+    # stock Diffusers loads the export; loading it back as the shared form gives the same weights
+    stock.save_pretrained(tmp_path)
+    reloaded = DiTTransformer2DModel.from_pretrained(tmp_path)
+    assert torch.equal(reloaded(x, t, y).sample, model(x, t, y).sample)
+    back = TreadTransformer2DModel.from_pretrained(tmp_path, shared_conditioning=True, routes=[ROUTE])
+    assert back.config.shared_conditioning and back.config.routes == [ROUTE]
+    assert back.state_dict().keys() == model.state_dict().keys()
+    assert all(torch.equal(back.state_dict()[k], v) for k, v in model.state_dict().items())
+    # and a shared model saves and loads as itself
+    model.save_pretrained(tmp_path / "shared")
+    assert json.loads((tmp_path / "shared" / "config.json").read_text())["shared_conditioning"] is True
+    assert torch.equal(
+        TreadTransformer2DModel.from_pretrained(tmp_path / "shared")(x, t, y).sample, stock(x, t, y).sample
+    )
+
+
+def test_per_block_copies_train_independently_after_unsharing():
+    model = tiny_tread(shared_conditioning=True)
+    per_block = TreadTransformer2DModel.from_dit(model, shared_conditioning=False)
+    pointers = {block.norm1.emb.timestep_embedder.linear_1.weight.data_ptr() for block in per_block.transformer_blocks}
+    assert len(pointers) == TINY_CONFIG["num_layers"]  # separate tensors, as Diffusers' layout has
+    x, t, y = tiny_inputs(model=model)
+    assert torch.equal(per_block.eval()(x, t, y).sample, model.eval()(x, t, y).sample)
 
 
 # --- config ---------------------------------------------------------------------------------------------------------
@@ -290,10 +363,11 @@ def test_unknown_preset_lists_valid_names():
 # --- LoRA -------------------------------------------------------------------------------------------------------------
 
 
-def test_lora_attaches_and_trains_with_routing():
+@pytest.mark.parametrize("shared_conditioning", [False, True])
+def test_lora_attaches_and_trains_with_routing(shared_conditioning):
     from peft import LoraConfig
 
-    model = tiny_tread(routes=[ROUTE]).eval()
+    model = tiny_tread(routes=[ROUTE], shared_conditioning=shared_conditioning).eval()
     x, t, y = tiny_inputs(model=model)
     base = model(x, t, y).sample
     model.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
