@@ -155,12 +155,17 @@ def convert(tmp_path, checkpoint, name="ckpt.pt", **kwargs):
 
 
 @pytest.mark.parametrize(
-    "patch, learn_sigma, sample_size", [(2, True, 8), (2, False, 8), (4, True, 16)], ids=["p2-sigma", "p2", "p4-sigma"]
+    "patch, learn_sigma, sample_size, shared_conditioning",
+    [(2, True, 8, False), (2, False, 8, False), (4, True, 16, False), (2, True, 8, True)],
+    ids=["p2-sigma", "p2", "p4-sigma", "p2-sigma-shared"],
 )
-def test_converted_model_matches_the_original_layout_forward(tmp_path, patch, learn_sigma, sample_size):
+def test_converted_model_matches_the_original_layout_forward(
+    tmp_path, patch, learn_sigma, sample_size, shared_conditioning
+):
     sd = original_state_dict(patch=patch, learn_sigma=learn_sigma, sample_size=sample_size)
-    convert(tmp_path, sd)
+    convert(tmp_path, sd, shared_conditioning=shared_conditioning)
     model = TreadDiTPipeline.from_pretrained(tmp_path / "out").transformer  # what was saved
+    assert model.config.shared_conditioning == shared_conditioning
     assert not model.training and model.config.out_channels == (8 if learn_sigma else 4)
     assert model.config.norm_eps == 1e-6  # DiT's LayerNorm eps (Diffusers' default 1e-5 would be off by ~3e-6 here)
     x, t, y = inputs(sd, sample_size=sample_size)

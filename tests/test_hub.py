@@ -35,7 +35,8 @@ GUIDANCE = ["default"] + list(getattr(pipeline_tread_dit, "GUIDANCE_KINDS", ()))
 
 
 def tiny_pipeline() -> TreadDiTPipeline:
-    transformer = tiny_tread(routes=ROUTES, num_embeds_ada_norm=len(ID2LABEL)).eval()
+    # the layout training writes (one shared conditioning embedder, from_preset's default)
+    transformer = tiny_tread(routes=ROUTES, num_embeds_ada_norm=len(ID2LABEL), shared_conditioning=True).eval()
     pipe = TreadDiTPipeline(
         transformer=transformer, vae=tiny_vae().eval(), scheduler=DDIMScheduler(), id2label=ID2LABEL
     )

@@ -59,6 +59,7 @@ def model_folders(tmp_path_factory):
         out_channels=None,
         num_embeds_ada_norm=len(ID2LABEL),
         routes=[{"start_layer_idx": 1, "end_layer_idx": 3, "selection_ratio": 0.5}],
+        shared_conditioning=True,  # the layout training writes
     )
     TreadDiTPipeline(
         transformer=transformer.eval(), vae=None, scheduler=DDIMScheduler(), id2label=ID2LABEL

@@ -296,14 +296,18 @@ def convert_transformer(
     num_attention_heads: int | None = None,
     sample_size: int | None = None,
     routes: list[dict] | None = None,
+    shared_conditioning: bool = False,
 ) -> TreadTransformer2DModel:
-    """A `TreadTransformer2DModel` (eval mode) holding a DiT-layout state dict's weights."""
+    """A `TreadTransformer2DModel` (eval mode) holding a DiT-layout state dict's weights; with
+    ``shared_conditioning`` in DiT's own layout (one timestep/label embedder), else in Diffusers' (a copy per block)."""
     config = infer_config(state_dict, num_attention_heads, sample_size)
     check_pos_embed(state_dict, config)
     converted = convert_state_dict(state_dict, config["num_layers"])
     with no_init_weights():  # every parameter is overwritten below
         model = TreadTransformer2DModel(**config, routes=routes)
     model.load_state_dict(converted, strict=True)
+    if shared_conditioning:  # the copies are identical, so this is exact
+        model = TreadTransformer2DModel.from_dit(model, shared_conditioning=True)
     return model.eval()
 
 
@@ -311,8 +315,8 @@ def use_original_timestep_frequencies(model: TreadTransformer2DModel) -> TreadTr
     """Embed timesteps with DiT's frequencies ``10000^(-k/128)`` instead of Diffusers' ``10000^(-k/127)``, making a
     converted model compute exactly what the original checkpoint computes. In memory only: a saved config cannot
     express it, so call this again after every ``from_pretrained``."""
-    for block in model.transformer_blocks:
-        block.norm1.emb.time_proj.downscale_freq_shift = 0
+    for embedder in model.conditioning_embedders():
+        embedder.time_proj.downscale_freq_shift = 0
     return model
 
 
@@ -409,6 +413,7 @@ def convert(
     vae: str = "stabilityai/sd-vae-ft-ema",
     id2label: str | Path | None = None,
     routes: str | None = None,
+    shared_conditioning: bool = False,
 ) -> TreadDiTPipeline:
     """Convert ``checkpoint`` and save a `TreadDiTPipeline` to ``output_dir``; return the pipeline."""
     if scheduler not in SCHEDULERS:
@@ -416,7 +421,7 @@ def convert(
     state_dict, found_at = extract_state_dict(load_checkpoint(checkpoint), weights, prefix)
     config = infer_config(state_dict, num_attention_heads, sample_size)
     transformer = convert_transformer(
-        state_dict, num_attention_heads, sample_size, parse_routes(routes, config["num_layers"])
+        state_dict, num_attention_heads, sample_size, parse_routes(routes, config["num_layers"]), shared_conditioning
     )
     learned_sigma = config["out_channels"] == 2 * config["in_channels"]
     autoencoder = load_vae(vae)
@@ -460,6 +465,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--vae", default="stabilityai/sd-vae-ft-ema", help="Hub id, local folder, or 'none'")
     parser.add_argument("--id2label", default=None, help="JSON file with the class names")
     parser.add_argument("--routes", default=None, help="'none' (default), 'paper', or routes as JSON (or a JSON file)")
+    parser.add_argument(
+        "--shared_conditioning",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="keep DiT's one timestep/label embedder (75M fewer parameters for XL/2, what train_tread.py trains) "
+        "instead of Diffusers' copy per block (default; loads into DiTTransformer2DModel as is)",
+    )
     return parser.parse_args(argv)
 
 
