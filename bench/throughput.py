@@ -1,13 +1,23 @@
-"""Training-step throughput: dense DiT vs TREAD-routed DiT, same weights, same batch, interleaved in one process.
+"""Training-step throughput, as `training/train_tread.py` runs a step: dense vs TREAD-routed, against stock Diffusers
+DiT and (with ``--official_tread``) the official TREAD code, all arms interleaved in one process on the same batches.
 
-For each model it times full training steps (forward + backward + AdamW step) alternately for the dense and the routed
-model, reports the median images/s, the FLOPs of one step (``torch.utils.flop_counter``, forward + backward), the
-activation memory saved for backward, and on CUDA the step's GPU memory: the peak during the step minus what was
-allocated before it (weights and optimizer states), i.e. activations, gradients and temporaries. The target (issue #2): a routed step costs at most
-1.05x its FLOP share of the dense step.
+Our arms run the library's training step (`diffusers_tread.training_utils`: label dropout, `tread_training_loss`,
+backward, gradient clipping, the fused/multi-tensor AdamW of `make_optimizer`), the code the training script calls:
 
-    python bench/throughput.py                                   # DiT-S/2 and DiT-B/2, 4x32x32 latents, CPU fp32
-    python bench/throughput.py --models DiT-B/2 DiT-XL/2 --batch_size 64 --dtype bf16 --device cuda
+- ``stock``: Diffusers' ``DiTTransformer2DModel`` (a timestep + label embedder in every block), same step, no routes;
+- ``per-block``: ours in Diffusers' layout (``shared_conditioning=False``), dense;
+- ``dense`` / ``routed``: ours as ``from_preset`` builds it (one shared embedder), without / with the routes;
+- ``official dense`` / ``official routed``: CompVis/tread's ``dit.py`` run from a checkout (``bench/official_tread.py``;
+  its EDM loss and AdamW, the official train.py step).
+
+Per arm: median step time, ATen ops dispatched per step (forward + loss + backward + optimizer, counted eagerly with a
+``TorchDispatchMode``; each is a dispatcher round trip and, on a GPU, a kernel launch), FLOPs per step
+(``torch.utils.flop_counter``, forward + backward), MFU on a GPU (FLOPs / time / the card's dense bf16 peak), and the
+routed / dense time against the FLOP ratio (issue #13's target: time ratio <= 1.05 x FLOP ratio).
+
+    python bench/throughput.py                                                  # DiT-S/2, batch 8, CPU fp32, eager
+    python bench/throughput.py --official_tread /path/to/tread --batch_size 2   # + the official code
+    python bench/throughput.py --models DiT-B/2 DiT-XL/2 --batch_size 32 --precision bf16 --mode compile  # a GPU
 """
 
 from __future__ import annotations
@@ -16,49 +26,54 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 from diffusers import DiTTransformer2DModel
 from torch.utils.flop_counter import FlopCounterMode
 
-from diffusers_tread import PRESETS, TreadTransformer2DModel, paper_routes
+from diffusers_tread import PRESETS, TreadTransformer2DModel, TreadTransformer2DModelOutput, paper_routes
+from diffusers_tread.objectives import get_objective
+from diffusers_tread.training_utils import drop_class_labels, make_optimizer, tread_training_loss
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from official_tread import (  # noqa: E402
+    count_aten_ops,
+    edm_loss,
+    load_official_dit,
+    mse_loss,
+    official_model,
+    official_optimizer,
+    official_train_step,
+)
+
+# Dense bf16 tensor-core peaks (vendor datasheets, without sparsity), TFLOP/s, for MFU.
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "4090": 165.0}
 
 
-def parse_routes(text: str) -> list[dict]:
-    """'2:8:0.5,10:12:0.3' -> route dicts."""
-    routes = []
-    for part in text.split(","):
-        start, end, ratio = part.split(":")
-        routes.append({"start_layer_idx": int(start), "end_layer_idx": int(end), "selection_ratio": float(ratio)})
-    return routes
+class StockForTrainingStep(torch.nn.Module):
+    """Stock ``DiTTransformer2DModel`` behind the call the training step makes (it takes no routing arguments)."""
+
+    def __init__(self, model: DiTTransformer2DModel):
+        super().__init__()
+        self.model = model
+        self.config = model.config
+
+    def forward(self, hidden_states, timestep, class_labels, selection_ratio=None, route_generator=None):
+        sample = self.model(hidden_states, timestep=timestep, class_labels=class_labels).sample
+        return TreadTransformer2DModelOutput(sample=sample, route_masks=None)
 
 
-def make_batch(batch_size: int, device: torch.device, dtype: torch.dtype, seed: int = 0):
+def make_batch(batch_size: int, device: torch.device, dtype: torch.dtype = torch.float32, seed: int = 0):
+    """Latents, an 8-channel target, timesteps and labels (the same draws as official_tread.make_batch)."""
     generator = torch.Generator().manual_seed(seed)
     latents = torch.randn(batch_size, 4, 32, 32, generator=generator)
     target = torch.randn(batch_size, 8, 32, 32, generator=generator)
     timestep = torch.randint(0, 1000, (batch_size,), generator=generator)
     labels = torch.randint(0, 1000, (batch_size,), generator=generator)
     return latents.to(device, dtype), target.to(device, dtype), timestep.to(device), labels.to(device)
-
-
-def train_step(model, optimizer, batch) -> None:
-    latents, target, timestep, labels = batch
-    prediction = model(latents, timestep=timestep, class_labels=labels).sample
-    loss = torch.nn.functional.mse_loss(prediction.float(), target.float())
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-
-
-def step_flops(model, batch) -> int:
-    latents, target, timestep, labels = batch
-    with FlopCounterMode(display=False) as counter:
-        prediction = model(latents, timestep=timestep, class_labels=labels).sample
-        torch.nn.functional.mse_loss(prediction.float(), target.float()).backward()
-    model.zero_grad(set_to_none=True)
-    return counter.get_total_flops()
 
 
 def saved_activation_bytes(model, batch) -> int:
@@ -88,116 +103,219 @@ def saved_activation_bytes(model, batch) -> int:
     return total
 
 
+class OursStep:
+    """`train_tread.py`'s step (defaults: DiT's DDPM objective, the adapted TREAD loss, max grad norm 1)."""
+
+    def __init__(self, model, args, device):
+        self.model, self.args = model, args
+        self.objective = get_objective(args.objective)
+        self.optimizer = make_optimizer(model.parameters(), 1e-4)
+        self.generator = torch.Generator(device=device).manual_seed(0)
+
+    def loss(self, batch) -> torch.Tensor:
+        latents, _, _, labels = batch
+        with torch.autocast(latents.device.type, torch.bfloat16, enabled=self.args.precision == "bf16"):
+            labels = drop_class_labels(labels, 1000, 0.1, self.generator)
+            return tread_training_loss(
+                self.model,
+                self.objective,
+                latents,
+                labels,
+                generator=self.generator,
+                patch_size=self.model.config.patch_size,
+                loss_mode="adapted",
+                mae_loss_weight=self.args.mae_loss_weight,
+            )
+
+    def __call__(self, batch) -> None:
+        self.loss(batch).backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0, foreach=True)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def forward_backward(self, batch) -> None:
+        self.loss(batch).backward()
+        self.model.zero_grad(set_to_none=True)
+
+    def model_mse_forward_backward(self, batch) -> None:
+        """The model alone under plain MSE (the same as OfficialStep's): the like-for-like op count."""
+        latents, target, timestep, labels = batch
+        prediction = self.model(latents, timestep=timestep, class_labels=labels).sample
+        torch.nn.functional.mse_loss(prediction.float(), target.float()).backward()
+        self.model.zero_grad(set_to_none=True)
+
+
+class OfficialStep:
+    """The official train.py step (EDM loss, AdamW) on the official DiT."""
+
+    def __init__(self, model, args):
+        self.model, self.args = model, args
+        self.optimizer = official_optimizer(model)
+
+    def __call__(self, batch) -> None:
+        with torch.autocast(batch[0].device.type, torch.bfloat16, enabled=self.args.precision == "bf16"):
+            official_train_step(self.model, self.optimizer, batch)
+
+    def forward_backward(self, batch) -> None:
+        with torch.autocast(batch[0].device.type, torch.bfloat16, enabled=self.args.precision == "bf16"):
+            loss = edm_loss(self.model, batch)
+        loss.backward()
+        self.model.zero_grad(set_to_none=True)
+
+    def model_mse_forward_backward(self, batch) -> None:
+        mse_loss(self.model, batch).backward()
+        self.model.zero_grad(set_to_none=True)
+
+
+def build_arms(name: str, routes: list[dict], args, device: torch.device, official) -> dict:
+    torch.manual_seed(0)
+    dense = TreadTransformer2DModel.from_preset(name, routes=None).to(device).train()
+    routed = TreadTransformer2DModel.from_dit(dense, routes=routes)  # the same parameters, routes on
+    per_block = TreadTransformer2DModel.from_dit(dense, shared_conditioning=False)
+    stock = StockForTrainingStep(dense.to_dit().to(device).train())
+    models = {"stock": stock, "per-block": per_block, "dense": dense, "routed": routed}
+    if args.mode != "eager":
+        compile_kwargs = {"mode": "reduce-overhead" if args.mode == "cudagraphs" else "default"}
+        for arm, model in models.items():
+            blocks = model.model.transformer_blocks if arm == "stock" else model.transformer_blocks
+            for block in blocks:  # regional compilation, as train_tread.py --compile
+                block.compile(fullgraph=True, **compile_kwargs)
+    arms = {arm: OursStep(model, args, device) for arm, model in models.items()}
+    if official is not None:
+        official_routes = [dict(route) for route in routes]
+        for arm, arm_routes in (("official dense", None), ("official routed", official_routes)):
+            model = official_model(official, name, arm_routes).to(device)
+            arms[arm] = OfficialStep(model, args)
+    return arms
+
+
+def step_flops(step, batch) -> int:
+    with FlopCounterMode(display=False) as counter:
+        step.forward_backward(batch)
+    return counter.get_total_flops()
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
 
 
-def bench_model(name: str, routes: list[dict], args, device: torch.device, dtype: torch.dtype) -> dict:
-    torch.manual_seed(0)
-    dense = TreadTransformer2DModel.from_preset(name, routes=None).to(device).train()
-    if dtype != torch.float32:
-        dense = dense.to(dtype)
-    routed = TreadTransformer2DModel.from_dit(dense, routes=routes)  # same parameters, routes on
-    # Stock Diffusers DiT with the same parameters: shows that our dense path costs nothing extra. (In train mode it
-    # also draws its per-block label dropout, which ours switches off.)
-    config = {
-        k: v for k, v in dense.config.items() if not k.startswith("_") and k not in ("routes", "route_reinsertion")
-    }
-    stock = DiTTransformer2DModel.from_config(config)
-    stock.load_state_dict(dense.state_dict(), assign=True)
-    stock.pos_embed.pos_embed = dense.pos_embed.pos_embed
-    arms = {"stock": stock.train(), "dense": dense, "routed": routed}
-    optimizers = {arm: torch.optim.AdamW(model.parameters(), lr=1e-4) for arm, model in arms.items()}
-    batch = make_batch(args.batch_size, device, dtype)
-
-    result = {"model": name, "routes": routes, "batch_size": args.batch_size, "compile": args.compile}
-    for arm, model in arms.items():
-        result[f"{arm}_flops"] = step_flops(model, batch)
-        result[f"{arm}_saved_activation_mib"] = saved_activation_bytes(model, batch) / 2**20
-    if args.compile:  # counted eager above; timed compiled (the warm-up steps compile)
-        arms = {arm: torch.compile(model) for arm, model in arms.items()}
-    for arm, model in arms.items():
+def bench_model(name: str, routes: list[dict], args, device: torch.device, official) -> dict:
+    batch = make_batch(args.batch_size, device)
+    arms = build_arms(name, routes, args, device, official)
+    result = {"model": name, "routes": routes, "batch_size": args.batch_size, "mode": args.mode, "arms": {}}
+    for arm, step in arms.items():
+        eager_counts = arm.startswith("official") or args.mode == "eager"
+        row = {"flops": step_flops(step, batch)}
+        if eager_counts:  # compiled arms dispatch what the generated code calls: not comparable, not counted
+            step(batch)  # the optimizer's lazy state exists before counting, as in every step after the first
+            row["aten_ops"] = sum(count_aten_ops(lambda step=step: step(batch)).values())
+            row["aten_ops_fwd_bwd"] = sum(count_aten_ops(lambda step=step: step.forward_backward(batch)).values())
+            row["aten_ops_model_mse"] = sum(
+                count_aten_ops(lambda step=step: step.model_mse_forward_backward(batch)).values()
+            )
+        result["arms"][arm] = row
+    for step in arms.values():
         for _ in range(args.warmup):
-            train_step(model, optimizers[arm], batch)
+            step(batch)
     times = {arm: [] for arm in arms}
-    peak = {}
-    for _ in range(args.repeats):  # interleaved, so drift in machine load hits both arms alike
-        for arm, model in arms.items():
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-                resident = torch.cuda.memory_allocated()  # weights and optimizer states of all three arms
+    for _ in range(args.repeats):  # interleaved, so drift in machine load hits every arm alike
+        for arm, step in arms.items():
             synchronize(device)
             start = time.perf_counter()
-            train_step(model, optimizers[arm], batch)
+            step(batch)
             synchronize(device)
             times[arm].append(time.perf_counter() - start)
-            if device.type == "cuda":
-                step_peak = (torch.cuda.max_memory_allocated() - resident) / 2**20  # activations, gradients
-                peak[arm] = max(peak.get(arm, 0), step_peak)
-    for arm in arms:
-        result[f"{arm}_median_s"] = statistics.median(times[arm])
-        result[f"{arm}_images_per_s"] = args.batch_size / result[f"{arm}_median_s"]
-        result[f"{arm}_step_gpu_mib"] = peak.get(arm)
-    result["dense_over_stock_time"] = result["dense_median_s"] / result["stock_median_s"]
-    result["flop_ratio"] = result["routed_flops"] / result["dense_flops"]
-    result["time_ratio"] = result["routed_median_s"] / result["dense_median_s"]
+    peak = args.peak_tflops
+    for arm, row in result["arms"].items():
+        row["median_s"] = statistics.median(times[arm])
+        row["images_per_s"] = args.batch_size / row["median_s"]
+        row["mfu"] = row["flops"] / row["median_s"] / (peak * 1e12) if peak else None
+    arms_ = result["arms"]
+    result["flop_ratio"] = arms_["routed"]["flops"] / arms_["dense"]["flops"]
+    result["time_ratio"] = arms_["routed"]["median_s"] / arms_["dense"]["median_s"]
     result["time_over_flop_ratio"] = result["time_ratio"] / result["flop_ratio"]
     result["meets_target"] = result["time_ratio"] <= 1.05 * result["flop_ratio"]
+    if "official routed" in arms_:
+        result["routed_over_official_routed_time"] = arms_["routed"]["median_s"] / arms_["official routed"]["median_s"]
     return result
+
+
+def print_table(results: list[dict]) -> None:
+    print(
+        "| model | batch | arm | step ms | img/s | ATen ops: step / fwd+bwd / model fwd+bwd (MSE) | GFLOP/step | MFU |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for r in results:
+        for arm, row in r["arms"].items():
+            ops = "compiled"
+            if "aten_ops" in row:
+                ops = f"{row['aten_ops']} / {row['aten_ops_fwd_bwd']} / {row['aten_ops_model_mse']}"
+            mfu = f"{100 * row['mfu']:.1f}%" if row["mfu"] is not None else "n/a"
+            print(
+                f"| {r['model']} | {r['batch_size']} | {arm} | {1000 * row['median_s']:.1f} | "
+                f"{row['images_per_s']:.1f} | {ops} | {row['flops'] / 1e9:.1f} | {mfu} |"
+            )
+    print()
+    for r in results:
+        line = (
+            f"{r['model']} batch {r['batch_size']} ({r['mode']}): routed/dense time {r['time_ratio']:.3f}, FLOP ratio "
+            f"{r['flop_ratio']:.3f}, time/FLOP {r['time_over_flop_ratio']:.3f} "
+            f"({'met' if r['meets_target'] else 'MISSED'})"
+        )
+        if "routed_over_official_routed_time" in r:
+            line += f"; routed / official routed time {r['routed_over_official_routed_time']:.3f}"
+        print(line)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["DiT-S/2", "DiT-B/2"])
-    parser.add_argument("--routes", default="2:8:0.5", help="start:end:ratio[,start:end:ratio]; 'paper' = 2..depth-4")
+    parser.add_argument("--models", nargs="+", default=["DiT-S/2"])
+    parser.add_argument("--routes", default="paper", help="'paper' (2..depth-4 at 0.5) or start:end:ratio[,...]")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
-    parser.add_argument("--compile", action="store_true", help="time torch.compile'd models (default: eager)")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast, fp32 weights")
+    parser.add_argument("--mode", choices=["eager", "compile", "cudagraphs"], default="eager")
+    parser.add_argument("--objective", default="ddpm", help="our arms' objective (train_tread.py's default: ddpm)")
+    parser.add_argument("--mae_loss_weight", type=float, default=0.0, help="as train_tread.py's default")
+    parser.add_argument("--official_tread", default=None, help="a CompVis/tread checkout: adds the official arms")
+    parser.add_argument("--peak_tflops", type=float, default=None, help="for MFU (default: known GPUs' bf16 peak)")
+    parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    if args.peak_tflops is None and device.type == "cuda":
+        args.peak_tflops = next((peak for key, peak in PEAK_BF16_TFLOPS.items() if key in machine), None)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    official = load_official_dit(args.official_tread, eager=args.mode == "eager") if args.official_tread else None
     print(
-        f"# device={device} ({machine}), threads={torch.get_num_threads()}, dtype={args.dtype}, torch={torch.__version__}"
-        f", {'torch.compile' if args.compile else 'eager'}"
+        f"# device={device} ({machine}), threads={torch.get_num_threads()}, precision={args.precision}, "
+        f"mode={args.mode}, torch={torch.__version__}"
     )
-
     results = []
     for name in args.models:
         if args.routes == "paper":
             routes = paper_routes(PRESETS[name]["num_layers"])
         else:
-            routes = parse_routes(args.routes)
-        results.append(bench_model(name, routes, args, device, dtype))
-
-    header = (
-        "| model | route | batch | stock DiT img/s | dense img/s | routed img/s | dense/stock time | routed/dense time "
-        "| FLOP ratio | time/FLOP | saved act. MiB dense / routed | step GPU MiB dense / routed | target |"
-    )
-    print(header)
-    print("|" + "---|" * 13)
-    for r in results:
-        route = ",".join(f"{x['start_layer_idx']}..{x['end_layer_idx']}@{x['selection_ratio']}" for x in r["routes"])
-        peak = f"{r['dense_step_gpu_mib']:.0f} / {r['routed_step_gpu_mib']:.0f}" if r["dense_step_gpu_mib"] else "n/a"
-        print(
-            f"| {r['model']} | {route} | {r['batch_size']} | {r['stock_images_per_s']:.2f} | "
-            f"{r['dense_images_per_s']:.2f} | {r['routed_images_per_s']:.2f} | {r['dense_over_stock_time']:.3f} | "
-            f"{r['time_ratio']:.3f} | {r['flop_ratio']:.3f} | "
-            f"{r['time_over_flop_ratio']:.3f} | {r['dense_saved_activation_mib']:.0f} / "
-            f"{r['routed_saved_activation_mib']:.0f} | {peak} | {'met' if r['meets_target'] else 'MISSED'} |"
-        )
+            routes = []
+            for part in args.routes.split(","):
+                start, end, ratio = part.split(":")
+                routes.append(
+                    {"start_layer_idx": int(start), "end_layer_idx": int(end), "selection_ratio": float(ratio)}
+                )
+        results.append(bench_model(name, routes, args, device, official))
+    print_table(results)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+            json.dump({"machine": machine, "args": vars(args), "results": results}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
 from diffusers_tread import TreadDiTPipeline
+from diffusers_tread.training_utils import scheduled_selection_ratios
 
 
 @pytest.mark.parametrize(
@@ -306,12 +307,13 @@ def test_lora_fine_tune_trains_only_adapters_and_the_pipeline_loads_scales_fuses
 
 
 def test_selection_ratio_schedule():
-    script = load_script()
     routes = [{"selection_ratio": 0.5}, {"selection_ratio": 0.2}]
-    args = script.parse_args(["--selection_ratio_warmup_steps=100", "--selection_ratio_anneal_steps=50",
-                              "--max_train_steps=1000"])  # fmt: skip
-    assert script.scheduled_ratios(args, routes, 0) == [0.0, 0.0]
-    assert script.scheduled_ratios(args, routes, 50) == [0.25, 0.1]
-    assert script.scheduled_ratios(args, routes, 500) is None  # the configured ratios
-    assert script.scheduled_ratios(args, routes, 975) == [0.25, 0.1]
-    assert script.scheduled_ratios(script.parse_args([]), routes, 0) is None
+
+    def ratios(step, warmup=100, anneal=50):
+        return scheduled_selection_ratios(routes, step, 1000, warmup, anneal)
+
+    assert ratios(0) == [0.0, 0.0]
+    assert ratios(50) == [0.25, 0.1]
+    assert ratios(500) is None  # the configured ratios
+    assert ratios(975) == [0.25, 0.1]
+    assert ratios(0, warmup=0, anneal=0) is None and scheduled_selection_ratios([], 0, 1000, 100) is None

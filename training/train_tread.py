@@ -64,9 +64,16 @@ from diffusers_tread.data import (
     load_digits,
     load_image_dataset,
 )
-from diffusers_tread.losses import TREAD_LOSSES, tread_loss
+from diffusers_tread.losses import TREAD_LOSSES
 from diffusers_tread.models.transformer_tread import ROUTE_REINSERTION_MODES
 from diffusers_tread.objectives import OBJECTIVES, get_objective
+from diffusers_tread.training_utils import (
+    LossLog,
+    drop_class_labels,
+    make_optimizer,
+    scheduled_selection_ratios,
+    tread_training_loss,
+)
 
 logger = get_logger(__name__, log_level="INFO")
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -216,6 +223,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max_grad_norm", type=float, default=1.0)
     parser.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None)
     parser.add_argument("--allow_tf32", action="store_true")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the model's repeated blocks (regional compilation: routing stays eager, each block compiles "
+        "once with fullgraph=True and is reused by all)",
+    )
+    parser.add_argument(
+        "--compile_mode",
+        default="default",
+        choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+        help="torch.compile mode; reduce-overhead records CUDA graphs (on a GPU)",
+    )
     # EMA: DiT keeps a fixed 0.9999 decay (--no-ema_warmup); the default warms the decay up, 1 - (1 + step)^-0.75,
     # which matters for short runs and reaches 0.9999 after ~215k steps.
     parser.add_argument("--use_ema", action=argparse.BooleanOptionalAction, default=True)
@@ -234,6 +253,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--validation_num_inference_steps", type=int, default=50)
     parser.add_argument("--validation_guidance_scale", type=float, default=2.0)
     parser.add_argument("--report_to", default="tensorboard", help='tensorboard, wandb, all or "none"')
+    parser.add_argument(
+        "--logging_steps",
+        type=int,
+        default=10,
+        help="read the loss back from the device every N steps (one host sync each; it stays on the device between)",
+    )
     parser.add_argument("--logging_dir", default="logs")
     parser.add_argument("--tracker_project_name", default="train_tread")
     parser.add_argument("--push_to_hub", action="store_true")
@@ -421,6 +446,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     model.train()
+    if args.compile:
+        # Diffusers' regional compilation (`_repeated_blocks`): the blocks are the compute; the routing's gather and
+        # scatter and its generator draws stay eager around them.
+        model.compile_repeated_blocks(fullgraph=True, mode=args.compile_mode)
     ema_model = None
     if args.use_ema and not args.lora_rank:
         # min_decay == decay without warmup gives DiT's fixed decay (the first update copies the weights).
@@ -430,6 +459,7 @@ def main(argv: list[str] | None = None) -> None:
             min_decay=0.0 if args.ema_warmup else args.ema_decay,
             use_ema_warmup=args.ema_warmup,
             power=args.ema_power,
+            foreach=True,  # one multi-tensor update per step instead of a loop over parameters
             model_cls=model_cls,
             model_config=model.config,
         )
@@ -483,9 +513,9 @@ def main(argv: list[str] | None = None) -> None:
     # 4. Optimizer, data loader, LR schedule.
     if args.scale_lr:
         args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad],
-        lr=args.learning_rate,
+    optimizer = make_optimizer(  # fused on CUDA, multi-tensor elsewhere
+        model.parameters(),
+        args.learning_rate,
         betas=(args.adam_beta1, args.adam_beta2),
         weight_decay=args.adam_weight_decay,
         eps=args.adam_epsilon,
@@ -559,7 +589,32 @@ def main(argv: list[str] | None = None) -> None:
     )
     null_class = num_classes  # the extra row of the label table
     patch_size = unwrapped.config.patch_size
-    step_started, last_loss, train_loss, skipped_images = time.time(), float("nan"), 0.0, 0
+    step_started, last_loss, skipped_images = time.time(), float("nan"), 0
+    # The loss stays on the device: summed over accumulation micro-steps here, read back every --logging_steps.
+    step_loss, loss_log_rows = torch.zeros((), device=accelerator.device), LossLog()
+
+    def flush_losses() -> None:
+        """Read the pending losses back (one host sync), fail on a non-finite one, log and record them."""
+        nonlocal last_loss
+        try:
+            rows = loss_log_rows.flush(gather=accelerator.gather)
+        except FloatingPointError as error:
+            raise FloatingPointError(
+                f"{error} The last checkpoint in {args.output_dir} is untouched (none is saved after a non-finite "
+                "loss); resume from it with a lower --learning_rate, --max_grad_norm, or bf16 instead of fp16 "
+                "(--mixed_precision bf16)."
+            ) from None
+        if not rows:
+            return
+        last_loss = rows[-1][1]
+        progress_bar.set_postfix(loss=f"{last_loss:.4f}", lr=lr_scheduler.get_last_lr()[0], it_s=f"{steps_per_s:.2f}")
+        for step, value in rows:
+            accelerator.log({"loss": value}, step=step)
+        if accelerator.is_main_process:
+            with loss_log.open("a", newline="") as f:
+                csv.writer(f).writerows([step, f"{value:.6f}", f"{time.time() - started:.1f}"] for step, value in rows)
+
+    steps_per_s = float("nan")
     for epoch in range(first_epoch, num_train_epochs):
         train_dataloader.set_epoch(epoch)
         loader = train_dataloader
@@ -580,38 +635,28 @@ def main(argv: list[str] | None = None) -> None:
                 else:
                     x0 = batch["pixel_values"].float()
                 skipped_images += int(batch["num_skipped"])
-                labels = batch["class_labels"]
-                # CFG label dropout, once per sample (Diffusers' per-block dropout is off in the model).
-                drop = torch.rand(labels.shape, generator=train_generator, device=labels.device)
-                labels = torch.where(drop < args.class_dropout_prob, torch.full_like(labels, null_class), labels)
-
-                inputs = objective.training_inputs(x0, generator=train_generator)
-                output = model(
-                    inputs.model_input,
-                    timestep=inputs.timestep,
-                    class_labels=labels,
-                    selection_ratio=scheduled_ratios(args, unwrapped.config.routes, global_step),
-                    route_generator=train_generator,
+                labels = drop_class_labels(  # once per sample; Diffusers' per-block dropout is off in the model
+                    batch["class_labels"], null_class, args.class_dropout_prob, train_generator
                 )
-                per_element = objective.per_element_loss(output.sample.float(), x0, inputs)
-                use_mae = args.tread_loss == "adapted" and args.mae_loss_weight > 0 and output.route_masks
-                loss = tread_loss(
-                    per_element,
-                    output.route_masks,
-                    patch_size,
-                    mode=args.tread_loss,
-                    denoised=objective.denoised(output.sample.float(), inputs) if use_mae else None,
-                    noisy_input=inputs.noisy_sample if use_mae else None,
+                loss = tread_training_loss(
+                    model,
+                    objective,
+                    x0,
+                    labels,
+                    generator=train_generator,
+                    selection_ratio=scheduled_selection_ratios(
+                        unwrapped.config.routes,
+                        global_step,
+                        args.max_train_steps,
+                        args.selection_ratio_warmup_steps,
+                        args.selection_ratio_anneal_steps,
+                    ),
+                    patch_size=patch_size,
+                    loss_mode=args.tread_loss,
                     mae_loss_weight=args.mae_loss_weight,
                 )
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        f"Loss is {loss.item()} at step {global_step}. The last checkpoint in {args.output_dir} is "
-                        "untouched; resume from it with a lower --learning_rate, --max_grad_norm, or bf16 instead of "
-                        "fp16 (--mixed_precision bf16)."
-                    )
-                # the logged loss: averaged over processes and accumulation micro-steps, as Diffusers' examples do
-                train_loss += accelerator.gather(loss.detach()).mean().item() / args.gradient_accumulation_steps
+                # the logged loss: averaged over accumulation micro-steps (and processes, at the flush)
+                step_loss += loss.detach() / args.gradient_accumulation_steps
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
@@ -625,24 +670,25 @@ def main(argv: list[str] | None = None) -> None:
                 ema_model.step(model.parameters())
             global_step += 1
             progress_bar.update(1)
-            last_loss, train_loss = train_loss, 0.0
+            loss_log_rows.add(global_step, step_loss)
+            step_loss = torch.zeros_like(step_loss)
             steps_per_s = 1.0 / max(time.time() - step_started, 1e-9)
             step_started = time.time()
-            logs = {"loss": last_loss, "lr": lr_scheduler.get_last_lr()[0], "steps_per_s": steps_per_s}
+            logs = {"lr": lr_scheduler.get_last_lr()[0], "steps_per_s": steps_per_s}
             if ema_model is not None:
                 logs["ema_decay"] = ema_model.cur_decay_value
             if skipped_images:
                 logs["skipped_images"] = skipped_images
-            progress_bar.set_postfix(loss=f"{last_loss:.4f}", lr=logs["lr"], it_s=f"{steps_per_s:.2f}")
             accelerator.log(logs, step=global_step)
-            if accelerator.is_main_process:
-                with loss_log.open("a", newline="") as f:
-                    csv.writer(f).writerow([global_step, f"{last_loss:.6f}", f"{time.time() - started:.1f}"])
 
             checkpoint_due = global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps
+            validation_due = global_step % args.validation_steps == 0 or global_step == args.max_train_steps
+            stop_due = stop_requested(accelerator, stop)
+            if global_step % args.logging_steps == 0 or checkpoint_due or validation_due or stop_due:
+                flush_losses()  # before any checkpoint: none is written after a non-finite loss
             if checkpoint_due:
                 save_checkpoint(accelerator, args, global_step, repo_id)
-            if stop_requested(accelerator, stop):
+            if stop_due:
                 if not checkpoint_due:
                     save_checkpoint(accelerator, args, global_step, repo_id)
                 logger.info(
@@ -652,9 +698,7 @@ def main(argv: list[str] | None = None) -> None:
                 restore_stop_handlers(stop)
                 accelerator.end_training()
                 return
-            if accelerator.is_main_process and (
-                global_step % args.validation_steps == 0 or global_step == args.max_train_steps
-            ):
+            if accelerator.is_main_process and validation_due:
                 log_validation(
                     accelerator,
                     args,
@@ -669,6 +713,7 @@ def main(argv: list[str] | None = None) -> None:
                 break
 
     # 7. Save the final pipeline (EMA weights), model card, and push.
+    flush_losses()
     restore_stop_handlers(stop)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -714,19 +759,6 @@ def main(argv: list[str] | None = None) -> None:
                     f"{repo_id}`."
                 ) from error
     accelerator.end_training()
-
-
-def scheduled_ratios(args, routes: list[dict], step: int) -> list[float] | None:
-    """Each route's selection ratio at `step` under --selection_ratio_warmup_steps / --selection_ratio_anneal_steps
-    (linear ramps; None = the configured ratios)."""
-    factor = 1.0
-    if args.selection_ratio_warmup_steps > 0:
-        factor = min(factor, step / args.selection_ratio_warmup_steps)
-    if args.selection_ratio_anneal_steps > 0:
-        factor = min(factor, (args.max_train_steps - step) / args.selection_ratio_anneal_steps)
-    if factor >= 1.0 or not routes:
-        return None
-    return [route["selection_ratio"] * max(factor, 0.0) for route in routes]
 
 
 def check_model_matches_data(model, channels: int, size: int, num_classes: int, objective) -> None:
