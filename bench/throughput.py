@@ -236,6 +236,19 @@ def bench_model(name: str, routes: list[dict], args, device: torch.device, offic
     result["time_ratio"] = arms_["routed"]["median_s"] / arms_["dense"]["median_s"]
     result["time_over_flop_ratio"] = result["time_ratio"] / result["flop_ratio"]
     result["meets_target"] = result["time_ratio"] <= 1.05 * result["flop_ratio"]
+    if args.profile:  # one dense and one routed step: where the time goes (top kernels on a GPU, CPU time)
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        sort_by = "self_cpu_time_total"
+        if device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+            sort_by = "self_cuda_time_total"
+        for arm in ("dense", "routed"):
+            with torch.profiler.profile(activities=activities) as profiler:
+                arms[arm](batch)
+                synchronize(device)
+            table = profiler.key_averages().table(sort_by=sort_by, row_limit=15)
+            result["arms"][arm]["profile"] = table
+            print(f"## profile: {name} {arm} step ({args.mode})\n{table}")
     if "official routed" in arms_:
         result["routed_over_official_routed_time"] = arms_["routed"]["median_s"] / arms_["official routed"]["median_s"]
     return result
@@ -283,6 +296,7 @@ def main() -> None:
     parser.add_argument("--official_tread", default=None, help="a CompVis/tread checkout: adds the official arms")
     parser.add_argument("--peak_tflops", type=float, default=None, help="for MFU (default: known GPUs' bf16 peak)")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--profile", action="store_true", help="print a profile of one dense and one routed step")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
 
