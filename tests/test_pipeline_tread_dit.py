@@ -218,6 +218,68 @@ def test_callback_on_step_end_sees_and_can_replace_latents():
     assert steps == [0, 1, 2] and torch.equal(out.images, torch.zeros(1, 4, 8, 8))
 
 
+def count_batches(pipe):
+    """Record the batch size of every transformer forward."""
+    batches = []
+    pipe.transformer.register_forward_hook(lambda module, args, out: batches.append(args[0].shape[0]))
+    return batches
+
+
+def test_callback_convention_guidance_scale_num_timesteps_and_cfg_cutoff():
+    """Diffusers' convention (its PipelineTesterMixin.test_callback_cfg / test_callback_inputs): a step-end callback
+    reads ``num_timesteps`` and ``guidance_scale`` and may change ``_guidance_scale`` for the following steps."""
+    pipe = make_pipe()
+    kwargs = dict(class_labels=[1], num_inference_steps=3, output_type="latent")
+    expected = pipe(generator=gen(), guidance_scale=2.0, **kwargs).images
+    seen = []
+
+    def record(p, step, t, callback_kwargs):
+        seen.append((p.num_timesteps, p.guidance_scale, p.do_classifier_free_guidance))
+        return callback_kwargs
+
+    out = pipe(generator=gen(), guidance_scale=2.0, callback_on_step_end=record, **kwargs).images
+    assert torch.equal(out, expected) and seen == [(3, 2.0, True)] * 3
+
+    def increase(p, step, t, callback_kwargs):
+        p._guidance_scale += 1.0
+        return callback_kwargs
+
+    batches = count_batches(pipe)
+    stronger = pipe(generator=gen(), guidance_scale=2.0, callback_on_step_end=increase, **kwargs).images
+    assert pipe.guidance_scale == 2.0 + pipe.num_timesteps and not torch.equal(stronger, expected)
+
+    def cfg_cutoff(p, step, t, callback_kwargs):  # as Diffusers' SDCFGCutoffCallback: guidance off after step 0
+        p._guidance_scale = 0.0
+        return callback_kwargs
+
+    batches.clear()
+    pipe(generator=gen(), guidance_scale=2.0, callback_on_step_end=cfg_cutoff, **kwargs)
+    assert batches == [2, 1, 1] and not pipe.do_classifier_free_guidance
+
+
+def test_callback_can_interrupt_and_change_the_sparse_scale():
+    pipe = make_pipe()
+    kwargs = dict(class_labels=[1], num_inference_steps=3, output_type="latent")
+    after_first = {}
+
+    def stop(p, step, t, callback_kwargs):
+        after_first.setdefault("latents", callback_kwargs["latents"].clone())
+        p._interrupt = True
+        return callback_kwargs
+
+    batches = count_batches(pipe)
+    out = pipe(generator=gen(), callback_on_step_end=stop, **kwargs).images
+    assert pipe.interrupt and batches == [2] and torch.equal(out, after_first["latents"])
+
+    def weaken(p, step, t, callback_kwargs):
+        p._sparse_guidance_scale = 1.0  # Sparse Guidance off: one routed pass per step from now on
+        return callback_kwargs
+
+    batches.clear()
+    pipe(generator=gen(), guidance="sparse", sparse_guidance_scale=2.0, callback_on_step_end=weaken, **kwargs)
+    assert len(batches) == 2 + 1 + 1 and pipe.sparse_guidance_scale == 1.0
+
+
 def test_sampling_uses_all_tokens_even_for_a_model_in_train_mode():
     pipe = make_pipe()
     expected = pipe([1, 2], num_inference_steps=2, generator=gen(), output_type="np").images
@@ -323,8 +385,46 @@ def test_stock_dit_repo_from_the_hub_loads_as_tread(tmp_path, fake_hub):
     assert type(pipe.transformer) is TreadTransformer2DModel and pipe.transformer.config.routes == []
 
 
-def test_pipeline_loads_only_safetensors_by_default(tmp_path):
-    make_pipe().save_pretrained(tmp_path, safe_serialization=False)
-    with pytest.raises((OSError, EnvironmentError), match="safetensors"):
-        TreadDiTPipeline.from_pretrained(tmp_path)
-    assert TreadDiTPipeline.from_pretrained(tmp_path, use_safetensors=False).transformer.config.routes == ROUTES
+def test_bin_weights_load_by_default_but_a_code_running_pickle_is_refused(tmp_path):
+    """Diffusers' default, as DiTPipeline (its `test_save_load_local` saves ``.bin``): safetensors preferred, a pickled
+    ``.bin`` loaded with ``torch.load(weights_only=True)``, which refuses anything but tensors."""
+    from peft import LoraConfig
+    from unsafe_pickle import assert_refused_by_weights_only, poison
+
+    pipe = make_pipe()
+    pipe.save_pretrained(tmp_path / "pipe", safe_serialization=False)
+    weights_file = tmp_path / "pipe" / "transformer" / "diffusion_pytorch_model.bin"
+    assert weights_file.exists() and not weights_file.with_suffix(".safetensors").exists()
+    loaded = TreadDiTPipeline.from_pretrained(tmp_path / "pipe")
+    assert isinstance(loaded.transformer, TreadTransformer2DModel) and loaded.transformer.config.routes == ROUTES
+    for name in ("transformer", "vae"):
+        saved, restored = getattr(pipe, name).state_dict(), getattr(loaded, name).state_dict()
+        assert restored.keys() == saved.keys() and all(torch.equal(restored[k], v) for k, v in saved.items())
+    loaded.set_progress_bar_config(disable=True)
+    kwargs = dict(class_labels=[1], num_inference_steps=2, output_type="np")
+    np.testing.assert_array_equal(loaded(generator=gen(), **kwargs).images, pipe(generator=gen(), **kwargs).images)
+
+    # LoRA files as Diffusers' pipelines load them: safetensors preferred (its header keeps lora_alpha), else a .bin
+    pipe.transformer.add_adapter(LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=["to_q"]))
+    pipe.transformer.save_lora_adapter(tmp_path / "lora")
+    pipe.transformer.save_lora_adapter(tmp_path / "lora", safe_serialization=False)
+    assert {p.name for p in (tmp_path / "lora").iterdir()} == {
+        "pytorch_lora_weights.safetensors",
+        "pytorch_lora_weights.bin",
+    }
+    x, t, y = torch.randn(2, 4, 8, 8, generator=gen()), torch.tensor([10, 500]), torch.tensor([1, 2])
+    expected = pipe.transformer(x, t, y).sample
+    loaded.load_lora_weights(tmp_path / "lora")
+    assert loaded.transformer.peft_config["default_0"].lora_alpha == 8
+    torch.testing.assert_close(loaded.transformer(x, t, y).sample, expected, rtol=0, atol=0)
+    (tmp_path / "lora" / "pytorch_lora_weights.safetensors").unlink()
+    loaded.load_lora_weights(tmp_path / "lora", adapter_name="from_bin")
+    lora = [v for k, v in pipe.transformer.state_dict().items() if "lora_" in k]
+    restored = [v for k, v in loaded.transformer.state_dict().items() if "lora_" in k and "from_bin" in k]
+    assert len(lora) == len(restored) == 12 and all(torch.equal(a, b) for a, b in zip(lora, restored, strict=True))
+
+    marker = tmp_path / "payload_ran"
+    poison(weights_file, marker)
+    with pytest.raises(OSError) as excinfo:
+        TreadDiTPipeline.from_pretrained(tmp_path / "pipe")
+    assert_refused_by_weights_only(excinfo, weights_file, marker)

@@ -304,11 +304,22 @@ def test_save_load_round_trip_and_route_override(tmp_path):
     assert out.sample.dtype == torch.bfloat16 and out.sample.isfinite().all() and out.route_masks[0].shape == (3, 16)
 
 
-def test_only_safetensors_load_by_default(tmp_path):
-    tiny_ssm().save_pretrained(tmp_path, safe_serialization=False)
-    with pytest.raises(OSError, match="safetensors"):
+def test_bin_weights_load_by_default_but_a_code_running_pickle_is_refused(tmp_path):
+    """Diffusers' default: a ``.bin`` loads, through ``torch.load(weights_only=True)``, so only tensors come out."""
+    from unsafe_pickle import assert_refused_by_weights_only, poison
+
+    model = tiny_ssm()
+    model.save_pretrained(tmp_path, safe_serialization=False)
+    weights_file = tmp_path / "diffusion_pytorch_model.bin"
+    loaded = TreadSSM2DModel.from_pretrained(tmp_path)
+    assert loaded.state_dict().keys() == model.state_dict().keys()
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
+
+    marker = tmp_path / "payload_ran"
+    poison(weights_file, marker)
+    with pytest.raises(OSError) as excinfo:
         TreadSSM2DModel.from_pretrained(tmp_path)
-    TreadSSM2DModel.from_pretrained(tmp_path, use_safetensors=False)
+    assert_refused_by_weights_only(excinfo, weights_file, marker)
 
 
 def test_invalid_config_raises_clear_errors():

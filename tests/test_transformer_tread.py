@@ -384,13 +384,25 @@ def test_lora_attaches_and_trains_with_routing(shared_conditioning):
     assert isinstance(out, TreadTransformer2DModelOutput)
 
 
-def test_only_safetensors_load_by_default(tmp_path):
-    model = tiny_tread()
+def test_bin_weights_load_by_default_but_a_code_running_pickle_is_refused(tmp_path):
+    """Diffusers' default (as DiTTransformer2DModel): a ``.bin`` loads, through ``torch.load(weights_only=True)``."""
+    from unsafe_pickle import assert_refused_by_weights_only, poison
+
+    model = tiny_tread(routes=[ROUTE])
     model.save_pretrained(tmp_path, safe_serialization=False)  # a pickled diffusion_pytorch_model.bin
-    with pytest.raises(OSError, match="safetensors"):
+    weights_file = tmp_path / "diffusion_pytorch_model.bin"
+    assert weights_file.exists() and not (tmp_path / "diffusion_pytorch_model.safetensors").exists()
+    loaded = TreadTransformer2DModel.from_pretrained(tmp_path)
+    assert loaded.config.routes == [ROUTE] and loaded.state_dict().keys() == model.state_dict().keys()
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
+
+    marker = tmp_path / "payload_ran"
+    poison(weights_file, marker)
+    with pytest.raises(OSError) as excinfo:
         TreadTransformer2DModel.from_pretrained(tmp_path)
-    loaded = TreadTransformer2DModel.from_pretrained(tmp_path, use_safetensors=False)  # an explicit opt-in
-    assert torch.equal(loaded.proj_out_2.weight, model.proj_out_2.weight)
+    assert_refused_by_weights_only(excinfo, weights_file, marker)
+    torch.load(weights_file, weights_only=False)  # the payload is live: an unrestricted unpickler runs it
+    assert marker.read_text() == "ran"
 
 
 def test_per_route_selection_ratio_override():

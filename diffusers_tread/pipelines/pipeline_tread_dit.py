@@ -106,9 +106,9 @@ class TreadDiTPipeline(DiffusionPipeline):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> TreadDiTPipeline:
         """``DiffusionPipeline.from_pretrained``; a stock DiT transformer (e.g. ``facebook/DiT-XL-2-256``) comes back as
-        a ``TreadTransformer2DModel`` without routes, sharing its weights, ready for TREAD fine-tuning. Only
-        safetensors weights are loaded unless ``use_safetensors=False`` is passed (pickled weights can run code)."""
-        kwargs.setdefault("use_safetensors", True)
+        a ``TreadTransformer2DModel`` without routes, sharing its weights, ready for TREAD fine-tuning. Weights load
+        as Diffusers' default: safetensors when present, else a pickled ``.bin`` through
+        ``torch.load(weights_only=True)`` (tensors only; a pickle that would build other objects is refused)."""
         pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         if isinstance(pipe.transformer, DiTTransformer2DModel) and not isinstance(
             pipe.transformer, TreadTransformer2DModel
@@ -132,9 +132,29 @@ class TreadDiTPipeline(DiffusionPipeline):
         return config
 
     # LoRA adapters (Diffusers' LoRA format), delegated to the transformer's PeftAdapterMixin.
-    def load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name: str | None = None, **kwargs):
-        """Load a LoRA saved by `save_lora_weights` / `train_tread.py --lora_rank` (a folder, Hub id or state dict)."""
-        kwargs.setdefault("use_safetensors", True)
+    def load_lora_weights(
+        self, pretrained_model_name_or_path_or_dict, adapter_name: str | None = None, **kwargs
+    ) -> None:
+        """Load a LoRA saved by `save_lora_weights` / `train_tread.py --lora_rank` (a folder, Hub id or state dict).
+        Diffusers' pipeline rule for the file: safetensors preferred, else a pickled ``.bin`` loaded with
+        ``torch.load(weights_only=True)``; ``use_safetensors=True`` / ``False`` asks for one of the two only."""
+        if not isinstance(pretrained_model_name_or_path_or_dict, dict) and kwargs.get("use_safetensors") is None:
+            # The model's load_lora_adapter alone would read only a .bin here; the pipeline-level lora_state_dict of
+            # Diffusers' pipelines (e.g. SD3LoraLoaderMixin) tries safetensors first, as done here.
+            from diffusers.loaders.lora_base import _fetch_state_dict
+
+            kwargs.pop("use_safetensors", None)
+            hub_keys = ("cache_dir", "proxies", "local_files_only", "token", "revision", "subfolder", "weight_name")
+            hub_kwargs = {key: kwargs.pop(key, None) for key in hub_keys}
+            hub_kwargs["force_download"] = kwargs.pop("force_download", False)
+            pretrained_model_name_or_path_or_dict, metadata = _fetch_state_dict(
+                pretrained_model_name_or_path_or_dict=pretrained_model_name_or_path_or_dict,
+                use_safetensors=True,
+                allow_pickle=True,
+                user_agent={"file_type": "attn_procs_weights", "framework": "pytorch"},
+                **hub_kwargs,
+            )
+            kwargs["metadata"] = kwargs.get("metadata") or metadata  # the adapter's LoraConfig (safetensors header)
         self.transformer.load_lora_adapter(
             pretrained_model_name_or_path_or_dict, prefix=None, adapter_name=adapter_name, **kwargs
         )
@@ -232,7 +252,7 @@ class TreadDiTPipeline(DiffusionPipeline):
         if guidance == "cfg":
             if sparse_guidance_scale is not None:
                 raise ValueError("sparse_guidance_scale is only used with guidance='sparse' or 'cfg+sparse'.")
-            return guidance_scale, 1.0
+            return self._scales(guidance, guidance_scale, sparse_guidance_scale)
         if guidance == "cfg+sparse" and sparse_guidance_scale is None:
             raise ValueError(
                 "guidance='cfg+sparse' needs two scales: guidance_scale (classifier-free) and sparse_guidance_scale."
@@ -250,8 +270,38 @@ class TreadDiTPipeline(DiffusionPipeline):
                 "Give it the routes it was trained with, e.g. `pipe.transformer = TreadTransformer2DModel.from_dit("
                 "pipe.transformer, routes=paper_routes(pipe.transformer.config.num_layers))`, or use guidance='cfg'."
             )
+        return self._scales(guidance, guidance_scale, sparse_guidance_scale)
+
+    @staticmethod
+    def _scales(guidance: str, guidance_scale: float, sparse_guidance_scale: float | None) -> tuple[float, float]:
+        """``(cfg_scale, sparse_scale)`` of a guidance kind, 1 for a kind not used (see `__call__`'s ``guidance``)."""
+        if guidance == "cfg":
+            return guidance_scale, 1.0
         sparse_scale = guidance_scale if sparse_guidance_scale is None else sparse_guidance_scale
         return (guidance_scale if guidance == "cfg+sparse" else 1.0), sparse_scale
+
+    # Diffusers' callback convention (`callback_on_step_end`): a callback reads these and may set `_guidance_scale`
+    # (or `_sparse_guidance_scale`) for the following steps, or `_interrupt = True` to skip the remaining steps.
+    @property
+    def guidance_scale(self) -> float:
+        return self._guidance_scale
+
+    @property
+    def sparse_guidance_scale(self) -> float | None:
+        return self._sparse_guidance_scale
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        """Whether the current scales include classifier-free guidance (``guidance_interval`` aside)."""
+        return self._scales(self._guidance, self._guidance_scale, self._sparse_guidance_scale)[0] > 1
+
+    @property
+    def num_timesteps(self) -> int:
+        return self._num_timesteps
+
+    @property
+    def interrupt(self) -> bool:
+        return self._interrupt
 
     def routed_prediction(
         self,
@@ -311,7 +361,9 @@ class TreadDiTPipeline(DiffusionPipeline):
             eta: DDIM's eta (ignored by other schedulers).
             latents: initial noise of shape ``(batch, in_channels, sample_size, sample_size)`` instead of drawing it.
             callback_on_step_end: called as ``fn(pipe, step, timestep, callback_kwargs)`` after each step; may return
-                replaced ``latents``.
+                replaced ``latents``. As in Diffusers, it may read ``pipe.guidance_scale``, ``pipe.num_timesteps``,
+                ``pipe.do_classifier_free_guidance``, set ``pipe._guidance_scale`` (or ``pipe._sparse_guidance_scale``)
+                for the following steps, or set ``pipe._interrupt = True`` to skip the remaining steps.
             callback_on_step_end_tensor_inputs: the tensors passed in ``callback_kwargs``.
             guidance: which guidance to apply; writing ``D(c; g)`` for the conditional prediction with the model's
                 routes forced at selection ratio ``g``, ``D(c)`` for the dense one and ``null`` for the null class:
@@ -351,17 +403,17 @@ class TreadDiTPipeline(DiffusionPipeline):
         unknown_inputs = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
         if unknown_inputs:
             raise ValueError(f"callback_on_step_end_tensor_inputs may only contain {self._callback_tensor_inputs}.")
-        cfg_scale, sparse_scale = self.check_guidance_inputs(
-            guidance, guidance_scale, sparse_ratios, sparse_guidance_scale, guidance_interval
-        )
+        self.check_guidance_inputs(guidance, guidance_scale, sparse_ratios, sparse_guidance_scale, guidance_interval)
+        self._guidance = guidance
+        self._guidance_scale = guidance_scale
+        self._sparse_guidance_scale = sparse_guidance_scale
+        self._interrupt = False
 
         device = self._execution_device
         class_ids = self._class_ids(class_labels)
         batch_size = len(class_ids)
         latent_size = self.transformer.config.sample_size
         latent_channels = self.transformer.config.in_channels
-        do_cfg = cfg_scale > 1
-        do_sparse_guidance = sparse_scale > 1
         sparse = guidance != "cfg"
 
         shape = (batch_size, latent_channels, latent_size, latent_size)
@@ -383,6 +435,7 @@ class TreadDiTPipeline(DiffusionPipeline):
         class_null = torch.full((batch_size,), self.num_classes, device=device)
 
         self.scheduler.set_timesteps(num_inference_steps, device=device)
+        self._num_timesteps = len(self.scheduler.timesteps)
         extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
         learned_variance = self.scheduler.config.get("variance_type") in ("learned", "learned_range")
         if guidance_interval is None:
@@ -393,8 +446,12 @@ class TreadDiTPipeline(DiffusionPipeline):
 
         with sampling_mode(self.transformer):
             for step, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
-                step_cfg = do_cfg and guided_steps[step]
-                step_sparse_guidance = do_sparse_guidance and guided_steps[step]
+                if self.interrupt:
+                    continue
+                # Read every step: a step-end callback may change the scales (Diffusers' convention).
+                cfg_scale, sparse_scale = self._scales(guidance, self._guidance_scale, self._sparse_guidance_scale)
+                step_cfg = cfg_scale > 1 and guided_steps[step]
+                step_sparse_guidance = sparse_scale > 1 and guided_steps[step]
                 # Sparse kinds run separate passes (different ratios cannot share a batch); "cfg" batches its two.
                 model_input = torch.cat([latents, latents]) if step_cfg and not sparse else latents
                 if hasattr(self.scheduler, "scale_model_input"):  # flow-matching schedulers have none
