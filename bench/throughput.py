@@ -184,8 +184,20 @@ def build_arms(name: str, routes: list[dict], args, device: torch.device, offici
     if official is not None:
         official_routes = [dict(route) for route in routes]
         for arm, arm_routes in (("official dense", None), ("official routed", official_routes)):
-            model = official_model(official, name, arm_routes).to(device)
-            arms[arm] = OfficialStep(model, args)
+            if name in official.DiT_models:
+                model = official_model(official, name, arm_routes)
+            else:  # e.g. DiT-Tiny/2 (the default job's size): the official DiT class at our preset's dimensions
+                dims = PRESETS[name]
+                model = official.DiT(
+                    depth=dims["num_layers"],
+                    hidden_size=dims["num_attention_heads"] * dims["attention_head_dim"],
+                    num_heads=dims["num_attention_heads"],
+                    patch_size=dims["patch_size"],
+                    learn_sigma=True,
+                    enable_routing=bool(arm_routes),
+                    routes=arm_routes,
+                ).train()
+            arms[arm] = OfficialStep(model.to(device), args)
     return arms
 
 

@@ -109,13 +109,22 @@ class TreadDiTBlock(BasicTransformerBlock):
         # AttnProcessor2_0's computation for DiT's attention (no norms, no residual, output factor 1).
         batch_size, num_tokens, dim = hidden_states.shape
         tokens = hidden_states.reshape(batch_size * num_tokens, dim)
-        query, key, value = attn.to_q(tokens), attn.to_k(tokens), attn.to_v(tokens)
-        head_dim = key.shape[-1] // attn.heads
-        query = query.view(batch_size, num_tokens, attn.heads, head_dim).transpose(1, 2)
-        key = key.view(batch_size, num_tokens, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch_size, num_tokens, attn.heads, head_dim).transpose(1, 2)
+        projections = (attn.to_q, attn.to_k, attn.to_v)
+        if self.training and torch.is_grad_enabled() and all(type(layer) is nn.Linear for layer in projections):
+            # Training: one (3 * dim)-wide matmul for q, k and v, as DiT's fused `qkv` layer computes them (fewer ops
+            # and launches forward and backward). Not bit-identical to three matmuls, so eval keeps those.
+            weight = torch.cat([layer.weight for layer in projections])
+            bias = torch.cat([layer.bias for layer in projections])
+            qkv = F.linear(tokens, weight, bias).view(batch_size, num_tokens, 3, attn.heads, -1)
+            query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        else:
+            query, key, value = attn.to_q(tokens), attn.to_k(tokens), attn.to_v(tokens)
+            head_dim = key.shape[-1] // attn.heads
+            query = query.view(batch_size, num_tokens, attn.heads, head_dim).transpose(1, 2)
+            key = key.view(batch_size, num_tokens, attn.heads, head_dim).transpose(1, 2)
+            value = value.view(batch_size, num_tokens, attn.heads, head_dim).transpose(1, 2)
         hidden_states = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
-        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size * num_tokens, attn.heads * head_dim)
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size * num_tokens, dim)
         hidden_states = _dropout(attn.to_out[1], attn.to_out[0](hidden_states))
         return hidden_states.view(batch_size, num_tokens, -1)
 
