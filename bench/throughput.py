@@ -104,7 +104,8 @@ def saved_activation_bytes(model, batch) -> int:
 
 
 class OursStep:
-    """`train_tread.py`'s step (defaults: DiT's DDPM objective, the adapted TREAD loss, max grad norm 1)."""
+    """`train_tread.py`'s step with its defaults (flow matching, the plain loss, max grad norm 1); the official
+    recipe is ``--objective edm --max_grad_norm 0``."""
 
     def __init__(self, model, args, device):
         self.model, self.args = model, args
@@ -123,13 +124,14 @@ class OursStep:
                 labels,
                 generator=self.generator,
                 patch_size=self.model.config.patch_size,
-                loss_mode="adapted",
+                loss_mode=self.args.tread_loss,
                 mae_loss_weight=self.args.mae_loss_weight,
             )
 
     def __call__(self, batch) -> None:
         self.loss(batch).backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0, foreach=True)
+        if self.args.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm, foreach=True)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -303,8 +305,16 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast, fp32 weights")
     parser.add_argument("--mode", choices=["eager", "compile", "cudagraphs"], default="eager")
-    parser.add_argument("--objective", default="ddpm", help="our arms' objective (train_tread.py's default: ddpm)")
-    parser.add_argument("--mae_loss_weight", type=float, default=0.0, help="as train_tread.py's default")
+    # our arms' recipe: train_tread.py's defaults
+    parser.add_argument("--objective", default="flow", help="ddpm, flow or edm")
+    parser.add_argument("--tread_loss", choices=["plain", "adapted"], default="plain")
+    parser.add_argument("--mae_loss_weight", type=float, default=0.1, help="the adapted loss's MAE weight")
+    parser.add_argument(
+        "--max_grad_norm",
+        type=float,
+        default=1.0,
+        help="train_tread.py's default; 0 = no clipping (the official step)",
+    )
     parser.add_argument("--official_tread", default=None, help="a CompVis/tread checkout: adds the official arms")
     parser.add_argument("--peak_tflops", type=float, default=None, help="for MFU (default: known GPUs' bf16 peak)")
     parser.add_argument("--threads", type=int, default=None)

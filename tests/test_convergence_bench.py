@@ -56,19 +56,25 @@ def test_quick_run_writes_results_plots_and_grids(convergence, tmp_path):
 
 def test_arms_of_a_group_see_the_same_weights_data_and_noise(convergence):
     """A route at ratio 0 is the identity, so if data, noise and initial weights depend only on the seed (never on
-    the routes or the loss), such an arm must train bit for bit like the dense arm."""
+    the routes or the loss), such an arm must train like the dense arm: bit for bit with the same (plain) loss, where
+    the arithmetic is the same; up to float32 rounding with the adapted loss, whose masked mean (sum / count) reduces
+    in another order than the plain mean (2.0532386 vs 2.0532389 on an Intel CPU)."""
     train_set, _ = convergence.load_digits(resolution=16, split="train")
     x, y = train_set.pixel_values, train_set.class_labels
     dense = convergence.Arm(4, 2, width=32, steps=4)
-    identity_route = convergence.Arm(4, 2, ((1, 2, 0.0),), "adapted", width=32, steps=4)
+    identity_route = convergence.Arm(4, 2, ((1, 2, 0.0),), width=32, steps=4)
+    identity_route_adapted = convergence.Arm(4, 2, ((1, 2, 0.0),), "adapted", width=32, steps=4)
     routed = convergence.Arm(4, 2, ((1, 2, 0.5),), width=32, steps=4)
-    runs = [convergence.start_run(arm, 5e-4) for arm in (dense, identity_route, routed)]
+    runs = [convergence.start_run(arm, 5e-4) for arm in (dense, identity_route, identity_route_adapted, routed)]
     for run in runs:
         convergence.train_steps(run, x, y, 4, batch_size=8)
     weights = [torch.cat([p.detach().flatten() for p in run.model.parameters()]) for run in runs]
     assert runs[0].train_losses == runs[1].train_losses
     assert torch.equal(weights[0], weights[1])
-    assert not torch.equal(weights[0], weights[2])
+    # Relative loss differences of a few float32 ulps; Adam turns them into weight differences of at most ~lr * 1e-3.
+    assert runs[2].train_losses == pytest.approx(runs[0].train_losses, rel=1e-5)
+    torch.testing.assert_close(weights[2], weights[0], rtol=0, atol=1e-6)
+    assert not torch.equal(weights[0], weights[3])
 
 
 def test_crossing_and_interpolation(convergence):
