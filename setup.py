@@ -17,7 +17,8 @@ extras = {
     "demo": ["gradio>=6,<7"],
 }
 # selenium drives Debian's chromium + chromium-driver in the demo's browser test (see .ci/run).
-extras["test"] = extras["train"] + extras["demo"] + ["pytest>=8", "selenium>=4.20"]
+# setuptools>=70.1 builds wheels without the `wheel` package (tests/test_wheel.py builds one, offline).
+extras["test"] = extras["train"] + extras["demo"] + ["pytest>=8", "selenium>=4.20", "setuptools>=70.1"]
 extras["dev"] = extras["test"] + ["ruff>=0.6"]
 
 setup(
@@ -28,7 +29,11 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_packages(include=["diffusers_tread", "diffusers_tread.*"]),
+    # model_cards/ and spaces/ travel with the wheel as data packages (hub.py finds them there, or in a checkout).
+    packages=find_packages(include=["diffusers_tread", "diffusers_tread.*"])
+    + ["diffusers_tread._model_cards", "diffusers_tread._spaces"],
+    package_dir={"diffusers_tread._model_cards": "model_cards", "diffusers_tread._spaces": "spaces"},
+    package_data={"diffusers_tread._model_cards": ["*.md"], "diffusers_tread._spaces": ["tread-dit/*"]},
     install_requires=install_requires,
     extras_require=extras,
 )

@@ -41,12 +41,11 @@ def tiny_vae() -> AutoencoderKL:
 
 def build(model: str, device: str, dtype: torch.dtype) -> tuple[TreadDiTPipeline, DiTPipeline]:
     torch.manual_seed(0)
-    tread = TreadTransformer2DModel.from_preset(model)  # the paper's route; inactive at sampling (eval mode)
-    config = {
-        k: v for k, v in tread.config.items() if not k.startswith("_") and k not in ("routes", "route_reinsertion")
-    }
-    stock = DiTTransformer2DModel(**config)
-    stock.load_state_dict(tread.state_dict())
+    # The paper's route (inactive at sampling, eval mode), one shared conditioning embedding (from_preset's layout);
+    # stock DiT gets the same weights in its per-block layout, as `to_dit` exports them.
+    tread = TreadTransformer2DModel.from_preset(model)
+    stock = tread.to_dit()
+    assert type(stock) is DiTTransformer2DModel
     stock.eval()  # DiTPipeline does not switch modes; in train mode its blocks would drop labels at random
     vae = tiny_vae()
     pipes = (

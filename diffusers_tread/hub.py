@@ -17,6 +17,7 @@ import ast
 import contextlib
 import dataclasses
 import importlib
+import importlib.util
 import json
 import math
 import os
@@ -42,8 +43,19 @@ from huggingface_hub import (
 PACKAGE = "diffusers_tread"
 PACKAGE_DIR = Path(__file__).resolve().parent
 REPO_ROOT = PACKAGE_DIR.parent
-MODEL_CARD_TEMPLATE = REPO_ROOT / "model_cards" / "tread_dit.md"
-SPACE_DIR = REPO_ROOT / "spaces" / "tread-dit"
+
+
+def _shipped_folder(name: str) -> Path:
+    """``model_cards`` or ``spaces``: top-level folders of a checkout, installed with the wheel as the data packages
+    ``diffusers_tread._model_cards`` / ``diffusers_tread._spaces`` (setup.py's ``package_dir``)."""
+    spec = importlib.util.find_spec(f"{PACKAGE}._{name}")
+    if spec is not None and spec.submodule_search_locations:
+        return Path(next(iter(spec.submodule_search_locations)))
+    return REPO_ROOT / name  # a source checkout on sys.path, not installed
+
+
+MODEL_CARD_TEMPLATE = _shipped_folder("model_cards") / "tread_dit.md"
+SPACE_DIR = _shipped_folder("spaces") / "tread-dit"
 CARD_INFO_FILE = "tread_card.json"
 # What never goes to the Hub from an output folder (the training script's own list).
 HUB_IGNORE_PATTERNS = ["checkpoint-*", "step_*", "epoch_*", "logs/*", "*.csv"]
@@ -754,6 +766,17 @@ def push_to_hub(
     return f"https://huggingface.co/{repo_id}"
 
 
+def prepare_space(target: str | os.PathLike, model_id: str, space_dir: str | os.PathLike = SPACE_DIR) -> Path:
+    """Copy the Gradio demo (``spaces/tread-dit``, shipped with the package) to ``target``, its card listing
+    ``model_id`` (so the model page links to the Space): the folder `push_space` uploads."""
+    target = Path(target)
+    shutil.copytree(space_dir, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", ".gradio"))
+    card = SpaceCard.load(target / "README.md")
+    card.data.models = list(dict.fromkeys([*(card.data.models or []), model_id]))
+    card.save(target / "README.md")
+    return target
+
+
 def push_space(
     space_id: str,
     model_id: str,
@@ -769,11 +792,7 @@ def push_space(
         space_id, repo_type="space", space_sdk="gradio", exist_ok=True, private=private, token=token
     ).repo_id
     with tempfile.TemporaryDirectory(prefix="tread-space-") as workdir:
-        staged = Path(workdir, Path(space_dir).name)
-        shutil.copytree(space_dir, staged, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", ".gradio"))
-        card = SpaceCard.load(staged / "README.md")
-        card.data.models = list(dict.fromkeys([*(card.data.models or []), model_id]))
-        card.save(staged / "README.md")
+        staged = prepare_space(Path(workdir, Path(space_dir).name), model_id, space_dir)
         upload_folder(
             repo_id=space_id, repo_type="space", folder_path=staged, commit_message="Upload demo", token=token
         )

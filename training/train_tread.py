@@ -76,8 +76,6 @@ from diffusers_tread.training_utils import (
 )
 
 logger = get_logger(__name__, log_level="INFO")
-REPO_ROOT = Path(__file__).resolve().parent.parent
-MODEL_CARD_TEMPLATE = REPO_ROOT / "model_cards" / "tread_dit.md"
 # --model_type: the model class, its presets, the preset used when --model_config is left at its default, and the
 # default LoRA targets (DiT's attention projections; the SSM mixer's input and output projections).
 MODEL_TYPES = {
@@ -289,6 +287,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--class_dropout_prob must be in [0, 1)")
     if args.lora_rank is not None and not args.pretrained_model_name_or_path:
         parser.error("--lora_rank fine-tunes a checkpoint: give --pretrained_model_name_or_path")
+    if args.logging_steps < 1:
+        parser.error("--logging_steps must be at least 1")
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
         parser.error("--checkpoints_total_limit must be at least 1 (the newest checkpoint is always kept)")
     # The built-in digits job (no data flag) is a ~10-minute CPU run of a 0.8M-parameter model: it wants a higher
@@ -683,8 +683,10 @@ def main(argv: list[str] | None = None) -> None:
 
             checkpoint_due = global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps
             validation_due = global_step % args.validation_steps == 0 or global_step == args.max_train_steps
-            stop_due = stop_requested(accelerator, stop)
-            if global_step % args.logging_steps == 0 or checkpoint_due or validation_due or stop_due:
+            sync_due = global_step % args.logging_steps == 0 or checkpoint_due or validation_due
+            # Processes agree on a stop with an all-reduce (a host sync): only at the steps that sync anyway.
+            stop_due = sync_due and stop_requested(accelerator, stop)
+            if sync_due:
                 flush_losses()  # before any checkpoint: none is written after a non-finite loss
             if checkpoint_due:
                 save_checkpoint(accelerator, args, global_step, repo_id)
@@ -877,8 +879,8 @@ def save_checkpoint(accelerator, args, global_step: int, repo_id: str | None) ->
 
 
 def install_stop_handlers() -> dict:
-    """SIGTERM (cluster schedulers) and SIGINT (Ctrl-C) ask the loop to checkpoint and exit at the next step; a
-    second SIGINT stops at once."""
+    """SIGTERM (cluster schedulers) and SIGINT (Ctrl-C) ask the loop to checkpoint and exit at the next logging step
+    (--logging_steps); a second SIGINT stops at once."""
     stop = {"signal": None}
 
     def request_stop(signum, _frame):
@@ -1101,7 +1103,7 @@ def save_model_card(
         guidance_scale=args.validation_guidance_scale,
         command=redacted_command(argv),
     )
-    card: ModelCard = hub.save_model_card(args.output_dir, info, card_data, template_path=MODEL_CARD_TEMPLATE)
+    card: ModelCard = hub.save_model_card(args.output_dir, info, card_data)  # the template shipped with the package
     logger.info(f"Model card: {os.path.join(args.output_dir, 'README.md')} ({len(card.text)} characters)")
 
 

@@ -1,0 +1,49 @@
+"""The package is whole as a wheel: installed outside the source tree, it renders a model card and prepares the Space
+from the templates it ships (setup.py's data packages), not from files of a checkout."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+from conftest import REPO
+
+
+def test_wheel_installed_outside_the_tree_renders_a_card_and_prepares_the_space(tmp_path):
+    wheels, site = tmp_path / "wheels", tmp_path / "site"
+    build = [
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "--no-deps",
+        "--no-build-isolation",
+        "-q",
+        "-w",
+        str(wheels),
+        str(REPO),
+    ]
+    subprocess.run(build, check=True, capture_output=True, cwd=tmp_path, timeout=300)
+    (wheel,) = wheels.glob("diffusers_tread-*.whl")
+    install = [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)]
+    subprocess.run(install, check=True, capture_output=True, timeout=300)
+
+    code = textwrap.dedent(
+        f"""
+        import json, sys
+        sys.path.insert(0, {str(site)!r})  # the installed wheel first: not the checkout's editable install
+        from diffusers_tread import hub
+        card = hub.render_model_card(hub.ModelCardInfo(model_name="tread-tiny", repo_id="org/tread-tiny"))
+        space = hub.prepare_space({str(tmp_path / "space")!r}, "org/tread-tiny")
+        print(json.dumps({{"hub": hub.__file__, "template": str(hub.MODEL_CARD_TEMPLATE), "space_dir": str(hub.SPACE_DIR),
+                          "card": str(card), "space": sorted(p.name for p in space.iterdir())}}))
+        """
+    )
+    result = subprocess.run([sys.executable, "-I", "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads(result.stdout.splitlines()[-1])
+    for key in ("hub", "template", "space_dir"):
+        assert report[key].startswith(str(site)), (key, report[key])
+    assert "org/tread-tiny" in report["card"] and "TREAD" in report["card"]
+    assert {"app.py", "README.md", "requirements.txt"} <= set(report["space"])
+    assert "org/tread-tiny" in (tmp_path / "space" / "README.md").read_text()
