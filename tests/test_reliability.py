@@ -15,6 +15,7 @@ from conftest import REPO, SCRIPT, TINY, launch, load_script, transformer_weight
 from safetensors.torch import load_file
 
 from diffusers_tread import TreadDiTPipeline, TreadTransformer2DModel
+from diffusers_tread.training_utils import find_checkpoint
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
@@ -135,7 +136,7 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypa
         script.main([*TINY, f"--output_dir={out}", "--max_train_steps=6", "--checkpointing_steps=2",
                      "--validation_steps=100"])  # fmt: skip
     assert sorted(p.name for p in out.glob("*checkpoint-*")) == ["checkpoint-2"]
-    assert script.find_checkpoint(str(out), "latest") == str(out / "checkpoint-2")
+    assert find_checkpoint(str(out), "latest") == str(out / "checkpoint-2")
 
 
 def test_nan_loss_stops_with_the_step_and_a_hint_and_leaves_the_checkpoint(tmp_path):
@@ -144,23 +145,22 @@ def test_nan_loss_stops_with_the_step_and_a_hint_and_leaves_the_checkpoint(tmp_p
     with pytest.raises(FloatingPointError, match=r"Loss is (nan|inf) at step \d+\..*untouched.*--learning_rate"):
         script.main([*TINY, f"--output_dir={out}", "--max_train_steps=50", "--checkpointing_steps=1",
                      "--validation_steps=100", "--learning_rate=1e30", "--max_grad_norm=0"])  # fmt: skip
-    last = script.find_checkpoint(str(out), "latest")
+    last = find_checkpoint(str(out), "latest")
     weights = transformer_weights(last)
     assert all(torch.isfinite(w).all() for w in weights.values())
 
 
 def test_latest_skips_incomplete_and_explicit_incomplete_is_refused(tmp_path):
-    script = load_script()
     for step, complete in ((2, True), (4, True), (6, False)):
         folder = tmp_path / f"checkpoint-{step}"
         folder.mkdir()
         if complete:
             (folder / "checkpoint_complete.json").write_text("{}")
     (tmp_path / "checkpoint-8-old").mkdir()
-    assert script.find_checkpoint(str(tmp_path), "latest") == str(tmp_path / "checkpoint-4")
+    assert find_checkpoint(str(tmp_path), "latest") == str(tmp_path / "checkpoint-4")
     with pytest.raises(ValueError, match="not a complete checkpoint"):
-        script.find_checkpoint(str(tmp_path), str(tmp_path / "checkpoint-6"))
-    assert script.find_checkpoint(str(tmp_path / "empty"), "latest") is None
+        find_checkpoint(str(tmp_path), str(tmp_path / "checkpoint-6"))
+    assert find_checkpoint(str(tmp_path / "empty"), "latest") is None
 
 
 def test_bad_validation_labels_and_checkpoint_limit(tmp_path):

@@ -14,7 +14,7 @@ from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
 from diffusers_tread import TreadDiTPipeline
-from diffusers_tread.training_utils import scheduled_selection_ratios
+from diffusers_tread.training_utils import parse_routes, scheduled_selection_ratios
 
 
 @pytest.mark.parametrize(
@@ -127,20 +127,16 @@ def test_gradient_accumulation_and_disable_routing(tmp_path, accelerate_config):
 
 
 def test_routes_shorthand_and_json_parse():
-    script = load_script()
-    assert script.parse_routes("2:8:0.5,10:12:0.3") == [
+    assert parse_routes("2:8:0.5,10:12:0.3") == [
         {"start_layer_idx": 2, "end_layer_idx": 8, "selection_ratio": 0.5},
         {"start_layer_idx": 10, "end_layer_idx": 12, "selection_ratio": 0.3},
     ]
     assert (
-        script.parse_routes('[{"start_layer_idx": 2, "end_layer_idx": -4, "selection_ratio": 0.5}]')[0][
-            "end_layer_idx"
-        ]
-        == -4
+        parse_routes('[{"start_layer_idx": 2, "end_layer_idx": -4, "selection_ratio": 0.5}]')[0]["end_layer_idx"] == -4
     )
-    assert script.parse_routes("none") == [] and script.parse_routes("paper") == "paper"
+    assert parse_routes("none") == [] and parse_routes("paper") == "paper"
     with pytest.raises(Exception, match="start:end:ratio"):
-        script.parse_routes("2-8-0.5")
+        parse_routes("2-8-0.5")
 
 
 def test_bad_inputs_fail_with_clear_messages(tmp_path, accelerate_config):

@@ -27,8 +27,6 @@ import os
 import platform
 import re
 import shlex
-import shutil
-import signal
 import sys
 import time
 from pathlib import Path
@@ -70,8 +68,14 @@ from diffusers_tread.objectives import OBJECTIVES, get_objective
 from diffusers_tread.training_utils import (
     LossLog,
     drop_class_labels,
+    find_checkpoint,
+    install_stop_handlers,
     make_optimizer,
+    parse_routes,
+    restore_stop_handlers,
+    save_checkpoint,
     scheduled_selection_ratios,
+    stop_requested,
     tread_training_loss,
 )
 
@@ -82,23 +86,6 @@ MODEL_TYPES = {
     "dit": (TreadTransformer2DModel, PRESETS, "DiT-Tiny/2", "to_q,to_k,to_v,to_out.0"),
     "ssm": (TreadSSM2DModel, SSM_PRESETS, "SSM-Tiny/2", "in_proj,out_proj"),
 }
-
-
-def parse_routes(text: str) -> list[dict] | str:
-    """`--routes`: "paper", "none", JSON (a list of route dicts) or the shorthand "2:8:0.5,10:12:0.3"."""
-    text = text.strip()
-    if text in ("paper", "none", ""):
-        return "paper" if text == "paper" else []
-    if text.startswith("["):
-        return json.loads(text)
-    routes = []
-    for part in text.split(","):
-        fields = part.split(":")
-        if len(fields) != 3:
-            raise argparse.ArgumentTypeError(f"route {part!r} is not start:end:ratio (e.g. 2:8:0.5)")
-        start, end, ratio = fields
-        routes.append({"start_layer_idx": int(start), "end_layer_idx": int(end), "selection_ratio": float(ratio)})
-    return routes
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -582,6 +569,22 @@ def main(argv: list[str] | None = None) -> None:
             resume_step = (global_step % num_update_steps_per_epoch) * args.gradient_accumulation_steps
     loss_log = Path(args.output_dir, "loss_history.csv")
 
+    def save_state(step: int) -> None:
+        """Crash-safe `checkpoint-<step>/`, pruned to --checkpoints_total_limit, pushed with --push_checkpoints."""
+        push = args.push_to_hub and args.push_checkpoints
+        save_checkpoint(
+            accelerator,
+            args.output_dir,
+            step,
+            args.checkpoints_total_limit,
+            before_prune=wait_for_uploads,
+            after_save=(
+                (lambda final: push_folder(args, repo_id, str(final), f"checkpoint {step}", final.name, True))
+                if push
+                else None
+            ),
+        )
+
     # 6. Training loop.
     stop = install_stop_handlers()
     progress_bar = tqdm(
@@ -689,10 +692,10 @@ def main(argv: list[str] | None = None) -> None:
             if sync_due:
                 flush_losses()  # before any checkpoint: none is written after a non-finite loss
             if checkpoint_due:
-                save_checkpoint(accelerator, args, global_step, repo_id)
+                save_state(global_step)
             if stop_due:
                 if not checkpoint_due:
-                    save_checkpoint(accelerator, args, global_step, repo_id)
+                    save_state(global_step)
                 logger.info(
                     f"Stopped by signal {stop['signal']} at step {global_step} after saving a checkpoint; continue "
                     "with --resume_from_checkpoint latest."
@@ -805,108 +808,13 @@ def encode_latents(vae: AutoencoderKL, pixel_values: torch.Tensor, sample: bool,
     return (latents - shift) * vae.config.scaling_factor
 
 
-CHECKPOINT_COMPLETE = "checkpoint_complete.json"  # written last, just before the folder gets its final name
-
-
-def complete_checkpoints(output_dir: str) -> list[Path]:
-    """The `checkpoint-<step>` folders that finished saving, oldest first."""
-    found = [
-        path
-        for path in Path(output_dir).glob("checkpoint-*")
-        if re.fullmatch(r"checkpoint-\d+", path.name) and (path / CHECKPOINT_COMPLETE).is_file()
-    ]
-    return sorted(found, key=lambda path: int(path.name.split("-")[1]))
-
-
-def find_checkpoint(output_dir: str, which: str) -> str | None:
-    """`--resume_from_checkpoint`: "latest" (the newest complete checkpoint, or None) or a checkpoint folder."""
-    if which == "latest":
-        checkpoints = complete_checkpoints(output_dir)
-        return str(checkpoints[-1]) if checkpoints else None
-    if not Path(which, CHECKPOINT_COMPLETE).is_file():
-        raise ValueError(
-            f"{which} is not a complete checkpoint (no {CHECKPOINT_COMPLETE}); pass another checkpoint-<step> folder "
-            "or --resume_from_checkpoint latest, which skips incomplete ones."
-        )
-    return which
-
-
-def save_checkpoint(accelerator, args, global_step: int, repo_id: str | None) -> None:
-    """Write `checkpoint-<step>/` so that a crash, a kill or a full disk never costs the last good checkpoint.
-
-    `accelerator.save_state` writes into a hidden `.incomplete-checkpoint-<step>/`; once every process is done, the
-    main process marks it complete and renames it (atomic), and only then prunes to --checkpoints_total_limit.
-    """
-    output_dir = Path(args.output_dir)
-    final = output_dir / f"checkpoint-{global_step}"
-    partial = output_dir / f".incomplete-checkpoint-{global_step}"
-    if accelerator.is_main_process and partial.exists():
-        shutil.rmtree(partial)
-    accelerator.wait_for_everyone()
-    try:
-        accelerator.save_state(str(partial))
-    except OSError as error:
-        if accelerator.is_main_process:
-            shutil.rmtree(partial, ignore_errors=True)
-        previous = complete_checkpoints(args.output_dir)
-        raise OSError(
-            f"Saving {final} failed: {error}. The previous checkpoint "
-            f"({previous[-1] if previous else 'none'}) is intact; free disk space and resume with "
-            "--resume_from_checkpoint latest."
-        ) from error
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (partial / CHECKPOINT_COMPLETE).write_text(json.dumps({"step": global_step}))
-        if final.exists():  # the same step saved again after a resume
-            shutil.rmtree(final)
-        os.replace(partial, final)
-        logger.info(f"Saved state to {final}")
-        if args.checkpoints_total_limit is not None:
-            for leftover in output_dir.glob(".incomplete-checkpoint-*"):  # from runs killed mid-save
-                shutil.rmtree(leftover, ignore_errors=True)
-            old_checkpoints = complete_checkpoints(args.output_dir)[: -args.checkpoints_total_limit]
-            if old_checkpoints:
-                for pending in _UPLOADS:  # never delete a checkpoint that is still being uploaded
-                    pending.result()
-            for old in old_checkpoints:
-                logger.info(f"Removing old checkpoint {old}")
-                shutil.rmtree(old)
-        if args.push_to_hub and args.push_checkpoints:
-            push_folder(
-                args, repo_id, str(final), f"checkpoint {global_step}", path_in_repo=final.name, background=True
-            )
-    accelerator.wait_for_everyone()
-
-
-def install_stop_handlers() -> dict:
-    """SIGTERM (cluster schedulers) and SIGINT (Ctrl-C) ask the loop to checkpoint and exit at the next logging step
-    (--logging_steps); a second SIGINT stops at once."""
-    stop = {"signal": None}
-
-    def request_stop(signum, _frame):
-        if stop["signal"] is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        stop["signal"] = signum
-
-    stop["previous"] = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
-    return stop
-
-
-def restore_stop_handlers(stop: dict) -> None:
-    for sig, handler in stop["previous"].items():
-        signal.signal(sig, handler)
-
-
-def stop_requested(accelerator, stop: dict) -> bool:
-    """Whether any process got a stop signal (all processes must agree, or the checkpoint would deadlock)."""
-    requested = stop["signal"] is not None
-    if accelerator.num_processes > 1:
-        flag = torch.tensor([float(requested)], device=accelerator.device)
-        requested = bool(accelerator.reduce(flag, reduction="sum").item() > 0)
-    return requested
-
-
 _UPLOADS = []
+
+
+def wait_for_uploads() -> None:
+    """Block until the background checkpoint uploads are done (before pruning, and at the end)."""
+    for pending in _UPLOADS:
+        pending.result()
 
 
 def push_folder(args, repo_id, folder, message, path_in_repo=None, background=False):
@@ -936,8 +844,7 @@ def push_folder(args, repo_id, folder, message, path_in_repo=None, background=Fa
     if background:
         _UPLOADS.append(future)
     else:
-        for pending in _UPLOADS:
-            pending.result()
+        wait_for_uploads()
     return future
 
 

@@ -72,10 +72,9 @@ from diffusers_tread.data import preprocess_image, seeded_generator
 from diffusers_tread.models.tread_t2i import apply_tread
 from diffusers_tread.routing import validate_routes
 
-# The class-conditional script's route parser and crash-safe checkpoints (`.incomplete-checkpoint-N` -> `checkpoint-N`),
-# so that both scripts behave the same way.
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_tread import (  # noqa: E402
+# The library's route parser and crash-safe checkpoints (`.incomplete-checkpoint-N` -> `checkpoint-N`), shared with
+# train_tread.py, so that both scripts behave the same way.
+from diffusers_tread.training_utils import (
     find_checkpoint,
     install_stop_handlers,
     parse_routes,
@@ -1166,6 +1165,33 @@ def main(argv: list[str] | None = None) -> None:
             first_epoch = global_step // num_update_steps_per_epoch
             resume_step = (global_step % num_update_steps_per_epoch) * args.gradient_accumulation_steps
 
+    uploads = []  # background checkpoint uploads (--push_checkpoints)
+
+    def save_state(step: int) -> None:
+        """Crash-safe `checkpoint-<step>/`, pruned to --checkpoints_total_limit, pushed with --push_checkpoints."""
+
+        def push(final: Path) -> None:
+            uploads.append(
+                upload_folder(
+                    repo_id=repo_id,
+                    folder_path=final,
+                    path_in_repo=final.name,
+                    commit_message=f"checkpoint {step}",
+                    ignore_patterns=HUB_IGNORE_PATTERNS,
+                    token=args.hub_token,
+                    run_as_future=True,
+                )
+            )
+
+        save_checkpoint(
+            accelerator,
+            args.output_dir,
+            step,
+            args.checkpoints_total_limit,
+            before_prune=lambda: [upload.result() for upload in uploads],
+            after_save=push if args.push_to_hub and args.push_checkpoints else None,
+        )
+
     # 6. Training loop.
     stop = install_stop_handlers()
     progress_bar = tqdm(
@@ -1239,10 +1265,10 @@ def main(argv: list[str] | None = None) -> None:
 
             checkpoint_due = global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps
             if checkpoint_due:
-                save_checkpoint(accelerator, args, global_step, repo_id)
+                save_state(global_step)
             if stop_requested(accelerator, stop):
                 if not checkpoint_due:
-                    save_checkpoint(accelerator, args, global_step, repo_id)
+                    save_state(global_step)
                 logger.info(
                     f"Stopped by signal {stop['signal']} at step {global_step} after saving a checkpoint; continue "
                     "with --resume_from_checkpoint latest."
@@ -1274,6 +1300,8 @@ def main(argv: list[str] | None = None) -> None:
 
     # 7. Save the LoRA weights, check that they load into a fresh base pipeline, sample, write the card, push.
     restore_stop_handlers(stop)
+    for upload in uploads:  # the checkpoints' uploads finish before the final one
+        upload.result()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         final = unwrap(transformer)
