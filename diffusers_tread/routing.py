@@ -5,19 +5,38 @@ sample's tokens bypass blocks ``i..j`` (both inclusive, 0-indexed). At block ``i
 kept tokens are gathered; after block ``j`` they are scattered back to their original positions in the stored
 sequence, so a bypassed token re-enters with the hidden state it had entering block ``i``.
 
-Nothing here knows about a model: any backbone that runs a list of blocks over ``(batch, tokens, dim)`` sequences can
-call ``validate_routes`` once, then ``sample_kept_indices`` / ``gather_tokens`` at a route start and
-``scatter_tokens`` / ``bypass_mask`` at its end.
+Nothing here knows about a model: any backbone that runs a list of blocks over ``(batch, tokens, dim)`` sequences
+calls ``validate_routes`` once and `run_blocks` per forward (the DiT and the state-space backbone do), or the
+primitives ``sample_kept_indices`` / ``gather_tokens`` at a route start and ``scatter_tokens`` / ``bypass_mask`` at its
+end (the text-to-image hooks do).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 ROUTE_KEYS = ("start_layer_idx", "end_layer_idx", "selection_ratio")
+# The state a bypassed token carries past its route: "pre_route", the state entering the route's first block (ICCV
+# version); "pre_route_plus_input", that state plus the patch-embedded input tokens (v1's x_D_last + x_T).
+ROUTE_REINSERTION_MODES = ("pre_route", "pre_route_plus_input")
+
+
+def paper_routes(num_layers: int) -> list[dict]:
+    """The paper's default single route: layers 2 .. depth-4 at selection ratio 0.5 (ICCV Sec. 4.1, Table 5)."""
+    return [{"start_layer_idx": 2, "end_layer_idx": num_layers - 4, "selection_ratio": 0.5}]
+
+
+@dataclass
+class TreadTransformer2DModelOutput(Transformer2DModelOutput):
+    """DiT's output plus ``route_masks``: one ``(batch, num_tokens)`` bool mask per applied route, True where the
+    token bypassed that route; ``None`` when routing was off (the output is then exactly DiT's)."""
+
+    route_masks: tuple[torch.BoolTensor, ...] | None = None
 
 
 def _check_ratio(selection_ratio: float, where: str) -> float:
@@ -129,3 +148,56 @@ def bypass_mask(kept_indices: torch.LongTensor, num_tokens: int) -> torch.BoolTe
     """``(B, N)`` bool mask, True where a token bypassed the route (the ``m_r`` of the v1 adapted loss)."""
     mask = torch.ones(kept_indices.shape[0], num_tokens, dtype=torch.bool, device=kept_indices.device)
     return mask.scatter(1, kept_indices, False)
+
+
+def routes_for_call(routes: Sequence[Mapping], selection_ratio: float | Sequence[float] | None = None) -> list[dict]:
+    """The routes of one forward call: ``routes`` with their selection ratios overridden by ``selection_ratio`` (one
+    value for every route, or one per route, e.g. a training-time ratio schedule)."""
+    if selection_ratio is None or not routes:
+        return list(routes)
+    ratios = selection_ratio if isinstance(selection_ratio, (list, tuple)) else [selection_ratio] * len(routes)
+    if len(ratios) != len(routes):
+        raise ValueError(f"selection_ratio has {len(ratios)} values for {len(routes)} routes.")
+    return [{**route, "selection_ratio": ratio} for route, ratio in zip(routes, ratios, strict=True)]
+
+
+def run_blocks(
+    blocks: Sequence[torch.nn.Module],
+    hidden_states: torch.Tensor,
+    run_block: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor],
+    routes: Sequence[Mapping],
+    reinsertion: str = "pre_route",
+    input_tokens: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, tuple[torch.BoolTensor, ...] | None]:
+    """Run ``blocks`` over ``hidden_states`` (batch, tokens, dim) with TREAD's routes (paper Fig. 2): at a route's
+    start layer each sample keeps a random subset of its tokens, the route's blocks run on those, and after its end
+    layer the bypassed tokens re-enter at their original positions, carrying the state they had entering the route
+    (``reinsertion="pre_route"``) or that plus ``input_tokens`` (``"pre_route_plus_input"``, v1's x_D_last + x_T).
+
+    ``run_block(block, hidden_states)`` runs one block (with its conditioning, checkpointing, ...). Returns the final
+    hidden states and one bypass mask per route, or None without routes.
+    """
+    if reinsertion not in ROUTE_REINSERTION_MODES:
+        raise ValueError(f"route reinsertion must be one of {ROUTE_REINSERTION_MODES}, got {reinsertion!r}.")
+    route_at_start = {route["start_layer_idx"]: route for route in routes}
+    route_at_end = {route["end_layer_idx"] for route in routes}
+    batch_size, num_tokens, _ = hidden_states.shape
+    route_masks = []
+    for layer_idx, block in enumerate(blocks):
+        if layer_idx in route_at_start:
+            pre_route = hidden_states  # x_D_last: the full sequence entering the route
+            kept_indices = sample_kept_indices(
+                batch_size,
+                num_tokens,
+                route_at_start[layer_idx]["selection_ratio"],
+                generator=generator,
+                device=hidden_states.device,
+            )
+            hidden_states = gather_tokens(hidden_states, kept_indices)
+        hidden_states = run_block(block, hidden_states)
+        if layer_idx in route_at_end:
+            reinsert_into = pre_route + input_tokens if reinsertion == "pre_route_plus_input" else pre_route
+            hidden_states = scatter_tokens(hidden_states, kept_indices, reinsert_into)
+            route_masks.append(bypass_mask(kept_indices, num_tokens))
+    return hidden_states, (tuple(route_masks) if routes else None)

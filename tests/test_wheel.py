@@ -2,6 +2,7 @@
 from the templates it ships (setup.py's data packages), not from files of a checkout."""
 
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -10,19 +11,12 @@ from conftest import REPO
 
 
 def test_wheel_installed_outside_the_tree_renders_a_card_and_prepares_the_space(tmp_path):
-    wheels, site = tmp_path / "wheels", tmp_path / "site"
-    build = [
-        sys.executable,
-        "-m",
-        "pip",
-        "wheel",
-        "--no-deps",
-        "--no-build-isolation",
-        "-q",
-        "-w",
-        str(wheels),
-        str(REPO),
-    ]
+    wheels, site, source = tmp_path / "wheels", tmp_path / "site", tmp_path / "source"
+    # Build from a copy: setuptools builds inside the source folder, whose build/ may hold files deleted since.
+    ignore = shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "__pycache__", ".*_cache", "tread-*")
+    shutil.copytree(REPO, source, ignore=ignore)
+    build = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels)]
+    build.append(str(source))
     subprocess.run(build, check=True, capture_output=True, cwd=tmp_path, timeout=300)
     (wheel,) = wheels.glob("diffusers_tread-*.whl")
     install = [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)]

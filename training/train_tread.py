@@ -63,8 +63,8 @@ from diffusers_tread.data import (
     load_image_dataset,
 )
 from diffusers_tread.losses import TREAD_LOSSES
-from diffusers_tread.models.transformer_tread import ROUTE_REINSERTION_MODES
 from diffusers_tread.objectives import OBJECTIVES, get_objective
+from diffusers_tread.routing import ROUTE_REINSERTION_MODES
 from diffusers_tread.training_utils import (
     LossLog,
     drop_class_labels,

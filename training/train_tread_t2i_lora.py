@@ -70,7 +70,7 @@ from tqdm.auto import tqdm
 from diffusers_tread import paper_routes
 from diffusers_tread.data import preprocess_image, seeded_generator
 from diffusers_tread.models.tread_t2i import apply_tread
-from diffusers_tread.routing import validate_routes
+from diffusers_tread.routing import ROUTE_REINSERTION_MODES, validate_routes
 
 # The library's route parser and crash-safe checkpoints (`.incomplete-checkpoint-N` -> `checkpoint-N`), shared with
 # train_tread.py, so that both scripts behave the same way.
@@ -208,6 +208,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="paper",
         help='TREAD routes over the transformer blocks: "paper" (default), "none" (dense training), JSON, or '
         "start:end:ratio[,start:end:ratio] (end inclusive)",
+    )
+    parser.add_argument(
+        "--route_reinsertion",
+        choices=ROUTE_REINSERTION_MODES,
+        default="pre_route",
+        help="what a bypassed token carries past its route: its pre-route state (ICCV) or that plus the input tokens (v1)",
     )
     # LoRA
     parser.add_argument("--rank", type=int, default=4, help="LoRA rank")
@@ -1064,7 +1070,9 @@ def main(argv: list[str] | None = None) -> None:
     train_generator = torch.Generator(device=accelerator.device).manual_seed(args.seed + accelerator.process_index)
     router, routes = None, args.routes
     if routes:
-        router = apply_tread(transformer, routes=routes, generator=train_generator)  # validates the routes
+        router = apply_tread(  # validates the routes
+            transformer, routes=routes, generator=train_generator, route_reinsertion=args.route_reinsertion
+        )
         routes = getattr(router, "routes", routes)
     latent_size = args.resolution // vae_scale_factor
     patch_size = 2 if spec.family == "flux" else transformer.config.patch_size

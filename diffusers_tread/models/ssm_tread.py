@@ -39,7 +39,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from .. import routing
-from .transformer_tread import ROUTE_REINSERTION_MODES, TreadTransformer2DModelOutput, paper_routes
+from ..routing import ROUTE_REINSERTION_MODES, TreadTransformer2DModelOutput, paper_routes
 
 # Our sizes (not from a paper): DiT's depth and width (Peebles & Xie 2023, Table 1) with the attention replaced by
 # the bidirectional mixer and the MLP kept, so parameters and FLOPs are close to the DiT of the same name.
@@ -426,48 +426,25 @@ class TreadSSM2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             ``route_masks`` is None and the tuple is ``(sample,)``.
         """
         routes = self.config.routes if (self.training and self.routing_enabled) or force_routing else []
-        if selection_ratio is not None and routes:
-            ratios = selection_ratio if isinstance(selection_ratio, (list, tuple)) else [selection_ratio] * len(routes)
-            if len(ratios) != len(routes):
-                raise ValueError(f"selection_ratio has {len(ratios)} values for {len(routes)} routes.")
-            routes = [{**route, "selection_ratio": ratio} for route, ratio in zip(routes, ratios, strict=True)]
-        route_at_start = {route["start_layer_idx"]: route for route in routes}
-        route_at_end = {route["end_layer_idx"] for route in routes}
+        routes = routing.routes_for_call(routes, selection_ratio)
 
         # 1. Input: patchify and add positions (once, so routed tokens keep theirs); the conditioning vector.
         height, width = hidden_states.shape[-2] // self.patch_size, hidden_states.shape[-1] // self.patch_size
         hidden_states = self.pos_embed(hidden_states)
         input_tokens = hidden_states  # x_T in the v1 paper's notation
-        batch_size, num_tokens, _ = hidden_states.shape
         conditioning = self.emb(timestep, class_labels, hidden_dtype=hidden_states.dtype)
 
-        # 2. Blocks; inside a route only the kept tokens run, in their original (raster) order: the router returns
-        # them sorted, so the scan sees the same token order as without routing, with the bypassed tokens left out.
-        route_masks = []
-        for layer_idx, block in enumerate(self.blocks):
-            if layer_idx in route_at_start:
-                pre_route = hidden_states  # x_D_last: the full sequence entering the route
-                kept_indices = routing.sample_kept_indices(
-                    batch_size,
-                    num_tokens,
-                    route_at_start[layer_idx]["selection_ratio"],
-                    generator=route_generator,
-                    device=hidden_states.device,
-                )
-                hidden_states = routing.gather_tokens(hidden_states, kept_indices)
-
+        # 2. Blocks (routing.run_blocks); inside a route only the kept tokens run, in their original (raster) order:
+        # the router returns them sorted, so the scan sees the same token order as without routing, with the bypassed
+        # tokens left out.
+        def run_block(block: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
             if torch.is_grad_enabled() and self.gradient_checkpointing:
-                hidden_states = self._gradient_checkpointing_func(block, hidden_states, conditioning)
-            else:
-                hidden_states = block(hidden_states, conditioning)
+                return self._gradient_checkpointing_func(block, hidden_states, conditioning)
+            return block(hidden_states, conditioning)
 
-            if layer_idx in route_at_end:
-                if self.config.route_reinsertion == "pre_route_plus_input":
-                    reinsert_into = pre_route + input_tokens  # v1 (Jan 2025): x_D_last + x_T
-                else:
-                    reinsert_into = pre_route  # ICCV version: x_D_last
-                hidden_states = routing.scatter_tokens(hidden_states, kept_indices, reinsert_into)
-                route_masks.append(routing.bypass_mask(kept_indices, num_tokens))
+        hidden_states, route_masks = routing.run_blocks(
+            self.blocks, hidden_states, run_block, routes, self.config.route_reinsertion, input_tokens, route_generator
+        )
 
         # 3. Output: adaLN final layer, linear to patches, unpatchify (as DiT).
         shift, scale = self.proj_out_1(F.silu(conditioning)).chunk(2, dim=1)
@@ -477,7 +454,6 @@ class TreadSSM2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         hidden_states = torch.einsum("nhwpqc->nchpwq", hidden_states)
         output = hidden_states.reshape(-1, self.out_channels, height * self.patch_size, width * self.patch_size)
 
-        route_masks = tuple(route_masks) if routes else None
         if not return_dict:
             return (output,) if route_masks is None else (output, route_masks)
         return TreadTransformer2DModelOutput(sample=output, route_masks=route_masks)

@@ -8,7 +8,6 @@ TREAD checkpoint is a DiT checkpoint, and in eval mode (all tokens, all blocks) 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -18,13 +17,11 @@ from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.attention import AttentionMixin, BasicTransformerBlock, _chunked_feed_forward
 from diffusers.models.attention_processor import AttnProcessor2_0
 from diffusers.models.embeddings import CombinedTimestepLabelEmbeddings
-from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.transformers.dit_transformer_2d import DiTTransformer2DModel
 from torch import nn
 
 from .. import routing
-
-ROUTE_REINSERTION_MODES = ("pre_route", "pre_route_plus_input")
+from ..routing import ROUTE_REINSERTION_MODES, TreadTransformer2DModelOutput, paper_routes
 
 # DiT model sizes (Peebles & Xie 2023, Table 1): depth, hidden size, heads. Hidden = heads * attention_head_dim.
 DIT_SIZES = {
@@ -40,19 +37,6 @@ PRESETS = {
     for size, dims in DIT_SIZES.items()
     for patch in ((2,) if size == "Tiny" else (2, 4, 8))
 }
-
-
-def paper_routes(num_layers: int) -> list[dict]:
-    """The paper's default single route: layers 2 .. depth-4 at selection ratio 0.5 (ICCV Sec. 4.1, Table 5)."""
-    return [{"start_layer_idx": 2, "end_layer_idx": num_layers - 4, "selection_ratio": 0.5}]
-
-
-@dataclass
-class TreadTransformer2DModelOutput(Transformer2DModelOutput):
-    """DiT's output plus ``route_masks``: one ``(batch, num_tokens)`` bool mask per applied route, True where the
-    token bypassed that route; ``None`` when routing was off (the output is then exactly DiT's)."""
-
-    route_masks: tuple[torch.BoolTensor, ...] | None = None
 
 
 class TreadDiTBlock(BasicTransformerBlock):
@@ -333,19 +317,12 @@ class TreadTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAdapter
             ``route_masks`` is None and the tuple is ``(sample,)``, exactly as ``DiTTransformer2DModel`` returns.
         """
         routes = self.config.routes if (self.training and self.routing_enabled) or force_routing else []
-        if selection_ratio is not None and routes:
-            ratios = selection_ratio if isinstance(selection_ratio, (list, tuple)) else [selection_ratio] * len(routes)
-            if len(ratios) != len(routes):
-                raise ValueError(f"selection_ratio has {len(ratios)} values for {len(routes)} routes.")
-            routes = [{**route, "selection_ratio": ratio} for route, ratio in zip(routes, ratios, strict=True)]
-        route_at_start = {route["start_layer_idx"]: route for route in routes}
-        route_at_end = {route["end_layer_idx"] for route in routes}
+        routes = routing.routes_for_call(routes, selection_ratio)
 
         # 1. Input: patchify and add the fixed sin-cos positions (once, so routed tokens keep their position).
         height, width = hidden_states.shape[-2] // self.patch_size, hidden_states.shape[-1] // self.patch_size
         hidden_states = self.pos_embed(hidden_states)
         input_tokens = hidden_states  # x_T in the v1 paper's notation
-        batch_size, num_tokens, _ = hidden_states.shape
         # SiLU(timestep + label embedding), the input of every adaLN modulation; computed here once when shared, else
         # by each block from its own embedder (Diffusers' layout).
         activated_conditioning = None
@@ -353,23 +330,11 @@ class TreadTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAdapter
             conditioning = self.conditioning_embedder(timestep, class_labels, hidden_dtype=hidden_states.dtype)
             activated_conditioning = F.silu(conditioning)
 
-        # 2. Blocks; inside a route only the kept tokens run.
-        route_masks = []
-        for layer_idx, block in enumerate(self.transformer_blocks):
-            if layer_idx in route_at_start:
-                pre_route = hidden_states  # x_D_last: the full sequence entering the route
-                kept_indices = routing.sample_kept_indices(
-                    batch_size,
-                    num_tokens,
-                    route_at_start[layer_idx]["selection_ratio"],
-                    generator=route_generator,
-                    device=hidden_states.device,
-                )
-                hidden_states = routing.gather_tokens(hidden_states, kept_indices)
-
+        # 2. Blocks; inside a route only the kept tokens run (routing.run_blocks).
+        def run_block(block: TreadDiTBlock, hidden_states: torch.Tensor) -> torch.Tensor:
             if torch.is_grad_enabled() and self.gradient_checkpointing:
-                # The subset was gathered above, outside the checkpoint, so recomputation sees the same tokens.
-                hidden_states = self._gradient_checkpointing_func(
+                # The subset was gathered before, outside the checkpoint, so recomputation sees the same tokens.
+                return self._gradient_checkpointing_func(
                     block,
                     hidden_states,
                     None,
@@ -381,22 +346,23 @@ class TreadTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAdapter
                     None,
                     activated_conditioning,
                 )
-            else:
-                hidden_states = block(
-                    hidden_states,
-                    timestep=timestep,
-                    cross_attention_kwargs=cross_attention_kwargs,
-                    class_labels=class_labels,
-                    activated_conditioning=activated_conditioning,
-                )
+            return block(
+                hidden_states,
+                timestep=timestep,
+                cross_attention_kwargs=cross_attention_kwargs,
+                class_labels=class_labels,
+                activated_conditioning=activated_conditioning,
+            )
 
-            if layer_idx in route_at_end:
-                if self.config.route_reinsertion == "pre_route_plus_input":
-                    reinsert_into = pre_route + input_tokens  # v1 (Jan 2025): x_D_last + x_T
-                else:
-                    reinsert_into = pre_route  # ICCV version: x_D_last
-                hidden_states = routing.scatter_tokens(hidden_states, kept_indices, reinsert_into)
-                route_masks.append(routing.bypass_mask(kept_indices, num_tokens))
+        hidden_states, route_masks = routing.run_blocks(
+            self.transformer_blocks,
+            hidden_states,
+            run_block,
+            routes,
+            self.config.route_reinsertion,
+            input_tokens,
+            route_generator,
+        )
 
         # 3. Output: DiT's final adaLN layer (in Diffusers' layout conditioned through block 0's embedder) and
         # unpatchify.
@@ -417,7 +383,6 @@ class TreadTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAdapter
             shape=(-1, self.out_channels, height * self.patch_size, width * self.patch_size)
         )
 
-        route_masks = tuple(route_masks) if routes else None
         if not return_dict:
             return (output,) if route_masks is None else (output, route_masks)
         return TreadTransformer2DModelOutput(sample=output, route_masks=route_masks)

@@ -12,7 +12,9 @@ How a route ``i..j`` runs (the paper's Fig. 2, ICCV version Sec. 3.2; the tensor
   tables (Flux.1 applies RoPE inside every attention, so the kept tokens need their own rows; see
   ``_PerSampleRotary``) and PixArt's optional image self-attention mask;
 * a forward hook on block ``j`` scatters the processed kept tokens back into the stored sequence
-  (``routing.scatter_tokens``), so a bypassed token re-enters with the state it had entering block ``i``.
+  (``routing.scatter_tokens``), so a bypassed token re-enters with the state it had entering block ``i``
+  (``route_reinsertion="pre_route"``, ICCV) or that plus the image tokens entering the first block, the patch-embedded
+  input (``"pre_route_plus_input"``, v1's x_D_last + x_T), as `routing.run_blocks` does for the DiT.
 
 Only image tokens are routed. Text tokens are never touched: PixArt reads them through cross-attention, SD3's MMDiT
 blocks (Esser et al. 2024, Sec. 3) and Flux's double-stream blocks take them as a separate ``encoder_hidden_states``
@@ -42,7 +44,7 @@ import torch
 from diffusers import FluxTransformer2DModel, PixArtTransformer2DModel, SD3Transformer2DModel
 
 from .. import routing
-from .transformer_tread import paper_routes
+from ..routing import ROUTE_REINSERTION_MODES, paper_routes
 
 # --- per-model adapters: where the blocks are and what besides the tokens carries a token axis ---------------------
 
@@ -245,6 +247,8 @@ class TreadRouter:
             model's blocks (end inclusive, negative indices count from the end; Flux counts its double-stream
             blocks first, then its single-stream blocks), or ``"paper"`` for 2 .. num_blocks-4 at 0.5.
         generator: draws the routed subsets (for reproducible routing).
+        route_reinsertion: ``"pre_route"`` (default, ICCV) or ``"pre_route_plus_input"`` (v1): what a bypassed token
+            carries past its route (see the module docstring).
 
     Attributes:
         enabled: routes run when ``transformer.training and enabled`` (default True), or when ``force`` is set.
@@ -254,7 +258,16 @@ class TreadRouter:
             route (one per route); ``None`` if that forward did not route.
     """
 
-    def __init__(self, transformer, routes: list[dict] | str, generator: torch.Generator | None = None):
+    def __init__(
+        self,
+        transformer,
+        routes: list[dict] | str,
+        generator: torch.Generator | None = None,
+        route_reinsertion: str = "pre_route",
+    ):
+        if route_reinsertion not in ROUTE_REINSERTION_MODES:
+            raise ValueError(f"route_reinsertion must be one of {ROUTE_REINSERTION_MODES}, got {route_reinsertion!r}.")
+        self.route_reinsertion = route_reinsertion
         self._adapter = _adapter_for(transformer)
         if attached_router(transformer) is not None:
             raise ValueError("This transformer already has a TreadRouter; call its remove() first.")
@@ -312,16 +325,9 @@ class TreadRouter:
         self._reset()
 
     def _routes_for_call(self) -> list[dict]:
-        routes = self._routes
-        if self.selection_ratio is None or not routes:
-            return routes
-        ratios = self.selection_ratio
-        ratios = list(ratios) if isinstance(ratios, (list, tuple)) else [ratios] * len(routes)
-        if len(ratios) != len(routes):
-            raise ValueError(f"selection_ratio has {len(ratios)} values for {len(routes)} routes.")
-        return routing.validate_routes(
-            [{**route, "selection_ratio": ratio} for route, ratio in zip(routes, ratios, strict=True)], self.num_blocks
-        )
+        if self.selection_ratio is None:
+            return self._routes
+        return routing.validate_routes(routing.routes_for_call(self._routes, self.selection_ratio), self.num_blocks)
 
     # --- per-forward state --------------------------------------------------------------------------------------------
 
@@ -330,6 +336,7 @@ class TreadRouter:
         self._route_of_block: dict[int, int] = {}  # block index -> position of its route in _active_routes
         self._open: dict[int, _OpenRoute] = {}
         self._masks: list[torch.BoolTensor] = []
+        self._input_tokens: torch.Tensor | None = None  # x_T: the image tokens entering the first block
         self._checkpoint_original: Callable | None = None
 
     def _on_forward_start(self, transformer, args, kwargs):
@@ -400,14 +407,22 @@ class TreadRouter:
         if index != self._active_routes[position]["end_layer_idx"]:
             return None
         state = self._open.pop(position)
-        hidden_states = routing.scatter_tokens(
-            self._adapter.hidden_output(output), state.kept_indices, state.reinsert_into
-        )
+        reinsert_into = state.reinsert_into
+        if self.route_reinsertion == "pre_route_plus_input":
+            reinsert_into = reinsert_into + self._input_tokens  # v1 (Jan 2025): x_D_last + x_T
+        hidden_states = routing.scatter_tokens(self._adapter.hidden_output(output), state.kept_indices, reinsert_into)
         self._masks.append(routing.bypass_mask(state.kept_indices, state.reinsert_into.shape[1]))
         return self._adapter.replace_hidden_output(output, hidden_states)
 
+    def _remember_input_tokens(self, index: int, args: tuple, kwargs: dict) -> None:
+        if index == 0 and self._active_routes is not None and self.route_reinsertion == "pre_route_plus_input":
+            self._input_tokens = self._signatures[0].bind(*args, **kwargs).arguments["hidden_states"]
+
     def _block_pre_hook(self, index, block, args, kwargs):
-        if self._suspended or index not in self._route_of_block:
+        if self._suspended:
+            return None
+        self._remember_input_tokens(index, args, kwargs)
+        if index not in self._route_of_block:
             return None
         return self._route_inputs(index, block, args, kwargs)
 
@@ -419,6 +434,8 @@ class TreadRouter:
     def _checkpointed_block(self, checkpoint: Callable, block, *args):
         """Stands in for ``transformer._gradient_checkpointing_func`` during a routed forward."""
         index = self._block_index.get(block)
+        if index is not None:
+            self._remember_input_tokens(index, args, {})
         if index not in self._route_of_block:
             return checkpoint(block, *args)
         args, kwargs = self._route_inputs(index, block, args, {})
@@ -437,9 +454,12 @@ def attached_router(transformer) -> TreadRouter | None:
 
 
 def apply_tread(
-    transformer, routes: list[dict] | str = "paper", generator: torch.Generator | None = None
+    transformer,
+    routes: list[dict] | str = "paper",
+    generator: torch.Generator | None = None,
+    route_reinsertion: str = "pre_route",
 ) -> TreadRouter:
     """Attach TREAD routes to a stock PixArt / SD3 / Flux transformer; ``routes="paper"`` is the paper's default
     single route, blocks 2 .. num_blocks-4 at selection ratio 0.5 (ICCV Sec. 4.1). Returns the ``TreadRouter``;
     ``router.remove()`` detaches it."""
-    return TreadRouter(transformer, routes, generator=generator)
+    return TreadRouter(transformer, routes, generator=generator, route_reinsertion=route_reinsertion)
