@@ -13,7 +13,7 @@ from conftest import REPO
 def test_wheel_installed_outside_the_tree_renders_a_card_and_prepares_the_space(tmp_path):
     wheels, site, source = tmp_path / "wheels", tmp_path / "site", tmp_path / "source"
     # Build from a copy: setuptools builds inside the source folder, whose build/ may hold files deleted since.
-    ignore = shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "__pycache__", ".*_cache", "tread-*")
+    ignore = shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "__pycache__", ".*_cache")
     shutil.copytree(REPO, source, ignore=ignore)
     build = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels)]
     build.append(str(source))
