@@ -174,11 +174,23 @@ def complete_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     return sorted(found, key=lambda path: int(path.name.split("-")[1]))
 
 
+def checkpoint_step(checkpoint: str | os.PathLike) -> int:
+    """The step of a `checkpoint-<step>` folder."""
+    match = re.fullmatch(r"checkpoint-(\d+)", Path(checkpoint).name)
+    if match is None:
+        raise ValueError(f"{checkpoint} is not a checkpoint-<step> folder; pass one, or 'latest'.")
+    return int(match.group(1))
+
+
 def find_checkpoint(output_dir: str | os.PathLike, which: str) -> str | None:
-    """`--resume_from_checkpoint`: "latest" (the newest complete checkpoint, or None) or a checkpoint folder."""
+    """`--resume_from_checkpoint`: "latest" (the newest complete checkpoint, or None) or a checkpoint folder, given
+    as a path or, as in Diffusers' examples, as a name inside ``output_dir`` (``checkpoint-500``)."""
     if which == "latest":
         checkpoints = complete_checkpoints(output_dir)
         return str(checkpoints[-1]) if checkpoints else None
+    if not Path(which).is_dir() and Path(output_dir, which).is_dir():
+        which = str(Path(output_dir, which))
+    checkpoint_step(which)  # a clear error for a folder not named checkpoint-<step>
     if not Path(which, CHECKPOINT_COMPLETE).is_file():
         raise ValueError(
             f"{which} is not a complete checkpoint (no {CHECKPOINT_COMPLETE}); pass another checkpoint-<step> folder "

@@ -15,7 +15,7 @@ from conftest import REPO, SCRIPT, TINY, launch, load_script, transformer_weight
 from safetensors.torch import load_file
 
 from diffusers_tread import TreadDiTPipeline, TreadTransformer2DModel
-from diffusers_tread.training_utils import find_checkpoint
+from diffusers_tread.training_utils import checkpoint_step, find_checkpoint
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
@@ -161,6 +161,24 @@ def test_latest_skips_incomplete_and_explicit_incomplete_is_refused(tmp_path):
     with pytest.raises(ValueError, match="not a complete checkpoint"):
         find_checkpoint(str(tmp_path), str(tmp_path / "checkpoint-6"))
     assert find_checkpoint(str(tmp_path / "empty"), "latest") is None
+    # Diffusers' convention: a bare name is looked up inside the output folder
+    assert find_checkpoint(str(tmp_path), "checkpoint-4") == str(tmp_path / "checkpoint-4")
+    assert checkpoint_step(find_checkpoint(str(tmp_path), "checkpoint-2")) == 2
+    # a folder not named checkpoint-<step> gets a message, not an int parse error
+    with pytest.raises(ValueError, match="not a checkpoint-<step> folder"):
+        find_checkpoint(str(tmp_path), str(tmp_path / "checkpoint-8-old"))
+
+
+def test_zero_intervals_and_abbreviated_options_are_refused(capsys):
+    script = load_script()
+    for option in ("--checkpointing_steps=0", "--validation_steps=0", "--logging_steps=0"):
+        with pytest.raises(SystemExit):
+            script.parse_args([option])
+        assert "must be at least 1" in capsys.readouterr().err
+    # an abbreviation (here of --hub_token) would escape the token's redaction: argparse must not accept it
+    with pytest.raises(SystemExit):
+        script.parse_args(["--hub_tok", "hf_secret"])
+    assert "unrecognized arguments: --hub_tok" in capsys.readouterr().err
 
 
 def test_bad_validation_labels_and_checkpoint_limit(tmp_path):

@@ -398,3 +398,15 @@ def test_bad_inputs_fail_with_clear_messages(tmp_path, assets):
     with pytest.raises(ValueError, match="not found in the base model"):  # PEFT's own message
         script.main([*base, f"--pretrained_model_name_or_path={assets['pixart']}", data,
                      "--lora_target_modules=not_a_layer", "--routes=none"])  # fmt: skip
+
+
+def test_zero_intervals_and_abbreviated_options_are_refused(capsys):
+    script = load_script()
+    base = ["--pretrained_model_name_or_path=org/model", "--train_data_dir=images"]
+    for option in ("--checkpointing_steps=0", "--validation_steps=0", "--validation_epochs=0"):
+        with pytest.raises(SystemExit):
+            script.parse_args([*base, option])
+        assert "must be at least 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # an abbreviation of --hub_token would escape the token's redaction
+        script.parse_args([*base, "--hub_tok", "hf_secret"])
+    assert "unrecognized arguments: --hub_tok" in capsys.readouterr().err

@@ -280,6 +280,7 @@ def test_lora_fine_tune_trains_only_adapters_and_the_pipeline_loads_scales_fuses
     adapters = load_file(out / "pytorch_lora_weights.safetensors")
     assert adapters and all("lora_" in k and (".to_q." in k or ".to_v." in k) for k in adapters)
     assert any(v.abs().sum() > 0 for k, v in adapters.items() if "lora_B" in k)  # trained away from zero
+    assert json.loads((out / "tread_card.json").read_text())["ema"] == "off"  # LoRA runs keep no EMA
 
     pipe = TreadDiTPipeline.from_pretrained(out)
     pipe.set_progress_bar_config(disable=True)

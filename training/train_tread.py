@@ -67,6 +67,7 @@ from diffusers_tread.objectives import OBJECTIVES, get_objective
 from diffusers_tread.routing import ROUTE_REINSERTION_MODES
 from diffusers_tread.training_utils import (
     LossLog,
+    checkpoint_step,
     drop_class_labels,
     find_checkpoint,
     install_stop_handlers,
@@ -89,8 +90,10 @@ MODEL_TYPES = {
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    # allow_abbrev=False: an abbreviation such as --hub_tok would escape the token's redaction (issue #14).
     parser = argparse.ArgumentParser(
-        description="Train a DiT (or, with --model_type ssm, a state-space model) with TREAD token routing."
+        description="Train a DiT (or, with --model_type ssm, a state-space model) with TREAD token routing.",
+        allow_abbrev=False,
     )
     # Model
     parser.add_argument(
@@ -274,8 +277,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--class_dropout_prob must be in [0, 1)")
     if args.lora_rank is not None and not args.pretrained_model_name_or_path:
         parser.error("--lora_rank fine-tunes a checkpoint: give --pretrained_model_name_or_path")
-    if args.logging_steps < 1:
-        parser.error("--logging_steps must be at least 1")
+    for name in ("logging_steps", "checkpointing_steps", "validation_steps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1 (it is a step interval)")
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
         parser.error("--checkpoints_total_limit must be at least 1 (the newest checkpoint is always kept)")
     # The built-in digits job (no data flag) is a ~10-minute CPU run of a 0.8M-parameter model: it wants a higher
@@ -564,7 +568,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             logger.info(f"Resuming from {checkpoint}")
             accelerator.load_state(checkpoint)
-            global_step = int(Path(checkpoint).name.split("-")[1])
+            global_step = checkpoint_step(checkpoint)
             first_epoch = global_step // num_update_steps_per_epoch
             resume_step = (global_step % num_update_steps_per_epoch) * args.gradient_accumulation_steps
     loss_log = Path(args.output_dir, "loss_history.csv")
@@ -999,7 +1003,7 @@ def save_model_card(
         learning_rate=args.learning_rate,
         lr_scheduler=args.lr_scheduler,
         ema=(f"decay {args.ema_decay}" + (f", warmup power {args.ema_power}" if args.ema_warmup else ", fixed"))
-        if args.use_ema
+        if args.use_ema and not args.lora_rank  # LoRA runs keep no EMA
         else "off",
         mixed_precision=args.mixed_precision or "no",
         hardware=hardware,

@@ -75,6 +75,7 @@ from diffusers_tread.routing import ROUTE_REINSERTION_MODES, validate_routes
 # The library's route parser and crash-safe checkpoints (`.incomplete-checkpoint-N` -> `checkpoint-N`), shared with
 # train_tread.py, so that both scripts behave the same way.
 from diffusers_tread.training_utils import (
+    checkpoint_step,
     find_checkpoint,
     install_stop_handlers,
     parse_routes,
@@ -192,7 +193,10 @@ def resolve_model(args) -> ModelSpec:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="LoRA text-to-image fine-tuning with TREAD token routing.")
+    # allow_abbrev=False: an abbreviation such as --hub_tok would escape the token's redaction (issue #14).
+    parser = argparse.ArgumentParser(
+        description="LoRA text-to-image fine-tuning with TREAD token routing.", allow_abbrev=False
+    )
     # Model
     parser.add_argument(
         "--pretrained_model_name_or_path",
@@ -320,6 +324,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--hub_private_repo", action="store_true")
     args = parser.parse_args(argv)
 
+    for name in ("checkpointing_steps", "validation_steps", "validation_epochs"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1 (it is a step interval)")
     if (args.dataset_name is None) == (args.train_data_dir is None):
         parser.error("give exactly one of --dataset_name and --train_data_dir")
     if args.precompute_only and not args.precomputed_embeddings_dir:
@@ -1169,7 +1176,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             logger.info(f"Resuming from {checkpoint}")
             accelerator.load_state(checkpoint)
-            global_step = int(Path(checkpoint).name.split("-")[1])
+            global_step = checkpoint_step(checkpoint)
             first_epoch = global_step // num_update_steps_per_epoch
             resume_step = (global_step % num_update_steps_per_epoch) * args.gradient_accumulation_steps
 
