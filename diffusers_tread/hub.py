@@ -57,8 +57,17 @@ def _shipped_folder(name: str) -> Path:
 MODEL_CARD_TEMPLATE = _shipped_folder("model_cards") / "tread_dit.md"
 SPACE_DIR = _shipped_folder("spaces") / "tread-dit"
 CARD_INFO_FILE = "tread_card.json"
-# What never goes to the Hub from an output folder (the training script's own list).
-HUB_IGNORE_PATTERNS = ["checkpoint-*", "step_*", "epoch_*", "logs/*", "*.csv"]
+# What never goes to the Hub from an output folder (both training scripts' list): checkpoints, complete or left half
+# written by a kill, per-step samples and validations, tracker logs, the loss history.
+HUB_IGNORE_PATTERNS = [
+    "checkpoint-*",
+    ".incomplete-checkpoint-*",
+    "step_*",
+    "epoch_*",
+    "validation/step_*",
+    "logs/*",
+    "*.csv",
+]
 
 # The remote-code bundle is one module, generated from the pipeline's source (which imports the transformer, which
 # imports the router), stored twice: `tread_dit.py` at the repo root for the pipeline (model_index.json

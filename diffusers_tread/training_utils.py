@@ -12,6 +12,7 @@ small functions a training loop calls, no loop of its own.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import logging
 import math
@@ -199,6 +200,29 @@ def find_checkpoint(output_dir: str | os.PathLike, which: str) -> str | None:
     return which
 
 
+def remove_incomplete_checkpoints(output_dir: str | os.PathLike) -> None:
+    """Delete the `.incomplete-checkpoint-*` folders that runs killed mid-save left behind (call at start, on the
+    main process): they never load and would pile up with every preemption."""
+    for leftover in Path(output_dir).glob(".incomplete-checkpoint-*"):
+        logger.info(f"Removing {leftover}, left by a run killed while saving")
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def resume_loss_history(path: str | os.PathLike, step: int) -> list[list[str]]:
+    """Cut a ``loss_history.csv`` (rows starting ``step,loss,...``) back to the rows up to ``step``, the checkpoint a
+    run resumes from: the rows an interrupted run wrote after it would otherwise appear twice. Returns the kept rows."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        rows = [row for row in csv.reader(f) if row and int(row[0]) <= step]
+    temporary = path.with_name(path.name + ".tmp")
+    with temporary.open("w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    os.replace(temporary, path)
+    return rows
+
+
 def save_checkpoint(
     accelerator,
     output_dir: str | os.PathLike,
@@ -238,8 +262,6 @@ def save_checkpoint(
         os.replace(partial, final)
         logger.info(f"Saved state to {final}")
         if total_limit is not None:
-            for leftover in output_dir.glob(".incomplete-checkpoint-*"):  # from runs killed mid-save
-                shutil.rmtree(leftover, ignore_errors=True)
             old_checkpoints = complete_checkpoints(output_dir)[:-total_limit]
             if old_checkpoints and before_prune is not None:
                 before_prune()  # e.g. never delete a checkpoint that is still being uploaded

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from fnmatch import fnmatch
 
 import pytest
 import torch
@@ -254,3 +255,35 @@ def test_two_processes_match_one_at_the_same_global_batch_and_checkpoints_move_b
     launch_two(f"--output_dir={tmp_path / 'one'}", "--train_batch_size=8", "--max_train_steps=10",
                "--checkpointing_steps=100", "--validation_steps=100", "--resume_from_checkpoint=latest")  # fmt: skip
     assert len(losses(tmp_path / "one")) == 10
+
+
+def test_resume_cuts_the_loss_history_back_to_the_checkpoint_and_continues_its_clock(tmp_path):
+    script = load_script()
+    out = tmp_path / "out"
+    common = [*TINY, f"--output_dir={out}", "--checkpointing_steps=2", "--validation_steps=100"]
+    script.main([*common, "--max_train_steps=2"])
+    history = out / "loss_history.csv"
+    rows = list(csv.reader(history.open()))
+    # a run killed after its checkpoint had written two more rows (steps 3, 4) that the resumed run redoes
+    with history.open("a", newline="") as f:
+        csv.writer(f).writerows([["3", "9.0", "1000.0"], ["4", "9.0", "1001.0"]])
+    script.main([*common, "--max_train_steps=4", "--resume_from_checkpoint=checkpoint-2"])
+    resumed = list(csv.reader(history.open()))
+    assert [row[0] for row in resumed] == ["1", "2", "3", "4"] and resumed[:2] == rows
+    assert "9.0" not in {row[1] for row in resumed}
+    elapsed = [float(row[2]) for row in resumed]
+    assert elapsed == sorted(elapsed) and elapsed[2] >= elapsed[1]  # the clock continues, it does not restart
+
+
+def test_leftover_incomplete_checkpoints_are_removed_at_start_and_never_pushed(tmp_path):
+    from diffusers_tread import hub
+
+    script = load_script()
+    out = tmp_path / "out"
+    (out / ".incomplete-checkpoint-7" / "transformer").mkdir(parents=True)  # a kill mid-save, without a limit
+    script.main([*TINY, f"--output_dir={out}", "--max_train_steps=1", "--validation_steps=100"])
+    assert not list(out.glob(".incomplete-checkpoint-*"))
+    # and the one ignore list both training scripts push with never uploads one
+    patterns = hub.HUB_IGNORE_PATTERNS
+    assert any(fnmatch(".incomplete-checkpoint-7/optimizer.bin", pattern) for pattern in patterns)
+    assert any(fnmatch("validation/step_0000010/0.png", pattern) for pattern in patterns)

@@ -73,7 +73,9 @@ from diffusers_tread.training_utils import (
     install_stop_handlers,
     make_optimizer,
     parse_routes,
+    remove_incomplete_checkpoints,
     restore_stop_handlers,
+    resume_loss_history,
     save_checkpoint,
     scheduled_selection_ratios,
     stop_requested,
@@ -561,6 +563,9 @@ def main(argv: list[str] | None = None) -> None:
 
     # 5. Resume.
     global_step, first_epoch, resume_step = 0, 0, 0
+    if accelerator.is_main_process:
+        remove_incomplete_checkpoints(args.output_dir)
+    accelerator.wait_for_everyone()
     if args.resume_from_checkpoint:
         checkpoint = find_checkpoint(args.output_dir, args.resume_from_checkpoint)
         if checkpoint is None:
@@ -572,6 +577,10 @@ def main(argv: list[str] | None = None) -> None:
             first_epoch = global_step // num_update_steps_per_epoch
             resume_step = (global_step % num_update_steps_per_epoch) * args.gradient_accumulation_steps
     loss_log = Path(args.output_dir, "loss_history.csv")
+    if args.resume_from_checkpoint and accelerator.is_main_process:
+        kept = resume_loss_history(loss_log, global_step)
+        if kept:  # the elapsed-time column continues from the checkpoint's row instead of restarting at zero
+            started -= float(kept[-1][2])
 
     def save_state(step: int) -> None:
         """Crash-safe `checkpoint-<step>/`, pruned to --checkpoints_total_limit, pushed with --push_checkpoints."""

@@ -67,7 +67,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from diffusers_tread import paper_routes
+from diffusers_tread import hub, paper_routes
 from diffusers_tread.data import preprocess_image, seeded_generator
 from diffusers_tread.models.tread_t2i import apply_tread
 from diffusers_tread.routing import ROUTE_REINSERTION_MODES, validate_routes
@@ -79,15 +79,15 @@ from diffusers_tread.training_utils import (
     find_checkpoint,
     install_stop_handlers,
     parse_routes,
+    remove_incomplete_checkpoints,
     restore_stop_handlers,
+    resume_loss_history,
     save_checkpoint,
     stop_requested,
 )
 
 logger = get_logger(__name__, log_level="INFO")
 
-# What never goes to the Hub from an output folder.
-HUB_IGNORE_PATTERNS = ["checkpoint-*", ".incomplete-checkpoint-*", "logs/*", "validation/step_*", "*.csv"]
 EMBEDDINGS_FILE = "embeddings.safetensors"
 EMBEDDINGS_INFO = "embeddings.json"
 # The LoraConfig fields a saved file's metadata gives back when it is loaded into a PixArt transformer.
@@ -923,7 +923,7 @@ def push_output(args, repo_id: str) -> None:
             repo_id=repo_id,
             folder_path=args.output_dir,
             commit_message="End of training",
-            ignore_patterns=HUB_IGNORE_PATTERNS,
+            ignore_patterns=hub.HUB_IGNORE_PATTERNS,
             token=args.hub_token,
         )
     except Exception as error:
@@ -1169,6 +1169,9 @@ def main(argv: list[str] | None = None) -> None:
 
     # 5. Resume.
     global_step, first_epoch, resume_step = 0, 0, 0
+    if accelerator.is_main_process:
+        remove_incomplete_checkpoints(args.output_dir)
+    accelerator.wait_for_everyone()
     if args.resume_from_checkpoint:
         checkpoint = find_checkpoint(args.output_dir, args.resume_from_checkpoint)
         if checkpoint is None:
@@ -1192,7 +1195,7 @@ def main(argv: list[str] | None = None) -> None:
                     folder_path=final,
                     path_in_repo=final.name,
                     commit_message=f"checkpoint {step}",
-                    ignore_patterns=HUB_IGNORE_PATTERNS,
+                    ignore_patterns=hub.HUB_IGNORE_PATTERNS,
                     token=args.hub_token,
                     run_as_future=True,
                 )
@@ -1213,6 +1216,8 @@ def main(argv: list[str] | None = None) -> None:
         range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
     )
     loss_log = Path(args.output_dir, "loss_history.csv")
+    if args.resume_from_checkpoint and accelerator.is_main_process:
+        resume_loss_history(loss_log, global_step)  # drop the rows written after the checkpoint
     step_started, last_loss, train_loss, routing_reported = time.time(), float("nan"), 0.0, False
     for epoch in range(first_epoch, num_train_epochs):
         train_dataloader.set_epoch(epoch)
