@@ -19,13 +19,15 @@ import dataclasses
 import importlib
 import importlib.util
 import json
+import logging
 import math
 import os
 import re
+import shlex
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
@@ -807,6 +809,116 @@ def push_space(
         )
     add_space_variable(space_id, "TREAD_MODEL", model_id, token=token)
     return f"https://huggingface.co/spaces/{space_id}"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Uploads from a training run, and keeping the token out of everything it writes
+# ----------------------------------------------------------------------------------------------------------------------
+
+logger = logging.getLogger(__name__)
+
+
+def redact(text: str, secrets: Iterable[str | None] = ()) -> str:
+    """``text`` with each secret's value and whatever follows a ``--hub_token`` option replaced by ``<redacted>``:
+    by value, so that a token reaching the text by any route (an abbreviated option, a config file) is caught too."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "<redacted>")
+    return re.sub(r"(--hub_token[ =])\S+", r"\1<redacted>", text)
+
+
+def launch_command(script: str, argv: Sequence[str], secrets: Iterable[str | None] = ()) -> str:
+    """The ``accelerate launch`` command that ran ``script``, for a model card: quoted, with secrets redacted
+    (``secrets`` plus ``HF_TOKEN``)."""
+    text = " ".join(shlex.quote(arg) for arg in ["accelerate", "launch", script, *argv])
+    return redact(text, [*secrets, os.environ.get("HF_TOKEN")])
+
+
+def upload_output(
+    folder: str | os.PathLike,
+    repo_id: str,
+    commit_message: str,
+    token: str | None = None,
+    path_in_repo: str | None = None,
+    run_as_future: bool = False,
+):
+    """Upload a training run's output folder, or one of its checkpoints (``path_in_repo``), without what
+    `HUB_IGNORE_PATTERNS` lists. A pipeline folder uploaded in the foreground goes up as `prepare_hub_folder` lays it
+    out (with its remote-code bundle); the folder itself is not changed."""
+
+    def upload(path):
+        return upload_folder(
+            repo_id=repo_id,
+            folder_path=path,
+            path_in_repo=path_in_repo,
+            commit_message=commit_message,
+            ignore_patterns=HUB_IGNORE_PATTERNS,
+            token=token,
+            run_as_future=run_as_future,
+        )
+
+    if run_as_future or path_in_repo or not Path(folder, "model_index.json").is_file():
+        return upload(folder)
+    with hub_folder(folder, repo_id=repo_id) as staged:
+        return upload(staged)
+
+
+class CheckpointUploads:
+    """``--push_checkpoints``: each checkpoint is uploaded in the background while training goes on. A failed upload
+    is logged and retried (``retries`` times, at the next `wait`); it never stops training. `report` says exactly which
+    checkpoints reached the Hub and which did not, with the error."""
+
+    def __init__(self, repo_id: str, token: str | None = None, retries: int = 2):
+        self.repo_id, self.token, self.retries = repo_id, token, retries
+        self.pending: list[tuple[Path, Any, int]] = []  # (checkpoint, future, attempt)
+        self.uploaded: list[str] = []
+        self.failed: dict[str, str] = {}
+
+    def submit(self, checkpoint: str | os.PathLike, attempt: int = 1) -> None:
+        checkpoint = Path(checkpoint)
+        try:
+            future = upload_output(
+                checkpoint,
+                self.repo_id,
+                f"{checkpoint.name} (attempt {attempt})" if attempt > 1 else checkpoint.name,
+                token=self.token,
+                path_in_repo=checkpoint.name,
+                run_as_future=True,
+            )
+        except Exception as error:  # noqa: BLE001 - e.g. the upload could not even be queued
+            future = error
+        self.pending.append((checkpoint, future, attempt))
+
+    def wait(self) -> None:
+        """Wait for every pending upload (call before pruning checkpoints and at the end); retry failed ones."""
+        while self.pending:
+            checkpoint, future, attempt = self.pending.pop(0)
+            try:
+                if isinstance(future, Exception):
+                    raise future
+                future.result()
+            except Exception as error:  # noqa: BLE001 - a network or Hub error must not end training
+                if attempt <= self.retries and checkpoint.is_dir():
+                    logger.warning(f"Uploading {checkpoint.name} to {self.repo_id} failed ({error}); retrying.")
+                    self.submit(checkpoint, attempt + 1)
+                else:
+                    logger.error(
+                        f"Uploading {checkpoint.name} to {self.repo_id} failed after {attempt} tries: {error}"
+                    )
+                    self.failed[checkpoint.name] = f"{type(error).__name__}: {error}"
+            else:
+                self.uploaded.append(checkpoint.name)
+                self.failed.pop(checkpoint.name, None)
+
+    def report(self) -> str:
+        """One line for the end of training: what reached the Hub and what did not."""
+        text = f"Checkpoint uploads to {self.repo_id}: {len(self.uploaded)} done"
+        if self.uploaded:
+            text += f" ({', '.join(self.uploaded)})"
+        if self.failed:
+            failures = "; ".join(f"{name}: {error}" for name, error in self.failed.items())
+            text += f"; {len(self.failed)} failed ({failures}): push them with training/push_to_hub.py"
+        return text + "."
 
 
 def bundle_files() -> dict[str, str]:

@@ -523,22 +523,16 @@ def test_push_script_turns_a_checkpoint_into_a_pipeline(output_folder, tmp_path)
     assert "| steps | 5 |" in (staged / "README.md").read_text()
 
 
-def test_training_push_folder_uploads_the_bundle_with_the_final_folder(output_folder, monkeypatch):
-    spec = importlib.util.spec_from_file_location("train_tread", REPO / "training" / "train_tread.py")
-    train = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train)
+def test_upload_output_uploads_the_bundle_with_the_final_folder(output_folder, monkeypatch):
     sent = []
 
     def fake_upload(**kwargs):
         folder = Path(kwargs["folder_path"])
         sent.append((folder, sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())))
 
-    monkeypatch.setattr(train, "upload_folder", fake_upload)
-    args = type("Args", (), {"hub_token": TOKEN})()
-    train.push_folder(
-        args, "user/tread-tiny", str(output_folder / "checkpoint-2"), "ckpt", path_in_repo="checkpoint-2"
-    )
-    train.push_folder(args, "user/tread-tiny", str(output_folder), "End of training")
+    monkeypatch.setattr(hub, "upload_folder", fake_upload)
+    hub.upload_output(output_folder / "checkpoint-2", "user/tread-tiny", "ckpt", TOKEN, path_in_repo="checkpoint-2")
+    hub.upload_output(output_folder, "user/tread-tiny", "End of training", TOKEN)
     (checkpoint, checkpoint_files), (final, final_files) = sent
     assert checkpoint == output_folder / "checkpoint-2" and "tread_dit.py" not in checkpoint_files
     assert final.name == output_folder.name and final != output_folder and not final.exists()  # staged, then removed

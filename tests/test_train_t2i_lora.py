@@ -18,6 +18,8 @@ from PIL import Image, ImageDraw
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from diffusers_tread import hub
+
 SCRIPT = REPO / "training" / "train_tread_t2i_lora.py"
 WORDS = "a an the red green blue yellow circle square triangle on white black background small big".split()
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 60, 220), "yellow": (230, 210, 40)}
@@ -353,7 +355,7 @@ def test_push_to_hub_from_a_hub_base_model(tmp_path, assets, fake_hub, monkeypat
     calls = []
     monkeypatch.setattr(script, "create_repo", lambda repo_id, **kw: calls.append(("create", repo_id, kw))
                         or type("Repo", (), {"repo_id": f"user/{repo_id}"})())  # fmt: skip
-    monkeypatch.setattr(script, "upload_folder", lambda **kw: calls.append(("upload", kw["folder_path"], kw)))
+    monkeypatch.setattr(hub, "upload_folder", lambda **kw: calls.append(("upload", kw["folder_path"], kw)))
     token = "hf_FAKEtoken1234567890abcdefghij"
     out = tmp_path / "sd3-lora"
     script.main([*TINY, "--pretrained_model_name_or_path=org/tiny-sd3", f"--train_data_dir={assets['images']}",

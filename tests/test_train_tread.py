@@ -13,7 +13,7 @@ from conftest import REPO, TINY, launch, load_script, tiny_vae, transformer_weig
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
-from diffusers_tread import TreadDiTPipeline
+from diffusers_tread import TreadDiTPipeline, hub
 from diffusers_tread.training_utils import parse_routes, scheduled_selection_ratios
 
 
@@ -167,7 +167,7 @@ def test_push_to_hub_uploads_the_final_folder_and_never_the_token(tmp_path, monk
         calls.append(("upload", kwargs["folder_path"], kwargs))
         return Done()
 
-    monkeypatch.setattr(script, "upload_folder", fake_upload)
+    monkeypatch.setattr(hub, "upload_folder", fake_upload)  # the one upload path of both scripts
     token = "hf_FAKEtoken1234567890abcdefghij"
     out = tmp_path / "tread-push"
     script.main(

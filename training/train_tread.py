@@ -25,8 +25,6 @@ import logging
 import math
 import os
 import platform
-import re
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -40,7 +38,7 @@ from diffusers import AutoencoderKL
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from diffusers.utils import make_image_grid
-from huggingface_hub import ModelCard, ModelCardData, create_repo, upload_folder
+from huggingface_hub import ModelCard, ModelCardData, create_repo
 from peft import LoraConfig
 from peft.utils import set_peft_model_state_dict
 from PIL import Image, ImageOps
@@ -53,7 +51,23 @@ from diffusers_tread import (
     TreadDiTPipeline,
     TreadSSM2DModel,
     TreadTransformer2DModel,
+    hub,
     paper_routes,
+)
+from diffusers_tread.checkpointing import (
+    LOSS_HISTORY,
+    check_run_arguments,
+    clear_output_dir,
+    final_output,
+    finished_step,
+    install_stop_handlers,
+    process_seed,
+    register_checkpoint_hooks,
+    restore_stop_handlers,
+    resume_from_checkpoint,
+    resume_loss_history,
+    save_checkpoint,
+    stop_requested,
 )
 from diffusers_tread.data import (
     LatentShardDataset,
@@ -67,18 +81,10 @@ from diffusers_tread.objectives import OBJECTIVES, get_objective
 from diffusers_tread.routing import ROUTE_REINSERTION_MODES
 from diffusers_tread.training_utils import (
     LossLog,
-    checkpoint_step,
     drop_class_labels,
-    find_checkpoint,
-    install_stop_handlers,
     make_optimizer,
     parse_routes,
-    remove_incomplete_checkpoints,
-    restore_stop_handlers,
-    resume_loss_history,
-    save_checkpoint,
     scheduled_selection_ratios,
-    stop_requested,
     tread_training_loss,
 )
 
@@ -192,6 +198,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dataloader_num_workers", type=int, default=0)
     # Optimisation
     parser.add_argument("--output_dir", default="tread-digits")
+    parser.add_argument(
+        "--overwrite_output_dir",
+        action="store_true",
+        help="delete the checkpoints and outputs of an earlier run in --output_dir (otherwise such a folder is refused)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train_batch_size", type=int, default=64, help="per device")
     parser.add_argument("--num_train_epochs", type=int, default=100)
@@ -254,7 +265,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--push_to_hub", action="store_true")
     parser.add_argument("--push_checkpoints", action="store_true", help="also upload checkpoints, in the background")
     parser.add_argument("--hub_model_id", default=None)
-    parser.add_argument("--hub_token", default=None)
+    parser.add_argument("--hub_token", default=None, help="default (safer): HF_TOKEN or the `hf auth login` token")
     parser.add_argument("--hub_private_repo", action="store_true")
     args = parser.parse_args(argv)
 
@@ -282,8 +293,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("logging_steps", "checkpointing_steps", "validation_steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1 (it is a step interval)")
-    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
-        parser.error("--checkpoints_total_limit must be at least 1 (the newest checkpoint is always kept)")
+    check_run_arguments(parser, args)  # the output folder, the checkpoint limit, the Hub token
     # The built-in digits job (no data flag) is a ~10-minute CPU run of a 0.8M-parameter model: it wants a higher
     # learning rate than DiT's 1e-4 and a step budget rather than 100 epochs.
     builtin_digits = not (args.latents_dir or args.dataset_name or args.train_data_dir)
@@ -292,12 +302,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.max_train_steps is None and builtin_digits:
         args.max_train_steps = 3000
     return args
-
-
-def redacted_command(argv: list[str]) -> str:
-    """The launch command for the model card, with the Hub token removed."""
-    text = " ".join(shlex.quote(a) for a in ["accelerate", "launch", "training/train_tread.py", *argv])
-    return re.sub(r"(--hub_token[ =])\S+", r"\1<redacted>", text)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -326,6 +330,8 @@ def main(argv: list[str] | None = None) -> None:
         torch.backends.cudnn.allow_tf32 = True
     repo_id = None
     if accelerator.is_main_process:
+        if args.overwrite_output_dir:
+            clear_output_dir(args.output_dir, args.logging_dir)
         os.makedirs(args.output_dir, exist_ok=True)
         if args.push_to_hub:
             repo_id = create_repo(
@@ -459,49 +465,33 @@ def main(argv: list[str] | None = None) -> None:
 
     # One generator per process draws all training randomness (noise, timesteps, label dropout, routed subsets), so a
     # checkpoint can carry it and a resumed run draws exactly what the uninterrupted run would have.
-    train_generator = torch.Generator(device=accelerator.device).manual_seed(args.seed + accelerator.process_index)
+    train_generator = torch.Generator(device=accelerator.device).manual_seed(
+        process_seed(args.seed, accelerator.process_index)  # no two (seed, process) pairs share a stream
+    )
 
-    # Checkpoints are Diffusers folders: accelerate's save/load state call these hooks (on every process).
-    def save_model_hook(models, weights, output_dir):
-        os.makedirs(output_dir, exist_ok=True)
-        torch.save(train_generator.get_state(), os.path.join(output_dir, f"train_rng_{accelerator.process_index}.pt"))
-        if accelerator.is_main_process:
-            if ema_model is not None:
-                ema_model.save_pretrained(os.path.join(output_dir, "transformer_ema"))
-            for saved_model in models:
-                if args.lora_rank:
-                    accelerator.unwrap_model(saved_model).save_lora_adapter(
-                        os.path.join(output_dir, "transformer_lora")
-                    )
-                else:
-                    accelerator.unwrap_model(saved_model).save_pretrained(os.path.join(output_dir, "transformer"))
-                weights.pop()
-
-    def load_model_hook(models, input_dir):
-        rng_file = os.path.join(input_dir, f"train_rng_{accelerator.process_index}.pt")
-        if os.path.exists(rng_file):
-            train_generator.set_state(torch.load(rng_file, weights_only=True))
-        else:  # resuming on more processes than wrote the checkpoint: this process starts a fresh stream
-            step = Path(input_dir).name.rsplit("-", 1)[-1]
-            train_generator.manual_seed(
-                args.seed + accelerator.process_index + 7919 * int(step if step.isdigit() else 0)
-            )
-            logger.warning(f"{rng_file} not found: process {accelerator.process_index} reseeds its generator.")
+    def save_weights(models, folder):  # checkpoints are Diffusers folders
         if ema_model is not None:
-            loaded_ema = EMAModel.from_pretrained(os.path.join(input_dir, "transformer_ema"), model_cls)
+            ema_model.save_pretrained(os.path.join(folder, "transformer_ema"))
+        for saved_model in models:
+            if args.lora_rank:
+                saved_model.save_lora_adapter(os.path.join(folder, "transformer_lora"))
+            else:
+                saved_model.save_pretrained(os.path.join(folder, "transformer"))
+
+    def load_weights(models, folder):  # in place, so the optimizer keeps its parameters
+        if ema_model is not None:
+            loaded_ema = EMAModel.from_pretrained(os.path.join(folder, "transformer_ema"), model_cls)
             ema_model.load_state_dict(loaded_ema.state_dict())
             ema_model.to(accelerator.device)
-        for _ in range(len(models)):
-            loaded_into = accelerator.unwrap_model(models.pop())
-            if args.lora_rank:  # in place, so the optimizer keeps its parameters
-                lora_file = os.path.join(input_dir, "transformer_lora", "pytorch_lora_weights.safetensors")
+        for loaded_into in models:
+            if args.lora_rank:
+                lora_file = os.path.join(folder, "transformer_lora", "pytorch_lora_weights.safetensors")
                 set_peft_model_state_dict(loaded_into, load_file(lora_file), adapter_name="default")
             else:
-                loaded = model_cls.from_pretrained(input_dir, subfolder="transformer")
-                loaded_into.load_state_dict(loaded.state_dict())
+                loaded_into.load_state_dict(model_cls.from_pretrained(folder, subfolder="transformer").state_dict())
 
-    accelerator.register_save_state_pre_hook(save_model_hook)
-    accelerator.register_load_state_pre_hook(load_model_hook)
+    # accelerate's save/load_state call these, and carry every process's generator (the library's hooks).
+    register_checkpoint_hooks(accelerator, train_generator, args.seed, save_weights, load_weights)
 
     # 4. Optimizer, data loader, LR schedule.
     if args.scale_lr:
@@ -561,41 +551,36 @@ def main(argv: list[str] | None = None) -> None:
     logger.info(f"  Optimization steps = {args.max_train_steps}, parameters = {num_parameters / 1e6:.2f}M")
     logger.info(f"  Objective = {args.objective}, TREAD loss = {args.tread_loss}, routes = {unwrapped.config.routes}")
 
-    # 5. Resume.
-    global_step, first_epoch, resume_step = 0, 0, 0
-    if accelerator.is_main_process:
-        remove_incomplete_checkpoints(args.output_dir)
-    accelerator.wait_for_everyone()
-    if args.resume_from_checkpoint:
-        checkpoint = find_checkpoint(args.output_dir, args.resume_from_checkpoint)
-        if checkpoint is None:
-            logger.info(f"No checkpoint found for '{args.resume_from_checkpoint}'; starting a new run.")
-        else:
-            logger.info(f"Resuming from {checkpoint}")
-            accelerator.load_state(checkpoint)
-            global_step = checkpoint_step(checkpoint)
-            first_epoch = global_step // num_update_steps_per_epoch
-            resume_step = (global_step % num_update_steps_per_epoch) * args.gradient_accumulation_steps
-    loss_log = Path(args.output_dir, "loss_history.csv")
-    if args.resume_from_checkpoint and accelerator.is_main_process:
+    # 5. Resume (the main process picks the checkpoint; a finished run only says so).
+    resume = resume_from_checkpoint(
+        accelerator, args.output_dir, args.resume_from_checkpoint, num_update_steps_per_epoch,
+        args.gradient_accumulation_steps,
+    )  # fmt: skip
+    global_step, first_epoch, resume_step = resume.global_step, resume.first_epoch, resume.skip_batches
+    finished = finished_step(args.output_dir)
+    if resume.checkpoint and finished is not None and finished >= args.max_train_steps:
+        logger.info(
+            f"{args.output_dir} holds a run that finished at step {finished} (--max_train_steps "
+            f"{args.max_train_steps}): nothing to do. Raise --max_train_steps to train further."
+        )
+        accelerator.end_training()
+        return
+    loss_log = Path(args.output_dir, LOSS_HISTORY)
+    if resume.checkpoint and accelerator.is_main_process:
         kept = resume_loss_history(loss_log, global_step)
         if kept:  # the elapsed-time column continues from the checkpoint's row instead of restarting at zero
             started -= float(kept[-1][2])
+    uploads = hub.CheckpointUploads(repo_id, args.hub_token) if args.push_to_hub and args.push_checkpoints else None
 
     def save_state(step: int) -> None:
         """Crash-safe `checkpoint-<step>/`, pruned to --checkpoints_total_limit, pushed with --push_checkpoints."""
-        push = args.push_to_hub and args.push_checkpoints
         save_checkpoint(
             accelerator,
             args.output_dir,
             step,
             args.checkpoints_total_limit,
-            before_prune=wait_for_uploads,
-            after_save=(
-                (lambda final: push_folder(args, repo_id, str(final), f"checkpoint {step}", final.name, True))
-                if push
-                else None
-            ),
+            before_prune=uploads.wait if uploads else None,  # never delete a checkpoint that is being uploaded
+            after_save=uploads.submit if uploads else None,
         )
 
     # 6. Training loop.
@@ -631,7 +616,7 @@ def main(argv: list[str] | None = None) -> None:
                 csv.writer(f).writerows([step, f"{value:.6f}", f"{time.time() - started:.1f}"] for step, value in rows)
 
     steps_per_s = float("nan")
-    for epoch in range(first_epoch, num_train_epochs):
+    for epoch in range(first_epoch, num_train_epochs if global_step < args.max_train_steps else first_epoch):
         train_dataloader.set_epoch(epoch)
         loader = train_dataloader
         if epoch == first_epoch and resume_step:
@@ -730,9 +715,13 @@ def main(argv: list[str] | None = None) -> None:
             if global_step >= args.max_train_steps:
                 break
 
-    # 7. Save the final pipeline (EMA weights), model card, and push.
+    # 7. Save the final pipeline (EMA weights), model card, and push. The files are staged and moved into
+    # --output_dir at the end (`final_output`): a kill never leaves new weights beside an old model_index.json.
     flush_losses()
     restore_stop_handlers(stop)
+    if uploads is not None:  # the checkpoints' uploads finish (or are reported) before the final one
+        uploads.wait()
+        logger.info(uploads.report())
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         final_model = accelerator.unwrap_model(model)
@@ -743,33 +732,35 @@ def main(argv: list[str] | None = None) -> None:
         pipeline = TreadDiTPipeline(
             transformer=final_model, vae=vae, scheduler=objective.make_scheduler(), id2label=id2label
         )
-        grid_path = save_sample_grid(pipeline, args, id2label, Path(args.output_dir, "samples", "final_grid.png"))
-        if args.lora_rank:  # the adapters in Diffusers' LoRA format, next to the unchanged base pipeline
-            final_model.save_lora_adapter(args.output_dir)
-            final_model.unload_lora()
-        pipeline.save_pretrained(args.output_dir)
-        plot_loss(loss_log, Path(args.output_dir, "samples", "loss.png"))
-        save_model_card(
-            args,
-            argv,
-            repo_id,
-            final_model,
-            objective,
-            dataset_description,
-            len(train_dataset),
-            num_classes,
-            total_batch_size,
-            global_step,
-            time.time() - started,
-            last_loss,
-            vae is not None or args.latents_dir,
-        )
-        logger.info(f"Saved the pipeline to {args.output_dir}; samples in {grid_path}")
+        with final_output(args.output_dir, global_step) as staging:
+            save_sample_grid(pipeline, args, id2label, Path(staging, "samples", "final_grid.png"))
+            if args.lora_rank:  # the adapters in Diffusers' LoRA format, next to the unchanged base pipeline
+                final_model.save_lora_adapter(staging)
+                final_model.unload_lora()
+            pipeline.save_pretrained(staging)
+            plot_loss(loss_log, Path(staging, "samples", "loss.png"))
+            save_model_card(
+                staging,
+                args,
+                argv,
+                repo_id,
+                final_model,
+                objective,
+                dataset_description,
+                len(train_dataset),
+                num_classes,
+                total_batch_size,
+                global_step,
+                time.time() - started,
+                last_loss,
+                vae is not None or args.latents_dir,
+            )
+        logger.info(f"Saved the pipeline to {args.output_dir}; samples in {Path(args.output_dir, 'samples')}")
         if ema_model is not None:
             ema_model.restore(final_model.parameters())
         if args.push_to_hub:
             try:
-                push_folder(args, repo_id, args.output_dir, "End of training")
+                hub.upload_output(args.output_dir, repo_id, "End of training", token=args.hub_token)
             except Exception as error:
                 raise RuntimeError(
                     f"Uploading {args.output_dir} to {repo_id} failed: {error}. The folder is complete and "
@@ -819,46 +810,6 @@ def encode_latents(vae: AutoencoderKL, pixel_values: torch.Tensor, sample: bool,
     latents = posterior.sample(generator=generator) if sample else posterior.mean
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     return (latents - shift) * vae.config.scaling_factor
-
-
-_UPLOADS = []
-
-
-def wait_for_uploads() -> None:
-    """Block until the background checkpoint uploads are done (before pruning, and at the end)."""
-    for pending in _UPLOADS:
-        pending.result()
-
-
-def push_folder(args, repo_id, folder, message, path_in_repo=None, background=False):
-    """Upload a folder (not the checkpoints or logs of the output folder); in the background if asked.
-
-    A pipeline folder goes up with its remote-code bundle (`diffusers_tread.hub.prepare_hub_folder`), so that plain
-    Diffusers loads the repo with `trust_remote_code=True`; the folder itself is not changed.
-    """
-    from diffusers_tread import hub
-
-    def upload(path):
-        return upload_folder(
-            repo_id=repo_id,
-            folder_path=path,
-            path_in_repo=path_in_repo,
-            commit_message=message,
-            ignore_patterns=hub.HUB_IGNORE_PATTERNS,
-            token=args.hub_token,
-            run_as_future=background,
-        )
-
-    if background or path_in_repo or not Path(folder, "model_index.json").is_file():
-        future = upload(folder)
-    else:
-        with hub.hub_folder(folder, repo_id=repo_id) as staged:
-            future = upload(staged)
-    if background:
-        _UPLOADS.append(future)
-    else:
-        wait_for_uploads()
-    return future
 
 
 def validation_class_ids(args, id2label: dict[int, str]) -> list[int]:
@@ -952,6 +903,7 @@ def plot_loss(loss_log: Path, path: Path) -> None:
 
 
 def save_model_card(
+    folder,
     args,
     argv,
     repo_id,
@@ -966,9 +918,8 @@ def save_model_card(
     final_loss,
     latent_space,
 ) -> None:
-    """Write README.md (rendered by `diffusers_tread.hub` from model_cards/tread_dit.md) and tread_card.json."""
-    from diffusers_tread import hub
-
+    """Write ``folder``/README.md (rendered by `diffusers_tread.hub` from model_cards/tread_dit.md) and
+    tread_card.json."""
     base_model = args.pretrained_model_name_or_path
     base_model = base_model if base_model and not Path(base_model).exists() else None
     card_data = ModelCardData(
@@ -1021,10 +972,10 @@ def save_model_card(
         example_labels=example_labels,
         num_inference_steps=args.validation_num_inference_steps,
         guidance_scale=args.validation_guidance_scale,
-        command=redacted_command(argv),
+        command=hub.launch_command("training/train_tread.py", argv, [args.hub_token]),
     )
-    card: ModelCard = hub.save_model_card(args.output_dir, info, card_data)  # the template shipped with the package
-    logger.info(f"Model card: {os.path.join(args.output_dir, 'README.md')} ({len(card.text)} characters)")
+    card: ModelCard = hub.save_model_card(folder, info, card_data)  # the template shipped with the package
+    logger.info(f"Model card: {len(card.text)} characters")
 
 
 def accelerator_count() -> int:

@@ -29,8 +29,6 @@ import logging
 import math
 import os
 import platform
-import re
-import shlex
 import sys
 import time
 from contextlib import nullcontext
@@ -59,7 +57,7 @@ from diffusers.training_utils import (
     compute_loss_weighting_for_sd3,
 )
 from diffusers.utils.hub_utils import populate_model_card
-from huggingface_hub import ModelCard, ModelCardData, create_repo, upload_folder
+from huggingface_hub import ModelCard, ModelCardData, create_repo
 from peft import LoraConfig, inject_adapter_in_model
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from PIL import Image
@@ -68,23 +66,28 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from diffusers_tread import hub, paper_routes
-from diffusers_tread.data import preprocess_image, seeded_generator
-from diffusers_tread.models.tread_t2i import apply_tread
-from diffusers_tread.routing import ROUTE_REINSERTION_MODES, validate_routes
 
-# The library's route parser and crash-safe checkpoints (`.incomplete-checkpoint-N` -> `checkpoint-N`), shared with
-# train_tread.py, so that both scripts behave the same way.
-from diffusers_tread.training_utils import (
-    checkpoint_step,
-    find_checkpoint,
+# The library's crash-safe run folder (checkpoints, final save, resume, stop signals), shared with train_tread.py, so
+# that both scripts behave the same way.
+from diffusers_tread.checkpointing import (
+    LOSS_HISTORY,
+    check_run_arguments,
+    clear_output_dir,
+    final_output,
+    finished_step,
     install_stop_handlers,
-    parse_routes,
-    remove_incomplete_checkpoints,
+    process_seed,
+    register_checkpoint_hooks,
     restore_stop_handlers,
+    resume_from_checkpoint,
     resume_loss_history,
     save_checkpoint,
     stop_requested,
 )
+from diffusers_tread.data import preprocess_image, seeded_generator
+from diffusers_tread.models.tread_t2i import apply_tread
+from diffusers_tread.routing import ROUTE_REINSERTION_MODES, validate_routes
+from diffusers_tread.training_utils import parse_routes
 
 logger = get_logger(__name__, log_level="INFO")
 
@@ -283,6 +286,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--guidance_scale", type=float, default=3.5, help="Flux's guidance embedding while training")
     # Optimisation
     parser.add_argument("--output_dir", default="tread-t2i-lora")
+    parser.add_argument(
+        "--overwrite_output_dir",
+        action="store_true",
+        help="delete the checkpoints and outputs of an earlier run in --output_dir (otherwise such a folder is refused)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train_batch_size", type=int, default=4, help="per device")
     parser.add_argument("--num_train_epochs", type=int, default=1)
@@ -320,7 +328,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--push_to_hub", action="store_true")
     parser.add_argument("--push_checkpoints", action="store_true", help="also upload checkpoints, in the background")
     parser.add_argument("--hub_model_id", default=None)
-    parser.add_argument("--hub_token", default=None)
+    parser.add_argument("--hub_token", default=None, help="default (safer): HF_TOKEN or the `hf auth login` token")
     parser.add_argument("--hub_private_repo", action="store_true")
     args = parser.parse_args(argv)
 
@@ -333,17 +341,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--precompute_only writes to --precomputed_embeddings_dir: give it")
     if args.rank < 1:
         parser.error("--rank must be at least 1")
-    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
-        parser.error("--checkpoints_total_limit must be at least 1 (the newest checkpoint is always kept)")
+    check_run_arguments(parser, args)  # the output folder, the checkpoint limit, the Hub token
     if args.resolution % 16:
         parser.error("--resolution must be a multiple of 16 (VAE downsampling x patch size)")
     return args
-
-
-def redacted_command(argv: list[str]) -> str:
-    """The launch command for the model card, with the Hub token removed."""
-    text = " ".join(shlex.quote(a) for a in ["accelerate", "launch", "training/train_tread_t2i_lora.py", *argv])
-    return re.sub(r"(--hub_token[ =])\S+", r"\1<redacted>", text)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -836,14 +837,15 @@ def log_validation(accelerator, spec, args, transformer, vae, prompt_kwargs, wei
 
 
 def save_model_card(
-    args, argv, spec, repo_id, images, routes, steps, total_batch_size, seconds, final_loss, num_examples
+    folder, args, argv, spec, repo_id, images, routes, steps, total_batch_size, seconds, final_loss, num_examples
 ) -> None:
-    """README.md: Diffusers' LoRA card metadata (base model, widget, tags via `populate_model_card`) and how to load it."""
+    """``folder``/README.md: Diffusers' LoRA card metadata (base model, widget, tags via `populate_model_card`) and how
+    to load it."""
     base_model = args.pretrained_model_name_or_path
     hub_base = base_model if not Path(base_model).exists() else None
     widget = []
     for index, image in enumerate(images or []):
-        image.save(Path(args.output_dir, f"image_{index}.png"))
+        image.save(Path(folder, f"image_{index}.png"))
         widget.append({"text": args.validation_prompt, "output": {"url": f"image_{index}.png"}})
     if spec.family == "pixart":
         how_to_load = f"""```python
@@ -897,7 +899,7 @@ skips the routed blocks); the adapters are ordinary Diffusers LoRA weights, and 
 | hardware, time | {hardware}, {seconds / 60:.1f} min |
 | final loss | {final_loss:.4f} |
 
-Command: `{redacted_command(argv)}`
+Command: `{hub.launch_command("training/train_tread_t2i_lora.py", argv, [args.hub_token])}`
 """
     # Diffusers' LoRA card metadata (as `load_or_create_model_card(..., from_training=True)` writes it), with our text
     # only: its template would add "TODO" sections, and its Hub lookup would keep an older card found there.
@@ -914,18 +916,12 @@ Command: `{redacted_command(argv)}`
     )
     tags = ["text-to-image", "diffusers-training", "diffusers", "lora", "tread", spec.family, "template:sd-lora"]
     card = populate_model_card(card, tags=tags)
-    card.save(os.path.join(args.output_dir, "README.md"))
+    card.save(os.path.join(folder, "README.md"))
 
 
 def push_output(args, repo_id: str) -> None:
     try:
-        upload_folder(
-            repo_id=repo_id,
-            folder_path=args.output_dir,
-            commit_message="End of training",
-            ignore_patterns=hub.HUB_IGNORE_PATTERNS,
-            token=args.hub_token,
-        )
+        hub.upload_output(args.output_dir, repo_id, "End of training", token=args.hub_token)
     except Exception as error:
         raise RuntimeError(
             f"Uploading {args.output_dir} to {repo_id} failed: {error}. The folder is complete and unchanged; retry "
@@ -977,6 +973,8 @@ def main(argv: list[str] | None = None) -> None:
 
     repo_id = None
     if accelerator.is_main_process:
+        if args.overwrite_output_dir:
+            clear_output_dir(args.output_dir, args.logging_dir)
         os.makedirs(args.output_dir, exist_ok=True)
         if args.push_to_hub and not args.precompute_only:
             repo_id = create_repo(
@@ -1074,7 +1072,9 @@ def main(argv: list[str] | None = None) -> None:
 
     # One generator per process draws all training randomness (noise, timesteps, VAE samples, routed subsets), so a
     # checkpoint can carry it and a resumed run draws exactly what the uninterrupted run would have.
-    train_generator = torch.Generator(device=accelerator.device).manual_seed(args.seed + accelerator.process_index)
+    train_generator = torch.Generator(device=accelerator.device).manual_seed(
+        process_seed(args.seed, accelerator.process_index)  # no two (seed, process) pairs share a stream
+    )
     router, routes = None, args.routes
     if routes:
         router = apply_tread(  # validates the routes
@@ -1086,32 +1086,21 @@ def main(argv: list[str] | None = None) -> None:
     num_tokens = (latent_size // patch_size) ** 2
     transformer.train()
 
-    def save_model_hook(models, weights, output_dir):
-        os.makedirs(output_dir, exist_ok=True)
-        torch.save(train_generator.get_state(), os.path.join(output_dir, f"train_rng_{accelerator.process_index}.pt"))
+    def save_weights(models, folder):  # only the adapters, never the frozen base weights
         for model in models:
-            if accelerator.is_main_process:
-                save_lora(spec, output_dir, unwrap(model))
-            weights.pop()  # only the adapters, never the frozen base weights
+            save_lora(spec, folder, model)
 
-    def load_model_hook(models, input_dir):
-        rng_file = os.path.join(input_dir, f"train_rng_{accelerator.process_index}.pt")
-        if os.path.exists(rng_file):
-            train_generator.set_state(torch.load(rng_file, weights_only=True))
-        else:
-            logger.warning(f"{rng_file} not found: process {accelerator.process_index} reseeds its generator.")
-            train_generator.manual_seed(args.seed + accelerator.process_index + 7919)
-        state_dict, _ = read_transformer_lora(input_dir)
-        for _ in range(len(models)):
-            model = unwrap(models.pop())
+    def load_weights(models, folder):
+        state_dict, _ = read_transformer_lora(folder)
+        for model in models:
             result = set_peft_model_state_dict(model, state_dict, adapter_name="default")  # in place
             if getattr(result, "unexpected_keys", None):
-                raise ValueError(f"{input_dir}: LoRA weights that match no module: {result.unexpected_keys[:5]}")
+                raise ValueError(f"{folder}: LoRA weights that match no module: {result.unexpected_keys[:5]}")
             if accelerator.mixed_precision in ("fp16", "bf16"):
                 cast_training_params(model, dtype=torch.float32)
 
-    accelerator.register_save_state_pre_hook(save_model_hook)
-    accelerator.register_load_state_pre_hook(load_model_hook)
+    # Checkpoints carry the adapters and every process's generator (the library's hooks).
+    register_checkpoint_hooks(accelerator, train_generator, args.seed, save_weights, load_weights)
 
     # 4. Optimizer, data loader, LR schedule.
     if args.scale_lr:
@@ -1167,47 +1156,31 @@ def main(argv: list[str] | None = None) -> None:
                 f"{sum(p.numel() for p in lora_parameters) / 1e6:.3f}M")  # fmt: skip
     logger.info(f"  Image tokens per sample = {num_tokens}, routes = {json.dumps(routes) if routes else 'none'}")
 
-    # 5. Resume.
-    global_step, first_epoch, resume_step = 0, 0, 0
-    if accelerator.is_main_process:
-        remove_incomplete_checkpoints(args.output_dir)
-    accelerator.wait_for_everyone()
-    if args.resume_from_checkpoint:
-        checkpoint = find_checkpoint(args.output_dir, args.resume_from_checkpoint)
-        if checkpoint is None:
-            logger.info(f"No checkpoint found for '{args.resume_from_checkpoint}'; starting a new run.")
-        else:
-            logger.info(f"Resuming from {checkpoint}")
-            accelerator.load_state(checkpoint)
-            global_step = checkpoint_step(checkpoint)
-            first_epoch = global_step // num_update_steps_per_epoch
-            resume_step = (global_step % num_update_steps_per_epoch) * args.gradient_accumulation_steps
-
-    uploads = []  # background checkpoint uploads (--push_checkpoints)
+    # 5. Resume (the main process picks the checkpoint; a finished run only says so).
+    resume = resume_from_checkpoint(
+        accelerator, args.output_dir, args.resume_from_checkpoint, num_update_steps_per_epoch,
+        args.gradient_accumulation_steps,
+    )  # fmt: skip
+    global_step, first_epoch, resume_step = resume.global_step, resume.first_epoch, resume.skip_batches
+    finished = finished_step(args.output_dir)
+    if resume.checkpoint and finished is not None and finished >= args.max_train_steps:
+        logger.info(
+            f"{args.output_dir} holds a run that finished at step {finished} (--max_train_steps "
+            f"{args.max_train_steps}): nothing to do. Raise --max_train_steps to train further."
+        )
+        accelerator.end_training()
+        return
+    uploads = hub.CheckpointUploads(repo_id, args.hub_token) if args.push_to_hub and args.push_checkpoints else None
 
     def save_state(step: int) -> None:
         """Crash-safe `checkpoint-<step>/`, pruned to --checkpoints_total_limit, pushed with --push_checkpoints."""
-
-        def push(final: Path) -> None:
-            uploads.append(
-                upload_folder(
-                    repo_id=repo_id,
-                    folder_path=final,
-                    path_in_repo=final.name,
-                    commit_message=f"checkpoint {step}",
-                    ignore_patterns=hub.HUB_IGNORE_PATTERNS,
-                    token=args.hub_token,
-                    run_as_future=True,
-                )
-            )
-
         save_checkpoint(
             accelerator,
             args.output_dir,
             step,
             args.checkpoints_total_limit,
-            before_prune=lambda: [upload.result() for upload in uploads],
-            after_save=push if args.push_to_hub and args.push_checkpoints else None,
+            before_prune=uploads.wait if uploads else None,  # never delete a checkpoint that is being uploaded
+            after_save=uploads.submit if uploads else None,
         )
 
     # 6. Training loop.
@@ -1215,11 +1188,11 @@ def main(argv: list[str] | None = None) -> None:
     progress_bar = tqdm(
         range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
     )
-    loss_log = Path(args.output_dir, "loss_history.csv")
-    if args.resume_from_checkpoint and accelerator.is_main_process:
+    loss_log = Path(args.output_dir, LOSS_HISTORY)
+    if resume.checkpoint and accelerator.is_main_process:
         resume_loss_history(loss_log, global_step)  # drop the rows written after the checkpoint
     step_started, last_loss, train_loss, routing_reported = time.time(), float("nan"), 0.0, False
-    for epoch in range(first_epoch, num_train_epochs):
+    for epoch in range(first_epoch, num_train_epochs if global_step < args.max_train_steps else first_epoch):
         train_dataloader.set_epoch(epoch)
         loader = train_dataloader
         if epoch == first_epoch and resume_step:
@@ -1318,53 +1291,57 @@ def main(argv: list[str] | None = None) -> None:
             log_validation(accelerator, spec, args, unwrap(transformer), vae, validation_prompt_kwargs,
                            weight_dtype, global_step, f"step_{global_step:07d}")  # fmt: skip
 
-    # 7. Save the LoRA weights, check that they load into a fresh base pipeline, sample, write the card, push.
+    # 7. Save the LoRA weights, check that they load into a fresh base pipeline, sample, write the card, push. The
+    # files are staged and moved into --output_dir at the end (`final_output`): a kill never leaves half of them.
     restore_stop_handlers(stop)
-    for upload in uploads:  # the checkpoints' uploads finish before the final one
-        upload.result()
+    if uploads is not None:  # the checkpoints' uploads finish (or are reported) before the final one
+        uploads.wait()
+        logger.info(uploads.report())
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        final = unwrap(transformer)
-        if router is not None:
-            router.remove()
-        lora_file = save_lora(spec, args.output_dir, final)
-        logger.info(f"Saved the LoRA weights to {lora_file}")
-        images = None
-        if args.validation_prompt:
-            del final
-            transformer, optimizer = accelerator.free_memory(transformer, optimizer)
-            free_memory()
-            base = spec.transformer_class.from_pretrained(
-                spec.path, subfolder="transformer", revision=args.revision, variant=args.variant,
-                dtype=weight_dtype,
-            ).to(accelerator.device)  # fmt: skip
-            pipeline = validation_pipeline(spec, args, base, vae, weight_dtype)
-            load_lora(pipeline, args.output_dir)  # the saved file, exactly as users will load it
-            pipeline.transformer.eval()
-            images = generate(spec, pipeline, args, validation_prompt_kwargs, accelerator.device, weight_dtype)
-            folder = Path(args.output_dir, "validation")
-            folder.mkdir(parents=True, exist_ok=True)
-            for index, image in enumerate(images):
-                image.save(folder / f"final_{index}.png")
-            for tracker in accelerator.trackers:
-                if tracker.name == "tensorboard":
-                    tracker.writer.add_images(
-                        "test", np.stack([np.asarray(image) for image in images]), global_step, dataformats="NHWC"
-                    )
-            del pipeline
-        save_model_card(
-            args,
-            argv,
-            spec,
-            repo_id,
-            images,
-            routes,
-            global_step,
-            total_batch_size,
-            time.time() - started,
-            last_loss,
-            len(dataset),
-        )
+        with final_output(args.output_dir, global_step) as staging:
+            final = unwrap(transformer)
+            if router is not None:
+                router.remove()
+            lora_file = save_lora(spec, staging, final)
+            logger.info(f"Saved the LoRA weights to {Path(args.output_dir, lora_file.name)}")
+            images = None
+            if args.validation_prompt:
+                del final
+                transformer, optimizer = accelerator.free_memory(transformer, optimizer)
+                free_memory()
+                base = spec.transformer_class.from_pretrained(
+                    spec.path, subfolder="transformer", revision=args.revision, variant=args.variant,
+                    dtype=weight_dtype,
+                ).to(accelerator.device)  # fmt: skip
+                pipeline = validation_pipeline(spec, args, base, vae, weight_dtype)
+                load_lora(pipeline, staging)  # the saved file, exactly as users will load it
+                pipeline.transformer.eval()
+                images = generate(spec, pipeline, args, validation_prompt_kwargs, accelerator.device, weight_dtype)
+                folder = Path(staging, "validation")
+                folder.mkdir(parents=True, exist_ok=True)
+                for index, image in enumerate(images):
+                    image.save(folder / f"final_{index}.png")
+                for tracker in accelerator.trackers:
+                    if tracker.name == "tensorboard":
+                        tracker.writer.add_images(
+                            "test", np.stack([np.asarray(image) for image in images]), global_step, dataformats="NHWC"
+                        )
+                del pipeline
+            save_model_card(
+                staging,
+                args,
+                argv,
+                spec,
+                repo_id,
+                images,
+                routes,
+                global_step,
+                total_batch_size,
+                time.time() - started,
+                last_loss,
+                len(dataset),
+            )
         if args.push_to_hub:
             push_output(args, repo_id)
     accelerator.end_training()

@@ -1,0 +1,504 @@
+"""A training run's folder, made safe against kills, power loss, full disks and reuse: both training scripts use it.
+
+- `check_output_dir` / `clear_output_dir`: a run never writes into a folder that holds another run, unless it
+  resumes it or the user asks for the folder to be cleared (``--overwrite_output_dir``).
+- `save_checkpoint`: `checkpoint-<step>/` is written under a hidden name, fsync'ed, marked complete with a manifest of
+  its files and renamed into place; pruning never removes the last checkpoint that verifies, and a failure on any
+  process stops every process with one message.
+- `find_checkpoint` / `resume_from_checkpoint`: ``latest`` is the newest checkpoint that verifies (the main process
+  decides and tells the others), and a finished run is recognised (`finished_step`).
+- `final_output`: the end-of-run files are staged and moved into the folder with ``model_index.json`` and the
+  `TRAINING_COMPLETE` marker last, so a kill mid-save never leaves a folder that looks complete.
+- `register_checkpoint_hooks`: checkpoints carry each process's training generator, so a resumed run draws exactly
+  what the uninterrupted run would have; `process_seed` gives every process of every seed its own stream.
+- Stop signals (`install_stop_handlers`, `stop_requested`) and the ``loss_history.csv`` resume cut.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_COMPLETE = "checkpoint_complete.json"  # written last, just before the folder gets its final name
+TRAINING_COMPLETE = "training_complete.json"  # written last by `final_output`: the run finished and saved
+LOSS_HISTORY = "loss_history.csv"
+_STAGING = ".incomplete-final"
+# What a training run writes at the top of its folder besides checkpoints (both scripts): `clear_output_dir` removes
+# exactly these, never anything else a user may keep there.
+RUN_FILES = (
+    LOSS_HISTORY,
+    TRAINING_COMPLETE,
+    "model_index.json",
+    "README.md",
+    "tread_card.json",
+    "pytorch_lora_weights.safetensors",
+)
+RUN_FOLDERS = ("samples", "validation", "transformer", "vae", "scheduler", _STAGING)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Durable writes
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's or a folder's entries to the disk (a folder's fsync makes renames inside it durable)."""
+    flags = os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() and hasattr(os, "O_DIRECTORY") else 0)
+    try:
+        descriptor = os.open(path, flags)
+    except OSError:  # folders cannot be opened on some platforms (Windows): nothing to flush there
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass  # some file systems do not support fsync on folders
+    finally:
+        os.close(descriptor)
+
+
+def fsync_tree(folder: str | os.PathLike) -> None:
+    """fsync every file under ``folder``, then every folder bottom-up, then ``folder`` itself."""
+    folder = Path(folder)
+    for root, dirs, files in os.walk(folder, topdown=False):
+        for name in files:
+            _fsync(Path(root, name))
+        for name in dirs:
+            _fsync(Path(root, name))
+    _fsync(folder)
+
+
+def _write_durably(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The output folder
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def previous_run(output_dir: str | os.PathLike) -> list[str]:
+    """What in ``output_dir`` shows that a training run wrote there (checkpoints, loss history, outputs)."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return []
+    found = sorted(p.name for p in folder.glob("checkpoint-*") if p.is_dir())
+    found += sorted(p.name for p in folder.glob(".incomplete-checkpoint-*"))
+    return found + [name for name in RUN_FILES if (folder / name).is_file()]
+
+
+def check_output_dir(output_dir: str | os.PathLike, resume: bool, overwrite: bool) -> str | None:
+    """Why a new run may not start in ``output_dir`` (a message naming what to change), or None when it may.
+
+    Reusing a folder would mix two runs: pruning by step number deletes the other run's checkpoints, ``latest``
+    resumes the wrong one, the final save replaces its pipeline and ``loss_history.csv`` mixes both."""
+    if resume or overwrite:
+        return None
+    found = previous_run(output_dir)
+    if not found:
+        return None
+    shown = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
+    return (
+        f"--output_dir {output_dir} already holds a training run ({shown}). Continue it with "
+        "--resume_from_checkpoint latest, choose another --output_dir, or pass --overwrite_output_dir to delete that "
+        "run's checkpoints and outputs first."
+    )
+
+
+def clear_output_dir(output_dir: str | os.PathLike, logging_dir: str | None = None) -> None:
+    """``--overwrite_output_dir``: delete what an earlier run wrote (`previous_run`, `RUN_FOLDERS`, its logs); leave
+    every other file alone. Main process only."""
+    folder = Path(output_dir)
+    for name in previous_run(folder) + [*RUN_FOLDERS, *([logging_dir] if logging_dir else [])]:
+        path = folder / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    if previous_run(folder):
+        raise OSError(f"Could not clear {folder}: {previous_run(folder)} remain.")
+
+
+def check_run_arguments(parser, args) -> None:
+    """The checks both training scripts make on the options they share, as ``parser.error`` (a message and exit
+    status 2, no traceback) before anything is set up: the output folder, the checkpoint limit, the Hub token."""
+    problem = check_output_dir(args.output_dir, bool(args.resume_from_checkpoint), args.overwrite_output_dir)
+    if problem:
+        parser.error(problem)
+    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
+        parser.error("--checkpoints_total_limit must be at least 1 (the newest checkpoint is always kept)")
+    if args.hub_token is not None:
+        if args.report_to in ("wandb", "all"):  # as Diffusers' examples: the tracker would store the token
+            parser.error(
+                "--hub_token with --report_to wandb would record the token in the run's metadata; log in with "
+                "`hf auth login` or set HF_TOKEN instead."
+            )
+        logger.warning(
+            "--hub_token puts the token in your shell history, in `ps` and in accelerate's error line if the run "
+            "fails; prefer HF_TOKEN or `hf auth login` (used when --hub_token is not given)."
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def checkpoint_step(checkpoint: str | os.PathLike) -> int:
+    """The step of a `checkpoint-<step>` folder."""
+    match = re.fullmatch(r"checkpoint-(\d+)", Path(checkpoint).name)
+    if match is None:
+        raise ValueError(f"{checkpoint} is not a checkpoint-<step> folder; pass one, or 'latest'.")
+    return int(match.group(1))
+
+
+def complete_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """The `checkpoint-<step>` folders that finished saving (they have the marker), oldest first."""
+    found = [
+        path
+        for path in Path(output_dir).glob("checkpoint-*")
+        if re.fullmatch(r"checkpoint-\d+", path.name) and (path / CHECKPOINT_COMPLETE).is_file()
+    ]
+    return sorted(found, key=checkpoint_step)
+
+
+def _manifest(folder: Path) -> dict[str, int]:
+    return {
+        path.relative_to(folder).as_posix(): path.stat().st_size
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and path.name != CHECKPOINT_COMPLETE
+    }
+
+
+def verify_checkpoint(checkpoint: str | os.PathLike) -> str | None:
+    """Why ``checkpoint`` would not load (missing marker, a file missing or of another size than when it was saved,
+    an unreadable safetensors header), or None. Cheap: sizes and headers, no tensor is read."""
+    from safetensors import safe_open
+
+    folder = Path(checkpoint)
+    try:
+        marker = json.loads((folder / CHECKPOINT_COMPLETE).read_text())
+    except (OSError, ValueError) as error:
+        return f"no readable {CHECKPOINT_COMPLETE} ({error})"
+    for name, size in (marker.get("files") or {}).items():  # checkpoints of earlier versions have no manifest
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, {size} when saved"
+    for path in folder.rglob("*.safetensors"):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                f.keys()
+        except Exception as error:  # noqa: BLE001 - any failure means the file does not load
+            return f"{path.relative_to(folder)} does not load ({error})"
+    return None
+
+
+def find_checkpoint(output_dir: str | os.PathLike, which: str) -> str | None:
+    """`--resume_from_checkpoint`: "latest" (the newest checkpoint that verifies, skipping and naming any that do
+    not; None if there is none) or a checkpoint folder, given as a path or, as in Diffusers' examples, as a name inside
+    ``output_dir`` (``checkpoint-500``)."""
+    if which == "latest":
+        for checkpoint in reversed(complete_checkpoints(output_dir)):
+            problem = verify_checkpoint(checkpoint)
+            if problem is None:
+                return str(checkpoint)
+            logger.warning(f"Skipping {checkpoint}: {problem}.")
+        return None
+    if not Path(which).is_dir() and Path(output_dir, which).is_dir():
+        which = str(Path(output_dir, which))
+    checkpoint_step(which)  # a clear error for a folder not named checkpoint-<step>
+    if not Path(which, CHECKPOINT_COMPLETE).is_file():
+        raise ValueError(
+            f"{which} is not a complete checkpoint (no {CHECKPOINT_COMPLETE}); pass another checkpoint-<step> folder "
+            "or --resume_from_checkpoint latest, which skips incomplete ones."
+        )
+    problem = verify_checkpoint(which)
+    if problem is not None:
+        raise ValueError(f"{which} does not load: {problem}. Pass an earlier checkpoint or 'latest'.")
+    return which
+
+
+def remove_incomplete_checkpoints(output_dir: str | os.PathLike) -> None:
+    """Delete the `.incomplete-checkpoint-*` folders that runs killed mid-save left behind (call at start, on the
+    main process): they never load and would pile up with every preemption."""
+    for leftover in Path(output_dir).glob(".incomplete-checkpoint-*"):
+        logger.info(f"Removing {leftover}, left by a run killed while saving")
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _everyone_succeeded(accelerator, succeeded: bool) -> bool:
+    """Whether every process succeeded; a collective, so it also synchronises like ``wait_for_everyone``."""
+    if accelerator.num_processes == 1:
+        return succeeded
+    flag = torch.tensor([0.0 if succeeded else 1.0], device=accelerator.device)
+    return accelerator.reduce(flag, reduction="sum").item() == 0
+
+
+def save_checkpoint(
+    accelerator,
+    output_dir: str | os.PathLike,
+    global_step: int,
+    total_limit: int | None = None,
+    before_prune: Callable[[], None] | None = None,
+    after_save: Callable[[Path], None] | None = None,
+) -> Path:
+    """Write `checkpoint-<step>/` so that a crash, a kill, a power loss or a full disk never costs the last good one.
+
+    `accelerator.save_state` writes into a hidden `.incomplete-checkpoint-<step>/`, which every process fsyncs; the
+    main process then writes the `CHECKPOINT_COMPLETE` marker (with each file's size), renames the folder into place
+    and fsyncs the output folder. Only if the new checkpoint verifies does it prune to ``total_limit`` (calling
+    ``before_prune`` first, e.g. to wait for uploads), then it calls ``after_save`` (e.g. to push it). A failure on any
+    process raises on every process, so none waits forever at a barrier.
+    """
+    output_dir = Path(output_dir)
+    final = output_dir / f"checkpoint-{global_step}"
+    partial = output_dir / f".incomplete-checkpoint-{global_step}"
+    if accelerator.is_main_process and partial.exists():
+        shutil.rmtree(partial)
+    accelerator.wait_for_everyone()
+    error = None
+    try:
+        accelerator.save_state(str(partial))
+        fsync_tree(partial)
+    except Exception as raised:  # noqa: BLE001 - every process must learn of the failure before anyone raises
+        error = raised
+    saved = _everyone_succeeded(accelerator, error is None)
+    if saved and accelerator.is_main_process:
+        try:
+            _write_durably(
+                partial / CHECKPOINT_COMPLETE, json.dumps({"step": global_step, "files": _manifest(partial)})
+            )
+            _fsync(partial)
+            if final.exists():  # the same step saved again after a resume
+                shutil.rmtree(final)
+            os.replace(partial, final)
+            _fsync(output_dir)
+        except Exception as raised:  # noqa: BLE001
+            error = raised
+    if saved:
+        saved = _everyone_succeeded(accelerator, error is None)
+    if not saved:
+        if accelerator.is_main_process:
+            shutil.rmtree(partial, ignore_errors=True)
+        previous = complete_checkpoints(output_dir)
+        cause = f"{error}" if error is not None else "another process failed to write its part"
+        raise OSError(
+            f"Saving {final} failed: {cause}. The previous checkpoint ({previous[-1] if previous else 'none'}) is "
+            "intact; free disk space and resume with --resume_from_checkpoint latest."
+        ) from error
+    logger.info(f"Saved state to {final}")
+    if accelerator.is_main_process:
+        problem = verify_checkpoint(final)
+        if problem is not None:
+            logger.warning(f"{final} does not verify ({problem}); no older checkpoint is removed.")
+        elif total_limit is not None:  # keep the new one and the newest others, up to the limit
+            others = [checkpoint for checkpoint in complete_checkpoints(output_dir) if checkpoint != final]
+            old_checkpoints = others[: max(len(others) - (total_limit - 1), 0)]
+            if old_checkpoints and before_prune is not None:
+                before_prune()  # e.g. never delete a checkpoint that is still being uploaded
+            for old in old_checkpoints:
+                logger.info(f"Removing old checkpoint {old}")
+                shutil.rmtree(old)
+        if after_save is not None:
+            after_save(final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+@dataclass
+class ResumePoint:
+    """Where a run continues: the optimisation step, the epoch, and how many batches of it to skip."""
+
+    global_step: int = 0
+    first_epoch: int = 0
+    skip_batches: int = 0
+    checkpoint: str | None = None
+
+
+def resume_from_checkpoint(
+    accelerator, output_dir: str, which: str | None, steps_per_epoch: int, gradient_accumulation_steps: int = 1
+) -> ResumePoint:
+    """Remove leftovers of killed saves, pick the checkpoint on the main process (ranks on different machines could
+    see different folders and disagree) and load it on every process. ``which``: None, "latest" or a folder."""
+    from accelerate.utils import broadcast_object_list
+
+    if accelerator.is_main_process:
+        remove_incomplete_checkpoints(output_dir)
+    if not which:
+        accelerator.wait_for_everyone()
+        return ResumePoint()
+    found = [find_checkpoint(output_dir, which) if accelerator.is_main_process else None]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(found)
+    checkpoint = found[0]
+    if checkpoint is None:
+        logger.info(f"No checkpoint found for '{which}' in {output_dir}; starting a new run.")
+        return ResumePoint()
+    logger.info(f"Resuming from {checkpoint}")
+    accelerator.load_state(checkpoint)
+    step = checkpoint_step(checkpoint)
+    return ResumePoint(
+        global_step=step,
+        first_epoch=step // steps_per_epoch,
+        skip_batches=(step % steps_per_epoch) * gradient_accumulation_steps,
+        checkpoint=checkpoint,
+    )
+
+
+def finished_step(output_dir: str | os.PathLike) -> int | None:
+    """The step at which the run in ``output_dir`` finished and saved its outputs (`final_output`), or None."""
+    try:
+        return int(json.loads(Path(output_dir, TRAINING_COMPLETE).read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+@contextlib.contextmanager
+def final_output(output_dir: str | os.PathLike, global_step: int) -> Iterator[Path]:
+    """Stage the end-of-run files (pipeline, card, samples) in a hidden folder, then move them into ``output_dir``.
+
+    The marker and ``model_index.json`` are removed first and written last: a kill at any point leaves either the
+    previous complete outputs or a folder without ``model_index.json`` (which nothing loads or pushes), never new
+    weights beside an old index. Existing folders are merged file by file (validation grids stay)."""
+    folder = Path(output_dir)
+    staging = folder / _STAGING
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    yield staging
+    fsync_tree(staging)
+    for name in (TRAINING_COMPLETE, "model_index.json"):
+        (folder / name).unlink(missing_ok=True)
+    _fsync(folder)
+    index = staging / "model_index.json"
+    for path in sorted(staging.rglob("*")):
+        if path.is_file() and path != index:
+            target = folder / path.relative_to(staging)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, target)
+    fsync_tree(folder)  # the moved files' folders
+    if index.is_file():
+        os.replace(index, folder / "model_index.json")
+    _write_durably(folder / TRAINING_COMPLETE, json.dumps({"step": global_step}))
+    _fsync(folder)
+    shutil.rmtree(staging)
+
+
+def resume_loss_history(path: str | os.PathLike, step: int) -> list[list[str]]:
+    """Cut a ``loss_history.csv`` (rows starting ``step,loss,...``) back to the rows up to ``step``, the checkpoint a
+    run resumes from: the rows an interrupted run wrote after it would otherwise appear twice. Returns the kept rows."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        rows = [row for row in csv.reader(f) if row and int(row[0]) <= step]
+    temporary = path.with_name(path.name + ".tmp")
+    with temporary.open("w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    os.replace(temporary, path)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Randomness that survives a resume
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def process_seed(seed: int, process_index: int, *keys: int) -> int:
+    """The seed of process ``process_index`` (and optional ``keys``, e.g. a step) of a run seeded ``seed``.
+
+    Process 0 of a single-process run keeps ``seed`` itself; every other combination is hashed (numpy's SeedSequence),
+    so that no two (seed, process) pairs share a stream: ``seed + rank`` would make seed 1 on process 0 repeat seed 0
+    on process 1, correlating seed sweeps."""
+    if process_index == 0 and not keys:
+        return seed
+    return int(np.random.SeedSequence([seed, process_index, *keys]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def register_checkpoint_hooks(
+    accelerator,
+    generator: torch.Generator,
+    seed: int,
+    save_weights: Callable[[list, str], None],
+    load_weights: Callable[[list, str], None],
+) -> None:
+    """Make `accelerator.save_state` / `load_state` write the models as Diffusers folders and carry ``generator``.
+
+    ``save_weights(models, folder)`` runs on the main process and ``load_weights(models, folder)`` on every process,
+    with the unwrapped models; accelerate's own weight files are not written. Each process saves its generator state
+    (`train_rng_<process>.pt`); a process that finds none (resuming on more processes) reseeds from (seed, process,
+    step)."""
+
+    def save_hook(models, weights, output_dir):
+        os.makedirs(output_dir, exist_ok=True)
+        torch.save(generator.get_state(), os.path.join(output_dir, f"train_rng_{accelerator.process_index}.pt"))
+        if accelerator.is_main_process:
+            save_weights([accelerator.unwrap_model(model) for model in models], output_dir)
+        weights.clear()  # the models are saved above, as Diffusers folders
+
+    def load_hook(models, input_dir):
+        rng_file = os.path.join(input_dir, f"train_rng_{accelerator.process_index}.pt")
+        if os.path.exists(rng_file):
+            generator.set_state(torch.load(rng_file, weights_only=True))
+        else:
+            step = checkpoint_step(input_dir) if re.fullmatch(r"checkpoint-\d+", Path(input_dir).name) else 0
+            generator.manual_seed(process_seed(seed, accelerator.process_index, step))
+            logger.warning(f"{rng_file} not found: process {accelerator.process_index} reseeds its generator.")
+        unwrapped = [accelerator.unwrap_model(model) for model in models]
+        models.clear()  # loaded here, in place (the optimizer keeps its parameters)
+        load_weights(unwrapped, input_dir)
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Stop signals
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def install_stop_handlers() -> dict:
+    """SIGTERM (cluster schedulers) and SIGINT (Ctrl-C) ask the loop to checkpoint and exit at its next check of
+    `stop_requested`; a second SIGINT stops at once."""
+    stop = {"signal": None}
+
+    def request_stop(signum, _frame):
+        if stop["signal"] is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        stop["signal"] = signum
+
+    stop["previous"] = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    return stop
+
+
+def restore_stop_handlers(stop: dict) -> None:
+    for sig, handler in stop["previous"].items():
+        signal.signal(sig, handler)
+
+
+def stop_requested(accelerator, stop: dict) -> bool:
+    """Whether any process got a stop signal (all processes must agree, or the checkpoint would deadlock); with
+    several processes an all-reduce, so a host sync: call it at steps that synchronise anyway."""
+    requested = stop["signal"] is not None
+    if accelerator.num_processes > 1:
+        flag = torch.tensor([float(requested)], device=accelerator.device)
+        requested = bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+    return requested
