@@ -22,14 +22,6 @@ MODELS = [(TreadTransformer2DModel, "DiT-Tiny/2"), (TreadSSM2DModel, "SSM-Tiny/2
 ROUTE = {"start_layer_idx": 1, "end_layer_idx": -3, "selection_ratio": 0.25}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def inputs():
     generator = torch.Generator().manual_seed(0)
     return torch.randn(2, 1, 8, 8, generator=generator), torch.tensor([3, 500]), torch.tensor([0, 3])
