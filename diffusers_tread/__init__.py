@@ -22,6 +22,7 @@ from .models import (  # noqa: E402
     TreadTransformer2DModel,
     TreadTransformer2DModelOutput,
     apply_tread,
+    model_class_for_config,
     paper_routes,
 )
 from .pipelines import TreadDiTPipeline  # noqa: E402
@@ -36,6 +37,7 @@ __all__ = [
     "TreadTransformer2DModel",
     "TreadTransformer2DModelOutput",
     "apply_tread",
+    "model_class_for_config",
     "paper_routes",
     "routing",
 ]

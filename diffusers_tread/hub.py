@@ -42,6 +42,8 @@ from huggingface_hub import (
     upload_folder,
 )
 
+from .models import TreadSSM2DModel, model_class_for_config
+
 PACKAGE = "diffusers_tread"
 PACKAGE_DIR = Path(__file__).resolve().parent
 REPO_ROOT = PACKAGE_DIR.parent
@@ -679,7 +681,7 @@ def card_info_from_folder(folder: str | os.PathLike, model_name: str | None = No
     if config_path.is_file():
         config = json.loads(config_path.read_text())
         info.model_class = config.get("_class_name", info.model_class)
-        if info.model_class == "TreadSSM2DModel":
+        if model_class_for_config(config) is TreadSSM2DModel:
             info.backbone = (
                 f"bidirectional Mamba, {config.get('num_layers')} layers, width {config.get('hidden_size')}"
             )

@@ -6,9 +6,10 @@ kept tokens are gathered; after block ``j`` they are scattered back to their ori
 sequence, so a bypassed token re-enters with the hidden state it had entering block ``i``.
 
 Nothing here knows about a model: any backbone that runs a list of blocks over ``(batch, tokens, dim)`` sequences
-calls ``validate_routes`` once and `run_blocks` per forward (the DiT and the state-space backbone do), or the
-primitives ``sample_kept_indices`` / ``gather_tokens`` at a route start and ``scatter_tokens`` / ``bypass_mask`` at its
-end (the text-to-image hooks do).
+calls ``validate_routes`` (or ``resolve_routes``, which also takes ``"paper"``) once and `run_blocks` per forward (the
+DiT and the state-space backbone do, through ``models.modeling_tread.TreadRoutingMixin``), or the primitives
+``sample_kept_indices`` / ``gather_tokens`` at a route start and ``scatter_tokens`` / ``bypass_mask`` at its end (the
+text-to-image hooks do).
 """
 
 from __future__ import annotations
@@ -98,6 +99,16 @@ def validate_routes(routes: Sequence[Mapping] | None, num_layers: int) -> list[d
         ratio = _check_ratio(route["selection_ratio"], where)
         resolved.append({"start_layer_idx": start, "end_layer_idx": end, "selection_ratio": ratio})
     return resolved
+
+
+def resolve_routes(routes: str | Sequence[Mapping] | None, num_layers: int) -> list[dict]:
+    """``"paper"`` (the paper's route, `paper_routes`), a list of route dicts or ``None``/``[]`` (no route), checked
+    against a model with ``num_layers`` blocks and resolved by `validate_routes`."""
+    if isinstance(routes, str):
+        if routes != "paper":
+            raise ValueError(f"routes must be 'paper', a list of route dicts or None, got {routes!r}.")
+        routes = paper_routes(num_layers)
+    return validate_routes(routes, num_layers)
 
 
 def num_kept_tokens(num_tokens: int, selection_ratio: float) -> int:

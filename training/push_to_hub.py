@@ -79,15 +79,13 @@ def checkpoint_pipeline(checkpoint: Path, target: Path, args: argparse.Namespace
     """Save a checkpoint as a pipeline folder in ``target``; returns its card info."""
     from diffusers import AutoencoderKL
 
-    from diffusers_tread import TreadDiTPipeline, TreadSSM2DModel, TreadTransformer2DModel
+    from diffusers_tread import TreadDiTPipeline, model_class_for_config
     from diffusers_tread.objectives import get_objective
 
     weights = checkpoint / "transformer_ema"
     if args.no_ema or not (weights / "config.json").is_file():
         weights = checkpoint / "transformer"
-    class_name = json.loads((weights / "config.json").read_text()).get("_class_name")
-    model_cls = TreadSSM2DModel if class_name == TreadSSM2DModel.__name__ else TreadTransformer2DModel
-    transformer = model_cls.from_pretrained(weights)
+    transformer = model_class_for_config(weights).from_pretrained(weights)
     run = checkpoint.resolve().parent
     if (run / "model_index.json").is_file():  # the finished run: its scheduler, VAE and class names
         pipeline = TreadDiTPipeline.from_pretrained(run, transformer=transformer)

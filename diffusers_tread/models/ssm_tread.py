@@ -39,7 +39,8 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from .. import routing
-from ..routing import ROUTE_REINSERTION_MODES, TreadTransformer2DModelOutput, paper_routes
+from ..routing import TreadTransformer2DModelOutput
+from .modeling_tread import TreadRoutingMixin
 
 # Our sizes (not from a paper): DiT's depth and width (Peebles & Xie 2023, Table 1) with the attention replaced by
 # the bidirectional mixer and the MLP kept, so parameters and FLOPs are close to the DiT of the same name.
@@ -294,7 +295,7 @@ class SSMBlock(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-class TreadSSM2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
+class TreadSSM2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, TreadRoutingMixin):
     """A class-conditional bidirectional-Mamba diffusion backbone with TREAD routes; a drop-in for
     `TreadTransformer2DModel` in `TreadDiTPipeline`, `train_tread.py` and the losses (same forward and output).
 
@@ -316,6 +317,10 @@ class TreadSSM2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
     _supports_gradient_checkpointing = True
     _no_split_modules = ["SSMBlock"]
     _repeated_blocks = ["SSMBlock"]
+    # from_preset: one of SSM_PRESETS (our sizes, see there) with DiT's ImageNet 256 defaults (4x32x32 latents, 8
+    # output channels, 1000 classes).
+    presets = SSM_PRESETS
+    preset_defaults = {"in_channels": 4, "out_channels": 8, "sample_size": 32, "num_embeds_ada_norm": 1000}
 
     @register_to_config
     def __init__(
@@ -337,14 +342,10 @@ class TreadSSM2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         route_reinsertion: str = "pre_route",
     ):
         super().__init__()
-        if route_reinsertion not in ROUTE_REINSERTION_MODES:
-            raise ValueError(f"route_reinsertion must be one of {ROUTE_REINSERTION_MODES}, got {route_reinsertion!r}.")
-        # Store the resolved routes (negative indices made absolute) so config.json says exactly what runs.
-        self.register_to_config(routes=routing.validate_routes(routes, num_layers))
+        self._register_routes(routes, route_reinsertion, num_layers)
         self.out_channels = in_channels if out_channels is None else out_channels
         self.patch_size = patch_size
         self.gradient_checkpointing = False
-        self.routing_enabled = True
 
         # 1. Input: patches with fixed 2D sin-cos positions; timestep + class embedding (Diffusers' DiT modules).
         self.pos_embed = PatchEmbed(sample_size, sample_size, patch_size, in_channels, hidden_size)
@@ -377,31 +378,6 @@ class TreadSSM2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def disable_routing(self) -> None:
-        """Train on all tokens from now on (the paper's final "(F)" fine-tune), keeping the routes in the config."""
-        self.routing_enabled = False
-
-    def enable_routing(self) -> None:
-        self.routing_enabled = True
-
-    @classmethod
-    def from_preset(cls, name: str, routes: str | list[dict] | None = "paper", **overrides) -> TreadSSM2DModel:
-        """A freshly initialised model of one of `SSM_PRESETS` (our sizes, see there), with ``routes="paper"``
-        (2 .. depth-4 at 0.5), an explicit route list, or ``None``/``[]``. ``overrides`` go to the config.
-
-        Defaults follow DiT on ImageNet 256 latents: 4x32x32 input, 8 output channels, 1000 classes.
-        """
-        if name not in SSM_PRESETS:
-            raise ValueError(f"Unknown preset {name!r}; choose one of {sorted(SSM_PRESETS)}.")
-        config = {"in_channels": 4, "out_channels": 8, "sample_size": 32, "num_embeds_ada_norm": 1000}
-        config.update(SSM_PRESETS[name])
-        config.update(overrides)
-        if isinstance(routes, str):
-            if routes != "paper":
-                raise ValueError(f"routes must be 'paper', a list of route dicts or None, got {routes!r}.")
-            routes = paper_routes(config["num_layers"])
-        return cls(routes=routes, **config)
-
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -425,8 +401,7 @@ class TreadSSM2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             ``TreadTransformer2DModelOutput(sample, route_masks)`` or ``(sample, route_masks)``; with routing off,
             ``route_masks`` is None and the tuple is ``(sample,)``.
         """
-        routes = self.config.routes if (self.training and self.routing_enabled) or force_routing else []
-        routes = routing.routes_for_call(routes, selection_ratio)
+        routes = self._routes_for_call(force_routing, selection_ratio)
 
         # 1. Input: patchify and add positions (once, so routed tokens keep theirs); the conditioning vector.
         height, width = hidden_states.shape[-2] // self.patch_size, hidden_states.shape[-1] // self.patch_size

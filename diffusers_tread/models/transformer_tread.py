@@ -21,7 +21,8 @@ from diffusers.models.transformers.dit_transformer_2d import DiTTransformer2DMod
 from torch import nn
 
 from .. import routing
-from ..routing import ROUTE_REINSERTION_MODES, TreadTransformer2DModelOutput, paper_routes
+from ..routing import TreadTransformer2DModelOutput
+from .modeling_tread import TreadRoutingMixin
 
 # DiT model sizes (Peebles & Xie 2023, Table 1): depth, hidden size, heads. Hidden = heads * attention_head_dim.
 DIT_SIZES = {
@@ -125,7 +126,7 @@ def _dropout(dropout: nn.Dropout, hidden_states: torch.Tensor) -> torch.Tensor:
     return dropout(hidden_states) if dropout.training and dropout.p > 0 else hidden_states
 
 
-class TreadTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAdapterMixin):
+class TreadTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAdapterMixin, TreadRoutingMixin):
     """``DiTTransformer2DModel`` with TREAD routes.
 
     Extra config:
@@ -147,6 +148,17 @@ class TreadTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAdapter
 
     _no_split_modules = ["TreadDiTBlock"]
     _repeated_blocks = ["TreadDiTBlock"]
+    # from_preset: a DiT size from PRESETS, e.g. "DiT-XL/2", with DiT's ImageNet 256 defaults (4x32x32 latents, learned
+    # sigma: 8 output channels, 1000 classes) and one conditioning embedding shared by all blocks (DiT's layout, e.g.
+    # 675M parameters for DiT-XL/2); pass shared_conditioning=False for Diffusers' per-block layout.
+    presets = PRESETS
+    preset_defaults = {
+        "in_channels": 4,
+        "out_channels": 8,
+        "sample_size": 32,
+        "num_embeds_ada_norm": 1000,
+        "shared_conditioning": True,
+    }
 
     @register_to_config
     def __init__(
@@ -189,10 +201,7 @@ class TreadTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAdapter
             norm_elementwise_affine=norm_elementwise_affine,
             norm_eps=norm_eps,
         )
-        if route_reinsertion not in ROUTE_REINSERTION_MODES:
-            raise ValueError(f"route_reinsertion must be one of {ROUTE_REINSERTION_MODES}, got {route_reinsertion!r}.")
-        # Store the resolved routes (negative indices made absolute) so config.json says exactly what runs.
-        self.register_to_config(routes=routing.validate_routes(routes, num_layers))
+        self._register_routes(routes, route_reinsertion, num_layers)
         # Same modules and weights, DiT's forward without the generic block's overhead (see TreadDiTBlock).
         for block in self.transformer_blocks:
             block.__class__ = TreadDiTBlock
@@ -203,45 +212,10 @@ class TreadTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAdapter
         # CFG label dropout happens once per sample in the training script (see the class docstring).
         for embedder in self.conditioning_embedders():
             embedder.class_embedder.dropout_prob = 0.0
-        self.routing_enabled = True
 
     def conditioning_embedders(self) -> list[CombinedTimestepLabelEmbeddings]:
         """The timestep + label embedders: one when shared, else one per block (Diffusers' layout)."""
         return _conditioning_embedders(self)
-
-    def disable_routing(self) -> None:
-        """Train on all tokens from now on, e.g. the paper's final fine-tune without routing ("(F)", ICCV Table 1),
-        keeping the configured routes for the record."""
-        self.routing_enabled = False
-
-    def enable_routing(self) -> None:
-        self.routing_enabled = True
-
-    @classmethod
-    def from_preset(cls, name: str, routes: str | list[dict] | None = "paper", **overrides) -> TreadTransformer2DModel:
-        """A freshly initialised model of a DiT size, e.g. ``"DiT-XL/2"``, with ``routes="paper"`` (2 .. depth-4 at
-        0.5), an explicit route list, or ``None``/``[]`` for a dense model. ``overrides`` go to the config.
-
-        Defaults follow DiT on ImageNet 256 latents: 4x32x32 input, learned sigma (8 output channels), 1000 classes,
-        and one conditioning embedding shared by all blocks (DiT's layout, e.g. 675M parameters for DiT-XL/2); pass
-        ``shared_conditioning=False`` for Diffusers' per-block layout.
-        """
-        if name not in PRESETS:
-            raise ValueError(f"Unknown preset {name!r}; choose one of {sorted(PRESETS)}.")
-        config = {
-            "in_channels": 4,
-            "out_channels": 8,
-            "sample_size": 32,
-            "num_embeds_ada_norm": 1000,
-            "shared_conditioning": True,
-        }
-        config.update(PRESETS[name])
-        config.update(overrides)
-        if isinstance(routes, str):
-            if routes != "paper":
-                raise ValueError(f"routes must be 'paper', a list of route dicts or None, got {routes!r}.")
-            routes = paper_routes(config["num_layers"])
-        return cls(routes=routes, **config)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> TreadTransformer2DModel:
@@ -316,8 +290,7 @@ class TreadTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAdapter
             ``TreadTransformer2DModelOutput(sample, route_masks)`` or ``(sample, route_masks)``; with routing off,
             ``route_masks`` is None and the tuple is ``(sample,)``, exactly as ``DiTTransformer2DModel`` returns.
         """
-        routes = self.config.routes if (self.training and self.routing_enabled) or force_routing else []
-        routes = routing.routes_for_call(routes, selection_ratio)
+        routes = self._routes_for_call(force_routing, selection_ratio)
 
         # 1. Input: patchify and add the fixed sin-cos positions (once, so routed tokens keep their position).
         height, width = hidden_states.shape[-2] // self.patch_size, hidden_states.shape[-1] // self.patch_size

@@ -1,0 +1,59 @@
+"""What the TREAD backbones (`TreadTransformer2DModel`, `TreadSSM2DModel`) share on the model side: routes checked and
+stored in the config, routing switched on and off, the routes of one forward call, and models built from presets.
+
+The route loop itself is `diffusers_tread.routing`, which knows nothing about models.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar, TypeVar
+
+from ..routing import ROUTE_REINSERTION_MODES, resolve_routes, routes_for_call, validate_routes
+
+_TreadModel = TypeVar("_TreadModel", bound="TreadRoutingMixin")
+
+
+class TreadRoutingMixin:
+    """TREAD routing for a Diffusers model (``ModelMixin`` + ``ConfigMixin``) with ``num_layers`` blocks and the config
+    fields ``routes`` and ``route_reinsertion``.
+
+    A model calls `_register_routes` in its ``__init__`` and `_routes_for_call` at the start of its forward, and sets
+    `presets` (preset name -> config) and `preset_defaults` (the config every preset starts from) for `from_preset`.
+    """
+
+    presets: ClassVar[dict[str, dict[str, Any]]] = {}
+    preset_defaults: ClassVar[dict[str, Any]] = {}
+
+    def _register_routes(self, routes: Sequence[Mapping] | None, route_reinsertion: str, num_layers: int) -> None:
+        if route_reinsertion not in ROUTE_REINSERTION_MODES:
+            raise ValueError(f"route_reinsertion must be one of {ROUTE_REINSERTION_MODES}, got {route_reinsertion!r}.")
+        # Store the resolved routes (negative indices made absolute) so config.json says exactly what runs.
+        self.register_to_config(routes=validate_routes(routes, num_layers))
+        self.routing_enabled = True
+
+    def disable_routing(self) -> None:
+        """Train on all tokens from now on, e.g. the paper's final fine-tune without routing ("(F)", ICCV Table 1),
+        keeping the configured routes for the record."""
+        self.routing_enabled = False
+
+    def enable_routing(self) -> None:
+        self.routing_enabled = True
+
+    def _routes_for_call(self, force_routing: bool, selection_ratio: float | Sequence[float] | None) -> list[dict]:
+        """The routes one forward runs: the config's in train mode with routing enabled, or with ``force_routing``;
+        none otherwise. ``selection_ratio`` overrides their ratios (`routes_for_call`)."""
+        routes = self.config.routes if (self.training and self.routing_enabled) or force_routing else []
+        return routes_for_call(routes, selection_ratio)
+
+    @classmethod
+    def from_preset(
+        cls: type[_TreadModel], name: str, routes: str | list[dict] | None = "paper", **overrides
+    ) -> _TreadModel:
+        """A freshly initialised model of one of the class's `presets` (e.g. ``"DiT-XL/2"``), with ``routes="paper"``
+        (2 .. depth-4 at 0.5), an explicit route list, or ``None``/``[]`` for a dense model. The config is the class's
+        `preset_defaults`, then the preset, then ``overrides``."""
+        if name not in cls.presets:
+            raise ValueError(f"Unknown preset {name!r}; choose one of {sorted(cls.presets)}.")
+        config = {**cls.preset_defaults, **cls.presets[name], **overrides}
+        return cls(routes=resolve_routes(routes, config["num_layers"]), **config)
