@@ -1,10 +1,12 @@
 """diffusers_tread.data and training/extract_latents.py: digits, image datasets, latent shards (CPU, offline)."""
 
+import importlib.util
 import json
 import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -14,14 +16,24 @@ from conftest import tiny_vae
 from PIL import Image
 
 from diffusers_tread.data import (
+    CachedLatentDataset,
+    CaptionedImageDataset,
     LatentShardDataset,
+    caption_table,
     check_latents_match,
+    check_latents_options,
     collate_examples,
+    embeddings_fingerprint,
+    load_captioned_images,
     load_digits,
     load_image_dataset,
+    load_precomputed_embeddings,
+    open_image,
     preprocess_image,
+    read_image,
+    save_precomputed_embeddings,
 )
-from diffusers_tread.data.images import digits_split_indices
+from diffusers_tread.data.images import HFImageDataset, digits_split_indices
 from diffusers_tread.data.latents import METADATA_NAME, posterior_generator, shard_file_name
 
 REPO = Path(__file__).resolve().parents[1]
@@ -415,3 +427,208 @@ def test_image_augmentations_are_drawn_per_seed_epoch_and_item(image_folder, tmp
     assert all(torch.equal(a, dataset[i]["pixel_values"]) for i, a in enumerate(first))
     dataset.set_epoch(1)
     assert any(not torch.equal(a, dataset[i]["pixel_values"]) for i, a in enumerate(first))
+
+
+# ----------------------------------------------------------------------------------------------- opening images
+
+
+def test_open_image_turns_by_exif_converts_modes_and_keeps_the_bomb_guard(tmp_path, monkeypatch):
+    image = _random_image((20, 12), "RGB", seed=4)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: the camera was turned; shown rotated 90 degrees clockwise
+    image.save(tmp_path / "turned.png", exif=exif)
+    opened = open_image(str(tmp_path / "turned.png"), "RGB")
+    assert opened.size == (12, 20)
+    np.testing.assert_array_equal(np.asarray(opened), np.asarray(image.transpose(Image.Transpose.ROTATE_270)))
+    # the same through an undecoded `datasets.Image` value, and through the class-conditional and caption datasets
+    data = {"bytes": (tmp_path / "turned.png").read_bytes(), "path": None}
+    np.testing.assert_array_equal(np.asarray(open_image(data, "RGB")), np.asarray(opened))
+    assert read_image(data, 0, resolution=12, center_crop=True).shape == (3, 12, 12)
+
+    palette = Image.new("P", (4, 4), 1)
+    palette.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    palette.info["transparency"] = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # PIL warns when a palette with transparency goes straight to RGB
+        assert open_image(palette, "RGB").getpixel((0, 0)) == (255, 0, 0)
+    assert open_image(_random_image((4, 4), "RGBA", seed=0), "L").mode == "L"
+    with pytest.raises(ValueError, match="expected an image"):
+        open_image(None)
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 240 px is over twice that: a decompression bomb
+    with pytest.raises(ValueError, match=r"Could not read the image of item 5 \(.*turned\.png\).*--bad_images skip"):
+        read_image(str(tmp_path / "turned.png"), 5, resolution=8)
+    assert read_image(str(tmp_path / "turned.png"), 5, resolution=8, bad_images="skip") is None
+
+
+# ----------------------------------------------------------------------------------------------- labels
+
+
+def test_missing_or_out_of_range_labels_are_refused_naming_the_item(tmp_path):
+    import datasets
+
+    images = [_random_image((10, 10), "RGB", seed=i) for i in range(4)]
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
+    datasets.Dataset.from_dict({"image": images, "label": [0, 1, -1, -1]}, features=features).save_to_disk(
+        tmp_path / "missing"
+    )
+    with pytest.raises(ValueError, match=r"Item 2 .* label -1 \(-1 is how a `datasets` ClassLabel marks a missing "
+                       r"label\) in column 'label', which is not a class id 0..1.*filter.*\(2 of the 4 items"):  # fmt: skip
+        load_image_dataset(dataset_name=str(tmp_path / "missing"), resolution=8)
+
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("string")})
+    datasets.Dataset.from_dict({"image": images, "label": ["x", None, "y", "x"]}, features=features).save_to_disk(
+        tmp_path / "none"
+    )
+    with pytest.raises(ValueError, match=r"Item 1 of the saved dataset .* label None \(missing\)"):
+        load_image_dataset(dataset_name=str(tmp_path / "none"), resolution=8)
+
+    # a dataset built directly: the item is refused when it is read, not as a device assert in the model
+    rows = datasets.Dataset.from_dict({"image": images[:2], "label": [1, 5]})
+    dataset = HFImageDataset(rows, "image", "label", None, 8, True, False, "RGB", num_classes=2)
+    assert dataset[0]["class_labels"] == 1
+    with pytest.raises(ValueError, match=r"Item 1 of the dataset has the label 5 in column 'label', which is not a "
+                       r"class id 0..1"):  # fmt: skip
+        dataset[1]
+
+
+# ----------------------------------------------------------------------------------------------- captions
+
+
+def _captioned_folder(root: Path, broken: bool = False) -> Path:
+    root.mkdir(parents=True)
+    lines = []
+    for index in range(4):
+        _random_image((12 + index, 10), "RGB", seed=index).save(root / f"{index}.png")
+        lines.append(json.dumps({"file_name": f"{index}.png", "text": f"caption {index % 2}"}))
+    if broken:
+        (root / "broken.png").write_bytes(b"this is not a png")
+        lines.append(json.dumps({"file_name": "broken.png", "text": "caption 0"}))
+    (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_captioned_images_share_sources_image_reading_and_bad_images(tmp_path):
+    import datasets
+
+    folder = _captioned_folder(tmp_path / "folder", broken=True)
+    cache = str(tmp_path / "cache")
+    data, captions, source = load_captioned_images(train_data_dir=str(folder), cache_dir=cache)
+    assert source == f"image folder {str(folder)!r}" and len(data) == 5 and data.column_names == ["image"]
+    unique, indices = caption_table(captions)
+    assert unique == ["caption 0", "caption 1"] and [unique[i] for i in indices] == captions
+
+    dataset = CaptionedImageDataset(data, "image", indices, resolution=8, center_crop=True)
+    with pytest.raises(ValueError, match=r"Could not read the image of item \d \(.*broken\.png\).*--bad_images skip"):
+        [dataset[i] for i in range(len(dataset))]
+    skipping = CaptionedImageDataset(data, "image", indices, resolution=8, random_flip=True, seed=3, bad_images="skip")
+    batches = list(torch.utils.data.DataLoader(skipping, batch_size=5, collate_fn=collate_examples))
+    assert batches[0]["num_skipped"] == 1 and batches[0]["pixel_values"].shape == (4, 3, 8, 8)
+    assert torch.equal(skipping[0]["pixel_values"], skipping[0]["pixel_values"])  # drawn per (seed, epoch, item)
+    with pytest.raises(ValueError, match="bad_images"):
+        CaptionedImageDataset(data, "image", indices, resolution=8, bad_images="ignore")
+    cached = CachedLatentDataset(torch.zeros(4, 8, 2, 2), [0, 1, 0, 1])
+    assert cached[3]["caption_index"] == 1 and cached[3]["latent_parameters"].shape == (8, 2, 2)
+
+    with pytest.raises(ValueError, match=r"no column 'caption'.*metadata.jsonl"):
+        load_captioned_images(train_data_dir=str(folder), caption_column="caption", cache_dir=cache)
+    with pytest.raises(ValueError, match="exactly one of dataset_name"):
+        load_captioned_images()
+
+    # a saved dataset with lists of captions (the first is used); a bad caption is named
+    images = [_random_image((10, 10), "RGB", seed=i) for i in range(3)]
+    features = datasets.Features({"photo": datasets.Image(), "texts": datasets.Sequence(datasets.Value("string"))})
+    datasets.Dataset.from_dict(
+        {"photo": images, "texts": [["a", "b"], ["c"], ["d", "e"]]}, features=features
+    ).save_to_disk(tmp_path / "saved")
+    data, captions, source = load_captioned_images(
+        dataset_name=str(tmp_path / "saved"), image_column="photo", caption_column="texts", max_samples=2, seed=1
+    )
+    assert source.startswith("saved dataset") and len(data) == 2 and set(captions) <= {"a", "c", "d"}
+    datasets.Dataset.from_dict({"photo": images, "texts": [["a"], [], ["d"]]}, features=features).save_to_disk(
+        tmp_path / "empty-caption"
+    )
+    with pytest.raises(ValueError, match=r"caption of item 1 .* is None"):
+        load_captioned_images(
+            dataset_name=str(tmp_path / "empty-caption"), image_column="photo", caption_column="texts"
+        )
+
+
+def test_precomputed_embeddings_round_trip_and_refuse_other_inputs(tmp_path):
+    model = tmp_path / "model"
+    (model / "text_encoder").mkdir(parents=True)
+    (model / "text_encoder" / "config.json").write_text('{"d_model": 32}')
+
+    def fingerprint(**overrides):
+        kwargs = dict(model="org/model", revision=None, pipeline="PixArtSigmaPipeline", model_path=str(model),
+                      text_components=["text_encoder", "tokenizer"], max_sequence_length=16, captions=["a", "b"])  # fmt: skip
+        return embeddings_fingerprint(**(kwargs | overrides))
+
+    folder = tmp_path / "embeddings"
+    assert load_precomputed_embeddings(str(folder), fingerprint()) is None
+    table = {"prompt_embeds": torch.randn(2, 16, 32), "prompt_attention_mask": torch.ones(2, 16)}
+    validation = {"prompt_embeds": torch.randn(1, 16, 32)}
+    save_precomputed_embeddings(str(folder), table, fingerprint(), validation, "a fox")
+    loaded, loaded_validation = load_precomputed_embeddings(str(folder), fingerprint(), "a fox")
+    assert loaded.keys() == table.keys() and all(torch.equal(loaded[k], table[k]) for k in table)
+    assert torch.equal(loaded_validation["prompt_embeds"], validation["prompt_embeds"])
+    assert load_precomputed_embeddings(str(folder), fingerprint(), "another prompt")[1] is None
+    assert load_precomputed_embeddings(str(folder), fingerprint())[1] is None
+
+    with pytest.raises(ValueError, match=r"differ in: max_sequence_length\b"):
+        load_precomputed_embeddings(str(folder), fingerprint(max_sequence_length=8))
+    with pytest.raises(ValueError, match=r"differ in: captions_sha256, num_captions"):
+        load_precomputed_embeddings(str(folder), fingerprint(captions=["a", "b", "c"]))
+    (model / "text_encoder" / "config.json").write_text('{"d_model": 64}')
+    with pytest.raises(ValueError, match=r"differ in: text_components"):
+        load_precomputed_embeddings(str(folder), fingerprint())
+
+
+# ----------------------------------------------------------------------------------------------- latents options
+
+
+def test_check_latents_options():
+    metadata = {"dataset": "/data/train", "resolution": 256, "center_crop": False, "flip": False,
+                "sample_posterior": False}  # fmt: skip
+    assert check_latents_options(metadata) == []
+    assert check_latents_options(metadata, resolution=256) == []
+    with pytest.raises(ValueError) as error:
+        check_latents_options(metadata, resolution=512, center_crop=True, random_flip=True, sample_posterior=True)
+    message = str(error.value)
+    for expected in ("--resolution 512: the latents were extracted from images at 256 px",
+                     "--center_crop: the latents were extracted from random crops", "re-extract with --flip",
+                     "--sample_posterior: the latents hold the VAE posterior means"):  # fmt: skip
+        assert expected in message
+    stored = {**metadata, "center_crop": True, "flip": True, "sample_posterior": True}
+    assert check_latents_options(stored, center_crop=True, random_flip=True) == []
+    (warning,) = check_latents_options(stored, sample_posterior=True)
+    assert "one posterior sample per image, drawn once at extraction" in warning
+    # the digits are never cropped: --center_crop asks for nothing they lack
+    assert check_latents_options({**metadata, "dataset": "digits:train"}, center_crop=True) == []
+
+
+def _extract_in_process(*args: str) -> None:
+    spec = importlib.util.spec_from_file_location("extract_latents", REPO / "training" / "extract_latents.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(module.parse_args(list(args)))
+
+
+def test_extraction_seed_drives_the_random_crops(image_folder, vae_dir, tmp_path):
+    common = [f"--train_data_dir={image_folder}", f"--vae={vae_dir}", f"--cache_dir={tmp_path / 'cache'}",
+              "--resolution=8", "--batch_size=7"]  # fmt: skip
+
+    def extract(name: str, seed: int) -> torch.Tensor:
+        _extract_in_process(*common, f"--output_dir={tmp_path / name}", f"--seed={seed}")
+        latents = LatentShardDataset(str(tmp_path / name), random_flip=False)
+        return torch.stack([latents[i]["latents"] for i in range(len(latents))])
+
+    first, other, again = extract("seed0", 0), extract("seed1", 1), extract("seed0-again", 0)
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
+    assert not torch.allclose(other, first, atol=1e-4)
+    # the crops are exactly the dataset's for that seed
+    images, _ = load_image_dataset(train_data_dir=str(image_folder), resolution=8, cache_dir=str(tmp_path), seed=1)
+    with torch.no_grad():
+        pixels = torch.stack([images[i]["pixel_values"] for i in range(len(images))])
+        expected = (_load_vae(vae_dir).encode(pixels).latent_dist.mean - 0.1) * 0.7
+    torch.testing.assert_close(other, expected, rtol=0, atol=1e-5)

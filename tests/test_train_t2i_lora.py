@@ -8,6 +8,7 @@ metadata.jsonl). Each pipeline is saved with `save_pretrained`, as a real one wo
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -400,6 +401,27 @@ def test_bad_inputs_fail_with_clear_messages(tmp_path, assets):
     with pytest.raises(ValueError, match="not found in the base model"):  # PEFT's own message
         script.main([*base, f"--pretrained_model_name_or_path={assets['pixart']}", data,
                      "--lora_target_modules=not_a_layer", "--routes=none"])  # fmt: skip
+
+
+def test_unreadable_images_stop_naming_the_file_or_are_skipped_and_counted(tmp_path, assets, caplog, capsys):
+    """The same --bad_images as train_tread.py (one implementation in diffusers_tread.data)."""
+    folder = tmp_path / "images"
+    shutil.copytree(assets["images"], folder)
+    (folder / "3.png").write_bytes(b"this is not a png")
+    base = [f"--pretrained_model_name_or_path={assets['pixart']}", f"--train_data_dir={folder}", "--routes=1:2:0.5",
+            "--max_train_steps=2", "--checkpointing_steps=100"]  # fmt: skip
+    with pytest.raises(ValueError, match=r"Could not read the image of item \d \(.*3\.png\).*--bad_images skip"):
+        run_in_process(*base, f"--output_dir={tmp_path / 'stop'}")
+    for name, extra in (("skip", []), ("cached", ["--cache_latents"])):
+        caplog.clear()
+        run_in_process(*base, f"--output_dir={tmp_path / name}", "--bad_images=skip", *extra)
+        assert f"Skipped 1 unreadable images of the image folder '{folder}'" in caplog.text, name
+        assert len((tmp_path / name / "loss_history.csv").read_text().splitlines()) == 2 and transformer_lora(
+            tmp_path / name
+        )
+    with pytest.raises(SystemExit):
+        load_script().parse_args(["--pretrained_model_name_or_path=m", "--train_data_dir=d", "--bad_images=ignore"])
+    assert "argument --bad_images: invalid choice: 'ignore'" in capsys.readouterr().err
 
 
 def test_zero_intervals_and_abbreviated_options_are_refused(capsys):

@@ -248,8 +248,36 @@ def test_latents_from_another_vae_are_rejected(tmp_path, vae_dir, digits_latents
     other_vae = tmp_path / "other-vae"
     shutil.copytree(vae_dir, other_vae)
     with pytest.raises(ValueError, match="VAE"):
-        script.main([*TINY, f"--output_dir={tmp_path / 'out'}", f"--latents_dir={digits_latents}",
+        script.main([*TINY, "--resolution=16", f"--output_dir={tmp_path / 'out'}", f"--latents_dir={digits_latents}",
                      f"--vae={other_vae}", "--max_train_steps=1"])  # fmt: skip
+
+
+def test_latents_options_the_extraction_did_not_store_are_refused(tmp_path, digits_latents, capsys):
+    """--random_flip, --resolution, --sample_posterior with --latents_dir: refused at parse time when the latents cannot
+    honour them, instead of being ignored without a word (digits_latents: 16 px, no --flip, posterior means)."""
+    script = load_script()
+    latents = f"--latents_dir={digits_latents}"
+    script.parse_args([latents, "--resolution=16"])  # the extracted resolution
+    for option, expected in (
+        ("--random_flip", "extracted without --flip, so there are no flipped copies"),
+        ("--resolution=32", "--resolution 32: the latents were extracted from images at 16 px"),
+        ("--sample_posterior", "the latents hold the VAE posterior means"),
+    ):
+        with pytest.raises(SystemExit):
+            script.parse_args([latents, option])
+        assert expected in capsys.readouterr().err, option
+    with pytest.raises(SystemExit):
+        script.parse_args([f"--latents_dir={tmp_path / 'missing'}"])
+    assert "metadata.json not found" in capsys.readouterr().err
+
+    # latents that hold flipped copies and posterior samples: --random_flip is honoured, --sample_posterior warned about
+    stored = tmp_path / "stored"
+    stored.mkdir()
+    metadata = json.loads((digits_latents / "metadata.json").read_text())
+    (stored / "metadata.json").write_text(json.dumps({**metadata, "flip": True, "sample_posterior": True}))
+    script.parse_args([f"--latents_dir={stored}", "--random_flip"])
+    with pytest.warns(UserWarning, match="one posterior sample per image, drawn once at extraction"):
+        script.parse_args([f"--latents_dir={stored}", "--sample_posterior"])
 
 
 def test_lora_fine_tune_trains_only_adapters_and_the_pipeline_loads_scales_fuses_and_unloads_them(

@@ -58,7 +58,8 @@ def parse_args(input_args=None):
     parser.add_argument(
         "--center_crop",
         action="store_true",
-        help="Center crop. Without it each image gets one random crop (seeded per shard), frozen into its latents.",
+        help="Center crop. Without it each image gets one random crop, drawn from (--seed, image index) and frozen "
+        "into its latents.",
     )
     parser.add_argument(
         "--flip", action="store_true", help="Also store the latents of the horizontally flipped images."
@@ -126,6 +127,7 @@ def main(args):
                 random_flip=False,
                 cache_dir=args.cache_dir,
                 num_channels=vae.config.in_channels,
+                seed=args.seed,  # the random crops: drawn per (seed, image), whatever the shard or process
             )
 
     # Everything that determines a shard's content: a shard on disk with other settings is redone.
@@ -173,7 +175,6 @@ def main(args):
             skipped += 1
             continue
 
-        torch.manual_seed(args.seed + shard_index)  # random crops, also in DataLoader workers
         indices = list(range(shard_index * args.shard_size, min((shard_index + 1) * args.shard_size, len(dataset))))
         loader = DataLoader(
             Subset(dataset, indices), batch_size=args.batch_size, num_workers=args.dataloader_num_workers

@@ -27,6 +27,7 @@ import os
 import platform
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import diffusers
@@ -70,11 +71,15 @@ from diffusers_tread.checkpointing import (
     stop_requested,
 )
 from diffusers_tread.data import (
+    BAD_IMAGE_POLICIES,
+    BAD_IMAGES_HELP,
     LatentShardDataset,
     check_latents_match,
+    check_latents_options,
     collate_examples,
     load_digits,
     load_image_dataset,
+    load_latents_metadata,
 )
 from diffusers_tread.losses import TREAD_LOSSES
 from diffusers_tread.objectives import OBJECTIVES, get_objective
@@ -178,12 +183,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--image_column", default="image")
     parser.add_argument("--label_column", default="label")
     parser.add_argument("--resolution", type=int, default=None, help="image size; default 16 for digits, else 256")
-    parser.add_argument(
-        "--bad_images",
-        choices=["stop", "skip"],
-        default="stop",
-        help="unreadable images: stop naming the file, or skip them (counted in the logs)",
-    )
+    parser.add_argument("--bad_images", choices=BAD_IMAGE_POLICIES, default="stop", help=BAD_IMAGES_HELP)
     parser.add_argument("--center_crop", action="store_true")
     parser.add_argument("--random_flip", action="store_true")
     parser.add_argument("--vae", default=None, help="AutoencoderKL path or Hub id for latent training")
@@ -284,6 +284,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.lora_target_modules = args.lora_target_modules or default_lora_targets
     if args.latents_dir and (args.dataset_name or args.train_data_dir):
         parser.error("--latents_dir replaces --dataset_name/--train_data_dir; give one data source")
+    if args.latents_dir:
+        # Extraction froze the crops, flips and posterior draws: refuse the options the latents cannot honour.
+        try:
+            latents_warnings = check_latents_options(
+                load_latents_metadata(args.latents_dir),
+                resolution=args.resolution,
+                center_crop=args.center_crop,
+                random_flip=args.random_flip,
+                sample_posterior=args.sample_posterior,
+            )
+        except (FileNotFoundError, ValueError) as error:
+            parser.error(f"--latents_dir {args.latents_dir}: {error}")
+        for message in latents_warnings:
+            warnings.warn(f"--latents_dir {args.latents_dir}: {message}", stacklevel=2)
     if args.dataset_name and args.train_data_dir:
         parser.error("give --dataset_name or --train_data_dir, not both")
     if not 0.0 <= args.class_dropout_prob < 1.0:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import hashlib
 import json
 import logging
 import math
@@ -62,7 +61,6 @@ from peft import LoraConfig, inject_adapter_in_model
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from PIL import Image
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from diffusers_tread import hub, paper_routes
@@ -84,15 +82,24 @@ from diffusers_tread.checkpointing import (
     save_checkpoint,
     stop_requested,
 )
-from diffusers_tread.data import preprocess_image, seeded_generator
+from diffusers_tread.data import (
+    BAD_IMAGE_POLICIES,
+    BAD_IMAGES_HELP,
+    CachedLatentDataset,
+    CaptionedImageDataset,
+    caption_table,
+    collate_examples,
+    embeddings_fingerprint,
+    load_captioned_images,
+    load_precomputed_embeddings,
+    save_precomputed_embeddings,
+)
 from diffusers_tread.models.tread_t2i import apply_tread
 from diffusers_tread.routing import ROUTE_REINSERTION_MODES, validate_routes
 from diffusers_tread.training_utils import parse_routes
 
 logger = get_logger(__name__, log_level="INFO")
 
-EMBEDDINGS_FILE = "embeddings.safetensors"
-EMBEDDINGS_INFO = "embeddings.json"
 # The LoraConfig fields a saved file's metadata gives back when it is loaded into a PixArt transformer.
 LORA_CONFIG_FIELDS = ("r", "lora_alpha", "lora_dropout", "target_modules", "bias", "use_rslora", "use_dora")
 
@@ -243,6 +250,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--resolution", type=int, default=512)
     parser.add_argument("--center_crop", action="store_true")
     parser.add_argument("--random_flip", action="store_true")
+    parser.add_argument("--bad_images", choices=BAD_IMAGE_POLICIES, default="stop", help=BAD_IMAGES_HELP)
     parser.add_argument(
         "--max_sequence_length",
         type=int,
@@ -348,115 +356,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Data: an image-caption data set; captions become indices into a table of precomputed embeddings.
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def load_captioned_images(args):
-    """The training split and its captions (one per image; the first of a list)."""
-    import datasets
-
-    if args.train_data_dir is not None:
-        source = f"image folder {args.train_data_dir!r}"
-        data = datasets.load_dataset("imagefolder", data_dir=args.train_data_dir, cache_dir=args.cache_dir)
-    elif Path(args.dataset_name).is_dir() and any(
-        Path(args.dataset_name, name).is_file() for name in ("state.json", "dataset_dict.json")
-    ):
-        source = f"saved dataset {args.dataset_name!r}"
-        data = datasets.load_from_disk(args.dataset_name)
-    else:
-        source = f"dataset {args.dataset_name!r}"
-        data = datasets.load_dataset(args.dataset_name, args.dataset_config_name, cache_dir=args.cache_dir)
-    if isinstance(data, datasets.DatasetDict):
-        if "train" not in data:
-            raise ValueError(f"The {source} has no 'train' split; its splits are {list(data)}.")
-        data = data["train"]
-    for column, flag in ((args.image_column, "--image_column"), (args.caption_column, "--caption_column")):
-        if column not in data.column_names:
-            hint = (
-                " An imagefolder takes its captions from a metadata.jsonl next to the images, one line per image: "
-                '{"file_name": "0.png", "text": "a red circle"}.'
-                if flag == "--caption_column" and args.train_data_dir
-                else ""
-            )
-            raise ValueError(
-                f"The {source} has no column {column!r} (set by {flag}); its columns are {data.column_names}.{hint}"
-            )
-    if args.max_train_samples is not None:
-        data = data.shuffle(seed=args.seed).select(range(min(args.max_train_samples, len(data))))
-    if len(data) == 0:
-        raise ValueError(f"The {source} is empty.")
-    captions = []
-    for index, caption in enumerate(data[args.caption_column]):
-        if isinstance(caption, (list, tuple)):
-            caption = caption[0] if caption else None
-        if not isinstance(caption, str):
-            raise ValueError(
-                f"The caption of item {index} of the {source} is {caption!r}; --caption_column must hold strings (or "
-                "lists of strings, of which the first is used)."
-            )
-        captions.append(caption)
-    data = data.select_columns([args.image_column])
-    if isinstance(data.features[args.image_column], datasets.Image):  # decode ourselves, to name unreadable files
-        data = data.cast_column(args.image_column, datasets.Image(decode=False))
-    return data, captions, source
-
-
-def open_image(image) -> Image.Image:
-    if isinstance(image, dict):  # undecoded `datasets.Image`: {"bytes", "path"}
-        import io
-
-        return Image.open(io.BytesIO(image["bytes"])) if image.get("bytes") else Image.open(image["path"])
-    if isinstance(image, str):
-        return Image.open(image)
-    return image
-
-
-class CaptionedImageDataset(torch.utils.data.Dataset):
-    """Items ``{"pixel_values": (3, R, R) in [-1, 1], "caption_index": int}``; crops and flips are drawn per
-    (seed, epoch, item), so a resumed run sees exactly the augmentations of an uninterrupted one."""
-
-    def __init__(self, data, image_column, caption_indices, resolution, center_crop, random_flip, seed):
-        self.data, self.image_column, self.caption_indices = data, image_column, caption_indices
-        self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
-        self.seed, self.epoch = seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getitem__(self, index: int) -> dict:
-        image = self.data[int(index)][self.image_column]
-        try:
-            pixel_values = preprocess_image(
-                open_image(image),
-                self.resolution,
-                self.center_crop,
-                self.random_flip,
-                generator=seeded_generator(self.seed, self.epoch, int(index)),
-            )
-        except (OSError, ValueError, SyntaxError) as error:
-            raise ValueError(f"Could not read the image of item {index}: {error}. Fix or remove it.") from error
-        return {"pixel_values": pixel_values, "caption_index": self.caption_indices[index]}
-
-
-class CachedLatentDataset(torch.utils.data.Dataset):
-    """Items ``{"latent_parameters": VAE posterior (mean | logvar), "caption_index": int}`` (--cache_latents)."""
-
-    def __init__(self, latent_parameters: torch.Tensor, caption_indices: list[int]):
-        self.latent_parameters, self.caption_indices = latent_parameters, caption_indices
-
-    def __len__(self) -> int:
-        return len(self.latent_parameters)
-
-    def __getitem__(self, index: int) -> dict:
-        return {"latent_parameters": self.latent_parameters[index], "caption_index": self.caption_indices[index]}
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Text embeddings, computed once
+# Text embeddings, computed once (the data and the embeddings cache are in diffusers_tread.data.captions)
 # ----------------------------------------------------------------------------------------------------------------------
 
 
@@ -496,41 +396,6 @@ def encode_prompts(spec: ModelSpec, pipeline, prompts: list[str], max_sequence_l
             )
             out = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
     return {key: value.detach() for key, value in out.items()}
-
-
-def embeddings_fingerprint(spec: ModelSpec, args, captions: list[str]) -> dict:
-    """What the embeddings depend on: written next to them and checked before they are reused."""
-    text_configs = {}
-    for name in spec.text_components:
-        for config_name in ("config.json", "tokenizer_config.json", "tokenizer.json"):
-            path = Path(spec.path, name, config_name)
-            if path.is_file():
-                text_configs[f"{name}/{config_name}"] = hashlib.sha256(path.read_bytes()).hexdigest()
-    return {
-        "model": args.pretrained_model_name_or_path,
-        "revision": args.revision,
-        "pipeline": spec.pipeline_class_name,
-        "text_components": text_configs,
-        "max_sequence_length": args.max_sequence_length,
-        "captions_sha256": hashlib.sha256("\n".join(captions).encode()).hexdigest(),
-        "num_captions": len(captions),
-    }
-
-
-def load_precomputed_embeddings(folder: str, fingerprint: dict) -> tuple[dict[str, torch.Tensor], dict] | None:
-    """The caption table saved by an earlier run and its fingerprint, or None if the folder holds none; an error if it
-    holds embeddings of other captions, another model or another sequence length."""
-    info_file, tensor_file = Path(folder, EMBEDDINGS_INFO), Path(folder, EMBEDDINGS_FILE)
-    if not (info_file.is_file() and tensor_file.is_file()):
-        return None
-    saved = json.loads(info_file.read_text())
-    different = sorted(key for key in fingerprint if saved.get(key) != fingerprint[key])
-    if different:
-        raise ValueError(
-            f"{folder} holds embeddings for other inputs (they differ in: {', '.join(different)}). Use another "
-            "--precomputed_embeddings_dir, or delete the folder to compute them again."
-        )
-    return load_file(tensor_file), saved
 
 
 def compute_embeddings(spec: ModelSpec, args, unique_captions: list[str], accelerator, weight_dtype):
@@ -985,27 +850,36 @@ def main(argv: list[str] | None = None) -> None:
             ).repo_id
 
     # 2. Data, and every caption's text embedding, computed once (or read from --precomputed_embeddings_dir).
-    data, captions, source = load_captioned_images(args)
-    unique_captions = sorted(set(captions))
-    position = {caption: index for index, caption in enumerate(unique_captions)}
-    caption_indices = [position[caption] for caption in captions]
-    fingerprint = embeddings_fingerprint(spec, args, unique_captions)
+    data, captions, source = load_captioned_images(
+        args.dataset_name,
+        args.train_data_dir,
+        args.image_column,
+        args.caption_column,
+        config_name=args.dataset_config_name,
+        cache_dir=args.cache_dir,
+        max_samples=args.max_train_samples,
+        seed=args.seed,
+    )
+    unique_captions, caption_indices = caption_table(captions)
+    fingerprint = embeddings_fingerprint(
+        model=args.pretrained_model_name_or_path,
+        revision=args.revision,
+        pipeline=spec.pipeline_class_name,
+        model_path=spec.path,
+        text_components=spec.text_components,
+        max_sequence_length=args.max_sequence_length,
+        captions=unique_captions,
+    )
     # The main process first: with --precomputed_embeddings_dir the other processes then read what it wrote.
     with accelerator.main_process_first():
         table, validation_prompt_kwargs = None, None
         if args.precomputed_embeddings_dir:
-            loaded = load_precomputed_embeddings(args.precomputed_embeddings_dir, fingerprint)
+            loaded = load_precomputed_embeddings(args.precomputed_embeddings_dir, fingerprint, args.validation_prompt)
             if loaded is not None:
-                table, saved_info = loaded
+                table, validation_prompt_kwargs = loaded
                 logger.info(
                     f"Loaded the embeddings of {len(unique_captions)} captions from {args.precomputed_embeddings_dir}"
                 )
-                saved_validation = {
-                    k.removeprefix("validation."): v for k, v in table.items() if k.startswith("validation.")
-                }
-                table = {key: value for key, value in table.items() if not key.startswith("validation.")}
-                if args.validation_prompt and saved_info.get("validation_prompt") == args.validation_prompt:
-                    validation_prompt_kwargs = saved_validation
         need_captions = table is None
         if need_captions or (args.validation_prompt and validation_prompt_kwargs is None):
             computed, validation_prompt_kwargs = compute_embeddings(
@@ -1014,13 +888,14 @@ def main(argv: list[str] | None = None) -> None:
             if need_captions:
                 table = computed
                 if args.precomputed_embeddings_dir and accelerator.is_main_process:
-                    folder = Path(args.precomputed_embeddings_dir)
-                    folder.mkdir(parents=True, exist_ok=True)
-                    tensors = dict(table) | {f"validation.{k}": v for k, v in (validation_prompt_kwargs or {}).items()}
-                    save_file(tensors, folder / EMBEDDINGS_FILE)
-                    info = fingerprint | {"validation_prompt": args.validation_prompt}
-                    (folder / EMBEDDINGS_INFO).write_text(json.dumps(info, indent=2))
-                    logger.info(f"Wrote the embeddings to {folder}")
+                    save_precomputed_embeddings(
+                        args.precomputed_embeddings_dir,
+                        table,
+                        fingerprint,
+                        validation_prompt_kwargs,
+                        args.validation_prompt,
+                    )
+                    logger.info(f"Wrote the embeddings to {args.precomputed_embeddings_dir}")
     accelerator.wait_for_everyone()
     if args.precompute_only:
         logger.info("--precompute_only: done.")
@@ -1032,18 +907,32 @@ def main(argv: list[str] | None = None) -> None:
     vae.to(accelerator.device, dtype=torch.float32)  # fp32: the SD3/SDXL VAEs overflow in fp16
     vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
     dataset = CaptionedImageDataset(
-        data, args.image_column, caption_indices, args.resolution, args.center_crop, args.random_flip, args.seed
+        data,
+        args.image_column,
+        caption_indices,
+        args.resolution,
+        args.center_crop,
+        args.random_flip,
+        args.seed,
+        bad_images=args.bad_images,
     )
     if args.cache_latents:
-        parameters = []
+        parameters, kept_captions = [], []
         for start in tqdm(range(0, len(dataset), args.train_batch_size), desc="Caching latents",
                           disable=not accelerator.is_local_main_process):  # fmt: skip
-            items = [
-                dataset[i]["pixel_values"] for i in range(start, min(start + args.train_batch_size, len(dataset)))
-            ]
+            items = [dataset[i] for i in range(start, min(start + args.train_batch_size, len(dataset)))]
+            items = [item for item in items if item is not None]  # unreadable images, with --bad_images skip
+            if not items:
+                continue
+            kept_captions += [item["caption_index"] for item in items]
+            pixel_values = torch.stack([item["pixel_values"] for item in items]).to(accelerator.device)
             with torch.no_grad():
-                parameters.append(vae.encode(torch.stack(items).to(accelerator.device)).latent_dist.parameters.cpu())
-        dataset = CachedLatentDataset(torch.cat(parameters), caption_indices)
+                parameters.append(vae.encode(pixel_values).latent_dist.parameters.cpu())
+        if len(kept_captions) < len(dataset):
+            logger.warning(f"Skipped {len(dataset) - len(kept_captions)} unreadable images of the {source}.")
+        if not kept_captions:
+            raise ValueError(f"All {len(dataset)} images of the {source} were unreadable; check the dataset.")
+        dataset = CachedLatentDataset(torch.cat(parameters), kept_captions)
         if not args.validation_prompt:
             vae = vae.to("cpu")  # only its config is needed from here on
             free_memory()
@@ -1118,6 +1007,7 @@ def main(argv: list[str] | None = None) -> None:
         shuffle=True,
         num_workers=args.dataloader_num_workers,
         drop_last=True,
+        collate_fn=collate_examples,  # drops (and counts) the unreadable images of --bad_images skip
     )
     if len(train_dataloader) == 0:
         raise ValueError(
@@ -1192,12 +1082,14 @@ def main(argv: list[str] | None = None) -> None:
     if resume.checkpoint and accelerator.is_main_process:
         resume_loss_history(loss_log, global_step)  # drop the rows written after the checkpoint
     step_started, last_loss, train_loss, routing_reported = time.time(), float("nan"), 0.0, False
+    skipped_images = 0  # unreadable images dropped by --bad_images skip
     for epoch in range(first_epoch, num_train_epochs if global_step < args.max_train_steps else first_epoch):
         train_dataloader.set_epoch(epoch)
         loader = train_dataloader
         if epoch == first_epoch and resume_step:
             loader = accelerator.skip_first_batches(train_dataloader, resume_step)
         for batch in loader:
+            skipped_images += int(batch["num_skipped"])
             with accelerator.accumulate(transformer):
                 with torch.no_grad():
                     if "latent_parameters" in batch:
@@ -1240,6 +1132,8 @@ def main(argv: list[str] | None = None) -> None:
             step_time = time.time() - step_started
             step_started = time.time()
             logs = {"loss": last_loss, "lr": lr_scheduler.get_last_lr()[0], "step_time_s": step_time}
+            if skipped_images:
+                logs["skipped_images"] = skipped_images
             for route in routing:
                 logs[f"tread/route_{route['route']}_bypassed_fraction"] = route["fraction"]
             if routing and not routing_reported:
@@ -1294,6 +1188,8 @@ def main(argv: list[str] | None = None) -> None:
     # 7. Save the LoRA weights, check that they load into a fresh base pipeline, sample, write the card, push. The
     # files are staged and moved into --output_dir at the end (`final_output`): a kill never leaves half of them.
     restore_stop_handlers(stop)
+    if skipped_images:
+        logger.warning(f"Skipped {skipped_images} unreadable images of the {source} (--bad_images skip).")
     if uploads is not None:  # the checkpoints' uploads finish (or are reported) before the final one
         uploads.wait()
         logger.info(uploads.report())

@@ -1,18 +1,53 @@
-"""Training data: scikit-learn's digits, `datasets` image datasets, and VAE latent shards.
+"""Training data: scikit-learn's digits, `datasets` image and image-caption datasets, VAE latent shards and caption
+embedding caches; one path for both training scripts.
 
 Not imported by ``import diffusers_tread``: the training-only dependencies (``datasets``, ``scikit-learn``) are
 imported inside the functions that need them.
 """
 
-from .images import collate_examples, load_digits, load_image_dataset, preprocess_image, seeded_generator
-from .latents import LatentShardDataset, check_latents_match
+from .captions import (
+    CachedLatentDataset,
+    CaptionedImageDataset,
+    caption_table,
+    embeddings_fingerprint,
+    load_captioned_images,
+    load_precomputed_embeddings,
+    save_precomputed_embeddings,
+)
+from .images import (
+    BAD_IMAGE_POLICIES,
+    BAD_IMAGES_HELP,
+    collate_examples,
+    load_digits,
+    load_image_dataset,
+    open_image,
+    preprocess_image,
+    read_image,
+    resolve_dataset,
+    seeded_generator,
+)
+from .latents import LatentShardDataset, check_latents_match, check_latents_options, load_latents_metadata
 
 __all__ = [
+    "BAD_IMAGES_HELP",
+    "BAD_IMAGE_POLICIES",
+    "CachedLatentDataset",
+    "CaptionedImageDataset",
     "LatentShardDataset",
+    "caption_table",
     "check_latents_match",
+    "check_latents_options",
     "collate_examples",
+    "embeddings_fingerprint",
+    "load_captioned_images",
     "load_digits",
     "load_image_dataset",
+    "load_latents_metadata",
+    "load_precomputed_embeddings",
+    "open_image",
     "preprocess_image",
+    "read_image",
+    "resolve_dataset",
+    "save_precomputed_embeddings",
     "seeded_generator",
 ]

@@ -1,4 +1,9 @@
-"""Image datasets as tensors in [-1, 1]: items are ``{"pixel_values": (C, R, R) float32, "class_labels": int}``."""
+"""Image datasets as tensors in [-1, 1]: items are ``{"pixel_values": (C, R, R) float32, "class_labels": int}``.
+
+Also what every image data path shares (the caption datasets of `captions.py` too): where a dataset comes from
+(`resolve_dataset`), how an image is opened (`open_image`) and read into a tensor (`read_image`), and what an
+unreadable one does (`BAD_IMAGE_POLICIES`).
+"""
 
 from __future__ import annotations
 
@@ -9,11 +14,15 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 DIGITS_SPLIT_SEED = 0  # fixed, so that every run and benchmark holds out the same digits
 BAD_IMAGE_POLICIES = ("stop", "skip")
+BAD_IMAGES_HELP = "unreadable images: stop naming the file, or skip them (counted in the logs)"
+# What opening or decoding a broken image raises: PIL's OSError/SyntaxError (corrupt, truncated, not an image), a
+# ValueError, and PIL's decompression-bomb guard (an image of more than 2 x Image.MAX_IMAGE_PIXELS pixels).
+UNREADABLE_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 def seeded_generator(*keys: int) -> torch.Generator:
@@ -120,13 +129,99 @@ def preprocess_image(
     return torch.from_numpy(np.ascontiguousarray(array))
 
 
+def open_image(image, mode: str | None = None) -> Image.Image:
+    """A PIL image from what a dataset's image column holds: a decoded image, an undecoded ``datasets.Image`` value
+    (``{"bytes", "path"}``) or a file path.
+
+    The image is turned upright by its EXIF orientation (as photos from cameras and phones need) and, if `mode` is
+    given, converted to it ("RGB" or "L"; alpha is dropped, a palette with transparency goes through RGBA). PIL's
+    decompression-bomb guard applies: an image of more than twice ``Image.MAX_IMAGE_PIXELS`` pixels raises
+    ``Image.DecompressionBombError``. Every failure raises one of `UNREADABLE_IMAGE_ERRORS`.
+    """
+    if isinstance(image, dict):  # undecoded `datasets.Image`
+        if image.get("bytes"):
+            image = Image.open(io.BytesIO(image["bytes"]))
+        elif image.get("path"):
+            image = Image.open(image["path"])
+        else:
+            raise ValueError("the item has neither image bytes nor a path")
+    elif isinstance(image, (str, os.PathLike)):
+        image = Image.open(image)
+    elif not isinstance(image, Image.Image):
+        raise ValueError(f"expected an image, a file path or image bytes, got {type(image).__name__}")
+    image = ImageOps.exif_transpose(image)
+    if mode is not None and image.mode != mode:
+        if image.mode == "P" and "transparency" in image.info:
+            image = image.convert("RGBA")
+        image = image.convert(mode)
+    return image
+
+
+def describe_image(image, index: int) -> str:
+    """How an error names a dataset item: ``item 3 (photos/cat.jpg)``."""
+    if isinstance(image, dict):
+        return f"item {index} ({image.get('path') or 'embedded bytes'})"
+    if isinstance(image, (str, os.PathLike)):
+        return f"item {index} ({image})"
+    return f"item {index}"
+
+
+def read_image(
+    image,
+    index: int,
+    resolution: int,
+    center_crop: bool = False,
+    random_flip: bool = False,
+    mode: str = "RGB",
+    generator: torch.Generator | None = None,
+    bad_images: str = "stop",
+) -> torch.Tensor | None:
+    """Dataset item `index`'s image (anything `open_image` takes) as a `preprocess_image` tensor.
+
+    An unreadable image raises a ValueError naming the item and its file with ``bad_images="stop"``; with ``"skip"``
+    the result is None (`collate_examples` drops and counts it).
+    """
+    try:
+        return preprocess_image(open_image(image, mode), resolution, center_crop, random_flip, mode, generator)
+    except UNREADABLE_IMAGE_ERRORS as error:
+        if bad_images == "skip":
+            return None
+        raise ValueError(
+            f"Could not read the image of {describe_image(image, index)}: {error}. Fix or remove it, or pass "
+            "--bad_images skip to skip unreadable images (they are counted and logged)."
+        ) from error
+
+
+def check_bad_images(bad_images: str) -> None:
+    if bad_images not in BAD_IMAGE_POLICIES:
+        raise ValueError(f"bad_images must be one of {BAD_IMAGE_POLICIES}, got {bad_images!r}")
+
+
+def label_error(index: int, value, column: str, source: str, num_classes: int | None) -> str:
+    """The message for item `index` of `source`, whose label is no class id; what to do about it."""
+    if value is None:
+        why = " (missing)"
+    elif value == -1:
+        why = " (-1 is how a `datasets` ClassLabel marks a missing label)"
+    else:
+        why = ""
+    classes = f"a class id 0..{num_classes - 1}" if num_classes else "a class id >= 0"
+    return (
+        f"Item {index} of the {source} has the label {value!r}{why} in column {column!r}, which is not {classes}. "
+        f"Remove the unlabelled rows first, e.g. `data = data.filter(lambda x: x[{column!r}] is not None and "
+        f"x[{column!r}] >= 0)` and `data.save_to_disk(folder)`, then train on that folder; or use a labelled split "
+        "(test splits are often unlabelled)."
+    )
+
+
 class HFImageDataset(Dataset):
     """A `datasets.Dataset` with an image and a label column, decoded and preprocessed on access.
 
     Random crops and flips are drawn per (seed, epoch, item) (`set_epoch` is called by Accelerate's data loader), so a
     resumed run sees exactly the augmentations of an uninterrupted one. An unreadable image (corrupt, truncated, not
     an image) raises a ValueError naming it with ``bad_images="stop"``; with ``"skip"`` the item is None and
-    `collate_examples` drops and counts it.
+    `collate_examples` drops and counts it. A label that is no class id below `num_classes` (None, a ClassLabel's -1)
+    raises a ValueError naming the item whatever `bad_images` says: it is the dataset, not a file, that needs fixing.
     """
 
     def __init__(
@@ -141,13 +236,16 @@ class HFImageDataset(Dataset):
         mode: str,
         bad_images: str = "stop",
         seed: int = 0,
+        num_classes: int | None = None,
+        source: str = "dataset",
     ):
-        if bad_images not in BAD_IMAGE_POLICIES:
-            raise ValueError(f"bad_images must be one of {BAD_IMAGE_POLICIES}, got {bad_images!r}")
+        check_bad_images(bad_images)
         self.data = data
         self.image_column, self.label_column, self.label_to_id = image_column, label_column, label_to_id
         self.resolution, self.center_crop, self.random_flip, self.mode = resolution, center_crop, random_flip, mode
         self.bad_images, self.seed, self.epoch = bad_images, seed, 0
+        self.num_classes = len(label_to_id) if num_classes is None and label_to_id is not None else num_classes
+        self.source = source
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -155,32 +253,31 @@ class HFImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.data)
 
+    def class_id(self, index: int, label) -> int:
+        """Item `index`'s label as a class id; a ValueError naming the item for a missing or out-of-range label (a
+        `datasets` ClassLabel stores a missing one as -1), which would otherwise fail deep inside the model."""
+        class_id = label if self.label_to_id is None or label is None else self.label_to_id.get(label)
+        if class_id is None or not 0 <= int(class_id) < (self.num_classes or float("inf")):
+            raise ValueError(label_error(index, label, self.label_column, self.source, self.num_classes))
+        return int(class_id)
+
     def __getitem__(self, index: int) -> dict[str, Any] | None:
         example = self.data[int(index)]
-        image, source = example[self.image_column], f"item {index}"
-        try:
-            if isinstance(image, dict):  # undecoded `datasets.Image`: {"bytes", "path"}
-                source = f"item {index} ({image.get('path') or 'embedded bytes'})"
-                image = Image.open(io.BytesIO(image["bytes"])) if image.get("bytes") else Image.open(image["path"])
-            elif isinstance(image, str):  # a column of file paths
-                source = f"item {index} ({image})"
-                image = Image.open(image)
-            generator = seeded_generator(self.seed, self.epoch, int(index))
-            pixel_values = preprocess_image(
-                image, self.resolution, self.center_crop, self.random_flip, self.mode, generator=generator
-            )
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-            if self.bad_images == "skip":
-                return None
-            raise ValueError(
-                f"Could not read the image of {source}: {error}. Fix or remove it, or pass --bad_images skip to "
-                "skip unreadable images (they are counted and logged)."
-            ) from error
-        label = example[self.label_column]
-        return {
-            "pixel_values": pixel_values,
-            "class_labels": self.label_to_id[label] if self.label_to_id is not None else int(label),
-        }
+        class_id = self.class_id(int(index), example[self.label_column])
+        generator = seeded_generator(self.seed, self.epoch, int(index))
+        pixel_values = read_image(
+            example[self.image_column],
+            int(index),
+            self.resolution,
+            self.center_crop,
+            self.random_flip,
+            self.mode,
+            generator=generator,
+            bad_images=self.bad_images,
+        )
+        if pixel_values is None:
+            return None
+        return {"pixel_values": pixel_values, "class_labels": class_id}
 
 
 def collate_examples(examples: list[dict[str, Any] | None]) -> dict[str, Any]:
@@ -198,6 +295,66 @@ def _is_saved_dataset(path: str) -> bool:
     return any(os.path.isfile(os.path.join(path, name)) for name in ("state.json", "dataset_dict.json"))
 
 
+def resolve_dataset(
+    dataset_name: str | None = None,
+    train_data_dir: str | None = None,
+    *,
+    config_name: str | None = None,
+    cache_dir: str | None = None,
+    split: str = "train",
+    data_dir_kind: str = "an image folder",
+):
+    """One split of a dataset, and how messages name it (e.g. ``"saved dataset 'birds'"``): ``(data, source)``.
+
+    Exactly one source: `dataset_name`, a Hub dataset or a local path for ``datasets.load_dataset`` (with
+    `config_name`), or a folder written by ``save_to_disk`` (read with ``load_from_disk``); or `train_data_dir`, read
+    as ``load_dataset("imagefolder", data_dir=...)`` (`data_dir_kind` describes what it should hold, for the error).
+    """
+    import datasets
+
+    if (dataset_name is None) == (train_data_dir is None):
+        given = "both" if dataset_name is not None else "neither"
+        raise ValueError(
+            f"Pass exactly one of dataset_name (a Hub dataset or a local dataset path) and train_data_dir "
+            f"({data_dir_kind}); {given} was given."
+        )
+    if train_data_dir is not None:
+        source = f"image folder {train_data_dir!r}"
+        data = datasets.load_dataset("imagefolder", data_dir=train_data_dir, cache_dir=cache_dir)
+    elif os.path.isdir(dataset_name) and _is_saved_dataset(dataset_name):
+        source = f"saved dataset {dataset_name!r}"
+        data = datasets.load_from_disk(dataset_name)
+    else:
+        source = f"dataset {dataset_name!r}"
+        data = datasets.load_dataset(dataset_name, config_name, cache_dir=cache_dir)
+    if isinstance(data, datasets.DatasetDict):
+        if split not in data:
+            raise ValueError(f"The {source} has no split {split!r}; its splits are {list(data)}.")
+        data = data[split]
+    return data, source
+
+
+def require_columns(data, source: str, columns: dict[str, str], hints: dict[str, str] | None = None) -> None:
+    """A ValueError naming the first of `columns` (column -> the option that set it) that `data` lacks, its columns,
+    and ``hints[column]`` if given."""
+    for column, flag in columns.items():
+        if column not in data.column_names:
+            hint = (hints or {}).get(column, "")
+            raise ValueError(
+                f"The {source} has no column {column!r} (set by {flag}); its columns are {data.column_names}.{hint}"
+            )
+
+
+def undecoded_images(data, image_column: str):
+    """`data` with its ``datasets.Image`` column left undecoded, so that `read_image` opens each image itself and
+    can name the file that fails."""
+    import datasets
+
+    if isinstance(data.features[image_column], datasets.Image):
+        data = data.cast_column(image_column, datasets.Image(decode=False))
+    return data
+
+
 def load_image_dataset(
     dataset_name: str | None = None,
     train_data_dir: str | None = None,
@@ -211,62 +368,66 @@ def load_image_dataset(
     split: str = "train",
     bad_images: str = "stop",
     seed: int = 0,
+    config_name: str | None = None,
 ) -> tuple[HFImageDataset, dict[int, str]]:
     """A labelled image dataset from the Hub, a local dataset path, or an image folder (one subfolder per class).
 
-    `dataset_name` goes to ``datasets.load_dataset`` (a Hub id, or a local path; a ``save_to_disk`` folder goes to
-    ``load_from_disk``); `train_data_dir` is loaded as ``load_dataset("imagefolder", data_dir=...)``. The label map
+    The source is found by `resolve_dataset` (`dataset_name` with `config_name`, or `train_data_dir`). The label map
     comes from the label column's ``ClassLabel`` names when it has them, else from its sorted unique values (which
-    are then mapped to 0..K-1). Images are preprocessed by `preprocess_image` (center or random crop, optional flip)
-    with ``num_channels`` 3 (RGB) or 1 (grey); grey, RGBA and odd-sized images are converted. `bad_images` and
-    `seed`: see `HFImageDataset`.
+    are then mapped to 0..K-1). A row without a valid label (None, a ClassLabel's -1 for "missing", or an id past the
+    names) is a ValueError naming the first such item, before training starts. Images are opened by `open_image` and
+    preprocessed by `preprocess_image` (center or random crop, optional flip) with ``num_channels`` 3 (RGB) or 1
+    (grey); grey, RGBA and odd-sized images are converted. `bad_images` and `seed`: see `HFImageDataset`.
     """
     import datasets
 
-    if (dataset_name is None) == (train_data_dir is None):
-        given = "both" if dataset_name is not None else "neither"
-        raise ValueError(
-            f"Pass exactly one of dataset_name (a Hub dataset or a local dataset path) and train_data_dir "
-            f"(a folder of images in one subfolder per class); {given} was given."
-        )
     if num_channels not in (1, 3):
         raise ValueError(f"num_channels must be 1 (grey) or 3 (RGB), got {num_channels}")
-
-    if train_data_dir is not None:
-        source = f"image folder {train_data_dir!r}"
-        data = datasets.load_dataset("imagefolder", data_dir=train_data_dir, cache_dir=cache_dir)
-    elif os.path.isdir(dataset_name) and _is_saved_dataset(dataset_name):
-        source = f"saved dataset {dataset_name!r}"
-        data = datasets.load_from_disk(dataset_name)
-    else:
-        source = f"dataset {dataset_name!r}"
-        data = datasets.load_dataset(dataset_name, cache_dir=cache_dir)
-    if isinstance(data, datasets.DatasetDict):
-        if split not in data:
-            raise ValueError(f"The {source} has no split {split!r}; its splits are {list(data)}.")
-        data = data[split]
-
-    for column, flag in ((image_column, "image_column"), (label_column, "label_column")):
-        if column not in data.column_names:
-            raise ValueError(
-                f"The {source} has no column {column!r} (set by {flag}); its columns are {data.column_names}."
-            )
+    check_bad_images(bad_images)
+    data, source = resolve_dataset(
+        dataset_name,
+        train_data_dir,
+        config_name=config_name,
+        cache_dir=cache_dir,
+        split=split,
+        data_dir_kind="a folder of images in one subfolder per class",
+    )
+    require_columns(data, source, {image_column: "image_column", label_column: "label_column"})
     if len(data) == 0:
         raise ValueError(f"The {source} is empty (split {split!r}).")
     data = data.select_columns([image_column, label_column])  # don't decode columns we never use
 
+    # Check every label now (the column alone, no image is decoded): a bad one would otherwise stop training midway,
+    # on a GPU as a device-side assert that names no item.
+    labels = data[label_column]
     feature = data.features[label_column]
     if isinstance(feature, datasets.ClassLabel):
-        id2label, label_to_id = dict(enumerate(feature.names)), None
+        id2label, label_to_id, num_classes = dict(enumerate(feature.names)), None, feature.num_classes
+        bad = [i for i, label in enumerate(labels) if label is None or not 0 <= label < num_classes]
     else:
-        values = sorted(set(data[label_column]))
+        bad = [i for i, label in enumerate(labels) if label is None]
+        values = sorted({label for label in labels if label is not None})
         id2label = {i: str(value) for i, value in enumerate(values)}
         label_to_id = {value: i for i, value in enumerate(values)}
+        num_classes = len(values)
+    if bad:
+        message = label_error(bad[0], labels[bad[0]], label_column, source, num_classes)
+        raise ValueError(f"{message} ({len(bad)} of the {len(data)} items have no valid label.)")
 
-    if isinstance(data.features[image_column], datasets.Image):  # decode ourselves, to name unreadable files
-        data = data.cast_column(image_column, datasets.Image(decode=False))
+    data = undecoded_images(data, image_column)
     mode = "RGB" if num_channels == 3 else "L"
     dataset = HFImageDataset(
-        data, image_column, label_column, label_to_id, resolution, center_crop, random_flip, mode, bad_images, seed
+        data,
+        image_column,
+        label_column,
+        label_to_id,
+        resolution,
+        center_crop,
+        random_flip,
+        mode,
+        bad_images,
+        seed,
+        num_classes=num_classes,
+        source=source,
     )
     return dataset, id2label

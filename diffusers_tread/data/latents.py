@@ -69,6 +69,68 @@ def posterior_generator(seed: int, index: int, flipped: bool) -> torch.Generator
     return seeded_generator(seed, index, int(flipped))
 
 
+def load_latents_metadata(latents_dir: str) -> dict[str, Any]:
+    """The ``metadata.json`` of a complete latents directory (the extraction settings, the shards, the labels); a
+    FileNotFoundError saying how to complete it if there is none."""
+    path = os.path.join(latents_dir, METADATA_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{path} not found: run training/extract_latents.py --output_dir {latents_dir} to completion "
+            "(it writes metadata.json last, once every shard is complete)."
+        )
+    with open(path) as f:
+        return json.load(f)
+
+
+def check_latents_options(
+    metadata: dict[str, Any],
+    *,
+    resolution: int | None = None,
+    center_crop: bool = False,
+    random_flip: bool = False,
+    sample_posterior: bool = False,
+) -> list[str]:
+    """Compare a training run's image options with the settings the latents were extracted with.
+
+    Training from latents cannot re-crop, re-flip or re-sample what extraction froze, so a request the latents cannot
+    honour is a ValueError naming every such option and what to do: `resolution` other than the extracted one,
+    `center_crop` over randomly cropped latents, `random_flip` without stored flipped copies (``--flip``),
+    `sample_posterior` over posterior means. Returns the warnings for options that are honoured only in part (today:
+    `sample_posterior` over latents that hold one sample per image, drawn once at extraction).
+    """
+    problems, warnings = [], []
+    extracted = metadata.get("resolution")
+    if resolution is not None and resolution != extracted:
+        problems.append(
+            f"--resolution {resolution}: the latents were extracted from images at {extracted} px; drop "
+            f"--resolution (or pass {extracted}), or re-extract with --resolution {resolution}"
+        )
+    cropped = not str(metadata.get("dataset", "")).startswith("digits:")  # the square digits are never cropped
+    if center_crop and cropped and not metadata.get("center_crop"):
+        problems.append(
+            "--center_crop: the latents were extracted from random crops (one per image); drop --center_crop, or "
+            "re-extract with --center_crop"
+        )
+    if random_flip and not metadata.get("flip"):
+        problems.append(
+            "--random_flip: the latents were extracted without --flip, so there are no flipped copies to draw from; "
+            "drop --random_flip, or re-extract with --flip"
+        )
+    if sample_posterior and not metadata.get("sample_posterior"):
+        problems.append(
+            "--sample_posterior: the latents hold the VAE posterior means, not samples; drop --sample_posterior, or "
+            "re-extract with --sample_posterior"
+        )
+    elif sample_posterior:
+        warnings.append(
+            "--sample_posterior: the latents hold one posterior sample per image, drawn once at extraction; "
+            "training reads that sample every epoch and draws no new one"
+        )
+    if problems:
+        raise ValueError("The options ask for what the extracted latents cannot give:\n- " + "\n- ".join(problems))
+    return warnings
+
+
 class LatentShardDataset(Dataset):
     """The latents written by ``training/extract_latents.py``: items ``{"latents": (C, h, w), "class_labels": int}``.
 
@@ -79,14 +141,7 @@ class LatentShardDataset(Dataset):
 
     def __init__(self, latents_dir: str, random_flip: bool = True, seed: int = 0):
         self.seed, self.epoch = seed, 0
-        path = os.path.join(latents_dir, METADATA_NAME)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(
-                f"{path} not found: run training/extract_latents.py --output_dir {latents_dir} to completion "
-                "(it writes metadata.json last, once every shard is complete)."
-            )
-        with open(path) as f:
-            self.metadata: dict[str, Any] = json.load(f)
+        self.metadata: dict[str, Any] = load_latents_metadata(latents_dir)
         self.latents_dir = latents_dir
         self.random_flip = random_flip and self.metadata["flip"]
         self.id2label = {int(k): v for k, v in self.metadata["id2label"].items()}
