@@ -53,7 +53,7 @@ from diffusers_tread import (
     TreadSSM2DModel,
     TreadTransformer2DModel,
     hub,
-    paper_routes,
+    model_class_for_config,
 )
 from diffusers_tread.checkpointing import (
     LOSS_HISTORY,
@@ -83,7 +83,7 @@ from diffusers_tread.data import (
 )
 from diffusers_tread.losses import TREAD_LOSSES
 from diffusers_tread.objectives import OBJECTIVES, get_objective
-from diffusers_tread.routing import ROUTE_REINSERTION_MODES
+from diffusers_tread.routing import ROUTE_REINSERTION_MODES, resolve_routes
 from diffusers_tread.training_utils import (
     LossLog,
     drop_class_labels,
@@ -94,11 +94,12 @@ from diffusers_tread.training_utils import (
 )
 
 logger = get_logger(__name__, log_level="INFO")
-# --model_type: the model class, its presets, the preset used when --model_config is left at its default, and the
-# default LoRA targets (DiT's attention projections; the SSM mixer's input and output projections).
+# --model_type: the model class (with its presets, `model_cls.presets`), the preset used when --model_config is left
+# at its default, and the default LoRA targets (DiT's attention projections; the SSM mixer's input and output
+# projections).
 MODEL_TYPES = {
-    "dit": (TreadTransformer2DModel, PRESETS, "DiT-Tiny/2", "to_q,to_k,to_v,to_out.0"),
-    "ssm": (TreadSSM2DModel, SSM_PRESETS, "SSM-Tiny/2", "in_proj,out_proj"),
+    "dit": (TreadTransformer2DModel, "DiT-Tiny/2", "to_q,to_k,to_v,to_out.0"),
+    "ssm": (TreadSSM2DModel, "SSM-Tiny/2", "in_proj,out_proj"),
 }
 
 
@@ -271,10 +272,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     if args.pretrained_model_name_or_path and args.model_config is not None:
         parser.error("give --model_config or --pretrained_model_name_or_path, not both")
-    _, presets, default_preset, default_lora_targets = MODEL_TYPES[args.model_type]
-    other_presets = {
-        name for kind, (_, names, _, _) in MODEL_TYPES.items() if kind != args.model_type for name in names
-    }
+    model_cls, default_preset, default_lora_targets = MODEL_TYPES[args.model_type]
+    presets = model_cls.presets
+    other_presets = {name for cls, _, _ in MODEL_TYPES.values() if cls is not model_cls for name in cls.presets}
     if args.model_config in other_presets:
         parser.error(
             f"--model_config {args.model_config} is not a --model_type {args.model_type} preset; choose one of "
@@ -401,23 +401,20 @@ def main(argv: list[str] | None = None) -> None:
 
     # 3. Model, objective, EMA.
     objective = get_objective(args.objective)
-    model_cls, presets, _, _ = MODEL_TYPES[args.model_type]
+    model_cls = MODEL_TYPES[args.model_type][0]
     tread_kwargs = {} if args.route_reinsertion is None else {"route_reinsertion": args.route_reinsertion}
     if args.pretrained_model_name_or_path:
         path = args.pretrained_model_name_or_path
         subfolder = None if Path(path, "config.json").is_file() else "transformer"  # a model or a pipeline folder
         load_kwargs = dict(subfolder=subfolder, revision=args.revision, cache_dir=args.cache_dir)
         config = model_cls.load_config(path, **load_kwargs)
-        is_ssm_checkpoint = config.get("_class_name") == TreadSSM2DModel.__name__
-        if is_ssm_checkpoint != (args.model_type == "ssm"):
-            raise ValueError(
-                f"{path} holds a {config.get('_class_name')}; train it with --model_type "
-                f"{'ssm' if is_ssm_checkpoint else 'dit'}."
-            )
+        checkpoint_cls = model_class_for_config(config)  # a ValueError names any class it cannot load
+        if checkpoint_cls is not model_cls:
+            model_type = next(kind for kind, (cls, _, _) in MODEL_TYPES.items() if cls is checkpoint_cls)
+            raise ValueError(f"{path} holds a {config['_class_name']}; train it with --model_type {model_type}.")
         # Keep a TREAD checkpoint's routes unless --routes is given; a plain DiT gets the paper's route.
         routes = args.routes if args.routes is not None else config.get("routes") or "paper"
-        if routes == "paper":
-            routes = paper_routes(config["num_layers"])
+        routes = resolve_routes(routes, config["num_layers"])
         model = model_cls.from_pretrained(path, variant=args.variant, routes=routes, **load_kwargs, **tread_kwargs)
     else:
         overrides = dict(
@@ -428,13 +425,13 @@ def main(argv: list[str] | None = None) -> None:
             **tread_kwargs,
         )
         routes = "paper" if args.routes is None else args.routes
-        if args.model_config in presets:
+        if args.model_config in model_cls.presets:
             model = model_cls.from_preset(args.model_config, routes=routes, **overrides)
         else:
             config = json.loads(Path(args.model_config).read_text())
             config = {k: v for k, v in config.items() if not k.startswith("_")} | overrides
             if args.routes is not None or "routes" not in config:
-                config["routes"] = paper_routes(config["num_layers"]) if routes == "paper" else routes
+                config["routes"] = resolve_routes(routes, config["num_layers"])
             model = model_cls.from_config(config)
     check_model_matches_data(model, data_channels, data_size, num_classes, objective)
     if args.latents_dir:
