@@ -1,6 +1,7 @@
 """Reliability of training/train_tread.py: exact resume, crash-safe checkpoints, signals, bad input, multi-process."""
 
 import csv
+import json
 import os
 import signal
 import socket
@@ -8,7 +9,9 @@ import subprocess
 import sys
 import textwrap
 import time
+from concurrent.futures import Future
 from fnmatch import fnmatch
+from pathlib import Path
 
 import pytest
 import torch
@@ -288,3 +291,195 @@ def test_leftover_incomplete_checkpoints_are_removed_at_start_and_never_pushed(t
     patterns = hub.HUB_IGNORE_PATTERNS
     assert any(fnmatch(".incomplete-checkpoint-7/optimizer.bin", pattern) for pattern in patterns)
     assert any(fnmatch("validation/step_0000010/0.png", pattern) for pattern in patterns)
+
+
+# --- issue #14: reused folders, finished runs, failed uploads, two processes ------------------------------------------
+
+
+def test_a_used_output_dir_is_refused_and_overwrite_clears_only_that_run(tmp_path, capsys):
+    script = load_script()
+    out = tmp_path / "out"
+    common = [*TINY, f"--output_dir={out}", "--validation_steps=100", "--checkpointing_steps=2"]
+    script.main([*common, "--max_train_steps=4", "--checkpoints_total_limit=1"])
+    (out / "notes.txt").write_text("the user's own file")
+    with pytest.raises(SystemExit) as exit_info:  # a second run would prune the first run's checkpoints and mix logs
+        script.main([*common, "--max_train_steps=2"])
+    assert exit_info.value.code == 2
+    assert "already holds a training run (checkpoint-4" in capsys.readouterr().err
+    assert (out / "checkpoint-4").is_dir()  # untouched
+    script.main([*common, "--max_train_steps=2", "--overwrite_output_dir"])
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
+    assert len((out / "loss_history.csv").read_text().splitlines()) == 2 and (out / "notes.txt").is_file()
+
+
+def test_resuming_a_finished_run_does_nothing_but_say_so(tmp_path, caplog):
+    script = load_script()
+    out = tmp_path / "out"
+    common = [*TINY, f"--output_dir={out}", "--validation_steps=100", "--checkpointing_steps=2", "--max_train_steps=2"]
+    script.main(common)
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    caplog.set_level("INFO")
+    script.main([*common, "--resume_from_checkpoint=latest"])
+    assert "finished at step 2" in caplog.text and "nothing to do" in caplog.text
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before  # nothing written again
+    # a longer budget continues it
+    script.main([*common[:-1], "--max_train_steps=3", "--resume_from_checkpoint=latest"])
+    assert len((out / "loss_history.csv").read_text().splitlines()) == 3
+    assert json.loads((out / "training_complete.json").read_text())["step"] == 3
+
+
+def test_a_failing_checkpoint_upload_never_stops_training_and_is_reported(tmp_path, monkeypatch, caplog):
+    script = load_script()
+    monkeypatch.setattr(script, "create_repo", lambda repo_id, **kw: type("Repo", (), {"repo_id": f"u/{repo_id}"})())
+    sent = []
+
+    def upload_folder(**kwargs):  # checkpoint-1 never gets through; everything else does
+        sent.append(kwargs.get("path_in_repo") or "final")
+        future = Future()
+        if kwargs.get("path_in_repo") == "checkpoint-1":
+            future.set_exception(ConnectionError("Hub unreachable"))
+        else:
+            future.set_result(None)
+        return future if kwargs.get("run_as_future") else future.result()
+
+    monkeypatch.setattr(hub, "upload_folder", upload_folder)
+    caplog.set_level("INFO")
+    out = tmp_path / "run"
+    script.main([*TINY, f"--output_dir={out}", "--max_train_steps=3", "--checkpointing_steps=1",
+                 "--checkpoints_total_limit=1", "--validation_steps=100", "--push_to_hub", "--push_checkpoints"])  # fmt: skip
+    assert sent.count("checkpoint-1") == 3 and sent[-1] == "final"  # tried 3 times, then the final push
+    assert (
+        "2 done (checkpoint-2, checkpoint-3); 1 failed (checkpoint-1: ConnectionError: Hub unreachable)" in caplog.text
+    )
+    assert (out / "model_index.json").is_file() and [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-3"]
+
+
+# Runs the training script with a simulated Hub and, on one process, scripted faults: the processes are real
+# (`accelerate launch`, gloo), only huggingface_hub's network calls and the chosen failure are replaced.
+FAULTY_TRAINER = textwrap.dedent(
+    """
+    import json, os, sys
+    from concurrent.futures import Future
+    from pathlib import Path
+
+    import importlib.util
+
+    import torch
+
+    from diffusers_tread import hub
+
+    spec = importlib.util.spec_from_file_location("train_tread", sys.argv[1])
+    train_tread = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_tread)
+    record = Path(os.environ["FAKE_HUB_LOG"])
+
+    def upload_folder(**kwargs):
+        with record.open("a") as f:
+            f.write(json.dumps({"rank": int(os.environ["RANK"]), "path": kwargs.get("path_in_repo")}) + "\\n")
+        future = Future()
+        future.set_result(None)
+        return future if kwargs.get("run_as_future") else None
+
+    hub.upload_folder = upload_folder
+    train_tread.create_repo = lambda repo_id, **kw: type("Repo", (), {"repo_id": f"user/{repo_id}"})()
+    failing_step = os.environ.get("FAIL_SAVE_ON_RANK_1")
+    if failing_step and os.environ["RANK"] == "1":  # (a PartialState here would be made before accelerate's CPU flag)
+        original = torch.save
+
+        def save(obj, path, *args, **kwargs):
+            if f".incomplete-checkpoint-{failing_step}" in str(path):
+                raise OSError(28, "No space left on device")
+            return original(obj, path, *args, **kwargs)
+
+        torch.save = save
+    train_tread.main(sys.argv[2:])
+    """
+)
+
+
+def launch_two_faulty(tmp_path, *args, env=None, check=True):
+    wrapper = tmp_path / "faulty_trainer.py"
+    wrapper.write_text(FAULTY_TRAINER)
+    env = {**ENV, "ACCELERATE_USE_CPU": "1", "FAKE_HUB_LOG": str(tmp_path / "hub.jsonl"), **(env or {})}
+    command = ["accelerate", "launch", "--multi_gpu", "--num_processes=2", "--num_machines=1",
+               "--mixed_precision=no", "--dynamo_backend=no", f"--main_process_port={free_port()}"]  # fmt: skip
+    result = subprocess.run([*command, str(wrapper), str(SCRIPT), *TINY, "--train_batch_size=8", *args], env=env,
+                            cwd=REPO, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert "Num processes: 2" in result.stderr
+    if check:
+        assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def test_two_processes_resume_bit_for_bit_and_push_checkpoints_from_the_main_process_only(tmp_path):
+    common = ["--validation_steps=100", "--checkpointing_steps=2", "--routes=1:3:0.5"]
+    launch_two_faulty(tmp_path, f"--output_dir={tmp_path / 'straight'}", "--max_train_steps=4", *common)
+    launch_two_faulty(tmp_path, f"--output_dir={tmp_path / 'resumed'}", "--max_train_steps=2", *common,
+                      "--push_to_hub", "--push_checkpoints", "--hub_model_id=user/resumed")  # fmt: skip
+    launch_two_faulty(tmp_path, f"--output_dir={tmp_path / 'resumed'}", "--max_train_steps=4", *common,
+                      "--resume_from_checkpoint=latest", "--push_to_hub", "--push_checkpoints",
+                      "--hub_model_id=user/resumed")  # fmt: skip
+    straight = checkpoint_state(tmp_path / "straight" / "checkpoint-4")
+    resumed = checkpoint_state(tmp_path / "resumed" / "checkpoint-4")
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
+    uploads = [json.loads(line) for line in (tmp_path / "hub.jsonl").read_text().splitlines()]
+    assert {upload["rank"] for upload in uploads} == {0}  # only the main process talks to the Hub
+    assert [upload["path"] for upload in uploads] == ["checkpoint-2", None, "checkpoint-4", None]
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the worker processes in /proc (Linux)")
+def test_two_processes_stop_on_sigterm_with_a_checkpoint(tmp_path):
+    out = tmp_path / "out"
+    wrapper = tmp_path / "faulty_trainer.py"
+    wrapper.write_text(FAULTY_TRAINER)
+    env = {**ENV, "ACCELERATE_USE_CPU": "1", "FAKE_HUB_LOG": str(tmp_path / "hub.jsonl")}
+    command = ["accelerate", "launch", "--multi_gpu", "--num_processes=2", "--num_machines=1", "--mixed_precision=no",
+               "--dynamo_backend=no", f"--main_process_port={free_port()}", str(wrapper), str(SCRIPT), *TINY,
+               "--train_batch_size=8", f"--output_dir={out}", "--max_train_steps=100000",
+               "--checkpointing_steps=100000", "--validation_steps=100000", "--logging_steps=1"]  # fmt: skip
+    log = (tmp_path / "stderr.log").open("w")
+    process = subprocess.Popen(command, env=env, cwd=REPO, stdout=log, stderr=log)
+    history = out / "loss_history.csv"
+    deadline = time.time() + 180
+    while time.time() < deadline and (not history.exists() or len(history.read_text().splitlines()) < 3):
+        time.sleep(0.2)
+    workers = children(process.pid)  # the training processes (the launcher's elastic agent has its own SIGTERM policy)
+    assert len(workers) == 2
+    for worker in workers:
+        os.kill(worker, signal.SIGTERM)
+    process.wait(timeout=180)
+    stderr = (tmp_path / "stderr.log").read_text()
+    assert process.returncode == 0, stderr[-3000:]
+    checkpoints = list(out.glob("checkpoint-*"))
+    assert len(checkpoints) == 1 and sorted(p.name for p in checkpoints[0].glob("train_rng_*.pt")) == [
+        "train_rng_0.pt",
+        "train_rng_1.pt",
+    ]
+    assert "Stopped by signal" in stderr
+
+
+def test_a_save_failure_on_one_process_ends_every_process_with_the_message(tmp_path):
+    out = tmp_path / "out"
+    result = launch_two_faulty(tmp_path, f"--output_dir={out}", "--max_train_steps=6", "--checkpointing_steps=2",
+                               "--validation_steps=100", env={"FAIL_SAVE_ON_RANK_1": "4"}, check=False)  # fmt: skip
+    assert result.returncode != 0
+    assert (
+        "Saving" in result.stderr
+        and "checkpoint-4 failed" in result.stderr
+        and "checkpoint-2) is intact" in result.stderr
+    )
+    assert sorted(p.name for p in out.glob("*checkpoint-*")) == ["checkpoint-2"]
+    assert find_checkpoint(out, "latest") == str(out / "checkpoint-2")
