@@ -335,6 +335,17 @@ def test_precomputed_embeddings_and_exact_resume(tmp_path, assets, monkeypatch):
     ]
     assert resumed_losses == losses
 
+    # the same library run folder as train_tread.py: resuming the finished run does nothing but say so, and a new run
+    # into the used folder is refused unless it asks to clear it
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "resumed").rglob("*") if p.is_file()}
+    run(tmp_path / "resumed", "--max_train_steps=4", "--checkpointing_steps=2", "--resume_from_checkpoint=latest")
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "resumed").rglob("*") if p.is_file()} == before
+    assert json.loads((tmp_path / "resumed" / "training_complete.json").read_text()) == {"step": 4}
+    script, used = load_script(), [*TINY, *common, f"--output_dir={tmp_path / 'resumed'}"]
+    with pytest.raises(SystemExit):
+        script.parse_args(used)
+    assert script.parse_args([*used, "--overwrite_output_dir"]).overwrite_output_dir
+
     # embeddings of other captions or another sequence length are refused, not silently reused
     with pytest.raises(ValueError, match="max_sequence_length"):
         run(tmp_path / "other", "--max_train_steps=1", "--max_sequence_length=8")

@@ -1,0 +1,193 @@
+#!/usr/bin/env python
+"""Fault injection: kill `training/train_tread.py` at random points of its saves and uploads, many times, resume it
+each time with ``--resume_from_checkpoint latest``, and count what was lost (issue #14).
+
+Each run trains the built-in digits job with a checkpoint every step, ``--checkpoints_total_limit 1`` (the setting
+where a bad save costs the most) and ``--push_checkpoints`` to a simulated Hub. Each attempt is killed with SIGKILL
+(no handler runs, as in a power loss or an OOM kill) inside the n-th call of one of the functions a save or upload goes
+through, chosen at random: writing a weights file (half written, then killed), `torch.save` (optimizer, RNG states),
+`os.replace` (a rename into place), `os.fsync`, `shutil.rmtree` (pruning, clean-up) or a Hub upload. The faults are
+installed by a ``sitecustomize`` module on the child's PYTHONPATH, so the script runs exactly as users run it.
+
+After every attempt the folder is checked:
+- checkpoints lost: the newest checkpoint that verifies is older than before the attempt (must be 0);
+- broken outputs: a ``model_index.json`` (or ``training_complete.json``) beside a pipeline that does not load (0);
+- runs finished: every run must reach its last step, and its pipeline must load.
+
+    python bench/faults.py --runs 12 --json bench/results/faults.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "training" / "train_tread.py"
+TRAINING_ARGS = ["--resolution=8", "--train_batch_size=16", "--report_to=none", "--num_validation_images=1",
+                 "--validation_num_inference_steps=2", "--validation_class_labels=0,1", "--dataloader_num_workers=0",
+                 "--validation_steps=1000", "--checkpointing_steps=1", "--checkpoints_total_limit=1",
+                 "--push_to_hub", "--push_checkpoints", "--hub_model_id=user/faults"]  # fmt: skip
+# where, and how many calls a 6-step run makes there (measured): the kill lands at a uniform call in 1..count, later
+# ones may not be reached by a resumed run, which then finishes
+KILL_POINTS = {"save_file": 13, "torch.save": 24, "os.replace": 14, "os.fsync": 129, "shutil.rmtree": 7, "upload": 7}
+
+SITECUSTOMIZE = '''
+"""Installed by bench/faults.py: a simulated Hub, and SIGKILL at the FAULT_AFTER-th call of FAULT_POINT."""
+import os, shutil, signal, threading, time
+from concurrent.futures import Future
+
+_point, _after, _calls = os.environ.get("FAULT_POINT"), int(os.environ.get("FAULT_AFTER", "0")), [0]
+
+
+def _maybe_die(point, before=None):
+    if point != _point:
+        return
+    _calls[0] += 1
+    if _calls[0] == _after:
+        if before is not None:
+            before()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _wrap(module, name, point, partial_file=False):
+    original = getattr(module, name)
+
+    def wrapped(*args, **kwargs):
+        def half_write():
+            target = args[1] if len(args) > 1 else kwargs.get("filename")
+            with open(target, "wb") as f:
+                f.write(b"\\0" * 100)
+        _maybe_die(point, half_write if partial_file else None)
+        return original(*args, **kwargs)
+
+    setattr(module, name, wrapped)
+
+
+if _point:
+    import torch, safetensors.torch
+    _wrap(safetensors.torch, "save_file", "save_file", partial_file=True)
+    _wrap(torch, "save", "torch.save")
+    _wrap(os, "replace", "os.replace")
+    _wrap(os, "fsync", "os.fsync")
+    _wrap(shutil, "rmtree", "shutil.rmtree")
+
+import huggingface_hub
+
+_hub = os.environ["FAULT_HUB"]
+
+
+def upload_folder(**kwargs):
+    future = Future()
+
+    def run():
+        time.sleep(0.05)  # a slow network: the kill can land while it runs
+        _maybe_die("upload")
+        target = os.path.join(_hub, kwargs.get("path_in_repo") or "main")
+        shutil.copytree(kwargs["folder_path"], target, dirs_exist_ok=True)
+        future.set_result(None)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    if kwargs.get("run_as_future"):
+        return future
+    thread.join()
+    return future.result()
+
+
+class _Repo:
+    def __init__(self, repo_id):
+        self.repo_id = repo_id
+
+
+huggingface_hub.upload_folder = upload_folder
+huggingface_hub.create_repo = lambda repo_id, **kwargs: _Repo(repo_id)
+'''
+
+
+def best_checkpoint(output_dir: Path) -> int:
+    from diffusers_tread.checkpointing import checkpoint_step, find_checkpoint
+
+    found = find_checkpoint(output_dir, "latest") if output_dir.is_dir() else None
+    return checkpoint_step(found) if found else 0
+
+
+def outputs_load(output_dir: Path) -> bool:
+    from diffusers_tread import TreadDiTPipeline
+
+    try:
+        TreadDiTPipeline.from_pretrained(output_dir)
+        return True
+    except Exception:  # noqa: BLE001 - any failure to load is what is counted
+        return False
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=12)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--max_attempts", type=int, default=12, help="per run, before it counts as not finished")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    rng = random.Random(args.seed)
+    totals = dict(runs=0, runs_finished=0, attempts=0, kills=0, resumed_from_checkpoint=0, checkpoints_lost=0,
+                  broken_outputs=0, kills_by_point={})  # fmt: skip
+    started = time.time()
+    with tempfile.TemporaryDirectory(prefix="tread-faults-") as workdir:
+        site = Path(workdir, "site")
+        site.mkdir()
+        (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
+        for run in range(args.runs):
+            output_dir, hub = Path(workdir, f"run-{run}"), Path(workdir, f"hub-{run}")
+            totals["runs"] += 1
+            best, finished = 0, False
+            for attempt in range(args.max_attempts):
+                point = rng.choice(sorted(KILL_POINTS)) if attempt < args.max_attempts - 1 else ""
+                env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]),
+                       "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "FAULT_POINT": point,
+                       "FAULT_AFTER": str(rng.randint(1, KILL_POINTS[point]) if point else 0), "FAULT_HUB": str(hub)}  # fmt: skip
+                command = [sys.executable, str(SCRIPT), *TRAINING_ARGS, f"--output_dir={output_dir}",
+                           f"--max_train_steps={args.steps}"]  # fmt: skip
+                if attempt:
+                    command.append("--resume_from_checkpoint=latest")
+                result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+                totals["attempts"] += 1
+                killed = result.returncode == -9
+                if killed:
+                    totals["kills"] += 1
+                    totals["kills_by_point"][point] = totals["kills_by_point"].get(point, 0) + 1
+                elif result.returncode != 0:
+                    raise SystemExit(f"run {run} attempt {attempt} failed without a kill:\n{result.stderr[-3000:]}")
+                if "Resuming from" in result.stderr:
+                    totals["resumed_from_checkpoint"] += 1
+                now = best_checkpoint(output_dir)
+                if now < best:
+                    totals["checkpoints_lost"] += 1
+                    print(f"run {run} attempt {attempt}: checkpoint-{best} lost (now {now}), killed at {point}")
+                best = max(best, now)
+                if (output_dir / "model_index.json").is_file() or (output_dir / "training_complete.json").is_file():
+                    if not outputs_load(output_dir):
+                        totals["broken_outputs"] += 1
+                        print(f"run {run} attempt {attempt}: outputs do not load, killed at {point}")
+                if not killed:
+                    finished = (output_dir / "training_complete.json").is_file() and outputs_load(output_dir)
+                    break
+            totals["runs_finished"] += finished
+            print(f"run {run}: {attempt + 1} attempts, finished={finished}", flush=True)
+    totals["seconds"] = round(time.time() - started, 1)
+    print(json.dumps(totals, indent=2))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(totals, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
