@@ -287,3 +287,30 @@ def test_leftover_incomplete_checkpoints_are_removed_at_start_and_never_pushed(t
     patterns = hub.HUB_IGNORE_PATTERNS
     assert any(fnmatch(".incomplete-checkpoint-7/optimizer.bin", pattern) for pattern in patterns)
     assert any(fnmatch("validation/step_0000010/0.png", pattern) for pattern in patterns)
+
+
+def test_resumed_accelerator_state_is_unpickled_with_weights_only(tmp_path, monkeypatch, caplog):
+    """setup.py's accelerate floor is the first release whose load_accelerator_state reads with weights_only=True
+    (1.1.0; see the comment there), and the installed one refuses a code-running pickle in a checkpoint's RNG file."""
+    import logging
+
+    from accelerate import checkpointing
+    from packaging.requirements import Requirement
+    from unsafe_pickle import CodeRunningPayload
+
+    (requirement,) = [
+        Requirement(line.strip().strip('",'))
+        for line in (REPO / "setup.py").read_text().splitlines()
+        if line.strip().startswith('"accelerate')
+    ]
+    assert not requirement.specifier.contains("1.0.1") and requirement.specifier.contains("1.1.0")
+
+    marker = tmp_path / "code-ran"
+    torch.save({"random_state": CodeRunningPayload(marker)}, tmp_path / "random_states_0.pkl")
+    # accelerate's logger needs an initialised state; a plain logger keeps this test free of that global
+    monkeypatch.setattr(checkpointing, "logger", logging.getLogger("accelerate.checkpointing"))
+    with caplog.at_level("INFO", logger="accelerate.checkpointing"):
+        checkpointing.load_accelerator_state(
+            tmp_path, models=[], optimizers=[], schedulers=[], dataloaders=[], process_index=0
+        )
+    assert not marker.exists() and "Could not load random states" in caplog.text
