@@ -1,7 +1,6 @@
 """training/convert_checkpoint.py against an independent forward pass in the original DiT layout."""
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -12,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_vae
+from conftest import load_module, tiny_vae
 
 from diffusers_tread import PRESETS, TreadDiTPipeline
 
@@ -20,14 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "training" / "convert_checkpoint.py"
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("convert_checkpoint", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-convert_checkpoint = load_script()
+convert_checkpoint = load_module(SCRIPT)
 
 
 # --- a DiT in the original layout (Peebles & Xie 2023, Sec. 3.2 and Fig. 3), written from the paper's description ---

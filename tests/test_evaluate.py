@@ -2,14 +2,13 @@
 the ADM .npz, FID with an injected feature extractor, clear errors for missing files, and Frechet-distance known
 answers."""
 
-import importlib.util
 import os
 from collections import Counter
 
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, tiny_tread
+from conftest import REPO, load_module, tiny_tread
 from diffusers import DDIMScheduler
 
 from diffusers_tread import TreadDiTPipeline
@@ -24,14 +23,7 @@ from diffusers_tread.metrics import (
 NUM_CLASSES, NUM_SAMPLES, BATCH_SIZE = 10, 20, 8
 
 
-def load_evaluate():
-    spec = importlib.util.spec_from_file_location("evaluate", REPO / "training" / "evaluate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-evaluate = load_evaluate()
+evaluate = load_module(REPO / "training" / "evaluate.py")
 
 
 def tiny_features(images: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,6 @@
 Everything runs offline against a simulated Hub."""
 
 import hashlib
-import importlib.util
 import inspect
 import json
 import os
@@ -17,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_tread, tiny_vae
+from conftest import load_module, load_script, tiny_tread, tiny_vae
 from diffusers import DDIMScheduler
 from diffusers.training_utils import EMAModel
 from diffusers.utils.dynamic_modules_utils import get_relative_imports
@@ -97,10 +96,7 @@ def folder_digest(folder: Path) -> dict[str, str]:
 
 
 def load_push_script():
-    spec = importlib.util.spec_from_file_location("push_to_hub", REPO / "training" / "push_to_hub.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_module(REPO / "training" / "push_to_hub.py")
 
 
 # --- the generated remote-code module ---------------------------------------------------------------------------------
@@ -532,9 +528,7 @@ def test_push_script_turns_a_checkpoint_into_a_pipeline(output_folder, tmp_path)
 
 
 def test_training_push_folder_uploads_the_bundle_with_the_final_folder(output_folder, monkeypatch):
-    spec = importlib.util.spec_from_file_location("train_tread", REPO / "training" / "train_tread.py")
-    train = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train)
+    train = load_script()
     sent = []
 
     def fake_upload(**kwargs):

@@ -55,12 +55,14 @@ def test_exact_resume_bit_for_bit_with_accumulation_and_new_checkpointing_steps(
 
 KILL_DURING_SAVE = textwrap.dedent(
     """
-    import importlib.util, os, signal, sys
+    import os, signal, sys
+    from pathlib import Path
     import safetensors.torch
 
-    spec = importlib.util.spec_from_file_location("train_tread", sys.argv[1])
-    train_tread = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_tread)
+    sys.path.insert(0, str(Path(sys.argv[1]).resolve().parents[1] / "tests"))
+    from conftest import load_module
+
+    train_tread = load_module(sys.argv[1])
     original = safetensors.torch.save_file
 
     def save_file(tensors, filename, metadata=None):

@@ -1,7 +1,6 @@
 """The Gradio demo (spaces/tread-dit): its pieces on a tiny pipeline, and end to end in headless Chromium against the
 app served on 127.0.0.1 from a Hub-ready (remote-code) folder, as on a Space. Offline throughout."""
 
-import importlib.util
 import json
 import os
 import shutil
@@ -17,7 +16,7 @@ from urllib.parse import urlparse
 import gradio
 import pytest
 import torch
-from conftest import tiny_tread
+from conftest import load_module, tiny_tread
 from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel
 from huggingface_hub import SpaceCard
 from PIL import Image
@@ -44,10 +43,7 @@ KINDS = list(getattr(pipeline_tread_dit, "GUIDANCE_KINDS", ()))
 
 
 def load_app():
-    spec = importlib.util.spec_from_file_location("tread_space_app", SPACE / "app.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_module(SPACE / "app.py", "tread_space_app")
 
 
 @pytest.fixture(scope="module")
