@@ -331,13 +331,18 @@ def train_steps(run: Run, train_x, train_y, num_steps: int, batch_size: int, cla
             loss_mode=arm.loss,
             mae_loss_weight=MAE_LOSS_WEIGHT if arm.loss == "adapted" else 0.0,
         )
-        run.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        run.optimizer.step()
-        run.ema.step(model.parameters())
-        run.train_losses.append(loss.item())
-        run.step += 1
+        update(run, loss)
         run.step_seconds.append(time.perf_counter() - started)
+
+
+def update(run: Run, loss: torch.Tensor) -> None:
+    """Backward, optimiser and EMA step, and the step's bookkeeping."""
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    run.optimizer.step()
+    run.ema.step(run.model.parameters())
+    run.train_losses.append(loss.item())
+    run.step += 1
 
 
 def seconds(run: Run) -> float:

@@ -76,7 +76,7 @@ def test_arms_of_a_group_see_the_same_weights_data_and_noise(convergence):
     assert not torch.equal(weights[0], weights[3])
 
 
-def reference_train_steps(run, train_x, train_y, num_steps, batch_size, class_dropout_prob=0.1):
+def reference_train_steps(convergence, run, train_x, train_y, num_steps, batch_size, class_dropout_prob=0.1):
     """The step bench/convergence.py ran before it used diffusers_tread.training_utils (its results were made with
     it), written out: data, label dropout and noise from the data generator, routes from the route generator,
     tread_loss with its default MAE weight, the ratio warm-up as ratio * step / warmup_steps."""
@@ -97,12 +97,7 @@ def reference_train_steps(run, train_x, train_y, num_steps, batch_size, class_dr
         loss = tread_loss(per_element, output.route_masks, arm.patch_size, mode=arm.loss,
                           denoised=objective.denoised(output.sample, inputs) if adapted else None,
                           noisy_input=inputs.noisy_sample if adapted else None)  # fmt: skip
-        run.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        run.optimizer.step()
-        run.ema.step(model.parameters())
-        run.train_losses.append(loss.item())
-        run.step += 1
+        convergence.update(run, loss)  # backward, optimiser and EMA step: shared
 
 
 def test_the_library_step_reproduces_the_benchmarks_earlier_step(convergence, monkeypatch):
@@ -127,7 +122,7 @@ def test_the_library_step_reproduces_the_benchmarks_earlier_step(convergence, mo
         ours, reference = convergence.start_run(arm, 5e-4), convergence.start_run(arm, 5e-4)
         reference.optimizer = torch.optim.AdamW(reference.model.parameters(), lr=5e-4, weight_decay=0.0)
         convergence.train_steps(ours, x, y, arm.steps, batch_size=8)
-        reference_train_steps(reference, x, y, arm.steps, batch_size=8)
+        reference_train_steps(convergence, reference, x, y, arm.steps, batch_size=8)
         assert ours.train_losses == reference.train_losses, arm.name
         for mine, theirs in zip(ours.model.parameters(), reference.model.parameters(), strict=True):
             assert torch.equal(mine, theirs), arm.name
