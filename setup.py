@@ -6,7 +6,12 @@ install_requires = [
     "diffusers>=0.42.1,<0.43",
     "huggingface-hub>=1.0",
     "safetensors>=0.4",
-    "accelerate>=1.0",
+    # 1.1.0 is the first release whose load_accelerator_state (Accelerator.load_state, i.e. --resume_from_checkpoint)
+    # reads optimizer/scheduler/sampler/scaler/RNG files through accelerate.utils.other.load, which sets
+    # weights_only=True unless told otherwise (torch >= 2.4); 1.0.x calls bare torch.load, i.e. weights_only=False
+    # under torch 2.5. (load_custom_state, for register_for_checkpointing objects, passes weights_only=False in
+    # every release through 1.15.0; the training scripts register none.)
+    "accelerate>=1.1",
     "peft>=0.17",
     "numpy",
     "Pillow",

@@ -52,12 +52,18 @@ from torch import nn
 
 from diffusers_tread import TreadDiTPipeline, TreadTransformer2DModel
 from diffusers_tread.data import load_digits
-from diffusers_tread.losses import tread_loss
 from diffusers_tread.metrics import feature_statistics, frechet_distance
-from diffusers_tread.objectives import get_objective
+from diffusers_tread.objectives import Objective, get_objective
+from diffusers_tread.training_utils import (
+    drop_class_labels,
+    make_optimizer,
+    scheduled_selection_ratios,
+    tread_training_loss,
+)
 
 RESOLUTION = 16  # the 8x8 digits upscaled 2x, as the README's main job
 HELD_OUT_TIMES = (0.1, 0.3, 0.5, 0.7, 0.9)  # flow times t of the held-out loss
+MAE_LOSS_WEIGHT = 0.1  # the adapted (v1) loss's MAE term, as the paper's v1 and train_tread.py's default
 
 
 @dataclass(frozen=True)
@@ -276,7 +282,7 @@ def build_model(arm: Arm) -> nn.Module:
 def start_run(arm: Arm, learning_rate: float) -> Run:
     model = build_model(arm).train()
     ema = EMAModel(model.parameters(), decay=0.9999, use_ema_warmup=True, power=2 / 3)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
+    optimizer = make_optimizer(model.parameters(), learning_rate)  # AdamW, no weight decay, as train_tread.py
     return Run(
         arm,
         model,
@@ -287,39 +293,56 @@ def start_run(arm: Arm, learning_rate: float) -> Run:
     )
 
 
+class NoiseFrom:
+    """``objective`` with its training noise and timesteps drawn from ``generator``, whatever generator the caller
+    passes. The library's step (`tread_training_loss`) draws noise and routes from one generator; here the noise
+    comes from the data generator and only the routes from the route generator, so that an arm's data and noise
+    depend on the seed and the step alone, never on its routes (the arms of a group see the same batches)."""
+
+    def __init__(self, objective: Objective, generator: torch.Generator):
+        self.objective, self.generator = objective, generator
+
+    def training_inputs(self, x0: torch.Tensor, generator: torch.Generator | None = None):
+        return self.objective.training_inputs(x0, generator=self.generator)
+
+    def __getattr__(self, name: str):
+        return getattr(self.objective, name)
+
+
 def train_steps(run: Run, train_x, train_y, num_steps: int, batch_size: int, class_dropout_prob: float = 0.1) -> None:
-    """``num_steps`` optimiser steps; the data and noise depend only on the seed and the step, never on the routes."""
-    arm, model, objective = run.arm, run.model, get_objective(run.arm.objective)
+    """``num_steps`` optimiser steps of the library's training step (`diffusers_tread.training_utils`: label dropout,
+    `tread_training_loss`, the ratio warm-up of `scheduled_selection_ratios`); the data and noise depend only on the
+    seed and the step, never on the routes (`NoiseFrom`)."""
+    arm, model = run.arm, run.model
+    objective = NoiseFrom(get_objective(arm.objective), run.data_generator)
+    routes = route_dicts(arm)
     for _ in range(num_steps):
         started = time.perf_counter()
         batch = torch.randint(0, len(train_x), (batch_size,), generator=run.data_generator)
-        x0, labels = train_x[batch], train_y[batch]
-        drop = torch.rand(batch_size, generator=run.data_generator) < class_dropout_prob
-        labels = torch.where(drop, torch.full_like(labels, 10), labels)
-        inputs = objective.training_inputs(x0, generator=run.data_generator)
-        ratios = None
-        if arm.ratio_warmup_steps and run.step < arm.ratio_warmup_steps:
-            ratios = [ratio * run.step / arm.ratio_warmup_steps for _, _, ratio in arm.routes]
-        output = model(
-            inputs.model_input, inputs.timestep, labels, selection_ratio=ratios, route_generator=run.route_generator
+        labels = drop_class_labels(train_y[batch], 10, class_dropout_prob, run.data_generator)
+        loss = tread_training_loss(
+            model,
+            objective,
+            train_x[batch],
+            labels,
+            generator=run.route_generator,
+            selection_ratio=scheduled_selection_ratios(routes, run.step, arm.steps, arm.ratio_warmup_steps),
+            patch_size=arm.patch_size,
+            loss_mode=arm.loss,
+            mae_loss_weight=MAE_LOSS_WEIGHT if arm.loss == "adapted" else 0.0,
         )
-        per_element = objective.per_element_loss(output.sample, x0, inputs)
-        use_mae = arm.loss == "adapted" and bool(output.route_masks)
-        loss = tread_loss(
-            per_element,
-            output.route_masks,
-            arm.patch_size,
-            mode=arm.loss,
-            denoised=objective.denoised(output.sample, inputs) if use_mae else None,
-            noisy_input=inputs.noisy_sample if use_mae else None,
-        )
-        run.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        run.optimizer.step()
-        run.ema.step(model.parameters())
-        run.train_losses.append(loss.item())
-        run.step += 1
+        update(run, loss)
         run.step_seconds.append(time.perf_counter() - started)
+
+
+def update(run: Run, loss: torch.Tensor) -> None:
+    """Backward, optimiser and EMA step, and the step's bookkeeping."""
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    run.optimizer.step()
+    run.ema.step(run.model.parameters())
+    run.train_losses.append(loss.item())
+    run.step += 1
 
 
 def seconds(run: Run) -> float:

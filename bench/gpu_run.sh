@@ -25,8 +25,8 @@ timeout 110 python3 bench/throughput.py --models DiT-B/2 --batch_size 32 --preci
     --repeats 10 --warmup 3 --json "$OUT/throughput_cudagraphs.json" 2>&1 | tee "$OUT/throughput_cudagraphs.md"
 
 # 2. The state-space backbone on ImageNet-256-shaped latents (4x32x32, 256 tokens), fp32.
-timeout 60 python3 bench/ssm_throughput.py --device cuda --models SSM-S/2 SSM-B/2 --in_channels 4 --sample_size 32 \
-    --batch_size 32 --repeats 5 --warmup 2 2>&1 | tee "$OUT/ssm_throughput.md"
+timeout 60 python3 bench/throughput.py --model_type ssm --device cuda --models SSM-S/2 SSM-B/2 --in_channels 4 \
+    --sample_size 32 --batch_size 32 --repeats 5 --warmup 2 2>&1 | tee "$OUT/ssm_throughput.md"
 
 # 3. The README's quick start (the default digits run) on the GPU, bf16 autocast: wall time and sample grid.
 start=$(date +%s)

@@ -15,15 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
+from throughput import make_batch, saved_activation_bytes  # bench/ is sys.path[0] for `python bench/memory.py`
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import make_batch, saved_activation_bytes  # noqa: E402
-
-from diffusers_tread import PRESETS, TreadTransformer2DModel  # noqa: E402
+from diffusers_tread import PRESETS, TreadTransformer2DModel
 
 GIB = 2**30
 

@@ -10,6 +10,11 @@ backward, gradient clipping, the fused/multi-tensor AdamW of `make_optimizer`), 
 - ``official dense`` / ``official routed``: CompVis/tread's ``dit.py`` run from a checkout (``bench/official_tread.py``;
   its EDM loss and AdamW, the official train.py step).
 
+With ``--model_type ssm`` the state-space backbone (`TreadSSM2DModel`) instead: ``dense`` / ``routed`` with the same
+weights, each trained with a plain step (MSE against a target of the input's shape, ``torch.optim.AdamW``), on
+``--in_channels`` x ``--sample_size``^2 inputs with 10 classes and patch ``--patch_size`` (the scan's elementwise
+recurrence is not in the FLOP count, but it also scales with the number of tokens).
+
 Per arm: median step time, ATen ops dispatched per step (forward + loss + backward + optimizer, counted eagerly with a
 ``TorchDispatchMode``; each is a dispatcher round trip and, on a GPU, a kernel launch), FLOPs per step
 (``torch.utils.flop_counter``, forward + backward), MFU on a GPU (FLOPs / time / the card's dense bf16 peak), and the
@@ -18,6 +23,7 @@ routed / dense time against the FLOP ratio (issue #13's target: time ratio <= 1.
     python bench/throughput.py                                                  # DiT-S/2, batch 8, CPU fp32, eager
     python bench/throughput.py --official_tread /path/to/tread --batch_size 2   # + the official code
     python bench/throughput.py --models DiT-B/2 DiT-XL/2 --batch_size 32 --precision bf16 --mode compile  # a GPU
+    python bench/throughput.py --model_type ssm --device cpu --threads 2    # SSM-Tiny/2, SSM-S/2; 1x16x16, 64 tokens
 """
 
 from __future__ import annotations
@@ -26,20 +32,13 @@ import argparse
 import json
 import platform
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 from diffusers import DiTTransformer2DModel
-from torch.utils.flop_counter import FlopCounterMode
 
-from diffusers_tread import PRESETS, TreadTransformer2DModel, TreadTransformer2DModelOutput, paper_routes
-from diffusers_tread.objectives import get_objective
-from diffusers_tread.training_utils import drop_class_labels, make_optimizer, tread_training_loss
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from official_tread import (  # noqa: E402
+# bench/'s own helper module, found as `python bench/throughput.py` puts bench/ first on sys.path
+from official_tread import (
     count_aten_ops,
     edm_loss,
     load_official_dit,
@@ -48,6 +47,19 @@ from official_tread import (  # noqa: E402
     official_optimizer,
     official_train_step,
 )
+from torch.utils.flop_counter import FlopCounterMode
+
+from diffusers_tread import (
+    PRESETS,
+    SSM_PRESETS,
+    TreadSSM2DModel,
+    TreadTransformer2DModel,
+    TreadTransformer2DModelOutput,
+    paper_routes,
+)
+from diffusers_tread.models.ssm_tread import fused_selective_scan
+from diffusers_tread.objectives import get_objective
+from diffusers_tread.training_utils import drop_class_labels, make_optimizer, tread_training_loss
 
 # Dense bf16 tensor-core peaks (vendor datasheets, without sparsity), TFLOP/s, for MFU.
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "4090": 165.0}
@@ -66,13 +78,23 @@ class StockForTrainingStep(torch.nn.Module):
         return TreadTransformer2DModelOutput(sample=sample, route_masks=None)
 
 
-def make_batch(batch_size: int, device: torch.device, dtype: torch.dtype = torch.float32, seed: int = 0):
-    """Latents, an 8-channel target, timesteps and labels (the same draws as official_tread.make_batch)."""
+def make_batch(
+    batch_size: int,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    channels: int = 4,
+    size: int = 32,
+    target_channels: int = 8,
+    num_classes: int = 1000,
+):
+    """Latents, a target, timesteps and labels; by default 4x32x32 latents with an 8-channel target and 1000 classes
+    (the same draws as official_tread.make_batch)."""
     generator = torch.Generator().manual_seed(seed)
-    latents = torch.randn(batch_size, 4, 32, 32, generator=generator)
-    target = torch.randn(batch_size, 8, 32, 32, generator=generator)
+    latents = torch.randn(batch_size, channels, size, size, generator=generator)
+    target = torch.randn(batch_size, target_channels, size, size, generator=generator)
     timestep = torch.randint(0, 1000, (batch_size,), generator=generator)
-    labels = torch.randint(0, 1000, (batch_size,), generator=generator)
+    labels = torch.randint(0, num_classes, (batch_size,), generator=generator)
     return latents.to(device, dtype), target.to(device, dtype), timestep.to(device), labels.to(device)
 
 
@@ -169,6 +191,43 @@ class OfficialStep:
         self.model.zero_grad(set_to_none=True)
 
 
+class PlainStep:
+    """A plain training step: MSE of the output against the batch target, backward, ``torch.optim.AdamW`` (the SSM
+    arms)."""
+
+    def __init__(self, model, args):
+        self.model, self.args = model, args
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def loss(self, batch) -> torch.Tensor:
+        latents, target, timestep, labels = batch
+        with torch.autocast(latents.device.type, torch.bfloat16, enabled=self.args.precision == "bf16"):
+            prediction = self.model(latents, timestep=timestep, class_labels=labels).sample
+        return torch.nn.functional.mse_loss(prediction.float(), target.float())
+
+    def __call__(self, batch) -> None:
+        self.loss(batch).backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def forward_backward(self, batch) -> None:
+        self.loss(batch).backward()
+        self.model.zero_grad(set_to_none=True)
+
+    model_mse_forward_backward = forward_backward  # the step is plain MSE already
+
+
+def build_ssm_arms(name: str, routes: list[dict], args, device: torch.device) -> dict:
+    """Dense and routed `TreadSSM2DModel` with the same weights, each with its own `PlainStep`."""
+    torch.manual_seed(0)
+    config = dict(in_channels=args.in_channels, out_channels=args.in_channels, sample_size=args.sample_size)
+    config.update(num_embeds_ada_norm=10, patch_size=args.patch_size)
+    dense = TreadSSM2DModel.from_preset(name, routes=None, **config).train()
+    routed = TreadSSM2DModel.from_preset(name, routes=routes, **config).train()
+    routed.load_state_dict(dense.state_dict())
+    return {arm: PlainStep(model.to(device), args) for arm, model in (("dense", dense), ("routed", routed))}
+
+
 def build_arms(name: str, routes: list[dict], args, device: torch.device, official) -> dict:
     torch.manual_seed(0)
     dense = TreadTransformer2DModel.from_preset(name, routes=None).to(device).train()
@@ -215,13 +274,26 @@ def synchronize(device: torch.device) -> None:
 
 
 def bench_model(name: str, routes: list[dict], args, device: torch.device, official) -> dict:
-    batch = make_batch(args.batch_size, device)
-    arms = build_arms(name, routes, args, device, official)
-    result = {"model": name, "routes": routes, "batch_size": args.batch_size, "mode": args.mode, "arms": {}}
+    if args.model_type == "ssm":
+        channels, size = args.in_channels, args.sample_size
+        batch = make_batch(
+            args.batch_size, device, channels=channels, size=size, target_channels=channels, num_classes=10
+        )
+        arms = build_ssm_arms(name, routes, args, device)
+        tokens = (size // args.patch_size) ** 2
+    else:
+        batch = make_batch(args.batch_size, device)
+        arms = build_arms(name, routes, args, device, official)
+        tokens = (32 // PRESETS[name]["patch_size"]) ** 2
+    parameters_m = sum(p.numel() for p in arms["dense"].model.parameters()) / 1e6
+    result = {"model": name, "routes": routes, "batch_size": args.batch_size, "mode": args.mode}
+    result.update(parameters_m=parameters_m, tokens=tokens, arms={})
     for arm, step in arms.items():
-        eager_counts = arm.startswith("official") or args.mode == "eager"
+        # compiled arms dispatch what the generated code calls: not comparable, not counted; nor the SSM arms (the
+        # scan's many small ops, at seconds per step on a CPU)
+        eager_counts = arm.startswith("official") or (args.mode == "eager" and args.model_type == "dit")
         row = {"flops": step_flops(step, batch)}
-        if eager_counts:  # compiled arms dispatch what the generated code calls: not comparable, not counted
+        if eager_counts:
             step(batch)  # the optimizer's lazy state exists before counting, as in every step after the first
             row["aten_ops"] = sum(count_aten_ops(lambda step=step: step(batch)).values())
             row["aten_ops_fwd_bwd"] = sum(count_aten_ops(lambda step=step: step.forward_backward(batch)).values())
@@ -275,7 +347,7 @@ def print_table(results: list[dict]) -> None:
     print("|---|---|---|---|---|---|---|---|")
     for r in results:
         for arm, row in r["arms"].items():
-            ops = "compiled"
+            ops = "compiled" if r["mode"] != "eager" else "not counted"
             if "aten_ops" in row:
                 ops = f"{row['aten_ops']} / {row['aten_ops_fwd_bwd']} / {row['aten_ops_model_mse']}"
             mfu = f"{100 * row['mfu']:.1f}%" if row["mfu"] is not None else "n/a"
@@ -286,7 +358,8 @@ def print_table(results: list[dict]) -> None:
     print()
     for r in results:
         line = (
-            f"{r['model']} batch {r['batch_size']} ({r['mode']}): routed/dense time {r['time_ratio']:.3f}, FLOP ratio "
+            f"{r['model']} ({r['parameters_m']:.2f}M parameters, {r['tokens']} tokens) batch {r['batch_size']} "
+            f"({r['mode']}): routed/dense time {r['time_ratio']:.3f}, FLOP ratio "
             f"{r['flop_ratio']:.3f}, time/FLOP {r['time_over_flop_ratio']:.3f} "
             f"({'met' if r['meets_target'] else 'MISSED'})"
         )
@@ -297,7 +370,8 @@ def print_table(results: list[dict]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["DiT-S/2"])
+    parser.add_argument("--model_type", choices=["dit", "ssm"], default="dit", help="ssm: TreadSSM2DModel arms")
+    parser.add_argument("--models", nargs="+", default=None, help="default: DiT-S/2; SSM-Tiny/2 SSM-S/2 for ssm")
     parser.add_argument("--routes", default="paper", help="'paper' (2..depth-4 at 0.5) or start:end:ratio[,...]")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=7)
@@ -315,12 +389,24 @@ def main() -> None:
         default=1.0,
         help="train_tread.py's default; 0 = no clipping (the official step)",
     )
+    # --model_type ssm inputs (the DiT arms take 4x32x32 latents, the presets' patch size)
+    parser.add_argument("--in_channels", type=int, default=1, help="ssm: input channels (4 for ImageNet-256 latents)")
+    parser.add_argument("--sample_size", type=int, default=16, help="ssm: input size (32 for ImageNet-256 latents)")
+    parser.add_argument("--patch_size", type=int, default=2, help="ssm: patch size")
     parser.add_argument("--official_tread", default=None, help="a CompVis/tread checkout: adds the official arms")
     parser.add_argument("--peak_tflops", type=float, default=None, help="for MFU (default: known GPUs' bf16 peak)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--profile", action="store_true", help="print a profile of one dense and one routed step")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
+    presets = SSM_PRESETS if args.model_type == "ssm" else PRESETS
+    if args.models is None:
+        args.models = ["SSM-Tiny/2", "SSM-S/2"] if args.model_type == "ssm" else ["DiT-S/2"]
+    unknown = [name for name in args.models if name not in presets]
+    if unknown:
+        parser.error(f"--models {unknown}: not {args.model_type} presets {sorted(presets)}.")
+    if args.model_type == "ssm" and (args.official_tread or args.mode != "eager"):
+        parser.error("--model_type ssm runs eager and has no official arms (no --official_tread, --mode eager).")
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -335,11 +421,13 @@ def main() -> None:
     print(
         f"# device={device} ({machine}), threads={torch.get_num_threads()}, precision={args.precision}, "
         f"mode={args.mode}, torch={torch.__version__}"
+        + (f", SSM scan: {'mamba_ssm' if fused_selective_scan() else 'PyTorch'}" if args.model_type == "ssm" else "")
+        + (f", input {args.in_channels}x{args.sample_size}x{args.sample_size}" if args.model_type == "ssm" else "")
     )
     results = []
     for name in args.models:
         if args.routes == "paper":
-            routes = paper_routes(PRESETS[name]["num_layers"])
+            routes = paper_routes(presets[name]["num_layers"])
         else:
             routes = []
             for part in args.routes.split(","):

@@ -39,6 +39,7 @@ from huggingface_hub import (
     SpaceCard,
     add_space_variable,
     create_repo,
+    model_info,
     upload_folder,
 )
 
@@ -766,16 +767,20 @@ def push_to_hub(
     info: ModelCardInfo | None = None,
 ) -> str:
     """Upload a pipeline folder as `prepare_hub_folder` lays it out to the model repo ``repo_id`` (created if
-    needed), after pushing the demo Space ``space_id`` (see `push_space`) when given; returns the model's URL.
+    needed), then the demo Space ``space_id`` (see `push_space`) when given, pinned to the model commit just made
+    (its card links to the Space, whose repo is created first); returns the model's URL.
 
     ``token`` only goes to ``huggingface_hub`` (None: ``HF_TOKEN`` or the logged-in token); it is never written to a
     file or logged.
     """
     repo_id = create_repo(repo_id, exist_ok=True, private=private, token=token).repo_id
     if space_id is not None:
-        demo_url = push_space(space_id, repo_id, token=token, private=private)
+        space_id = create_space_repo(space_id, token=token, private=private)
+        demo_url = f"https://huggingface.co/spaces/{space_id}"
     with hub_folder(folder, repo_id=repo_id, demo_url=demo_url, eval_results=eval_results, info=info) as staged:
-        upload_folder(repo_id=repo_id, folder_path=staged, commit_message=commit_message, token=token)
+        commit = upload_folder(repo_id=repo_id, folder_path=staged, commit_message=commit_message, token=token)
+    if space_id is not None:
+        upload_space(space_id, repo_id, commit.oid, token=token)
     return f"https://huggingface.co/{repo_id}"
 
 
@@ -790,26 +795,47 @@ def prepare_space(target: str | os.PathLike, model_id: str, space_dir: str | os.
     return target
 
 
-def push_space(
-    space_id: str,
-    model_id: str,
-    token: str | None = None,
-    private: bool = False,
-    space_dir: str | os.PathLike = SPACE_DIR,
-) -> str:
-    """Push the Gradio demo (``spaces/tread-dit``) as the Space ``space_id``, showing ``model_id``; returns its URL.
-
-    The Space's card lists the model (so the model page links to it) and its ``TREAD_MODEL`` variable names it.
-    """
-    space_id = create_repo(
+def create_space_repo(space_id: str, token: str | None = None, private: bool = False) -> str:
+    """Create the Gradio Space ``space_id`` if needed; return its full id (``user/name``)."""
+    return create_repo(
         space_id, repo_type="space", space_sdk="gradio", exist_ok=True, private=private, token=token
     ).repo_id
+
+
+def upload_space(
+    space_id: str,
+    model_id: str,
+    model_revision: str,
+    token: str | None = None,
+    space_dir: str | os.PathLike = SPACE_DIR,
+) -> None:
+    """Upload the demo to the existing Space ``space_id`` and set its ``TREAD_MODEL`` / ``TREAD_MODEL_REVISION``
+    variables: the app runs the model's remote code only at that commit."""
     with tempfile.TemporaryDirectory(prefix="tread-space-") as workdir:
         staged = prepare_space(Path(workdir, Path(space_dir).name), model_id, space_dir)
         upload_folder(
             repo_id=space_id, repo_type="space", folder_path=staged, commit_message="Upload demo", token=token
         )
     add_space_variable(space_id, "TREAD_MODEL", model_id, token=token)
+    add_space_variable(space_id, "TREAD_MODEL_REVISION", model_revision, token=token)
+
+
+def push_space(
+    space_id: str,
+    model_id: str,
+    token: str | None = None,
+    private: bool = False,
+    space_dir: str | os.PathLike = SPACE_DIR,
+    model_revision: str | None = None,
+) -> str:
+    """Push the Gradio demo (``spaces/tread-dit``) as the Space ``space_id``, showing ``model_id``; returns its URL.
+
+    The Space's card lists the model (so the model page links to it), its ``TREAD_MODEL`` variable names it and
+    ``TREAD_MODEL_REVISION`` pins the commit whose code the app runs (default: the model repo's current head).
+    """
+    space_id = create_space_repo(space_id, token=token, private=private)
+    model_revision = model_revision or model_info(model_id, token=token).sha
+    upload_space(space_id, model_id, model_revision, token=token, space_dir=space_dir)
     return f"https://huggingface.co/spaces/{space_id}"
 
 

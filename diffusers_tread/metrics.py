@@ -8,6 +8,13 @@ Nothing here downloads anything. FID needs two local files (see `load_inception`
   features with ``return_features=True``;
 - reference statistics as ``.npz`` with ``mu`` and ``sigma`` (ADM's ``VIRTUAL_imagenet256_labeled.npz`` has them).
 
+The Inception file is TorchScript, i.e. code that runs when loaded, so it is checked before `torch.jit.load` sees it
+(`verify_sha256`). No SHA-256 of ``inception-2015-12-05.pt`` is published: NVIDIA's page, StyleGAN2-ADA / StyleGAN3,
+clean-fid 0.1.35 and torch-fidelity 0.4.0 download it without a checksum (the ``6726825d`` in pytorch-fid's and
+torch-fidelity's ``*-6726825d.pth`` is the hash prefix of a different file, a state dict). So the hash is either given
+(``sha256=`` / ``--inception_sha256``, e.g. from a copy you trust) or recorded on first use, next to the file as
+``<file>.sha256``, and every later load must match it. A mismatch raises `ChecksumError` and the file is never loaded.
+
 Any callable ``uint8 (N, 3, H, W) tensor -> (N, D) features`` can replace the Inception network (`FeatureExtractor`).
 The Frechet distance uses only ``numpy.linalg.eigh`` (LAPACK's symmetric eigensolver), not ``scipy.linalg.sqrtm``,
 whose results for near-singular products differ between SciPy releases.
@@ -15,13 +22,18 @@ whose results for near-singular products differ between SciPy releases.
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
+import re
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
 
 FeatureExtractor = Callable[[torch.Tensor], torch.Tensor]
+logger = logging.getLogger(__name__)
 
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
 REFERENCE_URL = "https://openaipublic.blob.core.windows.net/diffusion/jul2021/ref_batches/imagenet/256/VIRTUAL_imagenet256_labeled.npz"
@@ -67,6 +79,56 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     return float(max(distance, 0.0))
 
 
+class ChecksumError(ValueError):
+    """A file's SHA-256 is not the expected one (it was not loaded)."""
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_sha256(path: str | os.PathLike, sha256: str | None = None) -> str:
+    """Check ``path``'s SHA-256 against ``sha256`` when given, else against the one recorded in ``<path>.sha256``
+    (recorded now, with a warning, on first use); return it. `ChecksumError` on a mismatch."""
+    record = f"{os.fspath(path)}.sha256"
+    if sha256 is not None:
+        expected, source = sha256.strip().lower(), "the expected SHA-256 given"
+        if not re.fullmatch(r"[0-9a-f]{64}", expected):
+            raise ValueError(f"An SHA-256 is 64 hex digits, got {sha256!r}.")
+    elif os.path.isfile(record):
+        recorded = re.match(r"\s*([0-9a-fA-F]{64})\b", Path(record).read_text())
+        expected, source = (recorded.group(1).lower() if recorded else "(unreadable)"), f"the SHA-256 in {record!r}"
+    else:
+        expected, source = None, None
+    actual = file_sha256(path)
+    if expected is None:
+        try:  # write-then-rename: processes recording at once each write the same value
+            with open(f"{record}.tmp{os.getpid()}", "w") as file:
+                file.write(f"{actual}  {os.path.basename(path)}\n")
+            os.replace(f"{record}.tmp{os.getpid()}", record)
+            where = f"recorded in {record!r}; later loads must match it"
+        except OSError as error:
+            where = f"not recorded ({error})"
+        logger.warning(
+            "%s has SHA-256 %s, not checked against a known value (none is published for this file; pass one "
+            "you trust with --inception_sha256). %s.",
+            path,
+            actual,
+            where[0].upper() + where[1:],
+        )
+    elif actual != expected:
+        raise ChecksumError(
+            f"{path!r} has SHA-256 {actual}, not {expected} ({source}): it was not loaded. A TorchScript file runs "
+            "code when loaded; get the file again from a source you trust, or, if this file is the one you mean to "
+            f"use, pass its hash with --inception_sha256 (or delete {record!r} to record it anew)."
+        )
+    return actual
+
+
 class TorchScriptFeatureExtractor:
     """A TorchScript feature network called as ``model(images, return_features=True)`` on uint8 ``(N, 3, H, W)``
     images (NVIDIA's ``inception-2015-12-05.pt``); returns float64 ``(N, D)`` features on the CPU."""
@@ -83,15 +145,19 @@ class TorchScriptFeatureExtractor:
         return features.reshape(len(images), -1).to("cpu", torch.float64)
 
 
-def load_inception(path: str | os.PathLike | None, device: str | torch.device = "cpu") -> TorchScriptFeatureExtractor:
-    """Load a local TorchScript Inception (see the module docstring); never downloads. pytorch-fid's
-    ``pt_inception-*.pth`` and torchvision state dicts are not TorchScript and are rejected with an explanation."""
+def load_inception(
+    path: str | os.PathLike | None, device: str | torch.device = "cpu", sha256: str | None = None
+) -> TorchScriptFeatureExtractor:
+    """Load a local TorchScript Inception (see the module docstring) after checking its SHA-256 (`verify_sha256`:
+    against ``sha256``, else the hash recorded on first use); never downloads. pytorch-fid's ``pt_inception-*.pth``
+    and torchvision state dicts are not TorchScript and are rejected with an explanation."""
     how = (
         f"Download NVIDIA's TorchScript Inception-v3 `inception-2015-12-05.pt` ({INCEPTION_URL}; the file clean-fid "
         "and StyleGAN2-ADA/StyleGAN3 use) and pass it with --inception_weights PATH."
     )
     if path is None or not os.path.isfile(path):
         raise FileNotFoundError(f"Inception weights not found{f' at {path!r}' if path else ''}. {how}")
+    verify_sha256(path, sha256)
     try:
         model = torch.jit.load(str(path), map_location="cpu")
     except RuntimeError as error:

@@ -4,6 +4,7 @@ import importlib.util
 import os
 import shutil
 import subprocess
+import sys
 import types
 from pathlib import Path
 
@@ -84,11 +85,27 @@ def launch(accelerate_config, *args, num_processes=1):
     return result
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("train_tread", SCRIPT)
+def load_module(path, name: str | None = None, register: bool = False) -> types.ModuleType:
+    """Import the script at ``path`` (scripts are files, not packages) as module ``name`` (default: the file's stem),
+    as ``python path`` would run it: with its own folder first on ``sys.path`` while its top-level code runs (so a
+    bench script's ``from official_tread import ...`` works). ``register`` also puts it in ``sys.modules`` (which
+    dataclasses look their module up in); the caller removes it."""
+    path = Path(path)
+    spec = importlib.util.spec_from_file_location(name or path.stem, path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    if register:
+        sys.modules[spec.name] = module
+    folder = str(path.resolve().parent)
+    sys.path.insert(0, folder)
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(folder)
     return module
+
+
+def load_script():
+    return load_module(SCRIPT)
 
 
 def transformer_weights(folder):

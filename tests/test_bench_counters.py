@@ -1,20 +1,17 @@
 """bench/throughput.py's saved-activation counter (also used by bench/memory.py): exact, and it frees what it counts."""
 
 import gc
-import importlib.util
 import weakref
 from types import SimpleNamespace
 
+import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, load_module
 from torch import nn
 
 
 def load_throughput():
-    spec = importlib.util.spec_from_file_location("throughput", REPO / "bench" / "throughput.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_module(REPO / "bench" / "throughput.py")
 
 
 class ScaledExp(nn.Module):
@@ -41,3 +38,25 @@ def test_counter_counts_each_saved_storage_once_and_keeps_nothing_alive():
     # exp's saved output must not outlive the pass: handing it back to autograd as itself made a reference cycle
     # (output -> its node -> the saved output) that leaked every counted activation.
     assert model.output() is None
+
+
+def test_throughput_runs_the_state_space_arms():
+    """bench/throughput.py --model_type ssm (it replaced bench/ssm_throughput.py): dense and routed TreadSSM2DModel
+    with the same weights, a plain MSE + AdamW step, the routed one cheaper in FLOPs."""
+    throughput = load_throughput()
+    assert not (REPO / "bench" / "ssm_throughput.py").exists()
+    args = SimpleNamespace(
+        model_type="ssm", in_channels=1, sample_size=16, patch_size=2, batch_size=2, precision="fp32", mode="eager",
+        warmup=0, repeats=1, peak_tflops=None, profile=False,
+    )  # fmt: skip
+    routes = throughput.paper_routes(throughput.SSM_PRESETS["SSM-Tiny/2"]["num_layers"])
+    arms = throughput.build_ssm_arms("SSM-Tiny/2", routes, args, torch.device("cpu"))
+    dense, routed = arms["dense"].model, arms["routed"].model
+    assert type(dense).__name__ == "TreadSSM2DModel" and not dense.config.routes and routed.config.routes == routes
+    assert all(
+        torch.equal(a, b) for a, b in zip(dense.state_dict().values(), routed.state_dict().values(), strict=True)
+    )
+    result = throughput.bench_model("SSM-Tiny/2", routes, args, torch.device("cpu"), None)
+    assert set(result["arms"]) == {"dense", "routed"} and result["tokens"] == 64
+    assert result["parameters_m"] == pytest.approx(0.82, abs=0.01)
+    assert result["flop_ratio"] == pytest.approx(0.816, abs=0.001)  # BENCHMARKS.md's SSM-Tiny/2, 64 tokens

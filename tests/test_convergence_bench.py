@@ -1,21 +1,20 @@
 """bench/convergence.py: the --quick smoke run, the fairness of its arms, and its speedup arithmetic."""
 
-import importlib.util
 import json
 import math
 import sys
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, load_module
+
+from diffusers_tread.losses import tread_loss
+from diffusers_tread.objectives import get_objective
 
 
 @pytest.fixture(scope="module")
 def convergence():
-    spec = importlib.util.spec_from_file_location("convergence", REPO / "bench" / "convergence.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["convergence"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
+    module = load_module(REPO / "bench" / "convergence.py", register=True)  # dataclasses look their module up
     yield module
     del sys.modules["convergence"]
 
@@ -75,6 +74,60 @@ def test_arms_of_a_group_see_the_same_weights_data_and_noise(convergence):
     assert runs[2].train_losses == pytest.approx(runs[0].train_losses, rel=1e-5)
     torch.testing.assert_close(weights[2], weights[0], rtol=0, atol=1e-6)
     assert not torch.equal(weights[0], weights[3])
+
+
+def reference_train_steps(convergence, run, train_x, train_y, num_steps, batch_size, class_dropout_prob=0.1):
+    """The step bench/convergence.py ran before it used diffusers_tread.training_utils (its results were made with
+    it), written out: data, label dropout and noise from the data generator, routes from the route generator,
+    tread_loss with its default MAE weight, the ratio warm-up as ratio * step / warmup_steps."""
+    arm, model, objective = run.arm, run.model, get_objective(run.arm.objective)
+    for _ in range(num_steps):
+        batch = torch.randint(0, len(train_x), (batch_size,), generator=run.data_generator)
+        x0, labels = train_x[batch], train_y[batch]
+        drop = torch.rand(batch_size, generator=run.data_generator) < class_dropout_prob
+        labels = torch.where(drop, torch.full_like(labels, 10), labels)
+        inputs = objective.training_inputs(x0, generator=run.data_generator)
+        ratios = None
+        if arm.ratio_warmup_steps and run.step < arm.ratio_warmup_steps:
+            ratios = [ratio * run.step / arm.ratio_warmup_steps for _, _, ratio in arm.routes]
+        output = model(inputs.model_input, inputs.timestep, labels, selection_ratio=ratios,
+                       route_generator=run.route_generator)  # fmt: skip
+        per_element = objective.per_element_loss(output.sample, x0, inputs)
+        adapted = arm.loss == "adapted" and bool(output.route_masks)
+        loss = tread_loss(per_element, output.route_masks, arm.patch_size, mode=arm.loss,
+                          denoised=objective.denoised(output.sample, inputs) if adapted else None,
+                          noisy_input=inputs.noisy_sample if adapted else None)  # fmt: skip
+        convergence.update(run, loss)  # backward, optimiser and EMA step: shared
+
+
+def test_the_library_step_reproduces_the_benchmarks_earlier_step(convergence, monkeypatch):
+    """train_steps runs diffusers_tread.training_utils' step (label dropout, tread_training_loss, the ratio schedule,
+    make_optimizer's multi-tensor AdamW) and reproduces the step the recorded results came from bit for bit, on this
+    CPU: the same draws in the same order and the same arithmetic. One formula differs in rounding order: the warm-up
+    ratio, ratio * (step / warmup) instead of (ratio * step) / warmup, equal for ratio 0.5 (a power of two, as every
+    recorded ramp) and within one float32 ulp otherwise (which can move a kept-token count only at an exact tie)."""
+    calls = []
+    library_loss = convergence.tread_training_loss
+    monkeypatch.setattr(convergence, "tread_training_loss", lambda *a, **k: calls.append(k) or library_loss(*a, **k))
+    train_set, _ = convergence.load_digits(resolution=16, split="train")
+    x, y = train_set.pixel_values, train_set.class_labels
+    arms = [
+        convergence.Arm(4, 2, width=32, steps=5),
+        convergence.Arm(4, 2, ((1, 2, 0.5),), "adapted", width=32, steps=5),
+        convergence.Arm(4, 2, ((1, 2, 0.5),), width=32, steps=5, ratio_warmup_steps=3),
+        convergence.Arm(4, 2, ((1, 2, 0.5),), "adapted", width=32, steps=5, objective="edm"),
+        convergence.Arm(2, 2, ((0, 0, 0.5),), backbone="ssm", width=16, steps=2),
+    ]
+    for arm in arms:
+        ours, reference = convergence.start_run(arm, 5e-4), convergence.start_run(arm, 5e-4)
+        reference.optimizer = torch.optim.AdamW(reference.model.parameters(), lr=5e-4, weight_decay=0.0)
+        convergence.train_steps(ours, x, y, arm.steps, batch_size=8)
+        reference_train_steps(convergence, reference, x, y, arm.steps, batch_size=8)
+        assert ours.train_losses == reference.train_losses, arm.name
+        for mine, theirs in zip(ours.model.parameters(), reference.model.parameters(), strict=True):
+            assert torch.equal(mine, theirs), arm.name
+    assert len(calls) == sum(arm.steps for arm in arms)
+    assert [call["selection_ratio"] for call in calls[10:15]] == [[0.0], [0.5 / 3], [1.0 / 3], None, None]
 
 
 def test_crossing_and_interpolation(convergence):

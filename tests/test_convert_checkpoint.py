@@ -1,7 +1,6 @@
 """training/convert_checkpoint.py against an independent forward pass in the original DiT layout."""
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -12,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_vae
+from conftest import load_module, tiny_vae
 
 from diffusers_tread import PRESETS, TreadDiTPipeline
 
@@ -20,14 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "training" / "convert_checkpoint.py"
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("convert_checkpoint", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-convert_checkpoint = load_script()
+convert_checkpoint = load_module(SCRIPT)
 
 
 # --- a DiT in the original layout (Peebles & Xie 2023, Sec. 3.2 and Fig. 3), written from the paper's description ---
@@ -324,13 +316,39 @@ def test_pipeline_folder_with_local_vae_id2label_routes_and_scheduler(tmp_path):
     assert info["vae_included"] and "at most 0.004" in info["timestep_embedding"]
 
 
-def test_unloadable_vae_is_skipped_with_a_note(tmp_path, caplog):
-    with caplog.at_level("WARNING", logger="convert_checkpoint"):
-        pipe = convert(tmp_path, original_state_dict(), vae="someone/not-in-the-offline-cache")
-    assert pipe.vae is None and "Could not load the VAE 'someone/not-in-the-offline-cache'" in caplog.text
+def test_unloadable_vae_is_an_error_and_nothing_is_written(tmp_path, capsys):
+    # A typo in --vae used to save a pipeline without a VAE (exit 0), which returns latents as images.
+    with pytest.raises(convert_checkpoint.VAELoadError, match="'someone/not-in-the-offline-cache'.*--vae none"):
+        convert(tmp_path, original_state_dict(), vae="someone/not-in-the-offline-cache")
+    assert not (tmp_path / "out").exists()
+    torch.save(original_state_dict(), tmp_path / "model.pt")
+    argv = [f"--checkpoint={tmp_path / 'model.pt'}", f"--output_dir={tmp_path / 'out'}", "--num_attention_heads=2"]
+    with pytest.raises(SystemExit) as exit_info:
+        convert_checkpoint.main([*argv, "--vae=someone/not-in-the-offline-cache"])
+    assert exit_info.value.code == 2 and not (tmp_path / "out").exists()
+    assert "could not load the VAE 'someone/not-in-the-offline-cache'" in capsys.readouterr().err
+    # --vae none stays the explicit way to convert without one
+    pipe = convert_checkpoint.main([*argv, "--vae=none"])
     info = json.loads((tmp_path / "out" / "conversion.json").read_text())
-    assert info["vae"] == "someone/not-in-the-offline-cache" and info["vae_included"] is False
+    assert pipe.vae is None and info["vae"] == "none" and info["vae_included"] is False
     assert TreadDiTPipeline.from_pretrained(tmp_path / "out").scheduler.config.clip_sample is False  # DDIM, as DiT
+
+
+def test_command_line_unloadable_vae_exits_with_a_message(tmp_path):
+    torch.save(original_state_dict(), tmp_path / "model.pt")
+    missing = tmp_path / "no-such-vae"
+    command = [
+        sys.executable,
+        str(SCRIPT),
+        f"--checkpoint={tmp_path / 'model.pt'}",
+        f"--output_dir={tmp_path / 'out'}",
+        "--num_attention_heads=2",
+        f"--vae={missing}",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 2, result.stderr
+    assert f"could not load the VAE '{missing}' given by --vae" in result.stderr and "--vae none" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
 
 
 def test_command_line(tmp_path):

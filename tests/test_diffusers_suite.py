@@ -1,13 +1,12 @@
 """bench/diffusers_suite/run.py (Diffusers' own DiT tests against our classes), on a stand-in Diffusers checkout, and
 the known difference it marks for AttentionMixin's processor-count check."""
 
-import importlib.util
 import subprocess
 import sys
 import textwrap
 
 import pytest
-from conftest import REPO, tiny_tread
+from conftest import REPO, load_module, tiny_tread
 from diffusers.models.attention_processor import AttnProcessor
 
 RUNNER = REPO / "bench" / "diffusers_suite" / "run.py"
@@ -52,10 +51,7 @@ class DiTPipelineFastTests(unittest.TestCase):
 
 
 def load_runner():
-    spec = importlib.util.spec_from_file_location("diffusers_suite_run", RUNNER)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_module(RUNNER, "diffusers_suite_run")
 
 
 def fake_checkout(root):

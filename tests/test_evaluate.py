@@ -2,30 +2,28 @@
 the ADM .npz, FID with an injected feature extractor, clear errors for missing files, and Frechet-distance known
 answers."""
 
-import importlib.util
 import os
 from collections import Counter
 
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, tiny_tread
+from conftest import REPO, load_module, tiny_tread
 from diffusers import DDIMScheduler
 
 from diffusers_tread import TreadDiTPipeline
-from diffusers_tread.metrics import feature_statistics, frechet_distance, load_inception, load_reference_statistics
+from diffusers_tread.metrics import (
+    ChecksumError,
+    feature_statistics,
+    frechet_distance,
+    load_inception,
+    load_reference_statistics,
+)
 
 NUM_CLASSES, NUM_SAMPLES, BATCH_SIZE = 10, 20, 8
 
 
-def load_evaluate():
-    spec = importlib.util.spec_from_file_location("evaluate", REPO / "training" / "evaluate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-evaluate = load_evaluate()
+evaluate = load_module(REPO / "training" / "evaluate.py")
 
 
 def tiny_features(images: torch.Tensor) -> torch.Tensor:
@@ -165,6 +163,52 @@ def test_torchscript_extractor(tmp_path):
     images = torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8)
     features = extractor(images)
     assert features.dtype == torch.float64 and features.shape == (4, 3)  # grayscale repeated to RGB
+
+
+def test_inception_file_is_checked_before_it_is_loaded(tmp_path, monkeypatch, caplog):
+    """TorchScript runs code when loaded: its SHA-256 must match the one given, else the one recorded on first use."""
+    import hashlib
+
+    class Features(torch.nn.Module):
+        def forward(self, images: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+            return images.float().mean(dim=(2, 3))
+
+    path = tmp_path / "inception-2015-12-05.pt"
+    torch.jit.script(Features()).save(str(path))
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    loaded = []
+    real_load = torch.jit.load
+    monkeypatch.setattr(torch.jit, "load", lambda *args, **kwargs: loaded.append(args) or real_load(*args, **kwargs))
+
+    with pytest.raises(ChecksumError, match=f"has SHA-256 {digest}, not {'0' * 64} .*was not loaded"):
+        load_inception(path, sha256="0" * 64)
+    assert not loaded and not (tmp_path / "inception-2015-12-05.pt.sha256").exists()
+    with pytest.raises(ValueError, match="64 hex digits"):
+        load_inception(path, sha256="6726825d")
+    load_inception(path, sha256=digest.upper())  # given: checked, nothing recorded
+    assert len(loaded) == 1 and not (tmp_path / "inception-2015-12-05.pt.sha256").exists()
+
+    with caplog.at_level("WARNING", logger="diffusers_tread.metrics"):
+        load_inception(path)  # first use without a hash: recorded, with a warning that names it
+    assert f"SHA-256 {digest}, not checked against a known value" in caplog.text
+    assert (tmp_path / "inception-2015-12-05.pt.sha256").read_text().split()[0] == digest
+    load_inception(path)  # matches the record
+    assert len(loaded) == 3
+
+    torch.jit.script(torch.nn.Identity()).save(str(path))  # the file swapped for another
+    with pytest.raises(ChecksumError, match=r"not " + digest + r" \(the SHA-256 in .*\.sha256'\)"):
+        load_inception(path)
+    assert len(loaded) == 3
+
+
+def test_evaluate_checks_the_inception_hash_before_sampling(pipeline_dir, reference_stats, tmp_path):
+    path = tmp_path / "inception-2015-12-05.pt"
+    torch.jit.script(torch.nn.Identity()).save(str(path))
+    output_dir = tmp_path / "out"
+    with pytest.raises(ChecksumError, match="was not loaded"):
+        run(pipeline_dir, output_dir, "--reference_stats", reference_stats, "--inception_weights", str(path),
+            "--inception_sha256", "0" * 64, feature_extractor=None)  # fmt: skip
+    assert not output_dir.exists()
 
 
 # Frechet distance: known answers (numpy.linalg.eigh only; see diffusers_tread/metrics.py).

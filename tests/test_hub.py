@@ -3,7 +3,6 @@
 Everything runs offline against a simulated Hub."""
 
 import hashlib
-import importlib.util
 import inspect
 import json
 import os
@@ -11,12 +10,13 @@ import re
 import subprocess
 import sys
 import textwrap
+import types
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_tread, tiny_vae
+from conftest import load_module, tiny_tread, tiny_vae
 from diffusers import DDIMScheduler
 from diffusers.training_utils import EMAModel
 from diffusers.utils.dynamic_modules_utils import get_relative_imports
@@ -96,10 +96,7 @@ def folder_digest(folder: Path) -> dict[str, str]:
 
 
 def load_push_script():
-    spec = importlib.util.spec_from_file_location("push_to_hub", REPO / "training" / "push_to_hub.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_module(REPO / "training" / "push_to_hub.py")
 
 
 # --- the generated remote-code module ---------------------------------------------------------------------------------
@@ -412,7 +409,10 @@ def test_card_of_an_older_output_folder_keeps_its_training_table(tmp_path):
 
 
 class FakeHubApi:
-    """Records create_repo / upload_folder / add_space_variable and what each upload would send."""
+    """Records create_repo / upload_folder / add_space_variable and what each upload would send; each upload
+    returns a commit whose ``oid`` is ``COMMIT``."""
+
+    COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
     def __init__(self):
         self.calls = []
@@ -425,6 +425,7 @@ class FakeHubApi:
         folder = Path(kwargs["folder_path"])
         sent = {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
         self.calls.append(("upload_folder", kwargs["repo_id"], {**kwargs, "files": sent}))
+        return types.SimpleNamespace(oid=self.COMMIT)
 
     def add_space_variable(self, repo_id, key, value, **kwargs):
         self.calls.append(("add_space_variable", repo_id, {"key": key, "value": value, **kwargs}))
@@ -457,18 +458,21 @@ def test_push_script_sends_card_bundle_and_demo_and_never_the_token(
     assert names == [
         ("create_repo", "tread-tiny"),
         ("create_repo", "tread-tiny-demo"),
+        ("upload_folder", "user/tread-tiny"),
         ("upload_folder", "user/tread-tiny-demo"),
         ("add_space_variable", "user/tread-tiny-demo"),
-        ("upload_folder", "user/tread-tiny"),
+        ("add_space_variable", "user/tread-tiny-demo"),
     ]
     _, _, space_repo = api.calls[1]
     assert space_repo["repo_type"] == "space" and space_repo["space_sdk"] == "gradio"
-    _, _, space = api.calls[2]
+    _, _, space = api.calls[3]
     assert space["repo_type"] == "space" and {"app.py", "requirements.txt", "README.md"} <= set(space["files"])
     assert SpaceCard(space["files"]["README.md"].decode()).data.models == ["user/tread-tiny"]
-    assert api.calls[3][2]["key"] == "TREAD_MODEL" and api.calls[3][2]["value"] == "user/tread-tiny"
+    variables = {call[2]["key"]: call[2]["value"] for call in api.calls[4:]}
+    # the Space runs the model's remote code only at the commit just pushed
+    assert variables == {"TREAD_MODEL": "user/tread-tiny", "TREAD_MODEL_REVISION": FakeHubApi.COMMIT}
 
-    _, _, model = api.calls[4]
+    _, _, model = api.calls[2]
     files = model["files"]
     assert files["tread_dit.py"] == files["transformer/tread_dit.py"]
     assert json.loads(files["model_index.json"])["transformer"] == ["tread_dit", "TreadTransformer2DModel"]

@@ -7,16 +7,13 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, load_module
 from torch import nn
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("official_tread", REPO / "bench" / "official_tread.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_module(REPO / "bench" / "official_tread.py")
 
 
 def _torchvision_modules():

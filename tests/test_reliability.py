@@ -58,12 +58,14 @@ def test_exact_resume_bit_for_bit_with_accumulation_and_new_checkpointing_steps(
 
 KILL_DURING_SAVE = textwrap.dedent(
     """
-    import importlib.util, os, signal, sys
+    import os, signal, sys
+    from pathlib import Path
     import safetensors.torch
 
-    spec = importlib.util.spec_from_file_location("train_tread", sys.argv[1])
-    train_tread = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_tread)
+    sys.path.insert(0, str(Path(sys.argv[1]).resolve().parents[1] / "tests"))
+    from conftest import load_module
+
+    train_tread = load_module(sys.argv[1])
     original = safetensors.torch.save_file
 
     def save_file(tensors, filename, metadata=None):
@@ -362,15 +364,14 @@ FAULTY_TRAINER = textwrap.dedent(
     from concurrent.futures import Future
     from pathlib import Path
 
-    import importlib.util
-
     import torch
 
     from diffusers_tread import hub
 
-    spec = importlib.util.spec_from_file_location("train_tread", sys.argv[1])
-    train_tread = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_tread)
+    sys.path.insert(0, str(Path(sys.argv[1]).resolve().parents[1] / "tests"))
+    from conftest import load_module
+
+    train_tread = load_module(sys.argv[1])
     record = Path(os.environ["FAKE_HUB_LOG"])
 
     def upload_folder(**kwargs):
@@ -483,3 +484,30 @@ def test_a_save_failure_on_one_process_ends_every_process_with_the_message(tmp_p
     )
     assert sorted(p.name for p in out.glob("*checkpoint-*")) == ["checkpoint-2"]
     assert find_checkpoint(out, "latest") == str(out / "checkpoint-2")
+
+
+def test_resumed_accelerator_state_is_unpickled_with_weights_only(tmp_path, monkeypatch, caplog):
+    """setup.py's accelerate floor is the first release whose load_accelerator_state reads with weights_only=True
+    (1.1.0; see the comment there), and the installed one refuses a code-running pickle in a checkpoint's RNG file."""
+    import logging
+
+    from accelerate import checkpointing
+    from packaging.requirements import Requirement
+    from unsafe_pickle import CodeRunningPayload
+
+    (requirement,) = [
+        Requirement(line.strip().strip('",'))
+        for line in (REPO / "setup.py").read_text().splitlines()
+        if line.strip().startswith('"accelerate')
+    ]
+    assert not requirement.specifier.contains("1.0.1") and requirement.specifier.contains("1.1.0")
+
+    marker = tmp_path / "code-ran"
+    torch.save({"random_state": CodeRunningPayload(marker)}, tmp_path / "random_states_0.pkl")
+    # accelerate's logger needs an initialised state; a plain logger keeps this test free of that global
+    monkeypatch.setattr(checkpointing, "logger", logging.getLogger("accelerate.checkpointing"))
+    with caplog.at_level("INFO", logger="accelerate.checkpointing"):
+        checkpointing.load_accelerator_state(
+            tmp_path, models=[], optimizers=[], schedulers=[], dataloaders=[], process_index=0
+        )
+    assert not marker.exists() and "Could not load random states" in caplog.text

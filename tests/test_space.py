@@ -1,7 +1,6 @@
 """The Gradio demo (spaces/tread-dit): its pieces on a tiny pipeline, and end to end in headless Chromium against the
 app served on 127.0.0.1 from a Hub-ready (remote-code) folder, as on a Space. Offline throughout."""
 
-import importlib.util
 import json
 import os
 import shutil
@@ -17,7 +16,7 @@ from urllib.parse import urlparse
 import gradio
 import pytest
 import torch
-from conftest import tiny_tread
+from conftest import load_module, tiny_tread
 from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel
 from huggingface_hub import SpaceCard
 from PIL import Image
@@ -44,10 +43,7 @@ KINDS = list(getattr(pipeline_tread_dit, "GUIDANCE_KINDS", ()))
 
 
 def load_app():
-    spec = importlib.util.spec_from_file_location("tread_space_app", SPACE / "app.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_module(SPACE / "app.py", "tread_space_app")
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +111,80 @@ def test_app_loads_lists_classes_and_passes_the_guidance_through(model_folders):
         scheduler=DDIMScheduler(),
     )
     assert app.guidance_kinds(stock) == []  # no `guidance=`: classifier-free guidance only, nothing passed
+
+
+def test_requests_are_bounded_in_seed_size_compute_and_time(model_folders):
+    library_folder, _ = model_folders
+    app = load_app()
+    pipe = app.load_pipeline(str(library_folder))
+    # Seeds: 0 .. 2**32 - 1 (a huge one used to end in torch's overflow error); steps and images as the UI allows.
+    for seed in (2**64, 10**400, -1, 1.5, float("inf"), float("nan"), "x", None):
+        with pytest.raises(app.gr.Error, match=r"seed must be a whole number from 0 to 4294967295"):
+            app.generate(pipe, [0], None, 2.0, 0.0, 2, seed, 1)
+    for steps in (0, 101):
+        with pytest.raises(app.gr.Error, match="number of steps must be a whole number from 1 to 100"):
+            app.generate(pipe, [0], None, 2.0, 0.0, steps, 0, 1)
+    assert "seed 4294967295" in app.generate(pipe, [0], None, 1.0, 0.0, 1, 2**32 - 1, 1)[1]
+
+    # Compute: images x steps x passes, where classifier-free and Sparse Guidance each add a pass.
+    assert [
+        app.passes_per_step(*arguments)
+        for arguments in [(None, 2.0, 0.0), ("cfg", 1.0, 0.0), ("sparse", 2.0, 0.0), ("sparse", 2.0, 1.0)]
+    ] == [2, 1, 2, 1]
+    assert app.passes_per_step("cfg+sparse", 2.0, 1.5) == 3 and app.passes_per_step("cfg+sparse", 1.0, 1.0) == 1
+    assert app.MAX_EVALUATIONS == 64 * 25 * 2
+    with pytest.raises(app.gr.Error, match=r"64 images x 100 steps x 2 model passes per step .* = 12800 evaluations"):
+        app.generate(pipe, [0, 1, 2, 3], None, 2.0, 0.0, 100, 0, 16)  # hours on a CPU Space for a real model
+    with pytest.raises(app.gr.Error, match=r"limit of 7\. Use fewer images, fewer steps, or guidance scale 1"):
+        app.generate(pipe, [0, 1], None, 2.0, 0.0, 2, 0, 1, max_evaluations=7)
+    assert app.generate(pipe, [0, 1], None, 2.0, 0.0, 2, 0, 1, max_evaluations=8)[1].startswith("2 images")
+
+    # Time: stopped at the next transformer call after the limit, the hook removed afterwards.
+    with pytest.raises(app.gr.Error, match="Stopped after 0 s, this Space's time limit per request"):
+        app.generate(pipe, [0], None, 2.0, 0.0, 2, 0, 1, timeout_s=0)
+    assert not pipe.transformer._forward_pre_hooks
+    assert app.generate(pipe, [0], None, 2.0, 0.0, 2, 0, 1)[1].startswith("1 images")
+
+
+def test_remote_code_is_loaded_from_the_hub_only_at_a_pinned_commit(model_folders, monkeypatch):
+    library_folder, hub_folder = model_folders
+    app = load_app()
+    calls = []
+
+    class RecordingPipeline:  # what the app asks Diffusers for (Diffusers reads the code from the snapshot it loads)
+        @staticmethod
+        def load_config(source, **kwargs):
+            calls.append(("load_config", source, kwargs))
+            return json.loads((hub_folder / "model_index.json").read_text())
+
+        @staticmethod
+        def from_pretrained(source, **kwargs):
+            calls.append(("from_pretrained", source, kwargs))
+            return TreadDiTPipeline.from_pretrained(library_folder)
+
+    monkeypatch.setattr(app, "DiffusionPipeline", RecordingPipeline)
+    assert isinstance(json.loads((hub_folder / "model_index.json").read_text())["_class_name"], list)
+    for revision in (None, "main", "0123abc"):
+        with pytest.raises(ValueError, match=r"only loads at a pinned commit.*TREAD_MODEL_REVISION"):
+            app.load_pipeline("user/tread-tiny", revision)
+    assert all(name == "load_config" for name, _, _ in calls)  # refused before any code was fetched
+
+    calls.clear()
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    app.load_pipeline("user/tread-tiny", commit)
+    assert calls == [
+        ("load_config", "user/tread-tiny", {"revision": commit}),
+        ("from_pretrained", "user/tread-tiny", {"trust_remote_code": True, "revision": commit}),
+    ]
+    calls.clear()
+    app.load_pipeline(str(hub_folder))  # a local folder: its code is on disk, nothing to pin
+    assert calls[-1] == ("from_pretrained", str(hub_folder), {"trust_remote_code": True})
+
+    # The command line (a Space's TREAD_MODEL without TREAD_MODEL_REVISION): a usage error, no traceback.
+    monkeypatch.delenv("TREAD_MODEL_REVISION", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        app.main(["--model", "user/tread-tiny"])
+    assert exit_info.value.code == 2
 
 
 def free_port() -> int:

@@ -1,6 +1,5 @@
 """TreadSSM2DModel: the selective scan, bidirectionality, TREAD routing, saving, the pipeline, the training script."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -10,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SCRIPT, TINY, launch, load_script
+from conftest import SCRIPT, TINY, launch, load_module, load_script
 from diffusers import DDIMScheduler
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -405,10 +404,8 @@ def test_remote_code_bundle_carries_the_ssm_model(tmp_path, monkeypatch):
     )
     path = tmp_path / "tread_dit.py"
     path.write_text(files["transformer/tread_dit.py"])
-    spec = importlib.util.spec_from_file_location("tread_dit_bundle", path)
-    bundle = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, bundle)  # dataclasses look their module up
-    spec.loader.exec_module(bundle)
+    monkeypatch.delitem(sys.modules, "tread_dit_bundle", raising=False)  # undone after the test
+    bundle = load_module(path, "tread_dit_bundle", register=True)  # dataclasses look their module up
     model = tiny_ssm(routes=[ROUTE]).eval()
     copy = bundle.TreadSSM2DModel(**{**TINY_SSM, "routes": [ROUTE]}).eval()
     copy.load_state_dict(model.state_dict())
@@ -469,9 +466,7 @@ def test_train_script_trains_resumes_and_saves_a_loadable_ssm_pipeline(tmp_path,
     assert refused.returncode != 0 and "holds a TreadSSM2DModel; train it with --model_type ssm" in refused.stderr
 
     # push_to_hub.py turns the SSM checkpoint into a pipeline folder (EMA weights) with a Mamba card.
-    spec = importlib.util.spec_from_file_location("push_to_hub", SCRIPT.parent / "push_to_hub.py")
-    push = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(push)
+    push = load_module(SCRIPT.parent / "push_to_hub.py")
     staged = Path(push.main([str(checkpoint), "--hub_model_id=user/ssm-tiny", f"--save_to={tmp_path / 'staged'}"]))
     pushed = TreadDiTPipeline.from_pretrained(staged)
     assert type(pushed.transformer) is TreadSSM2DModel

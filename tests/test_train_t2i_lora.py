@@ -5,7 +5,6 @@ VAE and transformers are random and tiny, and the image-caption set is drawn in 
 metadata.jsonl). Each pipeline is saved with `save_pretrained`, as a real one would be on disk.
 """
 
-import importlib.util
 import json
 import os
 import shutil
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, load_module
 from PIL import Image, ImageDraw
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -187,10 +186,7 @@ def launch(accelerate_config, *args):
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("train_tread_t2i_lora", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_module(SCRIPT)
 
 
 def sample(pipe, family, seed=0):

@@ -49,9 +49,10 @@ Outputs: the pipeline (transformer, scheduler, VAE when it can be loaded, ``id2l
 - ``--scheduler``: ``ddim`` (default, as facebook/DiT-XL-2-256), ``ddpm`` (learned-range variance for learned-sigma
   models), ``edm`` (TREAD's EDM-trained models: timestep ``ln(sigma)/4``, EDM preconditioning) or ``flow``.
 - ``--vae``: a Hub id (default ``stabilityai/sd-vae-ft-ema``, loaded from the local cache when offline), a local
-  folder, or ``none``. A VAE that cannot be loaded is left out with a warning; add it at load time with
-  ``TreadDiTPipeline.from_pretrained(output_dir, vae=AutoencoderKL.from_pretrained(...))``: without a VAE the
-  pipeline treats samples as pixels.
+  folder, or ``none``. A VAE that cannot be loaded is an error (exit status 2, nothing written): without a VAE the
+  pipeline treats latents as pixels, so a typo would silently give a pipeline that returns latents as images. To
+  convert without one on purpose, pass ``--vae none`` and add it at load time with
+  ``TreadDiTPipeline.from_pretrained(output_dir, vae=AutoencoderKL.from_pretrained(...))``.
 - ``--id2label``: class names, as a JSON object ``{"0": "tench, Tinca tinca", ...}``, a JSON list, or a
   ``model_index.json`` with an ``id2label`` entry (e.g. facebook/DiT-XL-2-256's). None ship with this script: the
   ImageNet names are not available offline here. Without them, sample with integer class ids.
@@ -336,21 +337,23 @@ def make_scheduler(kind: str, learned_sigma: bool) -> SchedulerMixin:
     raise ValueError(f"--scheduler must be one of {SCHEDULERS}, got {kind!r}.")
 
 
+class VAELoadError(ValueError):
+    """``--vae`` names a VAE that cannot be loaded (the command line turns it into a usage error)."""
+
+
 def load_vae(vae: str) -> AutoencoderKL | None:
-    """The VAE ``vae`` names (Hub id or folder), or None for ``"none"`` or when it cannot be loaded (with a warning)."""
+    """The VAE ``vae`` names (Hub id or folder), or None for ``"none"``; `VAELoadError` when it cannot be loaded."""
     if vae.lower() == "none":
         return None
     try:
         return AutoencoderKL.from_pretrained(vae)
     except (OSError, ValueError) as error:
-        logger.warning(
-            "Could not load the VAE %r (%s); the pipeline is saved without one. Add it when loading: "
-            "TreadDiTPipeline.from_pretrained(output_dir, vae=AutoencoderKL.from_pretrained(%r)).",
-            vae,
-            str(error).splitlines()[0],
-            vae,
-        )
-        return None
+        raise VAELoadError(
+            f"could not load the VAE {vae!r} given by --vae ({str(error).splitlines()[0]}). Without a VAE the "
+            "pipeline would return latents as images. Pass a Hub id that is in the local cache (or reachable), a "
+            "local folder holding an AutoencoderKL, or --vae none to convert without one on purpose (then add it "
+            "when loading: TreadDiTPipeline.from_pretrained(output_dir, vae=AutoencoderKL.from_pretrained(...)))."
+        ) from error
 
 
 def load_id2label(path: str | Path, num_classes: int) -> dict[int, str]:
@@ -418,13 +421,13 @@ def convert(
     """Convert ``checkpoint`` and save a `TreadDiTPipeline` to ``output_dir``; return the pipeline."""
     if scheduler not in SCHEDULERS:
         raise ValueError(f"--scheduler must be one of {SCHEDULERS}, got {scheduler!r}.")
+    autoencoder = load_vae(vae)  # first: a wrong --vae fails before the (long) conversion
     state_dict, found_at = extract_state_dict(load_checkpoint(checkpoint), weights, prefix)
     config = infer_config(state_dict, num_attention_heads, sample_size)
     transformer = convert_transformer(
         state_dict, num_attention_heads, sample_size, parse_routes(routes, config["num_layers"]), shared_conditioning
     )
     learned_sigma = config["out_channels"] == 2 * config["in_channels"]
-    autoencoder = load_vae(vae)
     labels = load_id2label(id2label, config["num_embeds_ada_norm"]) if id2label else None
 
     pipe = TreadDiTPipeline(
@@ -449,7 +452,7 @@ def convert(
     return pipe
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="the .pt (or .safetensors) file to convert")
     parser.add_argument("--output_dir", required=True, help="where to save the TreadDiTPipeline")
@@ -462,7 +465,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--sample_size", type=int, default=None, help="latent size, when the checkpoint has no pos_embed"
     )
     parser.add_argument("--scheduler", default="ddim", choices=SCHEDULERS)
-    parser.add_argument("--vae", default="stabilityai/sd-vae-ft-ema", help="Hub id, local folder, or 'none'")
+    parser.add_argument(
+        "--vae",
+        default="stabilityai/sd-vae-ft-ema",
+        help="Hub id, local folder, or 'none' to convert without a VAE (one that cannot be loaded is an error)",
+    )
     parser.add_argument("--id2label", default=None, help="JSON file with the class names")
     parser.add_argument("--routes", default=None, help="'none' (default), 'paper', or routes as JSON (or a JSON file)")
     parser.add_argument(
@@ -472,13 +479,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="keep DiT's one timestep/label embedder (75M fewer parameters for XL/2, what train_tread.py trains) "
         "instead of Diffusers' copy per block (default; loads into DiTTransformer2DModel as is)",
     )
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return make_parser().parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> TreadDiTPipeline:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    args = parse_args(argv)
-    return convert(**vars(args))
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    try:
+        return convert(**vars(args))
+    except VAELoadError as error:
+        parser.error(str(error))  # exit status 2 with the message, no traceback
 
 
 if __name__ == "__main__":

@@ -62,6 +62,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output_dir", required=True, help="Where <index>.png, the .npz and fid.json go.")
     parser.add_argument("--inception_weights", default=None, help="Local TorchScript inception-2015-12-05.pt.")
+    parser.add_argument(
+        "--inception_sha256",
+        default=None,
+        help="Expected SHA-256 of --inception_weights (none is published; default: the hash recorded next to the "
+        "file on first use, <file>.sha256). A mismatch stops before the file is loaded.",
+    )
     parser.add_argument("--reference_stats", default=None, help="Local .npz with mu/sigma, e.g. ADM's reference.")
     parser.add_argument("--skip_fid", action="store_true", help="Only write the samples and the .npz.")
     parser.add_argument("--fid_batch_size", type=int, default=200)
@@ -153,7 +159,7 @@ def main(args: argparse.Namespace, feature_extractor: FeatureExtractor | None = 
     reference = None
     if not args.skip_fid:
         if feature_extractor is None:
-            feature_extractor = load_inception(args.inception_weights, accelerator.device)
+            feature_extractor = load_inception(args.inception_weights, accelerator.device, args.inception_sha256)
         reference = load_reference_statistics(args.reference_stats)
 
     if accelerator.is_main_process:

@@ -4,21 +4,31 @@ Pick classes by name, the guidance the pipeline offers and its scale, steps, see
 the grid (one row per class) and the time it took.
 
     python spaces/tread-dit/app.py                                   # the built-in demo model: tread-digits/
-    python spaces/tread-dit/app.py --model user/tread-digits        # a Hub repo (remote code: no diffusers-tread)
+    python spaces/tread-dit/app.py --model user/tread-digits --revision <commit>  # a Hub repo (remote code)
     TREAD_MODEL=path/to/output_dir python spaces/tread-dit/app.py   # a training output folder (needs diffusers-tread)
 
-On a Space, the ``TREAD_MODEL`` variable names the model (``training/push_to_hub.py --space_id`` sets it). It runs on
-the CPU; the app reaches no server but the Hub (and not even that for a local folder): analytics and version checks
-are off.
+On a Space, the ``TREAD_MODEL`` variable names the model and ``TREAD_MODEL_REVISION`` the model repo's commit
+(``training/push_to_hub.py --space_id`` sets both). A Hub model whose pipeline code comes from its repo (remote code)
+is only loaded at a pinned commit (``--revision`` / ``TREAD_MODEL_REVISION``, 40 hex digits): code pushed to the repo
+later does not run in the Space until the revision is updated. It runs on the CPU; the app reaches no server but the
+Hub (and not even that for a local folder): analytics and version checks are off.
+
+One request is bounded in size and in time: at most ``MAX_IMAGES`` images and ``MAX_STEPS`` steps, at most
+``TREAD_MAX_EVALUATIONS`` image-steps x model passes (classifier-free guidance and Sparse Guidance add a pass each,
+default 3200: 64 images x 25 steps with guidance), and ``TREAD_TIMEOUT_S`` seconds (default 300), after which it stops
+with a message. Seeds are 0 .. 2**32 - 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import os
+import re
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 # Offline and private: no usage analytics or version check, no Hub telemetry. Set before gradio is imported.
@@ -35,20 +45,57 @@ from PIL import Image  # noqa: E402
 # The model `accelerate launch training/train_tread.py` writes with no arguments, when run from a repo checkout.
 BUILTIN_MODEL = Path(__file__).resolve().parent.parent.parent / "tread-digits"
 MAX_IMAGES = 64  # per click, so that one request cannot hold a CPU Space for long
+MAX_STEPS = 100
+MAX_SEED = 2**32 - 1
+# Compute per request: images x steps x model passes per step (guidance adds passes); and a wall-clock limit.
+MAX_EVALUATIONS = int(os.environ.get("TREAD_MAX_EVALUATIONS", 64 * 25 * 2))
+TIMEOUT_S = float(os.environ.get("TREAD_TIMEOUT_S", 300))
+COMMIT_HASH = re.compile(r"[0-9a-f]{40}")
 
 
-def load_pipeline(source: str) -> DiffusionPipeline:
-    """Load a pipeline from a Hub id or a folder.
+class GenerationTimeout(Exception):
+    """Raised from the transformer's forward once a request has run past its time limit."""
 
-    A repo with the remote-code bundle (``training/push_to_hub.py`` uploads one) loads with plain Diffusers; a stock
-    Diffusers pipeline (e.g. ``facebook/DiT-XL-2-256``) too; a training output folder needs ``diffusers_tread``.
+
+@contextlib.contextmanager
+def deadline(pipe: DiffusionPipeline, seconds: float) -> Iterator[None]:
+    """Stop sampling (`GenerationTimeout` at the next transformer call) once ``seconds`` have passed; works for any
+    pipeline, remote code included, as it only hooks the transformer's forward."""
+    end = time.perf_counter() + seconds
+
+    def check(module, args):
+        if time.perf_counter() > end:
+            raise GenerationTimeout
+
+    handle = pipe.transformer.register_forward_pre_hook(check)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def load_pipeline(source: str, revision: str | None = None) -> DiffusionPipeline:
+    """Load a pipeline from a Hub id (at ``revision``) or a folder.
+
+    A repo with the remote-code bundle (``training/push_to_hub.py`` uploads one) loads with plain Diffusers, but from
+    the Hub only at a pinned commit (``revision``, 40 hex digits; a `ValueError` otherwise), so that the code the
+    Space runs cannot change under it; a stock Diffusers pipeline (e.g. ``facebook/DiT-XL-2-256``) loads at
+    ``revision`` or the default branch; a training output folder needs ``diffusers_tread``.
     """
-    index = DiffusionPipeline.load_config(source)
+    from_hub = not Path(source).is_dir()
+    hub_kwargs = {"revision": revision} if from_hub and revision else {}
+    index = DiffusionPipeline.load_config(source, **hub_kwargs)
     class_name = index.get("_class_name")
     if isinstance(class_name, (list, tuple)):
-        pipe = DiffusionPipeline.from_pretrained(source, trust_remote_code=True)
+        if from_hub and not COMMIT_HASH.fullmatch(revision or ""):
+            raise ValueError(
+                f"{source} runs its own pipeline code (trust_remote_code), which this app only loads at a pinned "
+                f"commit; got revision {revision!r}. Set the TREAD_MODEL_REVISION variable (or --revision) to the "
+                "model repo's full 40-digit commit hash, e.g. the one on its 'Files and versions' page."
+            )
+        pipe = DiffusionPipeline.from_pretrained(source, trust_remote_code=True, **hub_kwargs)
     elif hasattr(diffusers, class_name):
-        pipe = DiffusionPipeline.from_pretrained(source)
+        pipe = DiffusionPipeline.from_pretrained(source, **hub_kwargs)
     else:
         from diffusers_tread import TreadDiTPipeline  # a local TREAD output folder (the library layout)
 
@@ -82,6 +129,29 @@ def takes(pipe: DiffusionPipeline, argument: str) -> bool:
     return argument in inspect.signature(pipe.__call__).parameters
 
 
+def passes_per_step(guidance: str | None, guidance_scale: float, sparse_guidance_scale: float) -> int:
+    """Model passes per image and step: one, plus one for classifier-free guidance (``guidance_scale > 1``, kinds
+    with "cfg" or a pipeline without ``guidance=``), plus one for Sparse Guidance (its scale, or the guidance scale
+    when 0, above 1). Sparse passes are routed (cheaper); counted in full, as an upper bound."""
+    cfg = guidance is None or "cfg" in guidance
+    sparse_scale = sparse_guidance_scale if sparse_guidance_scale > 0 else guidance_scale
+    return (
+        1 + int(cfg and guidance_scale > 1) + int(guidance is not None and "sparse" in guidance and sparse_scale > 1)
+    )
+
+
+def whole_number(value, name: str, low: int, high: int) -> int:
+    """``value`` as an int in ``low .. high`` (what the UI allows; API calls can send anything), else `gr.Error`."""
+    try:
+        number = value if isinstance(value, int) else float(value)
+        whole = int(number) if number == int(number) else None
+    except (TypeError, ValueError, OverflowError):  # not a number, NaN, infinite
+        whole = None
+    if whole is None or not low <= whole <= high:
+        raise gr.Error(f"The {name} must be a whole number from {low} to {high}, got {value!r}.")
+    return whole
+
+
 def generate(
     pipe: DiffusionPipeline,
     class_ids: list[int],
@@ -91,14 +161,31 @@ def generate(
     num_inference_steps: int,
     seed: int,
     images_per_class: int,
+    max_evaluations: int | None = None,
+    timeout_s: float | None = None,
 ) -> tuple[Image.Image, str]:
-    """Sample ``images_per_class`` images of each class; returns the grid (a row per class) and the time taken."""
+    """Sample ``images_per_class`` images of each class; returns the grid (a row per class) and the time taken.
+
+    Refused (`gr.Error`) beyond ``MAX_IMAGES`` images or ``max_evaluations`` (default ``MAX_EVALUATIONS``) image-steps
+    x passes; stopped with a `gr.Error` after ``timeout_s`` seconds (default ``TIMEOUT_S``)."""
+    max_evaluations = MAX_EVALUATIONS if max_evaluations is None else max_evaluations
+    timeout_s = TIMEOUT_S if timeout_s is None else timeout_s
     class_ids = [int(class_id) for class_id in class_ids or []]
     if not class_ids:
         raise gr.Error("Pick at least one class.")
-    images_per_class = int(images_per_class)
+    images_per_class = whole_number(images_per_class, "number of images per class", 1, MAX_IMAGES)
+    num_inference_steps = whole_number(num_inference_steps, "number of steps", 1, MAX_STEPS)
+    seed = whole_number(seed, "seed", 0, MAX_SEED)
     if len(class_ids) * images_per_class > MAX_IMAGES:
         raise gr.Error(f"At most {MAX_IMAGES} images at a time: pick fewer classes or images per class.")
+    num_images = len(class_ids) * images_per_class
+    passes = passes_per_step(guidance, float(guidance_scale), float(sparse_guidance_scale))
+    if num_images * num_inference_steps * passes > max_evaluations:
+        raise gr.Error(
+            f"Too much for one request: {num_images} images x {num_inference_steps} steps x {passes} model passes per "
+            f"step (guidance adds passes) = {num_images * num_inference_steps * passes} evaluations, over this "
+            f"Space's limit of {max_evaluations}. Use fewer images, fewer steps, or guidance scale 1."
+        )
     kwargs = {}
     if guidance is not None and guidance_kinds(pipe):
         kwargs["guidance"] = guidance  # passed through as chosen: the pipeline validates it
@@ -107,15 +194,20 @@ def generate(
     labels = [class_id for class_id in class_ids for _ in range(images_per_class)]
     started = time.perf_counter()
     try:
-        images = pipe(
-            labels,
-            guidance_scale=float(guidance_scale),
-            num_inference_steps=int(num_inference_steps),
-            generator=torch.Generator().manual_seed(int(seed)),
-            **kwargs,
-        ).images
+        with deadline(pipe, timeout_s):
+            images = pipe(
+                labels,
+                guidance_scale=float(guidance_scale),
+                num_inference_steps=num_inference_steps,
+                generator=torch.Generator().manual_seed(seed),
+                **kwargs,
+            ).images
     except ValueError as error:  # e.g. a guidance the model cannot do: show the pipeline's explanation
         raise gr.Error(str(error)) from error
+    except GenerationTimeout:
+        raise gr.Error(
+            f"Stopped after {timeout_s:g} s, this Space's time limit per request: use fewer images or steps."
+        ) from None
     seconds = time.perf_counter() - started
     images = [image.convert("RGB") for image in images]
     grid = make_image_grid(images, rows=len(class_ids), cols=images_per_class)
@@ -124,7 +216,7 @@ def generate(
     device = pipe.device.type.upper()
     summary = (
         f"{len(images)} images ({len(class_ids)} classes x {images_per_class}) in **{seconds:.2f} s** "
-        f"({int(num_inference_steps)} steps on {device}, seed {int(seed)}{', ' + guidance if guidance else ''})"
+        f"({num_inference_steps} steps on {device}, seed {seed}{', ' + guidance if guidance else ''})"
     )
     return grid, summary
 
@@ -166,9 +258,13 @@ def build_demo(pipe: DiffusionPipeline, source: str) -> gr.Blocks:
                     label="sparse guidance scale (0 = the guidance scale; cfg+sparse needs one)",
                     visible=any("sparse" in kind for kind in kinds) and takes(pipe, "sparse_guidance_scale"),
                 )
-                steps = gr.Slider(1, 100, value=25, step=1, label="steps")
-                seed = gr.Number(value=0, precision=0, label="seed")
+                steps = gr.Slider(1, MAX_STEPS, value=25, step=1, label="steps")
+                seed = gr.Number(value=0, precision=0, minimum=0, maximum=MAX_SEED, label=f"seed (0 .. {MAX_SEED})")
                 images_per_class = gr.Slider(1, 8, value=4, step=1, label="images per class")
+                gr.Markdown(
+                    f"At most {MAX_IMAGES} images and {MAX_EVALUATIONS} image-steps x model passes (guidance doubles "
+                    f"them) per request, stopped after {TIMEOUT_S:g} s."
+                )
                 button = gr.Button("Generate", variant="primary", elem_id="tread-generate")
             with gr.Column():
                 grid = gr.Image(label="samples", type="pil", format="png", elem_id="tread-grid")
@@ -194,6 +290,11 @@ def main(argv: list[str] | None = None) -> None:
         default=os.environ.get("TREAD_MODEL") or str(BUILTIN_MODEL),
         help="Hub id or folder (default: $TREAD_MODEL, else the built-in demo model tread-digits/)",
     )
+    parser.add_argument(
+        "--revision",
+        default=os.environ.get("TREAD_MODEL_REVISION") or None,
+        help="commit of a Hub model to load (default: $TREAD_MODEL_REVISION); required for remote code",
+    )
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
     args = parser.parse_args(argv)
@@ -202,7 +303,10 @@ def main(argv: list[str] | None = None) -> None:
             f"{args.model} is neither a folder nor a Hub id. Train the demo model with `accelerate launch "
             "training/train_tread.py`, or pass --model / set TREAD_MODEL."
         )
-    pipe = load_pipeline(args.model)
+    try:
+        pipe = load_pipeline(args.model, args.revision)
+    except ValueError as error:
+        parser.error(str(error))
     demo = build_demo(pipe, args.model)
     demo.queue(max_size=16).launch(server_name=args.host, server_port=args.port, ssr_mode=False, show_error=True)
 
