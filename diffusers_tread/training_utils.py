@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from collections.abc import Iterable, Sequence
+import os
+import sys
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
@@ -152,3 +154,16 @@ def parse_routes(text: str) -> list[dict] | str:
         start, end, ratio = fields
         routes.append({"start_layer_idx": int(start), "end_layer_idx": int(end), "selection_ratio": float(ratio)})
     return routes
+
+
+def main_with_messages(main: Callable[[], object]) -> None:
+    """Run a script's ``main`` so that the failures it explains (bad data or settings, a diverging loss, a full disk,
+    an unreachable Hub: ValueError, FloatingPointError, OSError, RuntimeError, each with a message that says what to
+    change) end with that message and exit status 1 instead of a traceback. ``TREAD_TRACEBACK=1`` shows it."""
+    try:
+        main()
+    except (ValueError, FloatingPointError, OSError, RuntimeError) as error:
+        if os.environ.get("TREAD_TRACEBACK") == "1":
+            raise
+        print(f"error: {type(error).__name__}: {error}\n(set TREAD_TRACEBACK=1 to see where)", file=sys.stderr)
+        raise SystemExit(1) from None

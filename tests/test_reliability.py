@@ -511,3 +511,24 @@ def test_resumed_accelerator_state_is_unpickled_with_weights_only(tmp_path, monk
             tmp_path, models=[], optimizers=[], schedulers=[], dataloaders=[], process_index=0
         )
     assert not marker.exists() and "Could not load random states" in caplog.text
+
+
+def test_data_and_hub_failures_end_with_a_message_not_a_traceback(tmp_path):
+    """An empty dataset or an unreachable Hub: exit status 1 and the message, no traceback (TREAD_TRACEBACK=1 shows
+    it), in both training scripts (they share `training_utils.main_with_messages`)."""
+    (tmp_path / "empty").mkdir()
+    cases = [
+        [str(SCRIPT), f"--train_data_dir={tmp_path / 'empty'}", f"--output_dir={tmp_path / 'a'}"],
+        [str(SCRIPT), *TINY, f"--output_dir={tmp_path / 'b'}", "--max_train_steps=1", "--push_to_hub"],  # offline
+        [str(REPO / "training" / "train_tread_t2i_lora.py"), "--pretrained_model_name_or_path=/nonexistent/model",
+         f"--train_data_dir={tmp_path / 'empty'}", f"--output_dir={tmp_path / 'c'}"],
+    ]  # fmt: skip
+    for case in cases:
+        result = subprocess.run(
+            [sys.executable, *case], env=ENV, cwd=REPO, capture_output=True, text=True, timeout=300
+        )
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+        assert result.stderr.rstrip().splitlines()[-2].startswith("error: "), result.stderr[-3000:]
+    shown = subprocess.run([sys.executable, *cases[0]], env={**ENV, "TREAD_TRACEBACK": "1"}, cwd=REPO,
+                           capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert shown.returncode == 1 and "Traceback" in shown.stderr

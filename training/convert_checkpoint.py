@@ -77,6 +77,7 @@ from diffusers.models.modeling_utils import no_init_weights
 
 from diffusers_tread import PRESETS, TreadDiTPipeline, TreadTransformer2DModel, paper_routes
 from diffusers_tread.objectives import get_objective
+from diffusers_tread.training_utils import main_with_messages
 
 logger = logging.getLogger("convert_checkpoint")
 
@@ -497,4 +498,4 @@ def main(argv: list[str] | None = None) -> TreadDiTPipeline:
 
 
 if __name__ == "__main__":
-    main()
+    main_with_messages(main)

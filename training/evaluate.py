@@ -36,6 +36,7 @@ from diffusers_tread.metrics import (
     load_inception,
     load_reference_statistics,
 )
+from diffusers_tread.training_utils import main_with_messages
 
 logger = logging.getLogger(__name__)
 CONFIG_NAME = "samples_config.json"
@@ -191,4 +192,4 @@ def main(args: argparse.Namespace, feature_extractor: FeatureExtractor | None = 
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    main_with_messages(lambda: main(parse_args()))

@@ -33,6 +33,7 @@ from diffusers_tread.data.latents import (
     write_metadata,
     write_shard,
 )
+from diffusers_tread.training_utils import main_with_messages
 
 logger = get_logger(__name__)
 
@@ -216,4 +217,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    main_with_messages(lambda: main(parse_args()))

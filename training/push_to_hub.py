@@ -31,6 +31,7 @@ from pathlib import Path
 from huggingface_hub import ModelCard
 
 from diffusers_tread import hub
+from diffusers_tread.training_utils import main_with_messages
 
 logger = logging.getLogger("push_to_hub")
 
@@ -169,4 +170,4 @@ def main(argv: list[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main_with_messages(lambda: main(sys.argv[1:]))

@@ -87,6 +87,7 @@ from diffusers_tread.routing import ROUTE_REINSERTION_MODES, resolve_routes
 from diffusers_tread.training_utils import (
     LossLog,
     drop_class_labels,
+    main_with_messages,
     make_optimizer,
     parse_routes,
     scheduled_selection_ratios,
@@ -994,4 +995,4 @@ def accelerator_count() -> int:
 
 
 if __name__ == "__main__":
-    main()
+    main_with_messages(main)  # a message and exit status 1 for the failures main explains, not a traceback

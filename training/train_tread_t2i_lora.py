@@ -96,7 +96,7 @@ from diffusers_tread.data import (
 )
 from diffusers_tread.models.tread_t2i import apply_tread
 from diffusers_tread.routing import ROUTE_REINSERTION_MODES, validate_routes
-from diffusers_tread.training_utils import parse_routes
+from diffusers_tread.training_utils import main_with_messages, parse_routes
 
 logger = get_logger(__name__, log_level="INFO")
 
@@ -1244,4 +1244,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main_with_messages(main)  # a message and exit status 1 for the failures main explains, not a traceback
