@@ -1,8 +1,9 @@
 """LoRA training-step time of `training/train_tread_t2i_lora.py`: dense vs TREAD-routed, same weights, same batch.
 
-One step is exactly the script's: `training_loss` (noising, the transformer forward with precomputed text embeddings,
-the loss) + backward + AdamW on the LoRA parameters only (rank 16 on the attention projections; the base weights are
-frozen, so backward computes no weight gradients for them, which changes the cost mix compared with full training).
+One step is exactly the script's: `training_loss` of `diffusers_tread.t2i_training` (noising, the transformer forward
+with precomputed text embeddings, the loss) + backward + AdamW on the LoRA parameters only (rank 16 on the attention
+projections; the base weights are frozen, so backward computes no weight gradients for them, which changes the cost
+mix compared with full training).
 The text embeddings are random tensors of the shapes the text encoders produce: in the script they are computed once,
 before training, so a step never runs a text encoder. Small-width transformers at a realistic token count: 512x512
 images, i.e. 64x64 latents, 1024 image tokens at patch 2 (Flux: packed 2x2). Dense and routed steps alternate on one
@@ -17,7 +18,6 @@ one step (`torch.utils.flop_counter`, forward + backward, CPU attention included
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import platform
 import statistics
@@ -35,9 +35,9 @@ from diffusers import (
 from peft import LoraConfig
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
+from diffusers_tread import t2i_training
 from diffusers_tread.models.tread_t2i import apply_tread
 
-SCRIPT = Path(__file__).resolve().parent.parent / "training" / "train_tread_t2i_lora.py"
 # flop_counter registers the CUDA attention kernels only; CPU's fused SDPA gets the same formulas here.
 CPU_SDPA_FLOPS = {
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *a, out_shape=None, **kw: (
@@ -55,15 +55,6 @@ PIPELINES = {
     "sd3": ("StableDiffusion3Pipeline", "SD3Transformer2DModel"),
     "flux": ("FluxPipeline", "FluxTransformer2DModel"),
 }
-
-
-def load_script():
-    # Known exception (issue #15): the one file-path import left in bench/. The t2i script's step is being moved into
-    # the library; then this imports it from diffusers_tread instead of loading training/train_tread_t2i_lora.py.
-    spec = importlib.util.spec_from_file_location("train_tread_t2i_lora", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def make_transformer(family: str, args):
@@ -101,17 +92,17 @@ def make_embeddings(family: str, args, generator) -> dict[str, torch.Tensor]:
     return embeds
 
 
-def bench_family(script, family: str, args) -> dict:
+def bench_family(family: str, args) -> dict:
     torch.manual_seed(0)
     pipeline_class, transformer_class = PIPELINES[family]
-    spec = script.ModelSpec(
+    spec = t2i_training.ModelSpec(
         "(benchmark)", {"_class_name": pipeline_class, "transformer": ["diffusers", transformer_class]}
     )
     transformer = make_transformer(family, args).requires_grad_(False)
-    script.add_lora(
+    t2i_training.add_lora(
         transformer,
         LoraConfig(r=args.rank, lora_alpha=args.rank, init_lora_weights="gaussian",
-                   target_modules=script.DEFAULT_TARGET_MODULES[family]),
+                   target_modules=t2i_training.DEFAULT_TARGET_MODULES[family]),
     )  # fmt: skip
     lora_parameters = [p for p in transformer.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(lora_parameters, lr=1e-4)
@@ -127,14 +118,16 @@ def bench_family(script, family: str, args) -> dict:
     embeds = make_embeddings(family, args, generator)
 
     def step():
-        loss = script.training_loss(spec, transformer, scheduler, x0, embeds, options, generator, torch.float32, 8)
+        loss = t2i_training.training_loss(
+            spec, transformer, scheduler, x0, embeds, options, generator, torch.float32, 8
+        )
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     def flops() -> int:
         with FlopCounterMode(display=False, custom_mapping=CPU_SDPA_FLOPS) as counter:
-            script.training_loss(
+            t2i_training.training_loss(
                 spec, transformer, scheduler, x0, embeds, options, generator, torch.float32, 8
             ).backward()
         optimizer.zero_grad(set_to_none=True)
@@ -204,10 +197,9 @@ def main() -> None:
         start, end, ratio = args.routes.split(":")
         args.routes = [{"start_layer_idx": int(start), "end_layer_idx": int(end), "selection_ratio": float(ratio)}]
     torch.set_num_threads(args.threads)
-    script = load_script()
     results = []
     for family in args.families.split(","):
-        results.append(bench_family(script, family.strip(), args))
+        results.append(bench_family(family.strip(), args))
         r = results[-1]
         print(f"{r['family']}: dense {r['dense_s']:.3f} s, routed {r['routed_s']:.3f} s per step", flush=True)
 

@@ -60,6 +60,7 @@ def _shipped_folder(name: str) -> Path:
 
 
 MODEL_CARD_TEMPLATE = _shipped_folder("model_cards") / "tread_dit.md"
+LORA_MODEL_CARD_TEMPLATE = _shipped_folder("model_cards") / "tread_t2i_lora.md"
 SPACE_DIR = _shipped_folder("spaces") / "tread-dit"
 CARD_INFO_FILE = "tread_card.json"
 # What never goes to the Hub from an output folder (both training scripts' list): checkpoints, complete or left half
@@ -89,6 +90,9 @@ REMOTE_COMPONENT_CLASSES = ("TreadTransformer2DModel", "TreadSSM2DModel")  # the
 # an input image, which is the Hub's "unconditional-image-generation" task.
 PIPELINE_TAG = "unconditional-image-generation"
 TAGS = ["tread", "diffusers-tread", "diffusers", "dit", "class-conditional", "image-generation"]
+# A text-to-image LoRA's card: the tags Diffusers' LoRA training scripts give theirs (`populate_model_card`), TREAD's,
+# and the model family (pixart, sd3, flux) before "template:sd-lora".
+LORA_TAGS = ["text-to-image", "diffusers-training", "diffusers", "lora", "tread"]
 
 # The patterns Diffusers' dynamic-module loader uses to find imports (utils/dynamic_modules_utils.py): it imports every
 # top-level module named this way, so no line of a bundle may name this package like that, not even in a docstring.
@@ -623,20 +627,25 @@ def render_model_card(
 ) -> ModelCard:
     """Render the TREAD model card template (``model_cards/tread_dit.md``) with ``ModelCard.from_template``; see
     `card_metadata` for the metadata and `fid_result` for eval results."""
-    from . import __version__
-
     metadata = card_metadata(info, card_data, eval_results)
-    card = ModelCard.from_template(
+    return _render_card(
+        template_path or MODEL_CARD_TEMPLATE,
         metadata,
-        template_path=str(template_path or MODEL_CARD_TEMPLATE),
         info=info,
         repo=info.repo_id or info.model_name,
         training_rows=training_rows(info),
         eval_rows=eval_rows(metadata),
         remote_module=REMOTE_MODULE,
-        library_version=__version__,
     )
-    card.text = re.sub(r"\n{3,}", "\n\n", card.text)  # the blank lines of left-out sections
+
+
+def _render_card(template_path: str | os.PathLike, card_data: ModelCardData, **context: Any) -> ModelCard:
+    """``ModelCard.from_template`` with one of the templates shipped in ``model_cards/`` (or another file), given the
+    library version; the blank lines of left-out sections are squeezed."""
+    from . import __version__
+
+    card = ModelCard.from_template(card_data, template_path=str(template_path), library_version=__version__, **context)
+    card.text = re.sub(r"\n{3,}", "\n\n", card.text)
     return card
 
 
@@ -657,6 +666,107 @@ def save_model_card(
 def load_model_card_info(folder: str | os.PathLike) -> ModelCardInfo | None:
     path = Path(folder, CARD_INFO_FILE)
     return ModelCardInfo.from_json(path.read_text()) if path.is_file() else None
+
+
+@dataclasses.dataclass
+class LoraCardInfo:
+    """What the card of a text-to-image LoRA (``training/train_tread_t2i_lora.py``) says: the base pipeline, the
+    adapters, how to load them, and the training run. A training value left None leaves its table row out."""
+
+    base_model: str  # the Hub id or local folder trained from
+    pipeline_class: str  # e.g. "PixArtSigmaPipeline"
+    transformer_class: str
+    family: str  # pixart, sd3 or flux (a tag)
+    rank: int
+    lora_alpha: float
+    target_modules: list[str]
+    repo_id: str  # where `load_lora_weights` finds the adapters: the Hub repo, or the output folder
+    # False where the pipeline has no `load_lora_weights` (PixArt): the card's code injects the adapters with PEFT.
+    diffusers_loader: bool = True
+    prompt: str | None = None  # the validation prompt: the card's example and its images' caption
+    # the training
+    routes: str | None = None  # JSON
+    objective: str | None = None  # the loss, in words
+    dataset: str | None = None
+    num_examples: int | None = None
+    resolution: int | None = None
+    steps: int | None = None
+    global_batch_size: int | None = None
+    batch_size_per_device: int | None = None
+    gradient_accumulation_steps: int | None = None
+    learning_rate: float | None = None
+    lr_scheduler: str | None = None
+    mixed_precision: str | None = None
+    hardware: str | None = None
+    training_time: str | None = None
+    final_loss: str | None = None
+    command: str | None = None  # `launch_command`'s: the token redacted
+
+
+def lora_training_rows(info: LoraCardInfo) -> list[tuple[str, str]]:
+    """The rows of a LoRA card's training table, leaving out what is unknown."""
+    data = info.dataset and _joined(
+        f"{info.num_examples} image-caption pairs from `{info.dataset}`"
+        if info.num_examples is not None
+        else f"`{info.dataset}`",
+        f"{info.resolution} px" if info.resolution else None,
+    )
+    steps = info.steps
+    if steps is not None and info.global_batch_size:
+        steps = f"{steps} at batch {info.global_batch_size}"
+        if info.batch_size_per_device and info.gradient_accumulation_steps:
+            steps += f" ({info.batch_size_per_device} per device x {info.gradient_accumulation_steps} accumulation)"
+    learning_rate = info.learning_rate
+    if learning_rate is not None and info.lr_scheduler:
+        learning_rate = f"{learning_rate} ({info.lr_scheduler})"
+    rows = [
+        ("routes", info.routes and f"`{info.routes}`"),
+        ("loss", info.objective),
+        ("data", data),
+        ("steps", steps),
+        ("learning rate", learning_rate),
+        ("mixed precision", info.mixed_precision),
+        ("hardware, time", _joined(info.hardware, info.training_time)),
+        ("final loss", info.final_loss),
+    ]
+    return [(name, str(value)) for name, value in rows if value is not None]
+
+
+def render_lora_model_card(
+    info: LoraCardInfo, image_files: Sequence[str] = (), template_path: str | os.PathLike | None = None
+) -> ModelCard:
+    """Render ``model_cards/tread_t2i_lora.md``: the Hub metadata Diffusers' LoRA training scripts write (base model,
+    widget of ``image_files`` with the prompt, ``LORA_TAGS``) and the text (the adapters, how to load them, the
+    training table)."""
+    card_data = ModelCardData(
+        license=None,
+        library_name="diffusers",
+        inference=True,
+        base_model=None if Path(info.base_model).exists() else info.base_model,  # a Hub id, not a local folder
+        instance_prompt=info.prompt,
+        widget=[{"text": info.prompt, "output": {"url": name}} for name in image_files],
+        tags=[*LORA_TAGS, info.family, "template:sd-lora"],
+    )
+    return _render_card(
+        template_path or LORA_MODEL_CARD_TEMPLATE, card_data, info=info, training_rows=lora_training_rows(info)
+    )
+
+
+def save_lora_model_card(
+    folder: str | os.PathLike,
+    info: LoraCardInfo,
+    images: Sequence[Any] | None = None,
+    template_path: str | os.PathLike | None = None,
+) -> ModelCard:
+    """Write ``README.md`` (`render_lora_model_card`) into ``folder``, with ``images`` (PIL images, e.g. the final
+    validation samples) saved next to it as ``image_<i>.png`` for the card's widget."""
+    image_files = []
+    for index, image in enumerate(images or []):
+        image_files.append(f"image_{index}.png")
+        image.save(Path(folder, image_files[-1]))
+    card = render_lora_model_card(info, image_files, template_path)
+    _replace_file(Path(folder, "README.md"), str(card))
+    return card
 
 
 # ----------------------------------------------------------------------------------------------------------------------

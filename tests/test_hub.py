@@ -223,6 +223,54 @@ def test_model_card_metadata_parses_back(tmp_path):
     assert bare.data.eval_results is None and "tread" in bare.data.tags
 
 
+def test_lora_model_card_metadata_loading_snippet_and_table(tmp_path):
+    """The text-to-image LoRA card (model_cards/tread_t2i_lora.md): Diffusers' LoRA metadata, the widget images saved
+    next to it, the loading code of the pipeline (load_lora_weights, or PEFT injection without a loader)."""
+    from PIL import Image
+
+    info = hub.LoraCardInfo(
+        base_model="org/base", pipeline_class="StableDiffusion3Pipeline", transformer_class="SD3Transformer2DModel",
+        family="sd3", rank=4, lora_alpha=8, target_modules=["to_q", "to_k"], repo_id="user/lora", prompt="a fox",
+        routes='[{"start_layer_idx": 1}]', objective="flow matching", dataset="imgs", num_examples=10,
+        resolution=512, steps=3, global_batch_size=4, batch_size_per_device=2, gradient_accumulation_steps=2,
+        learning_rate=1e-4, lr_scheduler="constant", hardware="CPU", training_time="0.1 min", final_loss="0.1235",
+        command=hub.launch_command("training/train_tread_t2i_lora.py", ["--hub_token=hf_SECRET"]),
+    )  # fmt: skip
+    hub.save_lora_model_card(tmp_path, info, [Image.new("RGB", (8, 8))] * 2)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["README.md", "image_0.png", "image_1.png"]
+    card = ModelCard.load(tmp_path / "README.md")
+    assert card.data.base_model == "org/base" and card.data.library_name == "diffusers"
+    assert card.data.tags == ["text-to-image", "diffusers-training", "diffusers", "lora", "tread", "sd3",
+                              "template:sd-lora"]  # fmt: skip
+    assert card.data.widget == [{"text": "a fox", "output": {"url": f"image_{i}.png"}} for i in range(2)]
+    for expected in (
+        "LoRA adapters (rank 4, alpha 8, on `to_q, to_k`)",
+        'pipe.load_lora_weights("user/lora")',
+        'image = pipe("a fox")',
+        '| routes | `[{"start_layer_idx": 1}]` |',
+        "| data | 10 image-caption pairs from `imgs`, 512 px |",
+        "| steps | 3 at batch 4 (2 per device x 2 accumulation) |",
+        "| learning rate | 0.0001 (constant) |",
+        "| hardware, time | CPU, 0.1 min |",
+        "--hub_token=<redacted>",
+    ):
+        assert expected in card.text, expected
+    assert "hf_SECRET" not in card.text and "\n\n\n" not in card.text
+
+    # A local base model is no Hub base_model; a pipeline without a LoRA loader gets the PEFT snippet; unknown
+    # training values leave their rows out.
+    bare = hub.render_lora_model_card(
+        hub.LoraCardInfo(
+            base_model=str(tmp_path), pipeline_class="PixArtSigmaPipeline", transformer_class="PixArtTransformer2DModel",
+            family="pixart", rank=2, lora_alpha=2, target_modules=["to_q"], repo_id="out", diffusers_loader=False,
+        )
+    )  # fmt: skip
+    assert bare.data.base_model is None and bare.data.widget == [] and "pixart" in bare.data.tags
+    assert "load_lora_weights" not in bare.text
+    assert "config = LoraConfig(r=2, lora_alpha=2, target_modules=['to_q'])" in bare.text
+    assert 'image = pipe("a photo")' in bare.text and "None" not in bare.text and "## Training" not in bare.text
+
+
 # --- remote code in a fresh interpreter without diffusers_tread ---------------------------------------------------------
 
 
@@ -544,9 +592,10 @@ def test_upload_output_uploads_the_bundle_with_the_final_folder(output_folder, m
     assert json.loads((output_folder / "model_index.json").read_text())["_class_name"] == "TreadDiTPipeline"
 
 
-def test_hub_module_imports_no_training_or_demo_packages():
+@pytest.mark.parametrize("module", ["diffusers_tread.hub", "diffusers_tread.t2i_training"])
+def test_hub_module_imports_no_training_or_demo_packages(module):
     code = (
-        "import sys, diffusers_tread.hub; "
+        f"import sys, {module}; "
         "print([m for m in ('datasets', 'sklearn', 'matplotlib', 'gradio', 'selenium') if m in sys.modules])"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

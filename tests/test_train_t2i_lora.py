@@ -19,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from diffusers_tread import hub
+from diffusers_tread.t2i_training import load_lora
 
 SCRIPT = REPO / "training" / "train_tread_t2i_lora.py"
 WORDS = "a an the red green blue yellow circle square triangle on white black background small big".split()
@@ -242,12 +243,11 @@ def test_lora_trains_with_routing_saves_loads_and_samples(tmp_path, accelerate_c
     assert "tread" in card and "lora" in card and '"start_layer_idx": 1' in card
 
     # the saved file loads into the base pipeline and changes its samples; unloading restores them
-    script = load_script()
     index = json.loads((Path(assets[family]) / "model_index.json").read_text())
     pipe = getattr(diffusers, index["_class_name"]).from_pretrained(assets[family])
     pipe.set_progress_bar_config(disable=True)
     base = sample(pipe, family)
-    script.load_lora(pipe, str(out))
+    load_lora(pipe, str(out))
     adapted = sample(pipe, family)
     assert adapted.shape == base.shape == (1, 4, 16, 16) and torch.isfinite(adapted).all()
     assert not torch.allclose(adapted, base, atol=1e-4)

@@ -1,5 +1,5 @@
-"""The package is whole as a wheel: installed outside the source tree, it renders a model card and prepares the Space
-from the templates it ships (setup.py's data packages), not from files of a checkout."""
+"""The package is whole as a wheel: installed outside the source tree, it renders the model cards (DiT and LoRA) and
+prepares the Space from the templates it ships (setup.py's data packages), not from files of a checkout."""
 
 import json
 import shutil
@@ -28,16 +28,21 @@ def test_wheel_installed_outside_the_tree_renders_a_card_and_prepares_the_space(
         sys.path.insert(0, {str(site)!r})  # the installed wheel first: not the checkout's editable install
         from diffusers_tread import hub
         card = hub.render_model_card(hub.ModelCardInfo(model_name="tread-tiny", repo_id="org/tread-tiny"))
+        lora = hub.render_lora_model_card(hub.LoraCardInfo(
+            base_model="org/base", pipeline_class="FluxPipeline", transformer_class="FluxTransformer2DModel",
+            family="flux", rank=4, lora_alpha=4, target_modules=["to_q"], repo_id="org/tread-lora"))
         space = hub.prepare_space({str(tmp_path / "space")!r}, "org/tread-tiny")
         print(json.dumps({{"hub": hub.__file__, "template": str(hub.MODEL_CARD_TEMPLATE), "space_dir": str(hub.SPACE_DIR),
-                          "card": str(card), "space": sorted(p.name for p in space.iterdir())}}))
+                          "lora_template": str(hub.LORA_MODEL_CARD_TEMPLATE), "card": str(card), "lora": str(lora),
+                          "space": sorted(p.name for p in space.iterdir())}}))
         """
     )
     result = subprocess.run([sys.executable, "-I", "-c", code], cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-4000:]
     report = json.loads(result.stdout.splitlines()[-1])
-    for key in ("hub", "template", "space_dir"):
+    for key in ("hub", "template", "lora_template", "space_dir"):
         assert report[key].startswith(str(site)), (key, report[key])
     assert "org/tread-tiny" in report["card"] and "TREAD" in report["card"]
+    assert 'pipe.load_lora_weights("org/tread-lora")' in report["lora"]
     assert {"app.py", "README.md", "requirements.txt"} <= set(report["space"])
     assert "org/tread-tiny" in (tmp_path / "space" / "README.md").read_text()

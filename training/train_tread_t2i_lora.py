@@ -11,7 +11,9 @@ id, LoRA adapters (PEFT) on the transformer, and TREAD routing on the transforme
 
 The story, top to bottom: arguments -> which model (from `model_index.json`) -> data -> text embeddings (and optionally
 VAE latents) computed ONCE, after which the text encoders are freed -> transformer + LoRA + routing -> optimizer ->
-(resume) -> loop -> LoRA weights in Diffusers' format, a model card, and an optional push.
+(resume) -> loop -> LoRA weights in Diffusers' format, a model card, and an optional push (`main`'s numbered stages).
+What is not glue is the library's: the model families, the step's model call and loss, and the LoRA files are
+`diffusers_tread.t2i_training`; the model card is `diffusers_tread.hub.save_lora_model_card`.
 
 Routing (`diffusers_tread.models.tread_t2i.apply_tread`) is a set of hooks on the transformer's blocks: it runs only in
 train mode, touches only image tokens (text tokens and the conditioning are never routed), and leaves the module tree
@@ -39,31 +41,17 @@ import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
-from diffusers import (
-    AutoencoderKL,
-    DDPMScheduler,
-    DiffusionPipeline,
-    FlowMatchEulerDiscreteScheduler,
-    FluxPipeline,
-)
-from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE, LoraBaseMixin
-from diffusers.loaders.peft import PeftAdapterMixin
+from diffusers import AutoencoderKL, DDPMScheduler, FlowMatchEulerDiscreteScheduler
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import (
-    cast_training_params,
-    compute_density_for_timestep_sampling,
-    compute_loss_weighting_for_sd3,
-)
-from diffusers.utils.hub_utils import populate_model_card
-from huggingface_hub import ModelCard, ModelCardData, create_repo
-from peft import LoraConfig, inject_adapter_in_model
-from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from diffusers.training_utils import cast_training_params
+from huggingface_hub import create_repo
+from peft import LoraConfig
+from peft.utils import set_peft_model_state_dict
 from PIL import Image
-from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from diffusers_tread import hub, paper_routes
+from diffusers_tread import hub
 
 # The library's crash-safe run folder (checkpoints, final save, resume, stop signals), shared with train_tread.py, so
 # that both scripts behave the same way.
@@ -95,106 +83,27 @@ from diffusers_tread.data import (
     save_precomputed_embeddings,
 )
 from diffusers_tread.models.tread_t2i import apply_tread
-from diffusers_tread.routing import ROUTE_REINSERTION_MODES, validate_routes
+from diffusers_tread.routing import ROUTE_REINSERTION_MODES
+
+# What is not script glue (the model families, the step's model call and loss, the LoRA files) is the library's.
+from diffusers_tread.t2i_training import (
+    DEFAULT_TARGET_MODULES,
+    ModelSpec,
+    add_lora,
+    check_routes,
+    describe_routing,
+    encode_prompts,
+    load_lora,
+    read_transformer_lora,
+    resolve_model,
+    save_lora,
+    training_loss,
+    unwrap,
+    vae_latents,
+)
 from diffusers_tread.training_utils import main_with_messages, parse_routes
 
 logger = get_logger(__name__, log_level="INFO")
-
-# The LoraConfig fields a saved file's metadata gives back when it is loaded into a PixArt transformer.
-LORA_CONFIG_FIELDS = ("r", "lora_alpha", "lora_dropout", "target_modules", "bias", "use_rslora", "use_dora")
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# The supported model families: what tells them apart is collected here.
-# ----------------------------------------------------------------------------------------------------------------------
-
-FAMILIES = {
-    # transformer class -> family. PixArt: DDPM (epsilon or v) with learned sigma, T5. SD3 and Flux: rectified flow,
-    # CLIP x2 + T5 (Flux: CLIP + T5, packed 2x2 latents, RoPE ids, guidance embedding).
-    "PixArtTransformer2DModel": "pixart",
-    "SD3Transformer2DModel": "sd3",
-    "FluxTransformer2DModel": "flux",
-}
-DEFAULT_TARGET_MODULES = {
-    "pixart": ["to_k", "to_q", "to_v", "to_out.0"],  # self- and cross-attention (attn1, attn2)
-    "sd3": ["to_k", "to_q", "to_v", "to_out.0", "add_k_proj", "add_q_proj", "add_v_proj", "to_add_out"],
-    "flux": ["to_k", "to_q", "to_v", "to_out.0", "add_k_proj", "add_q_proj", "add_v_proj", "to_add_out"],
-}
-# The pipelines' own defaults (PixArt-Alpha was trained with 120 T5 tokens, Sigma with 300); 77 for SD3 as in
-# Diffusers' SD3 LoRA examples (the CLIP length; T5 may take more).
-DEFAULT_MAX_SEQUENCE_LENGTH = {"PixArtAlphaPipeline": 120, "PixArtSigmaPipeline": 300, "sd3": 77, "flux": 512}
-
-
-class ModelSpec:
-    """What the script needs to know about the base pipeline, read from its `model_index.json`."""
-
-    def __init__(self, path: str, model_index: dict):
-        self.path = path  # a local folder (Hub ids are downloaded first)
-        self.model_index = model_index
-        self.pipeline_class_name = model_index.get("_class_name")
-        transformer = model_index.get("transformer")
-        transformer_class = (
-            transformer[1] if isinstance(transformer, (list, tuple)) and len(transformer) == 2 else None
-        )
-        if transformer_class not in FAMILIES:
-            supported = ", ".join(f"{cls} ({family})" for cls, family in FAMILIES.items())
-            raise ValueError(
-                f"{path}: the pipeline's transformer is {transformer_class!r} (pipeline {self.pipeline_class_name}); "
-                f"this script supports {supported}."
-            )
-        self.transformer_class_name = transformer_class
-        self.family = FAMILIES[transformer_class]
-        self.pipeline_class = getattr(diffusers, self.pipeline_class_name, None)
-        if self.pipeline_class is None or not issubclass(self.pipeline_class, DiffusionPipeline):
-            raise ValueError(f"{path}: unknown pipeline class {self.pipeline_class_name!r} in model_index.json.")
-        self.transformer_class = getattr(diffusers, transformer_class)
-        # Every component from transformers (text encoders, tokenizers): loaded to encode captions, then freed.
-        self.text_components = [
-            name
-            for name, value in model_index.items()
-            if isinstance(value, (list, tuple)) and len(value) == 2 and value[0] == "transformers"
-        ]
-
-    @property
-    def flow_matching(self) -> bool:
-        return self.family in ("sd3", "flux")
-
-    def default_max_sequence_length(self) -> int:
-        return DEFAULT_MAX_SEQUENCE_LENGTH.get(self.pipeline_class_name) or DEFAULT_MAX_SEQUENCE_LENGTH.get(
-            self.family, 300
-        )
-
-
-def check_routes(spec: ModelSpec, routes) -> None:
-    """Fail early on routes that do not fit the transformer's blocks (the router checks them again when attached).
-    Flux counts its double-stream blocks first, then its single-stream blocks."""
-    if not routes:
-        return
-    config = spec.transformer_class.load_config(spec.path, subfolder="transformer")
-    num_blocks = config["num_layers"] + (config.get("num_single_layers", 0) if spec.family == "flux" else 0)
-    if routes == "paper" and num_blocks < 6:
-        raise ValueError(
-            f"--routes paper (blocks 2..{num_blocks - 4}, i.e. 2..depth-4, at ratio 0.5) does not fit a transformer "
-            f"with {num_blocks} blocks; give the routes explicitly, e.g. --routes 1:{num_blocks - 2}:0.5, or none."
-        )
-    validate_routes(paper_routes(num_blocks) if routes == "paper" else routes, num_blocks)
-
-
-def resolve_model(args) -> ModelSpec:
-    """A local pipeline folder, or a Hub id downloaded once (every later load reads the local snapshot)."""
-    path = args.pretrained_model_name_or_path
-    if not Path(path).is_dir():
-        path = DiffusionPipeline.download(
-            path, revision=args.revision, variant=args.variant, cache_dir=args.cache_dir, token=args.hub_token
-        )
-    index_file = Path(path, "model_index.json")
-    if not index_file.is_file():
-        raise ValueError(
-            f"{args.pretrained_model_name_or_path} is not a Diffusers pipeline (no model_index.json); pass a "
-            "pipeline folder or Hub id, e.g. PixArt-alpha/PixArt-Sigma-XL-2-512-MS or "
-            "stabilityai/stable-diffusion-3-medium-diffusers."
-        )
-    return ModelSpec(str(path), json.loads(index_file.read_text()))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -360,44 +269,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def encode_prompts(spec: ModelSpec, pipeline, prompts: list[str], max_sequence_length: int, device, negative=False):
-    """Each pipeline's own `encode_prompt`, so training sees exactly the embeddings inference makes.
-
-    Returns the keyword arguments the pipeline's `__call__` takes (with `negative=True`: also the negative ones, for
-    classifier-free guidance at validation); the training loop uses the positive ones.
-    """
-    with torch.no_grad():
-        if spec.family == "pixart":
-            embeds, mask, negative_embeds, negative_mask = pipeline.encode_prompt(
-                prompts,
-                do_classifier_free_guidance=negative,
-                device=device,
-                clean_caption=False,
-                max_sequence_length=max_sequence_length,
-            )
-            out = {"prompt_embeds": embeds, "prompt_attention_mask": mask}
-            if negative:
-                out |= {"negative_prompt_embeds": negative_embeds, "negative_prompt_attention_mask": negative_mask}
-        elif spec.family == "sd3":
-            embeds, negative_embeds, pooled, negative_pooled = pipeline.encode_prompt(
-                prompts,
-                None,
-                None,
-                device=device,
-                do_classifier_free_guidance=negative,
-                max_sequence_length=max_sequence_length,
-            )
-            out = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
-            if negative:
-                out |= {"negative_prompt_embeds": negative_embeds, "negative_pooled_prompt_embeds": negative_pooled}
-        else:  # flux: guidance-distilled, no negative prompt; text_ids are the same (zeros) for every prompt
-            embeds, pooled, _ = pipeline.encode_prompt(
-                prompts, None, device=device, max_sequence_length=max_sequence_length
-            )
-            out = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
-    return {key: value.detach() for key, value in out.items()}
-
-
 def compute_embeddings(spec: ModelSpec, args, unique_captions: list[str], accelerator, weight_dtype):
     """Encode every distinct caption (and the validation prompt) once; the text encoders are freed afterwards."""
     logger.info(f"Encoding {len(unique_captions)} distinct captions with {', '.join(spec.text_components)}")
@@ -427,217 +298,6 @@ def free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# LoRA: add, save in Diffusers' format, load back
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def add_lora(transformer, config: LoraConfig) -> None:
-    """`add_adapter` where the transformer has Diffusers' PEFT mixin (SD3, Flux); PixArt's transformer has none in
-    Diffusers 0.42, so it gets the same PEFT injection `add_adapter` performs."""
-    if isinstance(transformer, PeftAdapterMixin):
-        transformer.add_adapter(config)
-    else:
-        inject_adapter_in_model(config, transformer, "default")
-
-
-def save_lora(spec: ModelSpec, folder: str, transformer) -> Path:
-    """`pytorch_lora_weights.safetensors` in Diffusers' format: PEFT keys prefixed `transformer.`, the LoRA config in
-    the file's metadata. SD3/Flux: the pipeline's own `save_lora_weights`; PixArt (no LoRA loader mixin): the same
-    file through `LoraBaseMixin.write_lora_layers`."""
-    state_dict = {key: value.detach().float().cpu() for key, value in get_peft_model_state_dict(transformer).items()}
-    metadata = transformer.peft_config["default"].to_dict()
-    if hasattr(spec.pipeline_class, "save_lora_weights"):
-        spec.pipeline_class.save_lora_weights(
-            folder, transformer_lora_layers=state_dict, transformer_lora_adapter_metadata=metadata
-        )
-    else:
-        LoraBaseMixin.write_lora_layers(
-            state_dict={f"transformer.{key}": value for key, value in state_dict.items()},
-            save_directory=folder,
-            is_main_process=True,
-            weight_name=LORA_WEIGHT_NAME_SAFE,
-            save_function=None,
-            safe_serialization=True,
-            lora_adapter_metadata={f"transformer.{key}": value for key, value in metadata.items()},
-        )
-    return Path(folder, LORA_WEIGHT_NAME_SAFE)
-
-
-def read_transformer_lora(folder: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """The transformer's LoRA tensors (keys without the `transformer.` prefix) and config from a saved file."""
-    path = Path(folder, LORA_WEIGHT_NAME_SAFE)
-    with safe_open(str(path), framework="pt") as f:
-        packed = json.loads((f.metadata() or {}).get("lora_adapter_metadata", "{}"))
-        state_dict = {key.removeprefix("transformer."): f.get_tensor(key) for key in f.keys()}
-    config = {key.removeprefix("transformer."): value for key, value in packed.items()}
-    return state_dict, config
-
-
-def load_lora_into_transformer(transformer, folder: str, adapter_name: str = "default") -> None:
-    """Load a saved LoRA into a transformer without Diffusers' PEFT mixin (PixArt): PEFT injection, then weights."""
-    state_dict, config = read_transformer_lora(folder)
-    if "r" not in config:  # a file without Diffusers' metadata: the rank and targets from the tensors themselves
-        down = [key for key in state_dict if key.endswith("lora_A.weight")]
-        config = {
-            "r": state_dict[down[0]].shape[0],
-            "target_modules": sorted({key.split(".lora_A")[0] for key in down}),
-        }
-    config = LoraConfig(**{key: value for key, value in config.items() if key in LORA_CONFIG_FIELDS})
-    inject_adapter_in_model(config, transformer, adapter_name)
-    result = set_peft_model_state_dict(transformer, state_dict, adapter_name=adapter_name)
-    if getattr(result, "unexpected_keys", None):
-        raise ValueError(f"{folder}: LoRA weights that match no module: {result.unexpected_keys[:5]}")
-
-
-def load_lora(pipeline, folder: str) -> None:
-    """Load this script's output into a pipeline: `load_lora_weights` (SD3, Flux) or PEFT injection (PixArt)."""
-    if hasattr(pipeline, "load_lora_weights"):
-        pipeline.load_lora_weights(folder, weight_name=LORA_WEIGHT_NAME_SAFE)
-    else:
-        load_lora_into_transformer(pipeline.transformer, folder)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# One training step's model call and loss
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def vae_latents(vae_config, sample: torch.Tensor) -> torch.Tensor:
-    shift = getattr(vae_config, "shift_factor", None) or 0.0
-    return (sample - shift) * vae_config.scaling_factor
-
-
-def model_prediction(spec: ModelSpec, transformer, noisy, timesteps, embeds, args, weight_dtype, vae_scale_factor):
-    """The transformer's output for `noisy` latents `(B, C, H, W)`, as `(B, C, H, W)` (PixArt: the epsilon/v half of
-    a learned-sigma output)."""
-    noisy = noisy.to(weight_dtype)
-    embeds = {
-        key: value.to(noisy.device, weight_dtype if value.is_floating_point() else value.dtype)
-        for key, value in embeds.items()
-    }
-    if spec.family == "pixart":
-        config = unwrap(transformer).config
-        batch, channels, height, width = noisy.shape
-        added = {"resolution": None, "aspect_ratio": None}
-        if getattr(unwrap(transformer), "use_additional_conditions", False):  # PixArt-Alpha 1024: size conditioning
-            pixels = [height * vae_scale_factor, width * vae_scale_factor]
-            added["resolution"] = torch.tensor([pixels] * batch, dtype=weight_dtype, device=noisy.device)
-            added["aspect_ratio"] = torch.tensor([[height / width]] * batch, dtype=weight_dtype, device=noisy.device)
-        output = transformer(
-            noisy,
-            encoder_hidden_states=embeds["prompt_embeds"],
-            encoder_attention_mask=embeds["prompt_attention_mask"],
-            timestep=timesteps,
-            added_cond_kwargs=added,
-            return_dict=False,
-        )[0]
-        if config.out_channels == 2 * channels:  # learned sigma: [eps | variance]; Diffusers trains the first half
-            output = output.chunk(2, dim=1)[0]
-        return output
-    if spec.family == "sd3":
-        return transformer(
-            hidden_states=noisy,
-            timestep=timesteps,
-            encoder_hidden_states=embeds["prompt_embeds"],
-            pooled_projections=embeds["pooled_prompt_embeds"],
-            return_dict=False,
-        )[0]
-    # flux: 2x2 patches packed into tokens, RoPE ids for image and text tokens, guidance as an input
-    batch, channels, height, width = noisy.shape
-    packed = FluxPipeline._pack_latents(noisy, batch, channels, height, width)
-    image_ids = FluxPipeline._prepare_latent_image_ids(batch, height // 2, width // 2, noisy.device, weight_dtype)
-    text_ids = torch.zeros(embeds["prompt_embeds"].shape[1], 3, device=noisy.device, dtype=weight_dtype)
-    guidance = None
-    if unwrap(transformer).config.guidance_embeds:
-        guidance = torch.full((batch,), args.guidance_scale, device=noisy.device, dtype=torch.float32)
-    output = transformer(
-        hidden_states=packed,
-        timestep=timesteps / 1000,
-        guidance=guidance,
-        pooled_projections=embeds["pooled_prompt_embeds"],
-        encoder_hidden_states=embeds["prompt_embeds"],
-        txt_ids=text_ids,
-        img_ids=image_ids,
-        return_dict=False,
-    )[0]
-    return FluxPipeline._unpack_latents(output, height * vae_scale_factor, width * vae_scale_factor, vae_scale_factor)
-
-
-def unwrap(model):
-    """The model inside DDP/compile wrappers (without needing the Accelerator)."""
-    while hasattr(model, "module"):
-        model = model.module
-    return getattr(model, "_orig_mod", model)
-
-
-def training_loss(spec, transformer, noise_scheduler, x0, embeds, args, generator, weight_dtype, vae_scale_factor):
-    """Noise the clean latents `x0`, run the (routed) transformer, and return the loss.
-
-    The loss is the plain diffusion loss on **all** image tokens, the TREAD paper's loss in its ICCV version (Sec. 3,
-    "no additional losses"): routing only changes which blocks a token passes through; every token, bypassed or not,
-    leaves the final layer with a prediction, so every token has a target and the loss is the one dense fine-tuning
-    uses. (v1's adapted loss, kept-token denoising plus an MAE term on the bypassed tokens, is `--tread_loss adapted`
-    of the class-conditional script.) PixArt: MSE to epsilon (or v, per its scheduler); SD3/Flux: rectified flow with
-    Diffusers' SD3 timestep densities and loss weightings.
-    """
-    batch = x0.shape[0]
-    noise = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0.device)
-    if spec.flow_matching:
-        u = compute_density_for_timestep_sampling(
-            weighting_scheme=args.weighting_scheme,
-            batch_size=batch,
-            logit_mean=args.logit_mean,
-            logit_std=args.logit_std,
-            mode_scale=args.mode_scale,
-            device=generator.device,
-            generator=generator,
-        )
-        indices = (u * noise_scheduler.config.num_train_timesteps).long().clamp(max=len(noise_scheduler.timesteps) - 1)
-        timesteps = noise_scheduler.timesteps[indices.cpu()].to(x0.device)
-        sigmas = noise_scheduler.sigmas[indices.cpu()].to(x0.device, torch.float32).view(batch, 1, 1, 1)
-        noisy = (1.0 - sigmas) * x0 + sigmas * noise
-        prediction = model_prediction(
-            spec, transformer, noisy, timesteps, embeds, args, weight_dtype, vae_scale_factor
-        ).float()
-        if args.precondition_outputs:
-            prediction = prediction * (-sigmas) + noisy
-            target = x0
-        else:
-            target = noise - x0
-        weighting = compute_loss_weighting_for_sd3(weighting_scheme=args.weighting_scheme, sigmas=sigmas).float()
-        per_sample = (weighting * (prediction - target) ** 2).reshape(batch, -1).mean(dim=1)
-        return per_sample.mean()
-    timesteps = torch.randint(
-        0, noise_scheduler.config.num_train_timesteps, (batch,), generator=generator, device=generator.device
-    ).to(x0.device)
-    noisy = noise_scheduler.add_noise(x0, noise, timesteps)
-    if noise_scheduler.config.prediction_type == "v_prediction":
-        target = noise_scheduler.get_velocity(x0, noise, timesteps)
-    else:
-        target = noise
-    prediction = model_prediction(spec, transformer, noisy, timesteps, embeds, args, weight_dtype, vae_scale_factor)
-    return torch.nn.functional.mse_loss(prediction.float(), target.float())
-
-
-def describe_routing(router) -> list[dict]:
-    """Per route of the last forward: how many image tokens of each sample bypassed it (from the router's masks)."""
-    masks = getattr(router, "route_masks", None) if router is not None else None
-    if not masks:
-        return []
-    routes = list(getattr(router, "routes", None) or [{}] * len(masks))
-    return [
-        {
-            "route": index,
-            "blocks": f"{route.get('start_layer_idx', '?')}..{route.get('end_layer_idx', '?')}",
-            "bypassed": int(mask[0].sum()),
-            "tokens": int(mask.shape[1]),
-            "fraction": float(mask.float().mean()),
-        }
-        for index, (route, mask) in enumerate(zip(routes, masks, strict=True))
-    ]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -704,84 +364,43 @@ def log_validation(accelerator, spec, args, transformer, vae, prompt_kwargs, wei
 def save_model_card(
     folder, args, argv, spec, repo_id, images, routes, steps, total_batch_size, seconds, final_loss, num_examples
 ) -> None:
-    """``folder``/README.md: Diffusers' LoRA card metadata (base model, widget, tags via `populate_model_card`) and how
-    to load it."""
-    base_model = args.pretrained_model_name_or_path
-    hub_base = base_model if not Path(base_model).exists() else None
-    widget = []
-    for index, image in enumerate(images or []):
-        image.save(Path(folder, f"image_{index}.png"))
-        widget.append({"text": args.validation_prompt, "output": {"url": f"image_{index}.png"}})
-    if spec.family == "pixart":
-        how_to_load = f"""```python
-from diffusers import {spec.pipeline_class_name}
-from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
-from safetensors.torch import load_file
-
-# Diffusers has no LoRA loader for PixArt: inject the adapter with PEFT and load the weights.
-pipe = {spec.pipeline_class_name}.from_pretrained("{base_model}")
-weights = load_file("pytorch_lora_weights.safetensors")  # from this repository
-weights = {{k.removeprefix("transformer."): v for k, v in weights.items()}}
-config = LoraConfig(r={args.rank}, lora_alpha={args.lora_alpha}, target_modules={args.lora_target_modules})
-inject_adapter_in_model(config, pipe.transformer)
-set_peft_model_state_dict(pipe.transformer, weights)
-image = pipe("{args.validation_prompt or "a photo"}").images[0]
-```"""
-    else:
-        how_to_load = f"""```python
-from diffusers import {spec.pipeline_class_name}
-
-pipe = {spec.pipeline_class_name}.from_pretrained("{base_model}")
-pipe.load_lora_weights("{repo_id or args.output_dir}")
-image = pipe("{args.validation_prompt or "a photo"}").images[0]
-```"""
+    """``folder``/README.md, rendered by `diffusers_tread.hub` from model_cards/tread_t2i_lora.md: Diffusers' LoRA card
+    metadata (base model, widget of the final validation images, tags), how to load the adapters, the training."""
     hardware = (
         f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}"
         if torch.cuda.is_available()
         else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
     )
-    description = f"""# TREAD LoRA for {base_model}
-
-LoRA adapters (rank {args.rank}, alpha {args.lora_alpha}, on `{", ".join(args.lora_target_modules)}`) for the
-`{spec.transformer_class_name}` of `{base_model}`, trained with [TREAD token routing](https://arxiv.org/abs/2501.04765)
-by `training/train_tread_t2i_lora.py` of diffusers-tread. Routing only changes training (a random subset of image tokens
-skips the routed blocks); the adapters are ordinary Diffusers LoRA weights, and inference uses every token.
-
-## How to use
-
-{how_to_load}
-
-## Training
-
-| | |
-|---|---|
-| routes | `{json.dumps(routes)}` |
-| loss | {"flow matching, weighting " + args.weighting_scheme if spec.flow_matching else "epsilon/v MSE (DDPM)"}, on all tokens |
-| data | {num_examples} image-caption pairs from `{args.dataset_name or Path(args.train_data_dir).name}`, {args.resolution} px |
-| steps | {steps} at batch {total_batch_size} ({args.train_batch_size} per device x {args.gradient_accumulation_steps} accumulation) |
-| learning rate | {args.learning_rate} ({args.lr_scheduler}) |
-| mixed precision | {args.mixed_precision or "no"} |
-| hardware, time | {hardware}, {seconds / 60:.1f} min |
-| final loss | {final_loss:.4f} |
-
-Command: `{hub.launch_command("training/train_tread_t2i_lora.py", argv, [args.hub_token])}`
-"""
-    # Diffusers' LoRA card metadata (as `load_or_create_model_card(..., from_training=True)` writes it), with our text
-    # only: its template would add "TODO" sections, and its Hub lookup would keep an older card found there.
-    card_data = ModelCardData(
-        license=None,
-        library_name="diffusers",
-        inference=True,
-        base_model=hub_base,
-        instance_prompt=args.validation_prompt,
-        widget=widget,
+    loss = f"flow matching, weighting {args.weighting_scheme}" if spec.flow_matching else "epsilon/v MSE (DDPM)"
+    info = hub.LoraCardInfo(
+        base_model=args.pretrained_model_name_or_path,
+        pipeline_class=spec.pipeline_class_name,
+        transformer_class=spec.transformer_class_name,
+        family=spec.family,
+        rank=args.rank,
+        lora_alpha=args.lora_alpha,
+        target_modules=args.lora_target_modules,
+        repo_id=repo_id or args.output_dir,
+        diffusers_loader=hasattr(spec.pipeline_class, "load_lora_weights"),  # as `load_lora` decides
+        prompt=args.validation_prompt,
+        routes=json.dumps(routes),
+        objective=f"{loss}, on all tokens",
+        dataset=args.dataset_name or Path(args.train_data_dir).name,
+        num_examples=num_examples,
+        resolution=args.resolution,
+        steps=steps,
+        global_batch_size=total_batch_size,
+        batch_size_per_device=args.train_batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        learning_rate=args.learning_rate,
+        lr_scheduler=args.lr_scheduler,
+        mixed_precision=args.mixed_precision or "no",
+        hardware=hardware,
+        training_time=f"{seconds / 60:.1f} min",
+        final_loss=f"{final_loss:.4f}",
+        command=hub.launch_command("training/train_tread_t2i_lora.py", argv, [args.hub_token]),
     )
-    card = ModelCard.from_template(
-        card_data, template_str="---\n{{ card_data }}\n---\n\n{{ model_description }}", model_description=description
-    )
-    tags = ["text-to-image", "diffusers-training", "diffusers", "lora", "tread", spec.family, "template:sd-lora"]
-    card = populate_model_card(card, tags=tags)
-    card.save(os.path.join(folder, "README.md"))
+    hub.save_lora_model_card(folder, info, images)
 
 
 def push_output(args, repo_id: str) -> None:
@@ -825,7 +444,9 @@ def main(argv: list[str] | None = None) -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
-    spec = resolve_model(args)
+    spec = resolve_model(
+        args.pretrained_model_name_or_path, args.revision, args.variant, args.cache_dir, token=args.hub_token
+    )
     if args.max_sequence_length is None:
         args.max_sequence_length = spec.default_max_sequence_length()
     if args.lora_target_modules is None:

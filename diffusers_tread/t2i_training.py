@@ -1,0 +1,387 @@
+"""Text-to-image LoRA fine-tuning with TREAD routing (arXiv 2501.04765) for Diffusers' PixArt, SD3 and Flux pipelines.
+
+What `training/train_tread_t2i_lora.py` runs, as a library (the script adds arguments, data, the accelerator and the
+loop; `bench/t2i_lora_step.py` times the same step):
+
+* the supported model families and what tells them apart (`FAMILIES`, `ModelSpec`, read from ``model_index.json``);
+* each pipeline's own prompt encoding (`encode_prompts`);
+* one training step's model call and loss (`model_prediction`, `training_loss`): the plain diffusion loss on all image
+  tokens, routed or not;
+* LoRA adapters on the transformer, saved and loaded in Diffusers' format (`add_lora`, `save_lora`, `load_lora`).
+
+Routing itself is `diffusers_tread.models.tread_t2i.apply_tread`. The options of `model_prediction` and
+`training_loss` are read from any object with the script's argument names (an ``argparse.Namespace``):
+``weighting_scheme``, ``logit_mean``, ``logit_std``, ``mode_scale``, ``precondition_outputs`` (SD3/Flux) and
+``guidance_scale`` (Flux).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import diffusers
+import torch
+from diffusers import DiffusionPipeline, FluxPipeline
+from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE, LoraBaseMixin
+from diffusers.loaders.peft import PeftAdapterMixin
+from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+from peft import LoraConfig, inject_adapter_in_model
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors import safe_open
+
+from .routing import paper_routes, validate_routes
+
+# The LoraConfig fields a saved file's metadata gives back when it is loaded into a PixArt transformer.
+LORA_CONFIG_FIELDS = ("r", "lora_alpha", "lora_dropout", "target_modules", "bias", "use_rslora", "use_dora")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The supported model families: what tells them apart is collected here.
+# ----------------------------------------------------------------------------------------------------------------------
+
+FAMILIES = {
+    # transformer class -> family. PixArt: DDPM (epsilon or v) with learned sigma, T5. SD3 and Flux: rectified flow,
+    # CLIP x2 + T5 (Flux: CLIP + T5, packed 2x2 latents, RoPE ids, guidance embedding).
+    "PixArtTransformer2DModel": "pixart",
+    "SD3Transformer2DModel": "sd3",
+    "FluxTransformer2DModel": "flux",
+}
+DEFAULT_TARGET_MODULES = {
+    "pixart": ["to_k", "to_q", "to_v", "to_out.0"],  # self- and cross-attention (attn1, attn2)
+    "sd3": ["to_k", "to_q", "to_v", "to_out.0", "add_k_proj", "add_q_proj", "add_v_proj", "to_add_out"],
+    "flux": ["to_k", "to_q", "to_v", "to_out.0", "add_k_proj", "add_q_proj", "add_v_proj", "to_add_out"],
+}
+# The pipelines' own defaults (PixArt-Alpha was trained with 120 T5 tokens, Sigma with 300); 77 for SD3 as in
+# Diffusers' SD3 LoRA examples (the CLIP length; T5 may take more).
+DEFAULT_MAX_SEQUENCE_LENGTH = {"PixArtAlphaPipeline": 120, "PixArtSigmaPipeline": 300, "sd3": 77, "flux": 512}
+
+
+class ModelSpec:
+    """What training needs to know about a base pipeline, read from its `model_index.json`."""
+
+    def __init__(self, path: str, model_index: dict):
+        self.path = path  # a local folder (Hub ids are downloaded first)
+        self.model_index = model_index
+        self.pipeline_class_name = model_index.get("_class_name")
+        transformer = model_index.get("transformer")
+        transformer_class = (
+            transformer[1] if isinstance(transformer, (list, tuple)) and len(transformer) == 2 else None
+        )
+        if transformer_class not in FAMILIES:
+            supported = ", ".join(f"{cls} ({family})" for cls, family in FAMILIES.items())
+            raise ValueError(
+                f"{path}: the pipeline's transformer is {transformer_class!r} (pipeline {self.pipeline_class_name}); "
+                f"TREAD LoRA training supports {supported}."
+            )
+        self.transformer_class_name = transformer_class
+        self.family = FAMILIES[transformer_class]
+        self.pipeline_class = getattr(diffusers, self.pipeline_class_name, None)
+        if self.pipeline_class is None or not issubclass(self.pipeline_class, DiffusionPipeline):
+            raise ValueError(f"{path}: unknown pipeline class {self.pipeline_class_name!r} in model_index.json.")
+        self.transformer_class = getattr(diffusers, transformer_class)
+        # Every component from transformers (text encoders, tokenizers): loaded to encode captions, then freed.
+        self.text_components = [
+            name
+            for name, value in model_index.items()
+            if isinstance(value, (list, tuple)) and len(value) == 2 and value[0] == "transformers"
+        ]
+
+    @property
+    def flow_matching(self) -> bool:
+        return self.family in ("sd3", "flux")
+
+    def default_max_sequence_length(self) -> int:
+        return DEFAULT_MAX_SEQUENCE_LENGTH.get(self.pipeline_class_name) or DEFAULT_MAX_SEQUENCE_LENGTH.get(
+            self.family, 300
+        )
+
+
+def check_routes(spec: ModelSpec, routes) -> None:
+    """Fail early on routes that do not fit the transformer's blocks (the router checks them again when attached).
+    Flux counts its double-stream blocks first, then its single-stream blocks."""
+    if not routes:
+        return
+    config = spec.transformer_class.load_config(spec.path, subfolder="transformer")
+    num_blocks = config["num_layers"] + (config.get("num_single_layers", 0) if spec.family == "flux" else 0)
+    if routes == "paper" and num_blocks < 6:
+        raise ValueError(
+            f"--routes paper (blocks 2..{num_blocks - 4}, i.e. 2..depth-4, at ratio 0.5) does not fit a transformer "
+            f"with {num_blocks} blocks; give the routes explicitly, e.g. --routes 1:{num_blocks - 2}:0.5, or none."
+        )
+    validate_routes(paper_routes(num_blocks) if routes == "paper" else routes, num_blocks)
+
+
+def resolve_model(
+    name_or_path: str,
+    revision: str | None = None,
+    variant: str | None = None,
+    cache_dir: str | None = None,
+    token: str | None = None,
+) -> ModelSpec:
+    """A local pipeline folder, or a Hub id downloaded once (every later load reads the local snapshot)."""
+    path = name_or_path
+    if not Path(path).is_dir():
+        path = DiffusionPipeline.download(path, revision=revision, variant=variant, cache_dir=cache_dir, token=token)
+    index_file = Path(path, "model_index.json")
+    if not index_file.is_file():
+        raise ValueError(
+            f"{name_or_path} is not a Diffusers pipeline (no model_index.json); pass a "
+            "pipeline folder or Hub id, e.g. PixArt-alpha/PixArt-Sigma-XL-2-512-MS or "
+            "stabilityai/stable-diffusion-3-medium-diffusers."
+        )
+    return ModelSpec(str(path), json.loads(index_file.read_text()))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Text embeddings (the script computes them once, before training; the cache is in diffusers_tread.data.captions)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def encode_prompts(spec: ModelSpec, pipeline, prompts: list[str], max_sequence_length: int, device, negative=False):
+    """Each pipeline's own `encode_prompt`, so training sees exactly the embeddings inference makes.
+
+    Returns the keyword arguments the pipeline's `__call__` takes (with `negative=True`: also the negative ones, for
+    classifier-free guidance at validation); the training loop uses the positive ones.
+    """
+    with torch.no_grad():
+        if spec.family == "pixart":
+            embeds, mask, negative_embeds, negative_mask = pipeline.encode_prompt(
+                prompts,
+                do_classifier_free_guidance=negative,
+                device=device,
+                clean_caption=False,
+                max_sequence_length=max_sequence_length,
+            )
+            out = {"prompt_embeds": embeds, "prompt_attention_mask": mask}
+            if negative:
+                out |= {"negative_prompt_embeds": negative_embeds, "negative_prompt_attention_mask": negative_mask}
+        elif spec.family == "sd3":
+            embeds, negative_embeds, pooled, negative_pooled = pipeline.encode_prompt(
+                prompts,
+                None,
+                None,
+                device=device,
+                do_classifier_free_guidance=negative,
+                max_sequence_length=max_sequence_length,
+            )
+            out = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+            if negative:
+                out |= {"negative_prompt_embeds": negative_embeds, "negative_pooled_prompt_embeds": negative_pooled}
+        else:  # flux: guidance-distilled, no negative prompt; text_ids are the same (zeros) for every prompt
+            embeds, pooled, _ = pipeline.encode_prompt(
+                prompts, None, device=device, max_sequence_length=max_sequence_length
+            )
+            out = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+    return {key: value.detach() for key, value in out.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# LoRA: add, save in Diffusers' format, load back
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def add_lora(transformer, config: LoraConfig) -> None:
+    """`add_adapter` where the transformer has Diffusers' PEFT mixin (SD3, Flux); PixArt's transformer has none in
+    Diffusers 0.42, so it gets the same PEFT injection `add_adapter` performs."""
+    if isinstance(transformer, PeftAdapterMixin):
+        transformer.add_adapter(config)
+    else:
+        inject_adapter_in_model(config, transformer, "default")
+
+
+def save_lora(spec: ModelSpec, folder: str, transformer) -> Path:
+    """`pytorch_lora_weights.safetensors` in Diffusers' format: PEFT keys prefixed `transformer.`, the LoRA config in
+    the file's metadata. SD3/Flux: the pipeline's own `save_lora_weights`; PixArt (no LoRA loader mixin): the same
+    file through `LoraBaseMixin.write_lora_layers`."""
+    state_dict = {key: value.detach().float().cpu() for key, value in get_peft_model_state_dict(transformer).items()}
+    metadata = transformer.peft_config["default"].to_dict()
+    if hasattr(spec.pipeline_class, "save_lora_weights"):
+        spec.pipeline_class.save_lora_weights(
+            folder, transformer_lora_layers=state_dict, transformer_lora_adapter_metadata=metadata
+        )
+    else:
+        LoraBaseMixin.write_lora_layers(
+            state_dict={f"transformer.{key}": value for key, value in state_dict.items()},
+            save_directory=folder,
+            is_main_process=True,
+            weight_name=LORA_WEIGHT_NAME_SAFE,
+            save_function=None,
+            safe_serialization=True,
+            lora_adapter_metadata={f"transformer.{key}": value for key, value in metadata.items()},
+        )
+    return Path(folder, LORA_WEIGHT_NAME_SAFE)
+
+
+def read_transformer_lora(folder: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """The transformer's LoRA tensors (keys without the `transformer.` prefix) and config from a saved file."""
+    path = Path(folder, LORA_WEIGHT_NAME_SAFE)
+    with safe_open(str(path), framework="pt") as f:
+        packed = json.loads((f.metadata() or {}).get("lora_adapter_metadata", "{}"))
+        state_dict = {key.removeprefix("transformer."): f.get_tensor(key) for key in f.keys()}
+    config = {key.removeprefix("transformer."): value for key, value in packed.items()}
+    return state_dict, config
+
+
+def load_lora_into_transformer(transformer, folder: str, adapter_name: str = "default") -> None:
+    """Load a saved LoRA into a transformer without Diffusers' PEFT mixin (PixArt): PEFT injection, then weights."""
+    state_dict, config = read_transformer_lora(folder)
+    if "r" not in config:  # a file without Diffusers' metadata: the rank and targets from the tensors themselves
+        down = [key for key in state_dict if key.endswith("lora_A.weight")]
+        config = {
+            "r": state_dict[down[0]].shape[0],
+            "target_modules": sorted({key.split(".lora_A")[0] for key in down}),
+        }
+    config = LoraConfig(**{key: value for key, value in config.items() if key in LORA_CONFIG_FIELDS})
+    inject_adapter_in_model(config, transformer, adapter_name)
+    result = set_peft_model_state_dict(transformer, state_dict, adapter_name=adapter_name)
+    if getattr(result, "unexpected_keys", None):
+        raise ValueError(f"{folder}: LoRA weights that match no module: {result.unexpected_keys[:5]}")
+
+
+def load_lora(pipeline, folder: str) -> None:
+    """Load `save_lora`'s file into a pipeline: `load_lora_weights` (SD3, Flux) or PEFT injection (PixArt)."""
+    if hasattr(pipeline, "load_lora_weights"):
+        pipeline.load_lora_weights(folder, weight_name=LORA_WEIGHT_NAME_SAFE)
+    else:
+        load_lora_into_transformer(pipeline.transformer, folder)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# One training step's model call and loss
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def vae_latents(vae_config, sample: torch.Tensor) -> torch.Tensor:
+    shift = getattr(vae_config, "shift_factor", None) or 0.0
+    return (sample - shift) * vae_config.scaling_factor
+
+
+def model_prediction(spec: ModelSpec, transformer, noisy, timesteps, embeds, options, weight_dtype, vae_scale_factor):
+    """The transformer's output for `noisy` latents `(B, C, H, W)`, as `(B, C, H, W)` (PixArt: the epsilon/v half of
+    a learned-sigma output)."""
+    noisy = noisy.to(weight_dtype)
+    embeds = {
+        key: value.to(noisy.device, weight_dtype if value.is_floating_point() else value.dtype)
+        for key, value in embeds.items()
+    }
+    if spec.family == "pixart":
+        config = unwrap(transformer).config
+        batch, channels, height, width = noisy.shape
+        added = {"resolution": None, "aspect_ratio": None}
+        if getattr(unwrap(transformer), "use_additional_conditions", False):  # PixArt-Alpha 1024: size conditioning
+            pixels = [height * vae_scale_factor, width * vae_scale_factor]
+            added["resolution"] = torch.tensor([pixels] * batch, dtype=weight_dtype, device=noisy.device)
+            added["aspect_ratio"] = torch.tensor([[height / width]] * batch, dtype=weight_dtype, device=noisy.device)
+        output = transformer(
+            noisy,
+            encoder_hidden_states=embeds["prompt_embeds"],
+            encoder_attention_mask=embeds["prompt_attention_mask"],
+            timestep=timesteps,
+            added_cond_kwargs=added,
+            return_dict=False,
+        )[0]
+        if config.out_channels == 2 * channels:  # learned sigma: [eps | variance]; Diffusers trains the first half
+            output = output.chunk(2, dim=1)[0]
+        return output
+    if spec.family == "sd3":
+        return transformer(
+            hidden_states=noisy,
+            timestep=timesteps,
+            encoder_hidden_states=embeds["prompt_embeds"],
+            pooled_projections=embeds["pooled_prompt_embeds"],
+            return_dict=False,
+        )[0]
+    # flux: 2x2 patches packed into tokens, RoPE ids for image and text tokens, guidance as an input
+    batch, channels, height, width = noisy.shape
+    packed = FluxPipeline._pack_latents(noisy, batch, channels, height, width)
+    image_ids = FluxPipeline._prepare_latent_image_ids(batch, height // 2, width // 2, noisy.device, weight_dtype)
+    text_ids = torch.zeros(embeds["prompt_embeds"].shape[1], 3, device=noisy.device, dtype=weight_dtype)
+    guidance = None
+    if unwrap(transformer).config.guidance_embeds:
+        guidance = torch.full((batch,), options.guidance_scale, device=noisy.device, dtype=torch.float32)
+    output = transformer(
+        hidden_states=packed,
+        timestep=timesteps / 1000,
+        guidance=guidance,
+        pooled_projections=embeds["pooled_prompt_embeds"],
+        encoder_hidden_states=embeds["prompt_embeds"],
+        txt_ids=text_ids,
+        img_ids=image_ids,
+        return_dict=False,
+    )[0]
+    return FluxPipeline._unpack_latents(output, height * vae_scale_factor, width * vae_scale_factor, vae_scale_factor)
+
+
+def unwrap(model):
+    """The model inside DDP/compile wrappers (without needing the Accelerator)."""
+    while hasattr(model, "module"):
+        model = model.module
+    return getattr(model, "_orig_mod", model)
+
+
+def training_loss(spec, transformer, noise_scheduler, x0, embeds, options, generator, weight_dtype, vae_scale_factor):
+    """Noise the clean latents `x0`, run the (routed) transformer, and return the loss.
+
+    The loss is the plain diffusion loss on **all** image tokens, the TREAD paper's loss in its ICCV version (Sec. 3,
+    "no additional losses"): routing only changes which blocks a token passes through; every token, bypassed or not,
+    leaves the final layer with a prediction, so every token has a target and the loss is the one dense fine-tuning
+    uses. (v1's adapted loss, kept-token denoising plus an MAE term on the bypassed tokens, is `--tread_loss adapted`
+    of the class-conditional script.) PixArt: MSE to epsilon (or v, per its scheduler); SD3/Flux: rectified flow with
+    Diffusers' SD3 timestep densities and loss weightings.
+    """
+    batch = x0.shape[0]
+    noise = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0.device)
+    if spec.flow_matching:
+        u = compute_density_for_timestep_sampling(
+            weighting_scheme=options.weighting_scheme,
+            batch_size=batch,
+            logit_mean=options.logit_mean,
+            logit_std=options.logit_std,
+            mode_scale=options.mode_scale,
+            device=generator.device,
+            generator=generator,
+        )
+        indices = (u * noise_scheduler.config.num_train_timesteps).long().clamp(max=len(noise_scheduler.timesteps) - 1)
+        timesteps = noise_scheduler.timesteps[indices.cpu()].to(x0.device)
+        sigmas = noise_scheduler.sigmas[indices.cpu()].to(x0.device, torch.float32).view(batch, 1, 1, 1)
+        noisy = (1.0 - sigmas) * x0 + sigmas * noise
+        prediction = model_prediction(
+            spec, transformer, noisy, timesteps, embeds, options, weight_dtype, vae_scale_factor
+        ).float()
+        if options.precondition_outputs:
+            prediction = prediction * (-sigmas) + noisy
+            target = x0
+        else:
+            target = noise - x0
+        weighting = compute_loss_weighting_for_sd3(weighting_scheme=options.weighting_scheme, sigmas=sigmas).float()
+        per_sample = (weighting * (prediction - target) ** 2).reshape(batch, -1).mean(dim=1)
+        return per_sample.mean()
+    timesteps = torch.randint(
+        0, noise_scheduler.config.num_train_timesteps, (batch,), generator=generator, device=generator.device
+    ).to(x0.device)
+    noisy = noise_scheduler.add_noise(x0, noise, timesteps)
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        target = noise_scheduler.get_velocity(x0, noise, timesteps)
+    else:
+        target = noise
+    prediction = model_prediction(spec, transformer, noisy, timesteps, embeds, options, weight_dtype, vae_scale_factor)
+    return torch.nn.functional.mse_loss(prediction.float(), target.float())
+
+
+def describe_routing(router) -> list[dict]:
+    """Per route of the last forward: how many image tokens of each sample bypassed it (from the router's masks)."""
+    masks = getattr(router, "route_masks", None) if router is not None else None
+    if not masks:
+        return []
+    routes = list(getattr(router, "routes", None) or [{}] * len(masks))
+    return [
+        {
+            "route": index,
+            "blocks": f"{route.get('start_layer_idx', '?')}..{route.get('end_layer_idx', '?')}",
+            "bypassed": int(mask[0].sum()),
+            "tokens": int(mask.shape[1]),
+            "fraction": float(mask.float().mean()),
+        }
+        for index, (route, mask) in enumerate(zip(routes, masks, strict=True))
+    ]
