@@ -20,6 +20,8 @@ extras = {
     "train": ["datasets>=3.0", "transformers>=4.45", "scikit-learn>=1.3", "tensorboard", "matplotlib"],
     # The Gradio demo (spaces/tread-dit); the Space itself gets gradio from its sdk_version.
     "demo": ["gradio>=6,<7"],
+    # Diffusers' own DiT test files import these; bench/diffusers_suite/run.py runs them against our classes.
+    "diffusers-suite": ["parameterized", "requests-mock", "pytest>=8"],
 }
 # selenium drives Debian's chromium + chromium-driver in the demo's browser test (see .ci/run).
 # setuptools>=70.1 builds wheels without the `wheel` package (tests/test_wheel.py builds one, offline).
