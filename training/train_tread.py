@@ -10,7 +10,11 @@ With no arguments it trains a small TREAD model in pixel space on scikit-learn's
     accelerate launch training/train_tread.py
     accelerate launch training/train_tread.py --latents_dir imagenet-latents --model_config DiT-XL/2 ...  # see README
 
-The story, top to bottom: arguments -> data -> model, objective, EMA -> optimizer -> (resume) -> loop -> save/push.
+The story, top to bottom: `parse_args`, then `main()`, which runs the stages and holds the training loop; each stage
+is a function defined below `main`, in the order it runs: `set_up_run` (accelerator, seed, output folder, Hub repo)
+-> `load_training_data` -> `build_model`, `build_ema`, `register_weight_hooks` (model, EMA, checkpoint hooks) ->
+`prepare_optimization`, `start_logging` (optimizer, data loader, LR schedule, trackers) -> `resume_run` -> the loop
+(`batch_loss`, `flush_losses`, `save_state`) -> `save_final_pipeline`, `push_final_pipeline`.
 The math lives in the library: `diffusers_tread.objectives` (noising, targets, samplers), `diffusers_tread.losses`
 (route-aware reduction) and the model's forward (routing).
 """
@@ -29,6 +33,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import diffusers
 import torch
@@ -57,6 +62,7 @@ from diffusers_tread import (
 )
 from diffusers_tread.checkpointing import (
     LOSS_HISTORY,
+    ResumePoint,
     check_run_arguments,
     clear_output_dir,
     final_output,
@@ -325,6 +331,149 @@ def main(argv: list[str] | None = None) -> None:
     started = time.time()
 
     # 1. Accelerator, logging, seed, output folder and Hub repo.
+    accelerator, repo_id = set_up_run(args)
+
+    # 2. Data: precomputed latents, an image dataset (optionally through a VAE), or the built-in digits.
+    data = load_training_data(args)
+
+    # 3. Model, objective, EMA, and the checkpoint hooks that save them with the training generator.
+    objective = get_objective(args.objective)
+    model = build_model(args, data, objective)
+    ema_model = build_ema(args, model)
+    # One generator per process draws all training randomness (noise, timesteps, label dropout, routed subsets), so a
+    # checkpoint can carry it and a resumed run draws exactly what the uninterrupted run would have.
+    train_generator = torch.Generator(device=accelerator.device).manual_seed(
+        process_seed(args.seed, accelerator.process_index)  # no two (seed, process) pairs share a stream
+    )
+    register_weight_hooks(accelerator, args, train_generator, ema_model)
+
+    # 4. Optimizer, data loader, LR schedule (all through `accelerator.prepare`), trackers.
+    model, optimizer, train_dataloader, lr_scheduler = prepare_optimization(args, accelerator, model, ema_model, data)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    if data.vae is not None:
+        data.vae.to(accelerator.device, dtype=weight_dtype)
+    num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+    num_train_epochs = math.ceil(args.max_train_steps / num_update_steps_per_epoch)
+    total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    unwrapped = accelerator.unwrap_model(model)
+    start_logging(args, accelerator, unwrapped, data, num_train_epochs, total_batch_size)
+
+    # 5. Resume (the main process picks the checkpoint; a finished run only says so).
+    resumed = resume_run(args, accelerator, num_update_steps_per_epoch)
+    if resumed is None:
+        accelerator.end_training()
+        return
+    resume, seconds_before = resumed
+    started -= seconds_before  # the elapsed-time column continues from the checkpoint's row
+    global_step, first_epoch, resume_step = resume.global_step, resume.first_epoch, resume.skip_batches
+    loss_log = Path(args.output_dir, LOSS_HISTORY)
+    uploads = hub.CheckpointUploads(repo_id, args.hub_token) if args.push_to_hub and args.push_checkpoints else None
+
+    # 6. Training loop.
+    stop = install_stop_handlers()
+    progress_bar = tqdm(
+        range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
+    )
+    step_started, steps_per_s, last_loss, skipped_images = time.time(), float("nan"), float("nan"), 0
+    # The loss stays on the device: summed over accumulation micro-steps here, read back every --logging_steps.
+    step_loss, pending_losses = torch.zeros((), device=accelerator.device), LossLog()
+    for epoch in range(first_epoch, num_train_epochs if global_step < args.max_train_steps else first_epoch):
+        train_dataloader.set_epoch(epoch)
+        loader = train_dataloader
+        if epoch == first_epoch and resume_step:
+            loader = accelerator.skip_first_batches(train_dataloader, resume_step)
+        for batch in loader:
+            if args.disable_routing_after_step is not None and global_step >= args.disable_routing_after_step:
+                unwrapped.disable_routing()
+            with accelerator.accumulate(model):
+                loss = batch_loss(
+                    args, model, unwrapped, objective, data, weight_dtype, batch, global_step, train_generator
+                )
+                # the logged loss: averaged over accumulation micro-steps (and processes, at the flush)
+                step_loss += loss.detach() / args.gradient_accumulation_steps
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            skipped_images += int(batch["num_skipped"])
+
+            if not accelerator.sync_gradients:
+                continue
+            if ema_model is not None:
+                ema_model.step(model.parameters())
+            global_step += 1
+            progress_bar.update(1)
+            pending_losses.add(global_step, step_loss)
+            step_loss = torch.zeros_like(step_loss)
+            steps_per_s = 1.0 / max(time.time() - step_started, 1e-9)
+            step_started = time.time()
+            logs = {"lr": lr_scheduler.get_last_lr()[0], "steps_per_s": steps_per_s}
+            if ema_model is not None:
+                logs["ema_decay"] = ema_model.cur_decay_value
+            if skipped_images:
+                logs["skipped_images"] = skipped_images
+            accelerator.log(logs, step=global_step)
+
+            checkpoint_due = global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps
+            validation_due = global_step % args.validation_steps == 0 or global_step == args.max_train_steps
+            sync_due = global_step % args.logging_steps == 0 or checkpoint_due or validation_due
+            # Processes agree on a stop with an all-reduce (a host sync): only at the steps that sync anyway.
+            stop_due = sync_due and stop_requested(accelerator, stop)
+            if sync_due:  # before any checkpoint: none is written after a non-finite loss
+                rows = flush_losses(
+                    accelerator, args, pending_losses, loss_log, started, progress_bar, lr_scheduler, steps_per_s
+                )
+                last_loss = rows[-1][1] if rows else last_loss
+            if checkpoint_due or stop_due:
+                save_state(accelerator, args, global_step, uploads)
+            if stop_due:
+                logger.info(
+                    f"Stopped by signal {stop['signal']} at step {global_step} after saving a checkpoint; continue "
+                    "with --resume_from_checkpoint latest."
+                )
+                restore_stop_handlers(stop)
+                accelerator.end_training()
+                return
+            if accelerator.is_main_process and validation_due:
+                log_validation(
+                    accelerator, args, unwrapped, ema_model, data.vae, objective, data.id2label, global_step
+                )
+            if global_step >= args.max_train_steps:
+                break
+
+    # 7. Save the final pipeline (EMA weights), model card, and push.
+    rows = flush_losses(accelerator, args, pending_losses, loss_log, started, progress_bar, lr_scheduler, steps_per_s)
+    last_loss = rows[-1][1] if rows else last_loss
+    restore_stop_handlers(stop)
+    if uploads is not None:  # the checkpoints' uploads finish (or are reported) before the final one
+        uploads.wait()
+        logger.info(uploads.report())
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_final_pipeline(
+            args,
+            argv,
+            repo_id,
+            unwrapped,
+            ema_model,
+            objective,
+            data,
+            total_batch_size,
+            global_step,
+            started,
+            last_loss,
+        )
+        if args.push_to_hub:
+            push_final_pipeline(args, repo_id)
+    accelerator.end_training()
+
+
+def set_up_run(args) -> tuple[Accelerator, str | None]:
+    """Stage 1: the Accelerator (with its trackers' folder and a seedable sampler, for the same data order on resume),
+    logging, the global seed, the output folder (cleared with --overwrite_output_dir) and, with --push_to_hub, the
+    Hub repo. Returns the accelerator and the repo id (None unless pushing, and on other processes than the main)."""
     logging_dir = Path(args.output_dir, args.logging_dir)
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -355,22 +504,42 @@ def main(argv: list[str] | None = None) -> None:
                 private=args.hub_private_repo,
                 token=args.hub_token,
             ).repo_id
+    return accelerator, repo_id
 
-    # 2. Data: precomputed latents, an image dataset (optionally through a VAE), or the built-in digits.
+
+class TrainingData(NamedTuple):
+    """What the data stage hands on: the examples, their classes, the VAE (if any) and the shape the model sees."""
+
+    dataset: torch.utils.data.Dataset  # examples with "latents" or "pixel_values", "class_labels", "num_skipped"
+    id2label: dict[int, str]
+    description: str  # for the model card
+    vae: AutoencoderKL | None  # encodes images to latents in the loop, decodes the samples
+    channels: int  # of the model's input (latent channels when there is a VAE or --latents_dir)
+    size: int  # of the model's input, square
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.id2label)
+
+
+def load_training_data(args) -> TrainingData:
+    """Stage 2: --latents_dir (with the VAE the extraction used, to decode samples), --dataset_name/--train_data_dir
+    (encoded by --vae in the loop, if given), or the built-in digits; checks --validation_class_labels now, not at
+    the first validation."""
     if args.latents_dir:
-        train_dataset = LatentShardDataset(args.latents_dir, random_flip=args.random_flip, seed=args.seed)
-        id2label = train_dataset.id2label
-        dataset_description = f"latents from {args.latents_dir}"
+        dataset = LatentShardDataset(args.latents_dir, random_flip=args.random_flip, seed=args.seed)
+        id2label = dataset.id2label
+        description = f"latents from {args.latents_dir}"
         vae = load_vae(
-            args.vae or train_dataset.metadata.get("vae"),
-            args.vae_subfolder or train_dataset.metadata.get("vae_subfolder"),
+            args.vae or dataset.metadata.get("vae"),
+            args.vae_subfolder or dataset.metadata.get("vae_subfolder"),
             args,
         )
     else:
         vae = load_vae(args.vae, args.vae_subfolder, args)
         image_channels = vae.config.in_channels if vae is not None else None
         if args.dataset_name or args.train_data_dir:
-            train_dataset, id2label = load_image_dataset(
+            dataset, id2label = load_image_dataset(
                 dataset_name=args.dataset_name,
                 train_data_dir=args.train_data_dir,
                 image_column=args.image_column,
@@ -383,25 +552,29 @@ def main(argv: list[str] | None = None) -> None:
                 bad_images=args.bad_images,
                 seed=args.seed,
             )
-            dataset_description = args.dataset_name or args.train_data_dir
+            description = args.dataset_name or args.train_data_dir
         else:
-            train_dataset, id2label = load_digits(
+            dataset, id2label = load_digits(
                 resolution=args.resolution or 16, split="train", num_channels=image_channels or 1
             )
-            dataset_description = "scikit-learn handwritten digits (train split)"
-    num_classes = len(id2label)
+            description = "scikit-learn handwritten digits (train split)"
     validation_class_ids(args, id2label)  # fail now, not at the first validation, on unknown classes
-    example = train_dataset[0]
+    example = dataset[0]
     if args.latents_dir:
-        data_channels, data_size = example["latents"].shape[0], example["latents"].shape[-1]
+        channels, size = example["latents"].shape[0], example["latents"].shape[-1]
     elif vae is not None:
         downsample = 2 ** (len(vae.config.block_out_channels) - 1)
-        data_channels, data_size = vae.config.latent_channels, example["pixel_values"].shape[-1] // downsample
+        channels, size = vae.config.latent_channels, example["pixel_values"].shape[-1] // downsample
     else:
-        data_channels, data_size = example["pixel_values"].shape[0], example["pixel_values"].shape[-1]
+        channels, size = example["pixel_values"].shape[0], example["pixel_values"].shape[-1]
+    return TrainingData(dataset, id2label, description, vae, channels, size)
 
-    # 3. Model, objective, EMA.
-    objective = get_objective(args.objective)
+
+def build_model(args, data: TrainingData, objective):
+    """Stage 3a: the model to train, checked against the data: --pretrained_model_name_or_path (a model or pipeline
+    folder; a TREAD checkpoint keeps its routes unless --routes is given) or a new one from --model_config (a preset or
+    a config.json) sized to the data. Then LoRA adapters (--lora_rank), gradient checkpointing, train mode and
+    regional compilation (--compile)."""
     model_cls = MODEL_TYPES[args.model_type][0]
     tread_kwargs = {} if args.route_reinsertion is None else {"route_reinsertion": args.route_reinsertion}
     if args.pretrained_model_name_or_path:
@@ -419,10 +592,10 @@ def main(argv: list[str] | None = None) -> None:
         model = model_cls.from_pretrained(path, variant=args.variant, routes=routes, **load_kwargs, **tread_kwargs)
     else:
         overrides = dict(
-            in_channels=data_channels,
-            out_channels=objective.model_out_channels(data_channels),
-            sample_size=data_size,
-            num_embeds_ada_norm=num_classes,
+            in_channels=data.channels,
+            out_channels=objective.model_out_channels(data.channels),
+            sample_size=data.size,
+            num_embeds_ada_norm=data.num_classes,
             **tread_kwargs,
         )
         routes = "paper" if args.routes is None else args.routes
@@ -434,10 +607,10 @@ def main(argv: list[str] | None = None) -> None:
             if args.routes is not None or "routes" not in config:
                 config["routes"] = resolve_routes(routes, config["num_layers"])
             model = model_cls.from_config(config)
-    check_model_matches_data(model, data_channels, data_size, num_classes, objective)
+    check_model_matches_data(model, data.channels, data.size, data.num_classes, objective)
     if args.latents_dir:
         check_latents_match(
-            train_dataset.metadata,
+            data.dataset.metadata,
             in_channels=model.config.in_channels,
             sample_size=model.config.sample_size,
             vae=args.vae,
@@ -461,27 +634,33 @@ def main(argv: list[str] | None = None) -> None:
         # Diffusers' regional compilation (`_repeated_blocks`): the blocks are the compute; the routing's gather and
         # scatter and its generator draws stay eager around them.
         model.compile_repeated_blocks(fullgraph=True, mode=args.compile_mode)
-    ema_model = None
-    if args.use_ema and not args.lora_rank:
-        # min_decay == decay without warmup gives DiT's fixed decay (the first update copies the weights).
-        ema_model = EMAModel(
-            model.parameters(),
-            decay=args.ema_decay,
-            min_decay=0.0 if args.ema_warmup else args.ema_decay,
-            use_ema_warmup=args.ema_warmup,
-            power=args.ema_power,
-            foreach=True,  # one multi-tensor update per step instead of a loop over parameters
-            model_cls=model_cls,
-            model_config=model.config,
-        )
+    return model
 
-    # One generator per process draws all training randomness (noise, timesteps, label dropout, routed subsets), so a
-    # checkpoint can carry it and a resumed run draws exactly what the uninterrupted run would have.
-    train_generator = torch.Generator(device=accelerator.device).manual_seed(
-        process_seed(args.seed, accelerator.process_index)  # no two (seed, process) pairs share a stream
+
+def build_ema(args, model) -> EMAModel | None:
+    """Stage 3b: the EMA of the weights (--use_ema; off for LoRA). min_decay == decay without warmup gives DiT's fixed
+    decay (the first update copies the weights)."""
+    if not args.use_ema or args.lora_rank:
+        return None
+    return EMAModel(
+        model.parameters(),
+        decay=args.ema_decay,
+        min_decay=0.0 if args.ema_warmup else args.ema_decay,
+        use_ema_warmup=args.ema_warmup,
+        power=args.ema_power,
+        foreach=True,  # one multi-tensor update per step instead of a loop over parameters
+        model_cls=MODEL_TYPES[args.model_type][0],
+        model_config=model.config,
     )
 
-    def save_weights(models, folder):  # checkpoints are Diffusers folders
+
+def register_weight_hooks(accelerator, args, train_generator: torch.Generator, ema_model: EMAModel | None) -> None:
+    """Stage 3c: how `accelerator.save_state`/`load_state` write and read the weights: checkpoints are Diffusers
+    folders (transformer/, or transformer_lora/ with --lora_rank, and transformer_ema/); the library's hooks also carry
+    every process's training generator."""
+    model_cls = MODEL_TYPES[args.model_type][0]
+
+    def save_weights(models, folder):
         if ema_model is not None:
             ema_model.save_pretrained(os.path.join(folder, "transformer_ema"))
         for saved_model in models:
@@ -502,10 +681,13 @@ def main(argv: list[str] | None = None) -> None:
             else:
                 loaded_into.load_state_dict(model_cls.from_pretrained(folder, subfolder="transformer").state_dict())
 
-    # accelerate's save/load_state call these, and carry every process's generator (the library's hooks).
     register_checkpoint_hooks(accelerator, train_generator, args.seed, save_weights, load_weights)
 
-    # 4. Optimizer, data loader, LR schedule.
+
+def prepare_optimization(args, accelerator, model, ema_model: EMAModel | None, data: TrainingData):
+    """Stage 4: AdamW (--scale_lr multiplies the LR by batch x accumulation x processes), the shuffled data loader,
+    the LR schedule and --max_train_steps from --num_train_epochs when not given; all through `accelerator.prepare`.
+    Returns the prepared model, optimizer, data loader and LR scheduler."""
     if args.scale_lr:
         args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
     optimizer = make_optimizer(  # fused on CUDA, multi-tensor elsewhere
@@ -516,7 +698,7 @@ def main(argv: list[str] | None = None) -> None:
         eps=args.adam_epsilon,
     )
     train_dataloader = torch.utils.data.DataLoader(
-        train_dataset,
+        data.dataset,
         batch_size=args.train_batch_size,
         shuffle=True,
         num_workers=args.dataloader_num_workers,
@@ -525,7 +707,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     if len(train_dataloader) == 0:
         raise ValueError(
-            f"The dataset has {len(train_dataset)} examples, fewer than one batch of {args.train_batch_size}: "
+            f"The dataset has {len(data.dataset)} examples, fewer than one batch of {args.train_batch_size}: "
             "lower --train_batch_size or add data."
         )
     num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
@@ -542,244 +724,172 @@ def main(argv: list[str] | None = None) -> None:
     )
     if ema_model is not None:
         ema_model.to(accelerator.device)
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    if vae is not None:
-        vae.to(accelerator.device, dtype=weight_dtype)
-    num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
-    num_train_epochs = math.ceil(args.max_train_steps / num_update_steps_per_epoch)
+    return model, optimizer, train_dataloader, lr_scheduler
+
+
+def start_logging(args, accelerator, model, data: TrainingData, num_train_epochs: int, total_batch_size: int) -> None:
+    """Stage 4, end: start the trackers with the arguments (less the Hub token) and log the run's size."""
     if accelerator.is_main_process:
         tracker_config = {k: v for k, v in vars(args).items() if k != "hub_token"}
         tracker_config = {
             k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v) for k, v in tracker_config.items()
         }
         accelerator.init_trackers(args.tracker_project_name, tracker_config)
-
-    total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-    unwrapped = accelerator.unwrap_model(model)
-    num_parameters = sum(p.numel() for p in unwrapped.parameters())
+    num_parameters = sum(p.numel() for p in model.parameters())
     logger.info("***** Running training *****")
-    logger.info(f"  Examples = {len(train_dataset)}, classes = {num_classes}, epochs = {num_train_epochs}")
+    logger.info(f"  Examples = {len(data.dataset)}, classes = {data.num_classes}, epochs = {num_train_epochs}")
     logger.info(f"  Batch per device = {args.train_batch_size}, total = {total_batch_size}")
     logger.info(f"  Optimization steps = {args.max_train_steps}, parameters = {num_parameters / 1e6:.2f}M")
-    logger.info(f"  Objective = {args.objective}, TREAD loss = {args.tread_loss}, routes = {unwrapped.config.routes}")
+    logger.info(f"  Objective = {args.objective}, TREAD loss = {args.tread_loss}, routes = {model.config.routes}")
 
-    # 5. Resume (the main process picks the checkpoint; a finished run only says so).
+
+def resume_run(args, accelerator, num_update_steps_per_epoch: int) -> tuple[ResumePoint, float] | None:
+    """Stage 5: load --resume_from_checkpoint (the main process picks it) and cut loss_history.csv back to its step.
+    Returns where to continue and the seconds trained before it (0 on a fresh run and on other processes than the
+    main); None when --output_dir holds a run that already finished at --max_train_steps (after saying so)."""
     resume = resume_from_checkpoint(
         accelerator, args.output_dir, args.resume_from_checkpoint, num_update_steps_per_epoch,
         args.gradient_accumulation_steps,
     )  # fmt: skip
-    global_step, first_epoch, resume_step = resume.global_step, resume.first_epoch, resume.skip_batches
     finished = finished_step(args.output_dir)
     if resume.checkpoint and finished is not None and finished >= args.max_train_steps:
         logger.info(
             f"{args.output_dir} holds a run that finished at step {finished} (--max_train_steps "
             f"{args.max_train_steps}): nothing to do. Raise --max_train_steps to train further."
         )
-        accelerator.end_training()
-        return
-    loss_log = Path(args.output_dir, LOSS_HISTORY)
+        return None
+    seconds_before = 0.0
     if resume.checkpoint and accelerator.is_main_process:
-        kept = resume_loss_history(loss_log, global_step)
-        if kept:  # the elapsed-time column continues from the checkpoint's row instead of restarting at zero
-            started -= float(kept[-1][2])
-    uploads = hub.CheckpointUploads(repo_id, args.hub_token) if args.push_to_hub and args.push_checkpoints else None
+        kept = resume_loss_history(Path(args.output_dir, LOSS_HISTORY), resume.global_step)
+        if kept:
+            seconds_before = float(kept[-1][2])
+    return resume, seconds_before
 
-    def save_state(step: int) -> None:
-        """Crash-safe `checkpoint-<step>/`, pruned to --checkpoints_total_limit, pushed with --push_checkpoints."""
-        save_checkpoint(
-            accelerator,
-            args.output_dir,
+
+def batch_loss(args, model, unwrapped, objective, data: TrainingData, weight_dtype, batch, step: int, generator):
+    """Stage 6, one micro-step's loss: the clean data x0 (fp32; encoded by the frozen VAE in the mixed-precision dtype
+    when training on images through --vae), the class labels with CFG dropout (once per sample; Diffusers' per-block
+    dropout is off in the model), and the TREAD loss at this step's selection ratios. All draws come from
+    ``generator``, in this order (posterior sample, label dropout, then the loss's timesteps, noise and routes)."""
+    if args.latents_dir:
+        x0 = batch["latents"].float()
+    elif data.vae is not None:
+        with torch.no_grad():
+            x0 = encode_latents(data.vae, batch["pixel_values"].to(weight_dtype), args.sample_posterior, generator)
+            x0 = x0.float()
+    else:
+        x0 = batch["pixel_values"].float()
+    null_class = data.num_classes  # the extra row of the label table
+    labels = drop_class_labels(batch["class_labels"], null_class, args.class_dropout_prob, generator)
+    return tread_training_loss(
+        model,
+        objective,
+        x0,
+        labels,
+        generator=generator,
+        selection_ratio=scheduled_selection_ratios(
+            unwrapped.config.routes,
             step,
-            args.checkpoints_total_limit,
-            before_prune=uploads.wait if uploads else None,  # never delete a checkpoint that is being uploaded
-            after_save=uploads.submit if uploads else None,
-        )
-
-    # 6. Training loop.
-    stop = install_stop_handlers()
-    progress_bar = tqdm(
-        range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
+            args.max_train_steps,
+            args.selection_ratio_warmup_steps,
+            args.selection_ratio_anneal_steps,
+        ),
+        patch_size=unwrapped.config.patch_size,
+        loss_mode=args.tread_loss,
+        mae_loss_weight=args.mae_loss_weight,
     )
-    null_class = num_classes  # the extra row of the label table
-    patch_size = unwrapped.config.patch_size
-    step_started, last_loss, skipped_images = time.time(), float("nan"), 0
-    # The loss stays on the device: summed over accumulation micro-steps here, read back every --logging_steps.
-    step_loss, loss_log_rows = torch.zeros((), device=accelerator.device), LossLog()
 
-    def flush_losses() -> None:
-        """Read the pending losses back (one host sync), fail on a non-finite one, log and record them."""
-        nonlocal last_loss
-        try:
-            rows = loss_log_rows.flush(gather=accelerator.gather)
-        except FloatingPointError as error:
-            raise FloatingPointError(
-                f"{error} The last checkpoint in {args.output_dir} is untouched (none is saved after a non-finite "
-                "loss); resume from it with a lower --learning_rate, --max_grad_norm, or bf16 instead of fp16 "
-                "(--mixed_precision bf16)."
-            ) from None
-        if not rows:
-            return
-        last_loss = rows[-1][1]
-        progress_bar.set_postfix(loss=f"{last_loss:.4f}", lr=lr_scheduler.get_last_lr()[0], it_s=f"{steps_per_s:.2f}")
-        for step, value in rows:
-            accelerator.log({"loss": value}, step=step)
-        if accelerator.is_main_process:
-            with loss_log.open("a", newline="") as f:
-                csv.writer(f).writerows([step, f"{value:.6f}", f"{time.time() - started:.1f}"] for step, value in rows)
 
-    steps_per_s = float("nan")
-    for epoch in range(first_epoch, num_train_epochs if global_step < args.max_train_steps else first_epoch):
-        train_dataloader.set_epoch(epoch)
-        loader = train_dataloader
-        if epoch == first_epoch and resume_step:
-            loader = accelerator.skip_first_batches(train_dataloader, resume_step)
-        for batch in loader:
-            if args.disable_routing_after_step is not None and global_step >= args.disable_routing_after_step:
-                unwrapped.disable_routing()
-            with accelerator.accumulate(model):
-                # Data stays fp32 (autocast covers the model); only the frozen VAE runs in the mixed-precision dtype.
-                if args.latents_dir:
-                    x0 = batch["latents"].float()
-                elif vae is not None:
-                    with torch.no_grad():
-                        x0 = encode_latents(
-                            vae, batch["pixel_values"].to(weight_dtype), args.sample_posterior, train_generator
-                        ).float()
-                else:
-                    x0 = batch["pixel_values"].float()
-                skipped_images += int(batch["num_skipped"])
-                labels = drop_class_labels(  # once per sample; Diffusers' per-block dropout is off in the model
-                    batch["class_labels"], null_class, args.class_dropout_prob, train_generator
-                )
-                loss = tread_training_loss(
-                    model,
-                    objective,
-                    x0,
-                    labels,
-                    generator=train_generator,
-                    selection_ratio=scheduled_selection_ratios(
-                        unwrapped.config.routes,
-                        global_step,
-                        args.max_train_steps,
-                        args.selection_ratio_warmup_steps,
-                        args.selection_ratio_anneal_steps,
-                    ),
-                    patch_size=patch_size,
-                    loss_mode=args.tread_loss,
-                    mae_loss_weight=args.mae_loss_weight,
-                )
-                # the logged loss: averaged over accumulation micro-steps (and processes, at the flush)
-                step_loss += loss.detach() / args.gradient_accumulation_steps
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-
-            if not accelerator.sync_gradients:
-                continue
-            if ema_model is not None:
-                ema_model.step(model.parameters())
-            global_step += 1
-            progress_bar.update(1)
-            loss_log_rows.add(global_step, step_loss)
-            step_loss = torch.zeros_like(step_loss)
-            steps_per_s = 1.0 / max(time.time() - step_started, 1e-9)
-            step_started = time.time()
-            logs = {"lr": lr_scheduler.get_last_lr()[0], "steps_per_s": steps_per_s}
-            if ema_model is not None:
-                logs["ema_decay"] = ema_model.cur_decay_value
-            if skipped_images:
-                logs["skipped_images"] = skipped_images
-            accelerator.log(logs, step=global_step)
-
-            checkpoint_due = global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps
-            validation_due = global_step % args.validation_steps == 0 or global_step == args.max_train_steps
-            sync_due = global_step % args.logging_steps == 0 or checkpoint_due or validation_due
-            # Processes agree on a stop with an all-reduce (a host sync): only at the steps that sync anyway.
-            stop_due = sync_due and stop_requested(accelerator, stop)
-            if sync_due:
-                flush_losses()  # before any checkpoint: none is written after a non-finite loss
-            if checkpoint_due:
-                save_state(global_step)
-            if stop_due:
-                if not checkpoint_due:
-                    save_state(global_step)
-                logger.info(
-                    f"Stopped by signal {stop['signal']} at step {global_step} after saving a checkpoint; continue "
-                    "with --resume_from_checkpoint latest."
-                )
-                restore_stop_handlers(stop)
-                accelerator.end_training()
-                return
-            if accelerator.is_main_process and validation_due:
-                log_validation(
-                    accelerator,
-                    args,
-                    unwrapped,
-                    ema_model,
-                    vae,
-                    objective,
-                    id2label,
-                    global_step,
-                )
-            if global_step >= args.max_train_steps:
-                break
-
-    # 7. Save the final pipeline (EMA weights), model card, and push. The files are staged and moved into
-    # --output_dir at the end (`final_output`): a kill never leaves new weights beside an old model_index.json.
-    flush_losses()
-    restore_stop_handlers(stop)
-    if uploads is not None:  # the checkpoints' uploads finish (or are reported) before the final one
-        uploads.wait()
-        logger.info(uploads.report())
-    accelerator.wait_for_everyone()
+def flush_losses(
+    accelerator, args, pending: LossLog, loss_log: Path, started: float, progress_bar, lr_scheduler, steps_per_s: float
+) -> list[tuple[int, float]]:
+    """Stage 6: read the pending losses back (one host sync), fail on a non-finite one, show, log and append them to
+    loss_history.csv (step, loss, seconds since the run started). Returns the (step, loss) rows read."""
+    try:
+        rows = pending.flush(gather=accelerator.gather)
+    except FloatingPointError as error:
+        raise FloatingPointError(
+            f"{error} The last checkpoint in {args.output_dir} is untouched (none is saved after a non-finite "
+            "loss); resume from it with a lower --learning_rate, --max_grad_norm, or bf16 instead of fp16 "
+            "(--mixed_precision bf16)."
+        ) from None
+    if not rows:
+        return rows
+    postfix = dict(loss=f"{rows[-1][1]:.4f}", lr=lr_scheduler.get_last_lr()[0], it_s=f"{steps_per_s:.2f}")
+    progress_bar.set_postfix(**postfix)
+    for step, value in rows:
+        accelerator.log({"loss": value}, step=step)
     if accelerator.is_main_process:
-        final_model = accelerator.unwrap_model(model)
-        if ema_model is not None:
-            ema_model.store(final_model.parameters())
-            ema_model.copy_to(final_model.parameters())
-        final_model.enable_routing()  # the config keeps the routes it was trained with
-        pipeline = TreadDiTPipeline(
-            transformer=final_model, vae=vae, scheduler=objective.make_scheduler(), id2label=id2label
+        with loss_log.open("a", newline="") as f:
+            csv.writer(f).writerows([step, f"{value:.6f}", f"{time.time() - started:.1f}"] for step, value in rows)
+    return rows
+
+
+def save_state(accelerator, args, step: int, uploads: hub.CheckpointUploads | None) -> None:
+    """Stage 6: a crash-safe `checkpoint-<step>/`, pruned to --checkpoints_total_limit, pushed with
+    --push_checkpoints."""
+    save_checkpoint(
+        accelerator,
+        args.output_dir,
+        step,
+        args.checkpoints_total_limit,
+        before_prune=uploads.wait if uploads else None,  # never delete a checkpoint that is being uploaded
+        after_save=uploads.submit if uploads else None,
+    )
+
+
+def save_final_pipeline(
+    args, argv, repo_id, model, ema_model, objective, data: TrainingData, total_batch_size, steps, started, last_loss
+) -> None:
+    """Stage 7 (main process): the `TreadDiTPipeline` with the EMA weights and routing on (the config keeps the
+    routes it was trained with), a sample grid, the loss plot and the model card; with --lora_rank the adapters in
+    Diffusers' LoRA format beside the unchanged base pipeline. The files are staged and moved into --output_dir at the
+    end (`final_output`): a kill never leaves new weights beside an old model_index.json."""
+    if ema_model is not None:
+        ema_model.store(model.parameters())
+        ema_model.copy_to(model.parameters())
+    model.enable_routing()
+    pipeline = TreadDiTPipeline(
+        transformer=model, vae=data.vae, scheduler=objective.make_scheduler(), id2label=data.id2label
+    )
+    with final_output(args.output_dir, steps) as staging:
+        save_sample_grid(pipeline, args, data.id2label, Path(staging, "samples", "final_grid.png"))
+        if args.lora_rank:
+            model.save_lora_adapter(staging)
+            model.unload_lora()
+        pipeline.save_pretrained(staging)
+        plot_loss(Path(args.output_dir, LOSS_HISTORY), Path(staging, "samples", "loss.png"))
+        save_model_card(
+            staging,
+            args,
+            argv,
+            repo_id,
+            model,
+            objective,
+            data.description,
+            len(data.dataset),
+            data.num_classes,
+            total_batch_size,
+            steps,
+            time.time() - started,
+            last_loss,
+            data.vae is not None or args.latents_dir,
         )
-        with final_output(args.output_dir, global_step) as staging:
-            save_sample_grid(pipeline, args, id2label, Path(staging, "samples", "final_grid.png"))
-            if args.lora_rank:  # the adapters in Diffusers' LoRA format, next to the unchanged base pipeline
-                final_model.save_lora_adapter(staging)
-                final_model.unload_lora()
-            pipeline.save_pretrained(staging)
-            plot_loss(loss_log, Path(staging, "samples", "loss.png"))
-            save_model_card(
-                staging,
-                args,
-                argv,
-                repo_id,
-                final_model,
-                objective,
-                dataset_description,
-                len(train_dataset),
-                num_classes,
-                total_batch_size,
-                global_step,
-                time.time() - started,
-                last_loss,
-                vae is not None or args.latents_dir,
-            )
-        logger.info(f"Saved the pipeline to {args.output_dir}; samples in {Path(args.output_dir, 'samples')}")
-        if ema_model is not None:
-            ema_model.restore(final_model.parameters())
-        if args.push_to_hub:
-            try:
-                hub.upload_output(args.output_dir, repo_id, "End of training", token=args.hub_token)
-            except Exception as error:
-                raise RuntimeError(
-                    f"Uploading {args.output_dir} to {repo_id} failed: {error}. The folder is complete and "
-                    f"unchanged; retry with `python training/push_to_hub.py {args.output_dir} --hub_model_id "
-                    f"{repo_id}`."
-                ) from error
-    accelerator.end_training()
+    logger.info(f"Saved the pipeline to {args.output_dir}; samples in {Path(args.output_dir, 'samples')}")
+    if ema_model is not None:
+        ema_model.restore(model.parameters())
+
+
+def push_final_pipeline(args, repo_id: str) -> None:
+    """Stage 7 (main process, --push_to_hub): upload --output_dir; a failure says how to retry."""
+    try:
+        hub.upload_output(args.output_dir, repo_id, "End of training", token=args.hub_token)
+    except Exception as error:
+        raise RuntimeError(
+            f"Uploading {args.output_dir} to {repo_id} failed: {error}. The folder is complete and "
+            f"unchanged; retry with `python training/push_to_hub.py {args.output_dir} --hub_model_id "
+            f"{repo_id}`."
+        ) from error
 
 
 def check_model_matches_data(model, channels: int, size: int, num_classes: int, objective) -> None:
