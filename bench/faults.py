@@ -15,6 +15,10 @@ After every attempt the folder is checked:
 - runs finished: every run must reach its last step, and its pipeline must load.
 
     python bench/faults.py --runs 12 --json bench/results/faults.json
+    python bench/faults.py --runs 12 --checkout /tmp/old --json bench/results/faults_7c4aea9.json  # another version
+
+The checks use this checkout's `diffusers_tread.checkpointing.verify_checkpoint` and `TreadDiTPipeline`, also when the
+trainer comes from ``--checkout`` (a `git worktree` of an earlier commit, say).
 """
 
 from __future__ import annotations
@@ -136,8 +140,10 @@ def main() -> None:
     parser.add_argument("--max_attempts", type=int, default=12, help="per run, before it counts as not finished")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--checkout", default=None, help="run the training script and package of this source tree")
     args = parser.parse_args()
     rng = random.Random(args.seed)
+    checkout = Path(args.checkout).resolve() if args.checkout else REPO
     totals = dict(runs=0, runs_finished=0, attempts=0, kills=0, resumed_from_checkpoint=0, checkpoints_lost=0,
                   broken_outputs=0, kills_by_point={})  # fmt: skip
     started = time.time()
@@ -151,14 +157,14 @@ def main() -> None:
             best, finished = 0, False
             for attempt in range(args.max_attempts):
                 point = rng.choice(sorted(KILL_POINTS)) if attempt < args.max_attempts - 1 else ""
-                env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]),
+                env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(checkout)]),
                        "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "FAULT_POINT": point,
                        "FAULT_AFTER": str(rng.randint(1, KILL_POINTS[point]) if point else 0), "FAULT_HUB": str(hub)}  # fmt: skip
-                command = [sys.executable, str(SCRIPT), *TRAINING_ARGS, f"--output_dir={output_dir}",
+                command = [sys.executable, str(checkout / SCRIPT.relative_to(REPO)), *TRAINING_ARGS, f"--output_dir={output_dir}",
                            f"--max_train_steps={args.steps}"]  # fmt: skip
                 if attempt:
                     command.append("--resume_from_checkpoint=latest")
-                result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+                result = subprocess.run(command, env=env, cwd=checkout, capture_output=True, text=True, timeout=600)
                 totals["attempts"] += 1
                 killed = result.returncode == -9
                 if killed:
@@ -183,6 +189,7 @@ def main() -> None:
             totals["runs_finished"] += finished
             print(f"run {run}: {attempt + 1} attempts, finished={finished}", flush=True)
     totals["seconds"] = round(time.time() - started, 1)
+    totals["checkout"] = str(checkout)
     print(json.dumps(totals, indent=2))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

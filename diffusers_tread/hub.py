@@ -1001,6 +1001,22 @@ def upload_output(
         return upload(staged)
 
 
+def upload_final_output(folder: str | os.PathLike, repo_id: str, token: str | None = None) -> None:
+    """The end-of-training upload of a run's output folder (`upload_output`); a failure raises a RuntimeError that says
+    the folder is intact and gives the command that retries it."""
+    try:
+        upload_output(folder, repo_id, "End of training", token=token)
+    except Exception as error:
+        if Path(folder, "model_index.json").is_file():
+            retry = f"python training/push_to_hub.py {folder} --hub_model_id {repo_id}"
+        else:
+            retry = f"hf upload {repo_id} {folder} --exclude {' '.join(repr(p) for p in HUB_IGNORE_PATTERNS)}"
+        raise RuntimeError(
+            f"Uploading {folder} to {repo_id} failed: {error}. The folder is complete and unchanged; retry with "
+            f"`{retry}`."
+        ) from error
+
+
 class CheckpointUploads:
     """``--push_checkpoints``: each checkpoint is uploaded in the background while training goes on. A failed upload
     is logged and retried (``retries`` times, at the next `wait`); it never stops training. `report` says exactly which

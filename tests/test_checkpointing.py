@@ -227,3 +227,19 @@ def test_process_seeds_never_collide_across_seeds_and_processes():
     first = torch.Generator().manual_seed(process_seed(1, 0))
     second = torch.Generator().manual_seed(process_seed(0, 1))
     assert not torch.equal(torch.randn(8, generator=first), torch.randn(8, generator=second))
+
+
+def test_a_failed_final_upload_names_the_command_that_retries_it(tmp_path, monkeypatch):
+    def unreachable(**kwargs):
+        raise ConnectionError("Hub unreachable")
+
+    monkeypatch.setattr(hub, "upload_folder", unreachable)
+    (tmp_path / "lora").mkdir()
+    with pytest.raises(RuntimeError, match=r"lora to user/x failed: Hub unreachable\. .*retry with `hf upload user/x"):
+        hub.upload_final_output(tmp_path / "lora", "user/x")  # LoRA weights: no pipeline folder
+    (tmp_path / "pipe").mkdir()
+    (tmp_path / "pipe" / "model_index.json").write_text("{}")
+    with pytest.raises(
+        RuntimeError, match=r"retry with `python training/push_to_hub.py .*pipe --hub_model_id user/x`"
+    ):
+        hub.upload_final_output(tmp_path / "pipe", "user/x")

@@ -14,7 +14,7 @@ The story, top to bottom: `parse_args`, then `main()`, which runs the stages and
 is a function defined below `main`, in the order it runs: `set_up_run` (accelerator, seed, output folder, Hub repo)
 -> `load_training_data` -> `build_model`, `build_ema`, `register_weight_hooks` (model, EMA, checkpoint hooks) ->
 `prepare_optimization`, `start_logging` (optimizer, data loader, LR schedule, trackers) -> `resume_run` -> the loop
-(`batch_loss`, `flush_losses`, `save_state`) -> `save_final_pipeline`, `push_final_pipeline`.
+(`batch_loss`, `flush_losses`, `save_state`) -> `save_final_pipeline`, `hub.upload_final_output`.
 The math lives in the library: `diffusers_tread.objectives` (noising, targets, samplers), `diffusers_tread.losses`
 (route-aware reduction) and the model's forward (routing).
 """
@@ -466,7 +466,7 @@ def main(argv: list[str] | None = None) -> None:
             last_loss,
         )
         if args.push_to_hub:
-            push_final_pipeline(args, repo_id)
+            hub.upload_final_output(args.output_dir, repo_id, args.hub_token)  # a failure says how to retry
     accelerator.end_training()
 
 
@@ -878,18 +878,6 @@ def save_final_pipeline(
     logger.info(f"Saved the pipeline to {args.output_dir}; samples in {Path(args.output_dir, 'samples')}")
     if ema_model is not None:
         ema_model.restore(model.parameters())
-
-
-def push_final_pipeline(args, repo_id: str) -> None:
-    """Stage 7 (main process, --push_to_hub): upload --output_dir; a failure says how to retry."""
-    try:
-        hub.upload_output(args.output_dir, repo_id, "End of training", token=args.hub_token)
-    except Exception as error:
-        raise RuntimeError(
-            f"Uploading {args.output_dir} to {repo_id} failed: {error}. The folder is complete and "
-            f"unchanged; retry with `python training/push_to_hub.py {args.output_dir} --hub_model_id "
-            f"{repo_id}`."
-        ) from error
 
 
 def check_model_matches_data(model, channels: int, size: int, num_classes: int, objective) -> None:

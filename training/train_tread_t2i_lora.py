@@ -403,16 +403,6 @@ def save_model_card(
     hub.save_lora_model_card(folder, info, images)
 
 
-def push_output(args, repo_id: str) -> None:
-    try:
-        hub.upload_output(args.output_dir, repo_id, "End of training", token=args.hub_token)
-    except Exception as error:
-        raise RuntimeError(
-            f"Uploading {args.output_dir} to {repo_id} failed: {error}. The folder is complete and unchanged; retry "
-            f"with `huggingface-cli upload {repo_id} {args.output_dir}`."
-        ) from error
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Main
 # ----------------------------------------------------------------------------------------------------------------------
@@ -860,7 +850,7 @@ def main(argv: list[str] | None = None) -> None:
                 len(dataset),
             )
         if args.push_to_hub:
-            push_output(args, repo_id)
+            hub.upload_final_output(args.output_dir, repo_id, args.hub_token)  # a failure says how to retry
     accelerator.end_training()
 
 
