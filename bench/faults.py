@@ -184,7 +184,7 @@ def main() -> None:
                         totals["broken_outputs"] += 1
                         print(f"run {run} attempt {attempt}: outputs do not load, killed at {point}")
                 if not killed:
-                    finished = (output_dir / "training_complete.json").is_file() and outputs_load(output_dir)
+                    finished = outputs_load(output_dir)  # exited 0 with a pipeline that loads
                     break
             totals["runs_finished"] += finished
             print(f"run {run}: {attempt + 1} attempts, finished={finished}", flush=True)

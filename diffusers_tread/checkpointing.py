@@ -27,9 +27,13 @@ import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from .hub import CheckpointUploads
 
 logger = logging.getLogger(__name__)
 
@@ -257,16 +261,16 @@ def save_checkpoint(
     output_dir: str | os.PathLike,
     global_step: int,
     total_limit: int | None = None,
-    before_prune: Callable[[], None] | None = None,
-    after_save: Callable[[Path], None] | None = None,
+    uploads: CheckpointUploads | None = None,
 ) -> Path:
     """Write `checkpoint-<step>/` so that a crash, a kill, a power loss or a full disk never costs the last good one.
 
     `accelerator.save_state` writes into a hidden `.incomplete-checkpoint-<step>/`, which every process fsyncs; the
     main process then writes the `CHECKPOINT_COMPLETE` marker (with each file's size), renames the folder into place
-    and fsyncs the output folder. Only if the new checkpoint verifies does it prune to ``total_limit`` (calling
-    ``before_prune`` first, e.g. to wait for uploads), then it calls ``after_save`` (e.g. to push it). A failure on any
-    process raises on every process, so none waits forever at a barrier.
+    and fsyncs the output folder. Only if the new checkpoint verifies does it prune to ``total_limit`` (waiting first
+    for the pending ``uploads``: a checkpoint being uploaded is never deleted), then it queues the new one for upload
+    (`diffusers_tread.hub.CheckpointUploads`, ``--push_checkpoints``). A failure on any process raises on every process,
+    so none waits forever at a barrier.
     """
     output_dir = Path(output_dir)
     final = output_dir / f"checkpoint-{global_step}"
@@ -312,32 +316,42 @@ def save_checkpoint(
         elif total_limit is not None:  # keep the new one and the newest others, up to the limit
             others = [checkpoint for checkpoint in complete_checkpoints(output_dir) if checkpoint != final]
             old_checkpoints = others[: max(len(others) - (total_limit - 1), 0)]
-            if old_checkpoints and before_prune is not None:
-                before_prune()  # e.g. never delete a checkpoint that is still being uploaded
+            if old_checkpoints and uploads is not None:
+                uploads.wait()  # never delete a checkpoint that is still being uploaded
             for old in old_checkpoints:
                 logger.info(f"Removing old checkpoint {old}")
                 shutil.rmtree(old)
-        if after_save is not None:
-            after_save(final)
+        if uploads is not None:
+            uploads.submit(final)
     accelerator.wait_for_everyone()
     return final
 
 
 @dataclass
 class ResumePoint:
-    """Where a run continues: the optimisation step, the epoch, and how many batches of it to skip."""
+    """Where a run continues: the optimisation step, the epoch, how many batches of it to skip, and the seconds it had
+    trained (the last ``loss_history.csv`` row kept). ``finished``: the run had already finished; do nothing."""
 
     global_step: int = 0
     first_epoch: int = 0
     skip_batches: int = 0
     checkpoint: str | None = None
+    seconds_before: float = 0.0
+    finished: bool = False
 
 
 def resume_from_checkpoint(
-    accelerator, output_dir: str, which: str | None, steps_per_epoch: int, gradient_accumulation_steps: int = 1
+    accelerator,
+    output_dir: str,
+    which: str | None,
+    steps_per_epoch: int,
+    gradient_accumulation_steps: int = 1,
+    max_train_steps: int | None = None,
 ) -> ResumePoint:
     """Remove leftovers of killed saves, pick the checkpoint on the main process (ranks on different machines could
-    see different folders and disagree) and load it on every process. ``which``: None, "latest" or a folder."""
+    see different folders and disagree) and load it on every process; cut ``loss_history.csv`` (whose third column is
+    the elapsed seconds) back to its step. ``which``: None, "latest" or a folder. A run that already finished at
+    ``max_train_steps`` or later is not loaded: the result says ``finished`` (and the log says so)."""
     from accelerate.utils import broadcast_object_list
 
     if accelerator.is_main_process:
@@ -345,21 +359,32 @@ def resume_from_checkpoint(
     if not which:
         accelerator.wait_for_everyone()
         return ResumePoint()
-    found = [find_checkpoint(output_dir, which) if accelerator.is_main_process else None]
+    found = [find_checkpoint(output_dir, which), finished_step(output_dir)] if accelerator.is_main_process else [0, 0]
     if accelerator.num_processes > 1:
         broadcast_object_list(found)
-    checkpoint = found[0]
+    checkpoint, finished = found
     if checkpoint is None:
         logger.info(f"No checkpoint found for '{which}' in {output_dir}; starting a new run.")
         return ResumePoint()
+    if finished is not None and max_train_steps is not None and finished >= max_train_steps:
+        logger.info(
+            f"{output_dir} holds a run that finished at step {finished} (--max_train_steps {max_train_steps}): "
+            "nothing to do. Raise --max_train_steps to train further."
+        )
+        return ResumePoint(finished=True)
     logger.info(f"Resuming from {checkpoint}")
     accelerator.load_state(checkpoint)
     step = checkpoint_step(checkpoint)
+    seconds_before = 0.0
+    if accelerator.is_main_process:
+        kept = resume_loss_history(Path(output_dir, LOSS_HISTORY), step)
+        seconds_before = float(kept[-1][2]) if kept else 0.0
     return ResumePoint(
         global_step=step,
         first_epoch=step // steps_per_epoch,
         skip_batches=(step % steps_per_epoch) * gradient_accumulation_steps,
         checkpoint=checkpoint,
+        seconds_before=seconds_before,
     )
 
 

@@ -13,8 +13,8 @@ With no arguments it trains a small TREAD model in pixel space on scikit-learn's
 The story, top to bottom: `parse_args`, then `main()`, which runs the stages and holds the training loop; each stage
 is a function defined below `main`, in the order it runs: `set_up_run` (accelerator, seed, output folder, Hub repo)
 -> `load_training_data` -> `build_model`, `build_ema`, `register_weight_hooks` (model, EMA, checkpoint hooks) ->
-`prepare_optimization`, `start_logging` (optimizer, data loader, LR schedule, trackers) -> `resume_run` -> the loop
-(`batch_loss`, `flush_losses`, `save_state`) -> `save_final_pipeline`, `hub.upload_final_output`.
+`prepare_optimization`, `start_logging` (optimizer, data loader, LR schedule, trackers) -> `resume_from_checkpoint`
+-> the loop (`batch_loss`, `flush_losses`, `save_checkpoint`) -> `save_final_pipeline`, `hub.upload_final_output`.
 The math lives in the library: `diffusers_tread.objectives` (noising, targets, samplers), `diffusers_tread.losses`
 (route-aware reduction) and the model's forward (routing).
 """
@@ -62,17 +62,14 @@ from diffusers_tread import (
 )
 from diffusers_tread.checkpointing import (
     LOSS_HISTORY,
-    ResumePoint,
     check_run_arguments,
     clear_output_dir,
     final_output,
-    finished_step,
     install_stop_handlers,
     process_seed,
     register_checkpoint_hooks,
     restore_stop_handlers,
     resume_from_checkpoint,
-    resume_loss_history,
     save_checkpoint,
     stop_requested,
 )
@@ -359,12 +356,14 @@ def main(argv: list[str] | None = None) -> None:
     start_logging(args, accelerator, unwrapped, data, num_train_epochs, total_batch_size)
 
     # 5. Resume (the main process picks the checkpoint; a finished run only says so).
-    resumed = resume_run(args, accelerator, num_update_steps_per_epoch)
-    if resumed is None:
+    resume = resume_from_checkpoint(
+        accelerator, args.output_dir, args.resume_from_checkpoint, num_update_steps_per_epoch,
+        args.gradient_accumulation_steps, args.max_train_steps,
+    )  # fmt: skip
+    if resume.finished:
         accelerator.end_training()
         return
-    resume, seconds_before = resumed
-    started -= seconds_before  # the elapsed-time column continues from the checkpoint's row
+    started -= resume.seconds_before  # the elapsed-time column continues from the checkpoint's row
     global_step, first_epoch, resume_step = resume.global_step, resume.first_epoch, resume.skip_batches
     loss_log = Path(args.output_dir, LOSS_HISTORY)
     uploads = hub.CheckpointUploads(repo_id, args.hub_token) if args.push_to_hub and args.push_checkpoints else None
@@ -427,7 +426,7 @@ def main(argv: list[str] | None = None) -> None:
                 )
                 last_loss = rows[-1][1] if rows else last_loss
             if checkpoint_due or stop_due:
-                save_state(accelerator, args, global_step, uploads)
+                save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit, uploads)
             if stop_due:
                 logger.info(
                     f"Stopped by signal {stop['signal']} at step {global_step} after saving a checkpoint; continue "
@@ -743,29 +742,6 @@ def start_logging(args, accelerator, model, data: TrainingData, num_train_epochs
     logger.info(f"  Objective = {args.objective}, TREAD loss = {args.tread_loss}, routes = {model.config.routes}")
 
 
-def resume_run(args, accelerator, num_update_steps_per_epoch: int) -> tuple[ResumePoint, float] | None:
-    """Stage 5: load --resume_from_checkpoint (the main process picks it) and cut loss_history.csv back to its step.
-    Returns where to continue and the seconds trained before it (0 on a fresh run and on other processes than the
-    main); None when --output_dir holds a run that already finished at --max_train_steps (after saying so)."""
-    resume = resume_from_checkpoint(
-        accelerator, args.output_dir, args.resume_from_checkpoint, num_update_steps_per_epoch,
-        args.gradient_accumulation_steps,
-    )  # fmt: skip
-    finished = finished_step(args.output_dir)
-    if resume.checkpoint and finished is not None and finished >= args.max_train_steps:
-        logger.info(
-            f"{args.output_dir} holds a run that finished at step {finished} (--max_train_steps "
-            f"{args.max_train_steps}): nothing to do. Raise --max_train_steps to train further."
-        )
-        return None
-    seconds_before = 0.0
-    if resume.checkpoint and accelerator.is_main_process:
-        kept = resume_loss_history(Path(args.output_dir, LOSS_HISTORY), resume.global_step)
-        if kept:
-            seconds_before = float(kept[-1][2])
-    return resume, seconds_before
-
-
 def batch_loss(args, model, unwrapped, objective, data: TrainingData, weight_dtype, batch, step: int, generator):
     """Stage 6, one micro-step's loss: the clean data x0 (fp32; encoded by the frozen VAE in the mixed-precision dtype
     when training on images through --vae), the class labels with CFG dropout (once per sample; Diffusers' per-block
@@ -823,19 +799,6 @@ def flush_losses(
         with loss_log.open("a", newline="") as f:
             csv.writer(f).writerows([step, f"{value:.6f}", f"{time.time() - started:.1f}"] for step, value in rows)
     return rows
-
-
-def save_state(accelerator, args, step: int, uploads: hub.CheckpointUploads | None) -> None:
-    """Stage 6: a crash-safe `checkpoint-<step>/`, pruned to --checkpoints_total_limit, pushed with
-    --push_checkpoints."""
-    save_checkpoint(
-        accelerator,
-        args.output_dir,
-        step,
-        args.checkpoints_total_limit,
-        before_prune=uploads.wait if uploads else None,  # never delete a checkpoint that is being uploaded
-        after_save=uploads.submit if uploads else None,
-    )
 
 
 def save_final_pipeline(

@@ -60,13 +60,11 @@ from diffusers_tread.checkpointing import (
     check_run_arguments,
     clear_output_dir,
     final_output,
-    finished_step,
     install_stop_handlers,
     process_seed,
     register_checkpoint_hooks,
     restore_stop_handlers,
     resume_from_checkpoint,
-    resume_loss_history,
     save_checkpoint,
     stop_requested,
 )
@@ -660,29 +658,14 @@ def main(argv: list[str] | None = None) -> None:
     # 5. Resume (the main process picks the checkpoint; a finished run only says so).
     resume = resume_from_checkpoint(
         accelerator, args.output_dir, args.resume_from_checkpoint, num_update_steps_per_epoch,
-        args.gradient_accumulation_steps,
+        args.gradient_accumulation_steps, args.max_train_steps,
     )  # fmt: skip
-    global_step, first_epoch, resume_step = resume.global_step, resume.first_epoch, resume.skip_batches
-    finished = finished_step(args.output_dir)
-    if resume.checkpoint and finished is not None and finished >= args.max_train_steps:
-        logger.info(
-            f"{args.output_dir} holds a run that finished at step {finished} (--max_train_steps "
-            f"{args.max_train_steps}): nothing to do. Raise --max_train_steps to train further."
-        )
+    if resume.finished:
         accelerator.end_training()
         return
+    global_step, first_epoch, resume_step = resume.global_step, resume.first_epoch, resume.skip_batches
+    started -= resume.seconds_before  # the elapsed-time column of loss_history.csv continues from the checkpoint
     uploads = hub.CheckpointUploads(repo_id, args.hub_token) if args.push_to_hub and args.push_checkpoints else None
-
-    def save_state(step: int) -> None:
-        """Crash-safe `checkpoint-<step>/`, pruned to --checkpoints_total_limit, pushed with --push_checkpoints."""
-        save_checkpoint(
-            accelerator,
-            args.output_dir,
-            step,
-            args.checkpoints_total_limit,
-            before_prune=uploads.wait if uploads else None,  # never delete a checkpoint that is being uploaded
-            after_save=uploads.submit if uploads else None,
-        )
 
     # 6. Training loop.
     stop = install_stop_handlers()
@@ -690,8 +673,6 @@ def main(argv: list[str] | None = None) -> None:
         range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
     )
     loss_log = Path(args.output_dir, LOSS_HISTORY)
-    if resume.checkpoint and accelerator.is_main_process:
-        resume_loss_history(loss_log, global_step)  # drop the rows written after the checkpoint
     step_started, last_loss, train_loss, routing_reported = time.time(), float("nan"), 0.0, False
     skipped_images = 0  # unreadable images dropped by --bad_images skip
     for epoch in range(first_epoch, num_train_epochs if global_step < args.max_train_steps else first_epoch):
@@ -759,14 +740,14 @@ def main(argv: list[str] | None = None) -> None:
             if accelerator.is_main_process:
                 with loss_log.open("a") as f:
                     bypassed = ";".join(f"{route['fraction']:.4f}" for route in routing)
-                    f.write(f"{global_step},{last_loss:.6f},{step_time:.4f},{bypassed}\n")
+                    f.write(f"{global_step},{last_loss:.6f},{time.time() - started:.1f},{bypassed}\n")
 
             checkpoint_due = global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps
             if checkpoint_due:
-                save_state(global_step)
+                save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit, uploads)
             if stop_requested(accelerator, stop):
                 if not checkpoint_due:
-                    save_state(global_step)
+                    save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit, uploads)
                 logger.info(
                     f"Stopped by signal {stop['signal']} at step {global_step} after saving a checkpoint; continue "
                     "with --resume_from_checkpoint latest."
