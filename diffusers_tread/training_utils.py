@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 
 import torch
 
@@ -154,6 +156,93 @@ def parse_routes(text: str) -> list[dict] | str:
         start, end, ratio = fields
         routes.append({"start_layer_idx": int(start), "end_layer_idx": int(end), "selection_ratio": float(ratio)})
     return routes
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The prelude both training scripts share: accelerator, run folder and Hub repo, data loader, LR schedule
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def start_run(args: argparse.Namespace, push_to_hub: bool | None = None):
+    """The Accelerator of a training run and its folder, from the options both scripts share (``output_dir``,
+    ``logging_dir``, ``gradient_accumulation_steps``, ``mixed_precision``, ``report_to``, ``seed``, ``allow_tf32``,
+    ``overwrite_output_dir``, the ``hub_*`` options): a seedable sampler (the same data order on resume), Diffusers'
+    logging set-up of its examples, the global seed, the output folder (cleared with ``--overwrite_output_dir``) and,
+    when pushing, the Hub repo. Returns ``(accelerator, repo_id)``; ``repo_id`` is None unless pushing, and on every
+    process but the main one."""
+    import diffusers
+    from accelerate import Accelerator
+    from accelerate.logging import get_logger
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+
+    from . import hub
+    from .checkpointing import clear_output_dir
+
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(
+            project_dir=args.output_dir, logging_dir=str(Path(args.output_dir, args.logging_dir))
+        ),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    get_logger(__name__, log_level="INFO").info(accelerator.state, main_process_only=False)
+    if accelerator.is_local_main_process:
+        diffusers.utils.logging.set_verbosity_warning()
+    else:
+        diffusers.utils.logging.set_verbosity_error()
+    set_seed(args.seed)  # model initialisation: the same on every process
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    repo_id = None
+    if accelerator.is_main_process:
+        if args.overwrite_output_dir:
+            clear_output_dir(args.output_dir, args.logging_dir)
+        os.makedirs(args.output_dir, exist_ok=True)
+        if args.push_to_hub if push_to_hub is None else push_to_hub:
+            name = args.hub_model_id or Path(args.output_dir).name
+            repo_id = hub.create_repo(name, exist_ok=True, private=args.hub_private_repo, token=args.hub_token).repo_id
+    return accelerator, repo_id
+
+
+def make_train_dataloader(dataset, args: argparse.Namespace, collate_fn=None) -> torch.utils.data.DataLoader:
+    """The shuffled training loader (``train_batch_size``, ``dataloader_num_workers``; the last partial batch dropped);
+    a dataset smaller than one batch is a ValueError that says what to change."""
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=args.train_batch_size,
+        shuffle=True,
+        num_workers=args.dataloader_num_workers,
+        drop_last=True,
+        collate_fn=collate_fn,
+    )
+    if len(loader) == 0:
+        raise ValueError(
+            f"The dataset has {len(dataset)} examples, fewer than one batch of {args.train_batch_size}: lower "
+            "--train_batch_size or add data."
+        )
+    return loader
+
+
+def make_lr_scheduler(optimizer, args: argparse.Namespace, train_dataloader, num_processes: int):
+    """Diffusers' `get_scheduler` (``lr_scheduler``, ``lr_warmup_steps``) over ``max_train_steps``, which it sets from
+    ``num_train_epochs`` when not given. The scheduler steps once per process per update, as in Diffusers' examples
+    (`accelerator.prepare` wraps it), hence the step counts times ``num_processes``."""
+    from diffusers.optimization import get_scheduler
+
+    if args.max_train_steps is None:
+        args.max_train_steps = args.num_train_epochs * math.ceil(
+            len(train_dataloader) / args.gradient_accumulation_steps
+        )
+    return get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * num_processes,
+        num_training_steps=args.max_train_steps * num_processes,
+    )
 
 
 def main_with_messages(main: Callable[[], object]) -> None:

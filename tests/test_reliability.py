@@ -199,7 +199,7 @@ def test_bad_validation_labels_and_checkpoint_limit(tmp_path):
 
 def test_failed_hub_push_keeps_the_folder_and_says_how_to_retry(tmp_path, monkeypatch):
     script = load_script()
-    monkeypatch.setattr(script, "create_repo", lambda repo_id, **kw: type("Repo", (), {"repo_id": f"u/{repo_id}"})())
+    monkeypatch.setattr(hub, "create_repo", lambda repo_id, **kw: type("Repo", (), {"repo_id": f"u/{repo_id}"})())
 
     def failing_upload(**kwargs):
         raise ConnectionError("Hub unreachable")
@@ -332,7 +332,7 @@ def test_resuming_a_finished_run_does_nothing_but_say_so(tmp_path, caplog):
 
 def test_a_failing_checkpoint_upload_never_stops_training_and_is_reported(tmp_path, monkeypatch, caplog):
     script = load_script()
-    monkeypatch.setattr(script, "create_repo", lambda repo_id, **kw: type("Repo", (), {"repo_id": f"u/{repo_id}"})())
+    monkeypatch.setattr(hub, "create_repo", lambda repo_id, **kw: type("Repo", (), {"repo_id": f"u/{repo_id}"})())
     sent = []
 
     def upload_folder(**kwargs):  # checkpoint-1 never gets through; everything else does
@@ -382,7 +382,7 @@ FAULTY_TRAINER = textwrap.dedent(
         return future if kwargs.get("run_as_future") else None
 
     hub.upload_folder = upload_folder
-    train_tread.create_repo = lambda repo_id, **kw: type("Repo", (), {"repo_id": f"user/{repo_id}"})()
+    hub.create_repo = lambda repo_id, **kw: type("Repo", (), {"repo_id": f"user/{repo_id}"})()
     failing_step = os.environ.get("FAIL_SAVE_ON_RANK_1")
     if failing_step and os.environ["RANK"] == "1":  # (a PartialState here would be made before accelerate's CPU flag)
         original = torch.save

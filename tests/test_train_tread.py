@@ -152,7 +152,7 @@ def test_push_to_hub_uploads_the_final_folder_and_never_the_token(tmp_path, monk
     script = load_script()
     calls = []
     monkeypatch.setattr(
-        script,
+        hub,
         "create_repo",
         lambda repo_id, **kw: (
             calls.append(("create", repo_id, kw)) or type("Repo", (), {"repo_id": f"user/{repo_id}"})()

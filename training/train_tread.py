@@ -11,10 +11,11 @@ With no arguments it trains a small TREAD model in pixel space on scikit-learn's
     accelerate launch training/train_tread.py --latents_dir imagenet-latents --model_config DiT-XL/2 ...  # see README
 
 The story, top to bottom: `parse_args`, then `main()`, which runs the stages and holds the training loop; each stage
-is a function defined below `main`, in the order it runs: `set_up_run` (accelerator, seed, output folder, Hub repo)
--> `load_training_data` -> `build_model`, `build_ema`, `register_weight_hooks` (model, EMA, checkpoint hooks) ->
-`prepare_optimization`, `start_logging` (optimizer, data loader, LR schedule, trackers) -> `resume_from_checkpoint`
--> the loop (`batch_loss`, `flush_losses`, `save_checkpoint`) -> `save_final_pipeline`, `hub.upload_final_output`.
+is a function defined below `main` (or in the library), in the order it runs: `start_run` (accelerator, seed, output
+folder, Hub repo) -> `load_training_data` -> `build_model`, `build_ema`, `register_weight_hooks` (model, EMA, checkpoint
+hooks) -> `prepare_optimization`, `start_logging` (optimizer, data loader, LR schedule, trackers) ->
+`resume_from_checkpoint` -> the loop (`batch_loss`, `flush_losses`, `save_checkpoint`) -> `save_final_pipeline`,
+`hub.upload_final_output`.
 The math lives in the library: `diffusers_tread.objectives` (noising, targets, samplers), `diffusers_tread.losses`
 (route-aware reduction) and the model's forward (routing).
 """
@@ -25,7 +26,6 @@ import argparse
 import csv
 import difflib
 import json
-import logging
 import math
 import os
 import platform
@@ -35,16 +35,12 @@ import warnings
 from pathlib import Path
 from typing import NamedTuple
 
-import diffusers
 import torch
-from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from diffusers import AutoencoderKL
-from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from diffusers.utils import make_image_grid
-from huggingface_hub import ModelCard, ModelCardData, create_repo
+from huggingface_hub import ModelCard, ModelCardData
 from peft import LoraConfig
 from peft.utils import set_peft_model_state_dict
 from PIL import Image, ImageOps
@@ -63,7 +59,6 @@ from diffusers_tread import (
 from diffusers_tread.checkpointing import (
     LOSS_HISTORY,
     check_run_arguments,
-    clear_output_dir,
     final_output,
     install_stop_handlers,
     process_seed,
@@ -91,9 +86,12 @@ from diffusers_tread.training_utils import (
     LossLog,
     drop_class_labels,
     main_with_messages,
+    make_lr_scheduler,
     make_optimizer,
+    make_train_dataloader,
     parse_routes,
     scheduled_selection_ratios,
+    start_run,
     tread_training_loss,
 )
 
@@ -328,7 +326,7 @@ def main(argv: list[str] | None = None) -> None:
     started = time.time()
 
     # 1. Accelerator, logging, seed, output folder and Hub repo.
-    accelerator, repo_id = set_up_run(args)
+    accelerator, repo_id = start_run(args)  # accelerator, logging, seed, output folder, Hub repo
 
     # 2. Data: precomputed latents, an image dataset (optionally through a VAE), or the built-in digits.
     data = load_training_data(args)
@@ -467,43 +465,6 @@ def main(argv: list[str] | None = None) -> None:
         if args.push_to_hub:
             hub.upload_final_output(args.output_dir, repo_id, args.hub_token)  # a failure says how to retry
     accelerator.end_training()
-
-
-def set_up_run(args) -> tuple[Accelerator, str | None]:
-    """Stage 1: the Accelerator (with its trackers' folder and a seedable sampler, for the same data order on resume),
-    logging, the global seed, the output folder (cleared with --overwrite_output_dir) and, with --push_to_hub, the
-    Hub repo. Returns the accelerator and the repo id (None unless pushing, and on other processes than the main)."""
-    logging_dir = Path(args.output_dir, args.logging_dir)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=str(logging_dir)),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),  # same data order on resume
-    )
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    logger.info(accelerator.state, main_process_only=False)
-    if accelerator.is_local_main_process:
-        diffusers.utils.logging.set_verbosity_warning()
-    else:
-        diffusers.utils.logging.set_verbosity_error()
-    set_seed(args.seed)
-    if args.allow_tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    repo_id = None
-    if accelerator.is_main_process:
-        if args.overwrite_output_dir:
-            clear_output_dir(args.output_dir, args.logging_dir)
-        os.makedirs(args.output_dir, exist_ok=True)
-        if args.push_to_hub:
-            repo_id = create_repo(
-                args.hub_model_id or Path(args.output_dir).name,
-                exist_ok=True,
-                private=args.hub_private_repo,
-                token=args.hub_token,
-            ).repo_id
-    return accelerator, repo_id
 
 
 class TrainingData(NamedTuple):
@@ -696,28 +657,8 @@ def prepare_optimization(args, accelerator, model, ema_model: EMAModel | None, d
         weight_decay=args.adam_weight_decay,
         eps=args.adam_epsilon,
     )
-    train_dataloader = torch.utils.data.DataLoader(
-        data.dataset,
-        batch_size=args.train_batch_size,
-        shuffle=True,
-        num_workers=args.dataloader_num_workers,
-        drop_last=True,
-        collate_fn=collate_examples,
-    )
-    if len(train_dataloader) == 0:
-        raise ValueError(
-            f"The dataset has {len(data.dataset)} examples, fewer than one batch of {args.train_batch_size}: "
-            "lower --train_batch_size or add data."
-        )
-    num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
-    if args.max_train_steps is None:
-        args.max_train_steps = args.num_train_epochs * num_update_steps_per_epoch
-    lr_scheduler = get_scheduler(
-        args.lr_scheduler,
-        optimizer=optimizer,
-        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=args.max_train_steps * accelerator.num_processes,
-    )
+    train_dataloader = make_train_dataloader(data.dataset, args, collate_examples)
+    lr_scheduler = make_lr_scheduler(optimizer, args, train_dataloader, accelerator.num_processes)
     model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
         model, optimizer, train_dataloader, lr_scheduler
     )

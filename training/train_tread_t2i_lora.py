@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import logging
 import math
 import os
 import platform
@@ -35,17 +34,12 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
-import diffusers
 import numpy as np
 import torch
-from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from diffusers import AutoencoderKL, DDPMScheduler, FlowMatchEulerDiscreteScheduler
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params
-from huggingface_hub import create_repo
 from peft import LoraConfig
 from peft.utils import set_peft_model_state_dict
 from PIL import Image
@@ -58,7 +52,6 @@ from diffusers_tread import hub
 from diffusers_tread.checkpointing import (
     LOSS_HISTORY,
     check_run_arguments,
-    clear_output_dir,
     final_output,
     install_stop_handlers,
     process_seed,
@@ -99,7 +92,14 @@ from diffusers_tread.t2i_training import (
     unwrap,
     vae_latents,
 )
-from diffusers_tread.training_utils import main_with_messages, parse_routes
+from diffusers_tread.training_utils import (
+    main_with_messages,
+    make_lr_scheduler,
+    make_optimizer,
+    make_train_dataloader,
+    parse_routes,
+    start_run,
+)
 
 logger = get_logger(__name__, log_level="INFO")
 
@@ -411,25 +411,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     started = time.time()
 
-    # 1. Accelerator, logging, seed, the model (its family decides the rest), Hub repo.
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(
-            project_dir=args.output_dir, logging_dir=str(Path(args.output_dir, args.logging_dir))
-        ),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),  # same data order on resume
-    )
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    logger.info(accelerator.state, main_process_only=False)
-    if accelerator.is_local_main_process:
-        diffusers.utils.logging.set_verbosity_warning()
-    else:
-        diffusers.utils.logging.set_verbosity_error()
-    set_seed(args.seed)
-    if args.allow_tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
+    # 1. Accelerator, logging, seed, output folder and Hub repo (the library's `start_run`), then the model: its family
+    # decides the rest.
+    accelerator, repo_id = start_run(args, push_to_hub=args.push_to_hub and not args.precompute_only)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
     spec = resolve_model(
@@ -444,19 +428,6 @@ def main(argv: list[str] | None = None) -> None:
     args.lora_alpha = args.lora_alpha or args.rank
     logger.info(f"Model: {spec.pipeline_class_name} ({spec.family}, {spec.transformer_class_name}) from {spec.path}")
     check_routes(spec, args.routes)  # before the (slow) text encoding
-
-    repo_id = None
-    if accelerator.is_main_process:
-        if args.overwrite_output_dir:
-            clear_output_dir(args.output_dir, args.logging_dir)
-        os.makedirs(args.output_dir, exist_ok=True)
-        if args.push_to_hub and not args.precompute_only:
-            repo_id = create_repo(
-                args.hub_model_id or Path(args.output_dir).name,
-                exist_ok=True,
-                private=args.hub_private_repo,
-                token=args.hub_token,
-            ).repo_id
 
     # 2. Data, and every caption's text embedding, computed once (or read from --precomputed_embeddings_dir).
     data, captions, source = load_captioned_images(
@@ -603,35 +574,16 @@ def main(argv: list[str] | None = None) -> None:
     # 4. Optimizer, data loader, LR schedule.
     if args.scale_lr:
         args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
-    optimizer = torch.optim.AdamW(
+    optimizer = make_optimizer(
         lora_parameters,
-        lr=args.learning_rate,
+        args.learning_rate,
         betas=(args.adam_beta1, args.adam_beta2),
         weight_decay=args.adam_weight_decay,
         eps=args.adam_epsilon,
     )
-    train_dataloader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=args.train_batch_size,
-        shuffle=True,
-        num_workers=args.dataloader_num_workers,
-        drop_last=True,
-        collate_fn=collate_examples,  # drops (and counts) the unreadable images of --bad_images skip
-    )
-    if len(train_dataloader) == 0:
-        raise ValueError(
-            f"The data set has {len(dataset)} examples, fewer than one batch of {args.train_batch_size}: lower "
-            "--train_batch_size or add data."
-        )
-    num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
-    if args.max_train_steps is None:
-        args.max_train_steps = args.num_train_epochs * num_update_steps_per_epoch
-    lr_scheduler = get_scheduler(
-        args.lr_scheduler,
-        optimizer=optimizer,
-        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=args.max_train_steps * accelerator.num_processes,
-    )
+    # collate_examples drops (and counts) the unreadable images of --bad_images skip
+    train_dataloader = make_train_dataloader(dataset, args, collate_examples)
+    lr_scheduler = make_lr_scheduler(optimizer, args, train_dataloader, accelerator.num_processes)
     transformer, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
         transformer, optimizer, train_dataloader, lr_scheduler
     )
