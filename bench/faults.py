@@ -9,6 +9,10 @@ through, chosen at random: writing a weights file (half written, then killed), `
 `os.replace` (a rename into place), `os.fsync`, `shutil.rmtree` (pruning, clean-up) or a Hub upload. The faults are
 installed by a ``sitecustomize`` module on the child's PYTHONPATH, so the script runs exactly as users run it.
 
+Each run is then extended by 2 steps (``--max_train_steps`` raised, ``--resume_from_checkpoint latest``), as users
+continue a finished run, its first attempt killed while the final pipeline's weights are written ("final_save"): the
+folder already holds the previous pipeline, which must not end up mixed with the new one.
+
 After every attempt the folder is checked:
 - checkpoints lost: the newest checkpoint that verifies is older than before the attempt (must be 0);
 - broken outputs: a ``model_index.json`` (or ``training_complete.json``) beside a pipeline that does not load (0);
@@ -65,11 +69,14 @@ def _wrap(module, name, point, partial_file=False):
     original = getattr(module, name)
 
     def wrapped(*args, **kwargs):
+        target = str(args[1] if len(args) > 1 else kwargs.get("filename"))
+
         def half_write():
-            target = args[1] if len(args) > 1 else kwargs.get("filename")
             with open(target, "wb") as f:
                 f.write(b"\\0" * 100)
         _maybe_die(point, half_write if partial_file else None)
+        if partial_file and "checkpoint-" not in target:  # the end-of-run pipeline's weights
+            _maybe_die("final_save", half_write)
         return original(*args, **kwargs)
 
     setattr(module, name, wrapped)
@@ -154,40 +161,55 @@ def main() -> None:
         for run in range(args.runs):
             output_dir, hub = Path(workdir, f"run-{run}"), Path(workdir, f"hub-{run}")
             totals["runs"] += 1
-            best, finished = 0, False
-            for attempt in range(args.max_attempts):
-                point = rng.choice(sorted(KILL_POINTS)) if attempt < args.max_attempts - 1 else ""
-                env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(checkout)]),
-                       "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "FAULT_POINT": point,
-                       "FAULT_AFTER": str(rng.randint(1, KILL_POINTS[point]) if point else 0), "FAULT_HUB": str(hub)}  # fmt: skip
-                command = [sys.executable, str(checkout / SCRIPT.relative_to(REPO)), *TRAINING_ARGS, f"--output_dir={output_dir}",
-                           f"--max_train_steps={args.steps}"]  # fmt: skip
-                if attempt:
-                    command.append("--resume_from_checkpoint=latest")
-                result = subprocess.run(command, env=env, cwd=checkout, capture_output=True, text=True, timeout=600)
-                totals["attempts"] += 1
-                killed = result.returncode == -9
-                if killed:
-                    totals["kills"] += 1
-                    totals["kills_by_point"][point] = totals["kills_by_point"].get(point, 0) + 1
-                elif result.returncode != 0:
-                    raise SystemExit(f"run {run} attempt {attempt} failed without a kill:\n{result.stderr[-3000:]}")
-                if "Resuming from" in result.stderr:
-                    totals["resumed_from_checkpoint"] += 1
-                now = best_checkpoint(output_dir)
-                if now < best:
-                    totals["checkpoints_lost"] += 1
-                    print(f"run {run} attempt {attempt}: checkpoint-{best} lost (now {now}), killed at {point}")
-                best = max(best, now)
-                if (output_dir / "model_index.json").is_file() or (output_dir / "training_complete.json").is_file():
-                    if not outputs_load(output_dir):
-                        totals["broken_outputs"] += 1
-                        print(f"run {run} attempt {attempt}: outputs do not load, killed at {point}")
-                if not killed:
-                    finished = outputs_load(output_dir)  # exited 0 with a pipeline that loads
-                    break
+            best, finished, attempts = 0, False, 0
+            # (max_train_steps, the first attempt's kill point or None for a random one, resume on the first attempt)
+            for steps, first_point, resume in ((args.steps, None, False), (args.steps + 2, "final_save", True)):
+                for attempt in range(args.max_attempts):
+                    if attempt == 0 and first_point:
+                        point, after = first_point, 1
+                    elif attempt < args.max_attempts - 1:
+                        point = rng.choice(sorted(KILL_POINTS))
+                        after = rng.randint(1, KILL_POINTS[point])
+                    else:
+                        point, after = "", 0
+                    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(checkout)]),
+                           "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "FAULT_POINT": point,
+                           "FAULT_AFTER": str(after), "FAULT_HUB": str(hub)}  # fmt: skip
+                    command = [sys.executable, str(checkout / SCRIPT.relative_to(REPO)), *TRAINING_ARGS,
+                               f"--output_dir={output_dir}", f"--max_train_steps={steps}"]  # fmt: skip
+                    if attempt or resume:
+                        command.append("--resume_from_checkpoint=latest")
+                    result = subprocess.run(
+                        command, env=env, cwd=checkout, capture_output=True, text=True, timeout=600
+                    )
+                    totals["attempts"] += 1
+                    attempts += 1
+                    killed = result.returncode == -9
+                    if killed:
+                        totals["kills"] += 1
+                        totals["kills_by_point"][point] = totals["kills_by_point"].get(point, 0) + 1
+                    elif result.returncode != 0:
+                        raise SystemExit(
+                            f"run {run} attempt {attempt} failed without a kill:\n{result.stderr[-3000:]}"
+                        )
+                    if "Resuming from" in result.stderr:
+                        totals["resumed_from_checkpoint"] += 1
+                    now = best_checkpoint(output_dir)
+                    if now < best:
+                        totals["checkpoints_lost"] += 1
+                        print(f"run {run} attempt {attempt}: checkpoint-{best} lost (now {now}), killed at {point}")
+                    best = max(best, now)
+                    if (output_dir / "model_index.json").is_file() or (
+                        output_dir / "training_complete.json"
+                    ).is_file():
+                        if not outputs_load(output_dir):
+                            totals["broken_outputs"] += 1
+                            print(f"run {run} attempt {attempt}: outputs do not load, killed at {point}")
+                    if not killed:
+                        finished = outputs_load(output_dir)  # exited 0 with a pipeline that loads
+                        break
             totals["runs_finished"] += finished
-            print(f"run {run}: {attempt + 1} attempts, finished={finished}", flush=True)
+            print(f"run {run}: {attempts} attempts, finished={finished}", flush=True)
     totals["seconds"] = round(time.time() - started, 1)
     totals["checkout"] = str(checkout)
     print(json.dumps(totals, indent=2))
