@@ -359,10 +359,17 @@ def resume_from_checkpoint(
     if not which:
         accelerator.wait_for_everyone()
         return ResumePoint()
-    found = [find_checkpoint(output_dir, which), finished_step(output_dir)] if accelerator.is_main_process else [0, 0]
+    found = [None, None, None]  # checkpoint, finished step, error: decided on the main process, told to the others
+    if accelerator.is_main_process:
+        try:
+            found = [find_checkpoint(output_dir, which), finished_step(output_dir), None]
+        except ValueError as error:  # raised on every process below, so that none waits at the broadcast
+            found[2] = str(error)
     if accelerator.num_processes > 1:
         broadcast_object_list(found)
-    checkpoint, finished = found
+    checkpoint, finished, error = found
+    if error is not None:
+        raise ValueError(error)
     if checkpoint is None:
         logger.info(f"No checkpoint found for '{which}' in {output_dir}; starting a new run.")
         return ResumePoint()

@@ -532,3 +532,11 @@ def test_data_and_hub_failures_end_with_a_message_not_a_traceback(tmp_path):
     shown = subprocess.run([sys.executable, *cases[0]], env={**ENV, "TREAD_TRACEBACK": "1"}, cwd=REPO,
                            capture_output=True, text=True, timeout=300)  # fmt: skip
     assert shown.returncode == 1 and "Traceback" in shown.stderr
+
+
+def test_a_checkpoint_that_cannot_be_resumed_ends_every_process_with_the_message(tmp_path):
+    """The main process decides what to resume; its refusal reaches the other process instead of leaving it waiting."""
+    result = launch_two_faulty(tmp_path, f"--output_dir={tmp_path / 'out'}", "--max_train_steps=2",
+                               "--resume_from_checkpoint=checkpoint-9", check=False)  # fmt: skip
+    assert result.returncode != 0
+    assert result.stderr.count("checkpoint-9 is not a complete checkpoint") >= 2, result.stderr[-3000:]  # both ranks
