@@ -9,9 +9,15 @@ id, LoRA adapters (PEFT) on the transformer, and TREAD routing on the transforme
         --pretrained_model_name_or_path PixArt-alpha/PixArt-Sigma-XL-2-512-MS --train_data_dir my-images \
         --resolution 512 --rank 16 --routes paper --validation_prompt "a photo of a red fox" --output_dir fox-lora
 
-The story, top to bottom: arguments -> which model (from `model_index.json`) -> data -> text embeddings (and optionally
-VAE latents) computed ONCE, after which the text encoders are freed -> transformer + LoRA + routing -> optimizer ->
-(resume) -> loop -> LoRA weights in Diffusers' format, a model card, and an optional push (`main`'s numbered stages).
+The story, top to bottom: `parse_args`, then `main()`, which runs the stages and holds the training loop; each stage
+is a function defined below `main` (or in the library), in the order it runs: `start_run` (accelerator, seed, output
+folder, Hub repo), `resolve_model_spec` (which model, from `model_index.json`) -> `load_captions`, `text_embeddings`
+(every caption encoded ONCE, after which the text encoders are freed), `load_vae`, `build_dataset` (optionally VAE
+latents cached) -> `build_transformer`, `add_routing`, `register_lora_hooks` (transformer + LoRA, TREAD routing,
+checkpoint hooks) -> `prepare_optimization`, `load_noise_scheduler`, `start_logging` (optimizer, data loader, LR
+schedule, trackers) -> `resume_from_checkpoint` -> the loop (`batch_loss`, `log_step`, `save_checkpoint`,
+`log_validation`) -> `save_final_lora`, `final_validation`, `save_model_card` (LoRA weights in Diffusers' format, checked
+by loading them into a fresh base pipeline), `hub.upload_final_output`.
 What is not glue is the library's: the model families, the step's model call and loss, and the LoRA files are
 `diffusers_tread.t2i_training`; the model card is `diffusers_tread.hub.save_lora_model_card`.
 
@@ -33,6 +39,7 @@ import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -102,11 +109,6 @@ from diffusers_tread.training_utils import (
 )
 
 logger = get_logger(__name__, log_level="INFO")
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Arguments
-# ----------------------------------------------------------------------------------------------------------------------
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -262,9 +264,477 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Text embeddings, computed once (the data and the embeddings cache are in diffusers_tread.data.captions)
-# ----------------------------------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    started = time.time()
+
+    # 1. Accelerator, logging, seed, output folder and Hub repo, then the model: its family decides the rest.
+    accelerator, repo_id = start_run(args, push_to_hub=args.push_to_hub and not args.precompute_only)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    spec = resolve_model_spec(args)
+
+    # 2. Data, and every caption's text embedding, computed once (or read from --precomputed_embeddings_dir).
+    captions = load_captions(args)
+    table, validation_prompt_kwargs = text_embeddings(args, spec, accelerator, weight_dtype, captions.unique)
+    if args.precompute_only:
+        logger.info("--precompute_only: done.")
+        accelerator.end_training()
+        return
+    vae = load_vae(args, spec, accelerator)
+    vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    dataset = build_dataset(args, accelerator, captions, vae)
+
+    # 3. Transformer, LoRA, TREAD routing, and the checkpoint hooks that save the adapters with the training generator.
+    transformer, lora_parameters = build_transformer(args, spec, accelerator, weight_dtype)
+    # One generator per process draws all training randomness (noise, timesteps, VAE samples, routed subsets), so a
+    # checkpoint can carry it and a resumed run draws exactly what the uninterrupted run would have.
+    train_generator = torch.Generator(device=accelerator.device).manual_seed(
+        process_seed(args.seed, accelerator.process_index)  # no two (seed, process) pairs share a stream
+    )
+    router, routes = add_routing(args, transformer, train_generator)
+    transformer.train()
+    register_lora_hooks(accelerator, args, spec, train_generator)
+
+    # 4. Optimizer, data loader, LR schedule (all through `accelerator.prepare`), noise scheduler, trackers.
+    transformer, optimizer, train_dataloader, lr_scheduler = prepare_optimization(
+        args, accelerator, transformer, lora_parameters, dataset
+    )
+    num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+    num_train_epochs = math.ceil(args.max_train_steps / num_update_steps_per_epoch)
+    noise_scheduler = load_noise_scheduler(spec)
+    total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    start_logging(args, accelerator, spec, unwrap(transformer), lora_parameters, routes, dataset, captions,
+                  vae_scale_factor, num_train_epochs, total_batch_size)  # fmt: skip
+
+    # 5. Resume (the main process picks the checkpoint; a finished run only says so).
+    resume = resume_from_checkpoint(
+        accelerator, args.output_dir, args.resume_from_checkpoint, num_update_steps_per_epoch,
+        args.gradient_accumulation_steps, args.max_train_steps,
+    )  # fmt: skip
+    if resume.finished:
+        accelerator.end_training()
+        return
+    global_step, first_epoch, resume_step = resume.global_step, resume.first_epoch, resume.skip_batches
+    started -= resume.seconds_before  # the elapsed-time column of loss_history.csv continues from the checkpoint
+    uploads = hub.CheckpointUploads(repo_id, args.hub_token) if args.push_to_hub and args.push_checkpoints else None
+
+    # 6. Training loop.
+    stop = install_stop_handlers()
+    progress_bar = tqdm(
+        range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
+    )
+    loss_log = Path(args.output_dir, LOSS_HISTORY)
+    step_started, last_loss, train_loss, routing_reported = time.time(), float("nan"), 0.0, False
+    skipped_images = 0  # unreadable images dropped by --bad_images skip
+    for epoch in range(first_epoch, num_train_epochs if global_step < args.max_train_steps else first_epoch):
+        train_dataloader.set_epoch(epoch)
+        loader = train_dataloader
+        if epoch == first_epoch and resume_step:
+            loader = accelerator.skip_first_batches(train_dataloader, resume_step)
+        for batch in loader:
+            skipped_images += int(batch["num_skipped"])
+            with accelerator.accumulate(transformer):
+                loss = batch_loss(args, spec, accelerator, transformer, vae, noise_scheduler, table, batch,
+                                  global_step, train_generator, weight_dtype, vae_scale_factor)  # fmt: skip
+                routing = describe_routing(router)
+                train_loss += accelerator.gather(loss.detach()).mean().item() / args.gradient_accumulation_steps
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(lora_parameters, args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+
+            if not accelerator.sync_gradients:
+                continue
+            global_step += 1
+            progress_bar.update(1)
+            last_loss, train_loss = train_loss, 0.0
+            step_time = time.time() - step_started
+            step_started = time.time()
+            routing_reported = log_step(accelerator, progress_bar, lr_scheduler, loss_log, started, global_step,
+                                        last_loss, step_time, skipped_images, routing, routing_reported)  # fmt: skip
+
+            checkpoint_due = global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps
+            if checkpoint_due:
+                save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit, uploads)
+            if stop_requested(accelerator, stop):
+                if not checkpoint_due:
+                    save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit, uploads)
+                logger.info(
+                    f"Stopped by signal {stop['signal']} at step {global_step} after saving a checkpoint; continue "
+                    "with --resume_from_checkpoint latest."
+                )
+                restore_stop_handlers(stop)
+                accelerator.end_training()
+                return
+            if accelerator.is_main_process and validation_due(args, args.validation_steps, global_step, global_step):
+                log_validation(accelerator, spec, args, unwrap(transformer), vae, validation_prompt_kwargs,
+                               weight_dtype, global_step, f"step_{global_step:07d}")  # fmt: skip
+            if global_step >= args.max_train_steps:
+                break
+        if accelerator.is_main_process and validation_due(args, args.validation_epochs, epoch + 1, global_step):
+            log_validation(accelerator, spec, args, unwrap(transformer), vae, validation_prompt_kwargs,
+                           weight_dtype, global_step, f"step_{global_step:07d}")  # fmt: skip
+
+    # 7. Save the LoRA weights, check that they load into a fresh base pipeline, sample, write the card, push. The
+    # files are staged and moved into --output_dir at the end (`final_output`): a kill never leaves half of them.
+    restore_stop_handlers(stop)
+    if skipped_images:
+        logger.warning(f"Skipped {skipped_images} unreadable images of the {captions.source} (--bad_images skip).")
+    if uploads is not None:  # the checkpoints' uploads finish (or are reported) before the final one
+        uploads.wait()
+        logger.info(uploads.report())
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        with final_output(args.output_dir, global_step) as staging:
+            save_final_lora(spec, args, staging, unwrap(transformer), router)
+            images = None
+            if args.validation_prompt:
+                # the training transformer and optimizer go before a fresh base transformer is loaded
+                transformer, optimizer = accelerator.free_memory(transformer, optimizer)
+                images = final_validation(accelerator, spec, args, staging, vae, validation_prompt_kwargs,
+                                          weight_dtype, global_step)  # fmt: skip
+            save_model_card(staging, args, argv, spec, repo_id, images, routes, global_step, total_batch_size,
+                            time.time() - started, last_loss, len(dataset))  # fmt: skip
+        if args.push_to_hub:
+            hub.upload_final_output(args.output_dir, repo_id, args.hub_token)  # a failure says how to retry
+    accelerator.end_training()
+
+
+def resolve_model_spec(args) -> ModelSpec:
+    """Stage 1, end: which pipeline --pretrained_model_name_or_path holds (from its `model_index.json`), and the
+    family's defaults for --max_sequence_length, --lora_target_modules (a comma-separated list becomes a list) and
+    --lora_alpha (the rank); the routes are checked against the transformer before the (slow) text encoding."""
+    spec = resolve_model(
+        args.pretrained_model_name_or_path, args.revision, args.variant, args.cache_dir, token=args.hub_token
+    )
+    if args.max_sequence_length is None:
+        args.max_sequence_length = spec.default_max_sequence_length()
+    if args.lora_target_modules is None:
+        args.lora_target_modules = DEFAULT_TARGET_MODULES[spec.family]
+    else:
+        args.lora_target_modules = [name.strip() for name in args.lora_target_modules.split(",") if name.strip()]
+    args.lora_alpha = args.lora_alpha or args.rank
+    logger.info(f"Model: {spec.pipeline_class_name} ({spec.family}, {spec.transformer_class_name}) from {spec.path}")
+    check_routes(spec, args.routes)  # before the (slow) text encoding
+    return spec
+
+
+class Captions(NamedTuple):
+    """What the data stage reads before any image is decoded: the image-caption set and its distinct captions."""
+
+    images: object  # the `datasets` data set, with --image_column
+    unique: list[str]  # the distinct captions, in the order of the embeddings table
+    indices: list[int]  # each example's row of the embeddings table
+    source: str  # the data set, in words (for messages)
+
+
+def load_captions(args) -> Captions:
+    """Stage 2a: the image-caption set (--train_data_dir, or --dataset_name: a Hub data set or a local `datasets`
+    folder; --max_train_samples of it) and the table of its distinct captions."""
+    images, captions, source = load_captioned_images(
+        args.dataset_name,
+        args.train_data_dir,
+        args.image_column,
+        args.caption_column,
+        config_name=args.dataset_config_name,
+        cache_dir=args.cache_dir,
+        max_samples=args.max_train_samples,
+        seed=args.seed,
+    )
+    unique_captions, caption_indices = caption_table(captions)
+    return Captions(images, unique_captions, caption_indices, source)
+
+
+def text_embeddings(args, spec: ModelSpec, accelerator, weight_dtype, unique_captions: list[str]):
+    """Stage 2b: every distinct caption's embedding (and the validation prompt's), read from
+    --precomputed_embeddings_dir when it holds them for this model and these captions, else computed with the text
+    encoders (which are freed afterwards) and written there. The main process goes first, so the other processes read
+    what it wrote. Returns the embeddings table and the validation prompt's keyword arguments (or None)."""
+    fingerprint = embeddings_fingerprint(
+        model=args.pretrained_model_name_or_path,
+        revision=args.revision,
+        pipeline=spec.pipeline_class_name,
+        model_path=spec.path,
+        text_components=spec.text_components,
+        max_sequence_length=args.max_sequence_length,
+        captions=unique_captions,
+    )
+    with accelerator.main_process_first():
+        table, validation_prompt_kwargs = None, None
+        if args.precomputed_embeddings_dir:
+            loaded = load_precomputed_embeddings(args.precomputed_embeddings_dir, fingerprint, args.validation_prompt)
+            if loaded is not None:
+                table, validation_prompt_kwargs = loaded
+                logger.info(
+                    f"Loaded the embeddings of {len(unique_captions)} captions from {args.precomputed_embeddings_dir}"
+                )
+        need_captions = table is None
+        if need_captions or (args.validation_prompt and validation_prompt_kwargs is None):
+            computed, validation_prompt_kwargs = compute_embeddings(
+                spec, args, unique_captions if need_captions else [], accelerator, weight_dtype
+            )
+            if need_captions:
+                table = computed
+                if args.precomputed_embeddings_dir and accelerator.is_main_process:
+                    save_precomputed_embeddings(
+                        args.precomputed_embeddings_dir,
+                        table,
+                        fingerprint,
+                        validation_prompt_kwargs,
+                        args.validation_prompt,
+                    )
+                    logger.info(f"Wrote the embeddings to {args.precomputed_embeddings_dir}")
+    accelerator.wait_for_everyone()
+    return table, validation_prompt_kwargs
+
+
+def load_vae(args, spec: ModelSpec, accelerator) -> AutoencoderKL:
+    """Stage 2c: the pipeline's VAE, frozen, in fp32 on the device (the SD3/SDXL VAEs overflow in fp16)."""
+    vae = AutoencoderKL.from_pretrained(
+        spec.path, subfolder="vae", revision=args.revision, variant=args.variant
+    ).requires_grad_(False)
+    vae.to(accelerator.device, dtype=torch.float32)  # fp32: the SD3/SDXL VAEs overflow in fp16
+    return vae
+
+
+def build_dataset(args, accelerator, captions: Captions, vae: AutoencoderKL):
+    """Stage 2d: the training examples: resized, cropped and flipped images with their caption rows, or with
+    --cache_latents every image's VAE posterior, encoded once now (unreadable images are skipped with --bad_images
+    skip); the VAE then moves to the CPU unless validation needs it."""
+    dataset = CaptionedImageDataset(
+        captions.images,
+        args.image_column,
+        captions.indices,
+        args.resolution,
+        args.center_crop,
+        args.random_flip,
+        args.seed,
+        bad_images=args.bad_images,
+    )
+    if not args.cache_latents:
+        return dataset
+    parameters, kept_captions = [], []
+    for start in tqdm(range(0, len(dataset), args.train_batch_size), desc="Caching latents",
+                      disable=not accelerator.is_local_main_process):  # fmt: skip
+        items = [dataset[i] for i in range(start, min(start + args.train_batch_size, len(dataset)))]
+        items = [item for item in items if item is not None]  # unreadable images, with --bad_images skip
+        if not items:
+            continue
+        kept_captions += [item["caption_index"] for item in items]
+        pixel_values = torch.stack([item["pixel_values"] for item in items]).to(accelerator.device)
+        with torch.no_grad():
+            parameters.append(vae.encode(pixel_values).latent_dist.parameters.cpu())
+    if len(kept_captions) < len(dataset):
+        logger.warning(f"Skipped {len(dataset) - len(kept_captions)} unreadable images of the {captions.source}.")
+    if not kept_captions:
+        raise ValueError(f"All {len(dataset)} images of the {captions.source} were unreadable; check the dataset.")
+    if not args.validation_prompt:
+        vae.to("cpu")  # only its config is needed from here on
+        free_memory()
+    return CachedLatentDataset(torch.cat(parameters), kept_captions)
+
+
+def build_transformer(args, spec: ModelSpec, accelerator, weight_dtype):
+    """Stage 3a: the base transformer, frozen, in the mixed-precision dtype on the device, with gradient checkpointing
+    (--gradient_checkpointing) and LoRA adapters (--rank, --lora_alpha, --lora_dropout, --lora_target_modules), which
+    train in fp32. Returns the transformer and its trainable (LoRA) parameters."""
+    transformer = spec.transformer_class.from_pretrained(
+        spec.path, subfolder="transformer", revision=args.revision, variant=args.variant
+    )
+    transformer.requires_grad_(False)
+    transformer.to(accelerator.device, dtype=weight_dtype)
+    if args.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    add_lora(
+        transformer,
+        LoraConfig(
+            r=args.rank,
+            lora_alpha=args.lora_alpha,
+            lora_dropout=args.lora_dropout,
+            init_lora_weights="gaussian",
+            target_modules=args.lora_target_modules,
+        ),
+    )
+    if accelerator.mixed_precision in ("fp16", "bf16"):
+        cast_training_params(transformer, dtype=torch.float32)  # LoRA weights train in fp32
+    return transformer, [p for p in transformer.parameters() if p.requires_grad]
+
+
+def add_routing(args, transformer, generator: torch.Generator):
+    """Stage 3b: TREAD routing hooks on the transformer's blocks (--routes, --route_reinsertion), drawing the routed
+    subsets from ``generator``; none with --routes none. Returns the router (or None) and the resolved routes."""
+    router, routes = None, args.routes
+    if routes:
+        router = apply_tread(  # validates the routes
+            transformer, routes=routes, generator=generator, route_reinsertion=args.route_reinsertion
+        )
+        routes = getattr(router, "routes", routes)
+    return router, routes
+
+
+def register_lora_hooks(accelerator, args, spec: ModelSpec, train_generator: torch.Generator) -> None:
+    """Stage 3c: how `accelerator.save_state`/`load_state` write and read the weights: only the adapters (never the
+    frozen base weights), in Diffusers' LoRA format; the library's hooks also carry every process's training
+    generator."""
+
+    def save_weights(models, folder):  # only the adapters, never the frozen base weights
+        for model in models:
+            save_lora(spec, folder, model)
+
+    def load_weights(models, folder):
+        state_dict, _ = read_transformer_lora(folder)
+        for model in models:
+            result = set_peft_model_state_dict(model, state_dict, adapter_name="default")  # in place
+            if getattr(result, "unexpected_keys", None):
+                raise ValueError(f"{folder}: LoRA weights that match no module: {result.unexpected_keys[:5]}")
+            if accelerator.mixed_precision in ("fp16", "bf16"):
+                cast_training_params(model, dtype=torch.float32)
+
+    register_checkpoint_hooks(accelerator, train_generator, args.seed, save_weights, load_weights)
+
+
+def prepare_optimization(args, accelerator, transformer, lora_parameters: list, dataset):
+    """Stage 4: AdamW on the LoRA parameters (--scale_lr multiplies the LR by batch x accumulation x processes), the
+    shuffled data loader (`collate_examples` drops and counts the unreadable images of --bad_images skip), the LR
+    schedule and --max_train_steps from --num_train_epochs when not given; all through `accelerator.prepare`.
+    Returns the prepared transformer, optimizer, data loader and LR scheduler."""
+    if args.scale_lr:
+        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+    optimizer = make_optimizer(
+        lora_parameters,
+        args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+    )
+    train_dataloader = make_train_dataloader(dataset, args, collate_examples)
+    lr_scheduler = make_lr_scheduler(optimizer, args, train_dataloader, accelerator.num_processes)
+    return accelerator.prepare(transformer, optimizer, train_dataloader, lr_scheduler)
+
+
+def load_noise_scheduler(spec: ModelSpec):
+    """Stage 4: the pipeline's training-time noise schedule: flow matching (SD3, Flux; `set_timesteps` is never called
+    on this instance, so it keeps its training timesteps and sigmas) or DDPM (PixArt)."""
+    if spec.flow_matching:
+        return FlowMatchEulerDiscreteScheduler.from_pretrained(spec.path, subfolder="scheduler")
+    return DDPMScheduler.from_pretrained(spec.path, subfolder="scheduler")
+
+
+def start_logging(
+    args, accelerator, spec: ModelSpec, transformer, lora_parameters, routes, dataset, captions: Captions,
+    vae_scale_factor: int, num_train_epochs: int, total_batch_size: int,
+) -> None:  # fmt: skip
+    """Stage 4, end: start the trackers with the arguments (less the Hub token) and log the run's size."""
+    if accelerator.is_main_process:
+        config = {k: v for k, v in vars(args).items() if k != "hub_token"}
+        config = {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v) for k, v in config.items()}
+        accelerator.init_trackers(args.tracker_project_name, config)
+    patch_size = 2 if spec.family == "flux" else transformer.config.patch_size  # Flux packs 2x2 latents per token
+    num_tokens = (args.resolution // vae_scale_factor // patch_size) ** 2
+    logger.info("***** Running training *****")
+    logger.info(f"  Examples = {len(dataset)} ({len(captions.unique)} distinct captions), epochs = {num_train_epochs}")
+    logger.info(f"  Batch per device = {args.train_batch_size}, total = {total_batch_size}")
+    logger.info(f"  Optimization steps = {args.max_train_steps}, LoRA parameters = "
+                f"{sum(p.numel() for p in lora_parameters) / 1e6:.3f}M")  # fmt: skip
+    logger.info(f"  Image tokens per sample = {num_tokens}, routes = {json.dumps(routes) if routes else 'none'}")
+
+
+def batch_loss(
+    args, spec: ModelSpec, accelerator, transformer, vae, noise_scheduler, table: dict, batch, step: int,
+    generator: torch.Generator, weight_dtype, vae_scale_factor: int,
+) -> torch.Tensor:  # fmt: skip
+    """Stage 6, one micro-step's loss: the clean latents (a sample of the cached posterior, or of the frozen VAE's
+    encoding of the images), the batch's caption embeddings from the table, and the family's loss
+    (`t2i_training.training_loss`) with routing on. All draws come from ``generator``, in this order (posterior sample,
+    then the loss's timesteps, noise and routes). Fails on a non-finite loss, before anything is saved after it."""
+    with torch.no_grad():
+        if "latent_parameters" in batch:
+            posterior = DiagonalGaussianDistribution(batch["latent_parameters"].to(accelerator.device))
+        else:
+            posterior = vae.encode(batch["pixel_values"].to(accelerator.device)).latent_dist
+        x0 = vae_latents(vae.config, posterior.sample(generator=generator)).float()
+    indices = batch["caption_index"].cpu()
+    embeds = {key: value[indices] for key, value in table.items()}
+    loss = training_loss(
+        spec, transformer, noise_scheduler, x0, embeds, args, generator, weight_dtype, vae_scale_factor
+    )
+    if not torch.isfinite(loss):
+        raise FloatingPointError(
+            f"Loss is {loss.item()} at step {step}. The last checkpoint in {args.output_dir} is "
+            "untouched; resume from it with a lower --learning_rate, or bf16 instead of fp16."
+        )
+    return loss
+
+
+def log_step(
+    accelerator, progress_bar, lr_scheduler, loss_log: Path, started: float, step: int, loss: float,
+    step_time: float, skipped_images: int, routing: list[dict], routing_reported: bool,
+) -> bool:  # fmt: skip
+    """Stage 6, after each optimization step: show and log the loss, LR, step time, skipped images and each route's
+    bypassed fraction, and append a row to loss_history.csv (step, loss, seconds since the run started, the routes'
+    bypassed fractions). The routes' token counts are logged once; returns whether they have been."""
+    logs = {"loss": loss, "lr": lr_scheduler.get_last_lr()[0], "step_time_s": step_time}
+    if skipped_images:
+        logs["skipped_images"] = skipped_images
+    for route in routing:
+        logs[f"tread/route_{route['route']}_bypassed_fraction"] = route["fraction"]
+    if routing and not routing_reported:
+        for route in routing:
+            logger.info(
+                f"TREAD routing: route {route['route']} (blocks {route['blocks']}): {route['bypassed']} of "
+                f"{route['tokens']} image tokens bypassed per sample"
+            )
+        routing_reported = True
+    progress_bar.set_postfix(loss=f"{loss:.4f}", lr=logs["lr"])
+    accelerator.log(logs, step=step)
+    if accelerator.is_main_process:
+        with loss_log.open("a") as f:
+            bypassed = ";".join(f"{route['fraction']:.4f}" for route in routing)
+            f.write(f"{step},{loss:.6f},{time.time() - started:.1f},{bypassed}\n")
+    return routing_reported
+
+
+def validation_due(args, every: int | None, count: int, step: int) -> bool:
+    """Stage 6: whether --validation_steps (``count``: the step) or --validation_epochs (``count``: the epochs done)
+    asks for validation images now; the last step's are the final ones (stage 7)."""
+    return bool(args.validation_prompt and every and count % every == 0 and step < args.max_train_steps)
+
+
+def save_final_lora(spec: ModelSpec, args, staging, transformer, router) -> None:
+    """Stage 7 (main process): the routing hooks come off and the adapters are written to ``staging`` in Diffusers'
+    LoRA format (pytorch_lora_weights.safetensors)."""
+    if router is not None:
+        router.remove()
+    lora_file = save_lora(spec, staging, transformer)
+    logger.info(f"Saved the LoRA weights to {Path(args.output_dir, lora_file.name)}")
+
+
+def final_validation(accelerator, spec: ModelSpec, args, staging, vae, prompt_kwargs, weight_dtype, step) -> list:
+    """Stage 7 (main process, with --validation_prompt): a fresh base transformer in a pipeline, the saved LoRA file
+    loaded exactly as users will load it, and the validation images sampled with every token (eval mode), saved
+    under ``staging``/validation and logged to TensorBoard. Returns the images (for the model card's widget)."""
+    free_memory()
+    base = spec.transformer_class.from_pretrained(
+        spec.path, subfolder="transformer", revision=args.revision, variant=args.variant, dtype=weight_dtype
+    ).to(accelerator.device)
+    pipeline = validation_pipeline(spec, args, base, vae, weight_dtype)
+    load_lora(pipeline, staging)  # the saved file, exactly as users will load it
+    pipeline.transformer.eval()
+    images = generate(spec, pipeline, args, prompt_kwargs, accelerator.device, weight_dtype)
+    folder = Path(staging, "validation")
+    folder.mkdir(parents=True, exist_ok=True)
+    for index, image in enumerate(images):
+        image.save(folder / f"final_{index}.png")
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_images(
+                "test", np.stack([np.asarray(image) for image in images]), step, dataformats="NHWC"
+            )
+    del pipeline
+    return images
 
 
 def compute_embeddings(spec: ModelSpec, args, unique_captions: list[str], accelerator, weight_dtype):
@@ -296,11 +766,6 @@ def free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Validation, model card, push
-# ----------------------------------------------------------------------------------------------------------------------
 
 
 def validation_pipeline(spec: ModelSpec, args, transformer, vae, weight_dtype):
@@ -399,392 +864,6 @@ def save_model_card(
         command=hub.launch_command("training/train_tread_t2i_lora.py", argv, [args.hub_token]),
     )
     hub.save_lora_model_card(folder, info, images)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Main
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv)
-    started = time.time()
-
-    # 1. Accelerator, logging, seed, output folder and Hub repo (the library's `start_run`), then the model: its family
-    # decides the rest.
-    accelerator, repo_id = start_run(args, push_to_hub=args.push_to_hub and not args.precompute_only)
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-
-    spec = resolve_model(
-        args.pretrained_model_name_or_path, args.revision, args.variant, args.cache_dir, token=args.hub_token
-    )
-    if args.max_sequence_length is None:
-        args.max_sequence_length = spec.default_max_sequence_length()
-    if args.lora_target_modules is None:
-        args.lora_target_modules = DEFAULT_TARGET_MODULES[spec.family]
-    else:
-        args.lora_target_modules = [name.strip() for name in args.lora_target_modules.split(",") if name.strip()]
-    args.lora_alpha = args.lora_alpha or args.rank
-    logger.info(f"Model: {spec.pipeline_class_name} ({spec.family}, {spec.transformer_class_name}) from {spec.path}")
-    check_routes(spec, args.routes)  # before the (slow) text encoding
-
-    # 2. Data, and every caption's text embedding, computed once (or read from --precomputed_embeddings_dir).
-    data, captions, source = load_captioned_images(
-        args.dataset_name,
-        args.train_data_dir,
-        args.image_column,
-        args.caption_column,
-        config_name=args.dataset_config_name,
-        cache_dir=args.cache_dir,
-        max_samples=args.max_train_samples,
-        seed=args.seed,
-    )
-    unique_captions, caption_indices = caption_table(captions)
-    fingerprint = embeddings_fingerprint(
-        model=args.pretrained_model_name_or_path,
-        revision=args.revision,
-        pipeline=spec.pipeline_class_name,
-        model_path=spec.path,
-        text_components=spec.text_components,
-        max_sequence_length=args.max_sequence_length,
-        captions=unique_captions,
-    )
-    # The main process first: with --precomputed_embeddings_dir the other processes then read what it wrote.
-    with accelerator.main_process_first():
-        table, validation_prompt_kwargs = None, None
-        if args.precomputed_embeddings_dir:
-            loaded = load_precomputed_embeddings(args.precomputed_embeddings_dir, fingerprint, args.validation_prompt)
-            if loaded is not None:
-                table, validation_prompt_kwargs = loaded
-                logger.info(
-                    f"Loaded the embeddings of {len(unique_captions)} captions from {args.precomputed_embeddings_dir}"
-                )
-        need_captions = table is None
-        if need_captions or (args.validation_prompt and validation_prompt_kwargs is None):
-            computed, validation_prompt_kwargs = compute_embeddings(
-                spec, args, unique_captions if need_captions else [], accelerator, weight_dtype
-            )
-            if need_captions:
-                table = computed
-                if args.precomputed_embeddings_dir and accelerator.is_main_process:
-                    save_precomputed_embeddings(
-                        args.precomputed_embeddings_dir,
-                        table,
-                        fingerprint,
-                        validation_prompt_kwargs,
-                        args.validation_prompt,
-                    )
-                    logger.info(f"Wrote the embeddings to {args.precomputed_embeddings_dir}")
-    accelerator.wait_for_everyone()
-    if args.precompute_only:
-        logger.info("--precompute_only: done.")
-        accelerator.end_training()
-        return
-    vae = AutoencoderKL.from_pretrained(
-        spec.path, subfolder="vae", revision=args.revision, variant=args.variant
-    ).requires_grad_(False)
-    vae.to(accelerator.device, dtype=torch.float32)  # fp32: the SD3/SDXL VAEs overflow in fp16
-    vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    dataset = CaptionedImageDataset(
-        data,
-        args.image_column,
-        caption_indices,
-        args.resolution,
-        args.center_crop,
-        args.random_flip,
-        args.seed,
-        bad_images=args.bad_images,
-    )
-    if args.cache_latents:
-        parameters, kept_captions = [], []
-        for start in tqdm(range(0, len(dataset), args.train_batch_size), desc="Caching latents",
-                          disable=not accelerator.is_local_main_process):  # fmt: skip
-            items = [dataset[i] for i in range(start, min(start + args.train_batch_size, len(dataset)))]
-            items = [item for item in items if item is not None]  # unreadable images, with --bad_images skip
-            if not items:
-                continue
-            kept_captions += [item["caption_index"] for item in items]
-            pixel_values = torch.stack([item["pixel_values"] for item in items]).to(accelerator.device)
-            with torch.no_grad():
-                parameters.append(vae.encode(pixel_values).latent_dist.parameters.cpu())
-        if len(kept_captions) < len(dataset):
-            logger.warning(f"Skipped {len(dataset) - len(kept_captions)} unreadable images of the {source}.")
-        if not kept_captions:
-            raise ValueError(f"All {len(dataset)} images of the {source} were unreadable; check the dataset.")
-        dataset = CachedLatentDataset(torch.cat(parameters), kept_captions)
-        if not args.validation_prompt:
-            vae = vae.to("cpu")  # only its config is needed from here on
-            free_memory()
-
-    # 3. Transformer, LoRA, TREAD routing.
-    transformer = spec.transformer_class.from_pretrained(
-        spec.path, subfolder="transformer", revision=args.revision, variant=args.variant
-    )
-    transformer.requires_grad_(False)
-    transformer.to(accelerator.device, dtype=weight_dtype)
-    if args.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
-    add_lora(
-        transformer,
-        LoraConfig(
-            r=args.rank,
-            lora_alpha=args.lora_alpha,
-            lora_dropout=args.lora_dropout,
-            init_lora_weights="gaussian",
-            target_modules=args.lora_target_modules,
-        ),
-    )
-    if accelerator.mixed_precision in ("fp16", "bf16"):
-        cast_training_params(transformer, dtype=torch.float32)  # LoRA weights train in fp32
-    lora_parameters = [p for p in transformer.parameters() if p.requires_grad]
-
-    # One generator per process draws all training randomness (noise, timesteps, VAE samples, routed subsets), so a
-    # checkpoint can carry it and a resumed run draws exactly what the uninterrupted run would have.
-    train_generator = torch.Generator(device=accelerator.device).manual_seed(
-        process_seed(args.seed, accelerator.process_index)  # no two (seed, process) pairs share a stream
-    )
-    router, routes = None, args.routes
-    if routes:
-        router = apply_tread(  # validates the routes
-            transformer, routes=routes, generator=train_generator, route_reinsertion=args.route_reinsertion
-        )
-        routes = getattr(router, "routes", routes)
-    latent_size = args.resolution // vae_scale_factor
-    patch_size = 2 if spec.family == "flux" else transformer.config.patch_size
-    num_tokens = (latent_size // patch_size) ** 2
-    transformer.train()
-
-    def save_weights(models, folder):  # only the adapters, never the frozen base weights
-        for model in models:
-            save_lora(spec, folder, model)
-
-    def load_weights(models, folder):
-        state_dict, _ = read_transformer_lora(folder)
-        for model in models:
-            result = set_peft_model_state_dict(model, state_dict, adapter_name="default")  # in place
-            if getattr(result, "unexpected_keys", None):
-                raise ValueError(f"{folder}: LoRA weights that match no module: {result.unexpected_keys[:5]}")
-            if accelerator.mixed_precision in ("fp16", "bf16"):
-                cast_training_params(model, dtype=torch.float32)
-
-    # Checkpoints carry the adapters and every process's generator (the library's hooks).
-    register_checkpoint_hooks(accelerator, train_generator, args.seed, save_weights, load_weights)
-
-    # 4. Optimizer, data loader, LR schedule.
-    if args.scale_lr:
-        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
-    optimizer = make_optimizer(
-        lora_parameters,
-        args.learning_rate,
-        betas=(args.adam_beta1, args.adam_beta2),
-        weight_decay=args.adam_weight_decay,
-        eps=args.adam_epsilon,
-    )
-    # collate_examples drops (and counts) the unreadable images of --bad_images skip
-    train_dataloader = make_train_dataloader(dataset, args, collate_examples)
-    lr_scheduler = make_lr_scheduler(optimizer, args, train_dataloader, accelerator.num_processes)
-    transformer, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
-        transformer, optimizer, train_dataloader, lr_scheduler
-    )
-    num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
-    num_train_epochs = math.ceil(args.max_train_steps / num_update_steps_per_epoch)
-    if spec.flow_matching:
-        # its training-time timesteps and sigmas (`set_timesteps` is never called on this instance)
-        noise_scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(spec.path, subfolder="scheduler")
-    else:
-        noise_scheduler = DDPMScheduler.from_pretrained(spec.path, subfolder="scheduler")
-    if accelerator.is_main_process:
-        config = {k: v for k, v in vars(args).items() if k != "hub_token"}
-        config = {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v) for k, v in config.items()}
-        accelerator.init_trackers(args.tracker_project_name, config)
-
-    total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-    logger.info("***** Running training *****")
-    logger.info(f"  Examples = {len(dataset)} ({len(unique_captions)} distinct captions), epochs = {num_train_epochs}")
-    logger.info(f"  Batch per device = {args.train_batch_size}, total = {total_batch_size}")
-    logger.info(f"  Optimization steps = {args.max_train_steps}, LoRA parameters = "
-                f"{sum(p.numel() for p in lora_parameters) / 1e6:.3f}M")  # fmt: skip
-    logger.info(f"  Image tokens per sample = {num_tokens}, routes = {json.dumps(routes) if routes else 'none'}")
-
-    # 5. Resume (the main process picks the checkpoint; a finished run only says so).
-    resume = resume_from_checkpoint(
-        accelerator, args.output_dir, args.resume_from_checkpoint, num_update_steps_per_epoch,
-        args.gradient_accumulation_steps, args.max_train_steps,
-    )  # fmt: skip
-    if resume.finished:
-        accelerator.end_training()
-        return
-    global_step, first_epoch, resume_step = resume.global_step, resume.first_epoch, resume.skip_batches
-    started -= resume.seconds_before  # the elapsed-time column of loss_history.csv continues from the checkpoint
-    uploads = hub.CheckpointUploads(repo_id, args.hub_token) if args.push_to_hub and args.push_checkpoints else None
-
-    # 6. Training loop.
-    stop = install_stop_handlers()
-    progress_bar = tqdm(
-        range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
-    )
-    loss_log = Path(args.output_dir, LOSS_HISTORY)
-    step_started, last_loss, train_loss, routing_reported = time.time(), float("nan"), 0.0, False
-    skipped_images = 0  # unreadable images dropped by --bad_images skip
-    for epoch in range(first_epoch, num_train_epochs if global_step < args.max_train_steps else first_epoch):
-        train_dataloader.set_epoch(epoch)
-        loader = train_dataloader
-        if epoch == first_epoch and resume_step:
-            loader = accelerator.skip_first_batches(train_dataloader, resume_step)
-        for batch in loader:
-            skipped_images += int(batch["num_skipped"])
-            with accelerator.accumulate(transformer):
-                with torch.no_grad():
-                    if "latent_parameters" in batch:
-                        posterior = DiagonalGaussianDistribution(batch["latent_parameters"].to(accelerator.device))
-                    else:
-                        posterior = vae.encode(batch["pixel_values"].to(accelerator.device)).latent_dist
-                    x0 = vae_latents(vae.config, posterior.sample(generator=train_generator)).float()
-                indices = batch["caption_index"].cpu()
-                embeds = {key: value[indices] for key, value in table.items()}
-                loss = training_loss(
-                    spec,
-                    transformer,
-                    noise_scheduler,
-                    x0,
-                    embeds,
-                    args,
-                    train_generator,
-                    weight_dtype,
-                    vae_scale_factor,
-                )
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        f"Loss is {loss.item()} at step {global_step}. The last checkpoint in {args.output_dir} is "
-                        "untouched; resume from it with a lower --learning_rate, or bf16 instead of fp16."
-                    )
-                routing = describe_routing(router)
-                train_loss += accelerator.gather(loss.detach()).mean().item() / args.gradient_accumulation_steps
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(lora_parameters, args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-
-            if not accelerator.sync_gradients:
-                continue
-            global_step += 1
-            progress_bar.update(1)
-            last_loss, train_loss = train_loss, 0.0
-            step_time = time.time() - step_started
-            step_started = time.time()
-            logs = {"loss": last_loss, "lr": lr_scheduler.get_last_lr()[0], "step_time_s": step_time}
-            if skipped_images:
-                logs["skipped_images"] = skipped_images
-            for route in routing:
-                logs[f"tread/route_{route['route']}_bypassed_fraction"] = route["fraction"]
-            if routing and not routing_reported:
-                for route in routing:
-                    logger.info(
-                        f"TREAD routing: route {route['route']} (blocks {route['blocks']}): {route['bypassed']} of "
-                        f"{route['tokens']} image tokens bypassed per sample"
-                    )
-                routing_reported = True
-            progress_bar.set_postfix(loss=f"{last_loss:.4f}", lr=logs["lr"])
-            accelerator.log(logs, step=global_step)
-            if accelerator.is_main_process:
-                with loss_log.open("a") as f:
-                    bypassed = ";".join(f"{route['fraction']:.4f}" for route in routing)
-                    f.write(f"{global_step},{last_loss:.6f},{time.time() - started:.1f},{bypassed}\n")
-
-            checkpoint_due = global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps
-            if checkpoint_due:
-                save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit, uploads)
-            if stop_requested(accelerator, stop):
-                if not checkpoint_due:
-                    save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit, uploads)
-                logger.info(
-                    f"Stopped by signal {stop['signal']} at step {global_step} after saving a checkpoint; continue "
-                    "with --resume_from_checkpoint latest."
-                )
-                restore_stop_handlers(stop)
-                accelerator.end_training()
-                return
-            if (
-                accelerator.is_main_process
-                and args.validation_prompt
-                and args.validation_steps
-                and global_step % args.validation_steps == 0
-                and global_step < args.max_train_steps
-            ):
-                log_validation(accelerator, spec, args, unwrap(transformer), vae, validation_prompt_kwargs,
-                               weight_dtype, global_step, f"step_{global_step:07d}")  # fmt: skip
-            if global_step >= args.max_train_steps:
-                break
-        epoch_done = epoch + 1
-        if (
-            accelerator.is_main_process
-            and args.validation_prompt
-            and args.validation_epochs
-            and epoch_done % args.validation_epochs == 0
-            and global_step < args.max_train_steps
-        ):
-            log_validation(accelerator, spec, args, unwrap(transformer), vae, validation_prompt_kwargs,
-                           weight_dtype, global_step, f"step_{global_step:07d}")  # fmt: skip
-
-    # 7. Save the LoRA weights, check that they load into a fresh base pipeline, sample, write the card, push. The
-    # files are staged and moved into --output_dir at the end (`final_output`): a kill never leaves half of them.
-    restore_stop_handlers(stop)
-    if skipped_images:
-        logger.warning(f"Skipped {skipped_images} unreadable images of the {source} (--bad_images skip).")
-    if uploads is not None:  # the checkpoints' uploads finish (or are reported) before the final one
-        uploads.wait()
-        logger.info(uploads.report())
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        with final_output(args.output_dir, global_step) as staging:
-            final = unwrap(transformer)
-            if router is not None:
-                router.remove()
-            lora_file = save_lora(spec, staging, final)
-            logger.info(f"Saved the LoRA weights to {Path(args.output_dir, lora_file.name)}")
-            images = None
-            if args.validation_prompt:
-                del final
-                transformer, optimizer = accelerator.free_memory(transformer, optimizer)
-                free_memory()
-                base = spec.transformer_class.from_pretrained(
-                    spec.path, subfolder="transformer", revision=args.revision, variant=args.variant,
-                    dtype=weight_dtype,
-                ).to(accelerator.device)  # fmt: skip
-                pipeline = validation_pipeline(spec, args, base, vae, weight_dtype)
-                load_lora(pipeline, staging)  # the saved file, exactly as users will load it
-                pipeline.transformer.eval()
-                images = generate(spec, pipeline, args, validation_prompt_kwargs, accelerator.device, weight_dtype)
-                folder = Path(staging, "validation")
-                folder.mkdir(parents=True, exist_ok=True)
-                for index, image in enumerate(images):
-                    image.save(folder / f"final_{index}.png")
-                for tracker in accelerator.trackers:
-                    if tracker.name == "tensorboard":
-                        tracker.writer.add_images(
-                            "test", np.stack([np.asarray(image) for image in images]), global_step, dataformats="NHWC"
-                        )
-                del pipeline
-            save_model_card(
-                staging,
-                args,
-                argv,
-                spec,
-                repo_id,
-                images,
-                routes,
-                global_step,
-                total_batch_size,
-                time.time() - started,
-                last_loss,
-                len(dataset),
-            )
-        if args.push_to_hub:
-            hub.upload_final_output(args.output_dir, repo_id, args.hub_token)  # a failure says how to retry
-    accelerator.end_training()
 
 
 if __name__ == "__main__":
