@@ -1,13 +1,15 @@
-"""The package is whole as a wheel: installed outside the source tree, it renders the model cards (DiT and LoRA) and
-prepares the Space from the templates it ships (setup.py's data packages), not from files of a checkout."""
+"""The package is whole as a wheel: installed outside the source tree, it renders the model cards (DiT and LoRA),
+prepares the Space from the templates it ships (setup.py's data packages), not from files of a checkout, and the
+training script trains with it and writes its card."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
 import textwrap
 
-from conftest import REPO
+from conftest import REPO, TINY
 
 
 def test_wheel_installed_outside_the_tree_renders_a_card_and_prepares_the_space(tmp_path):
@@ -46,3 +48,21 @@ def test_wheel_installed_outside_the_tree_renders_a_card_and_prepares_the_space(
     assert 'pipe.load_lora_weights("org/tread-lora")' in report["lora"]
     assert {"app.py", "README.md", "requirements.txt"} <= set(report["space"])
     assert "org/tread-tiny" in (tmp_path / "space" / "README.md").read_text()
+
+    # the training script (as downloaded with the repository) trains on the installed wheel and writes its card
+    out = tmp_path / "run"
+    train = textwrap.dedent(
+        f"""
+        import runpy, sys
+        sys.path.insert(0, {str(site)!r})
+        import diffusers_tread
+        assert diffusers_tread.__file__.startswith({str(site)!r}), diffusers_tread.__file__
+        sys.argv = ["train_tread.py", *{TINY!r}, "--output_dir={out}", "--max_train_steps=2", "--validation_steps=100"]
+        runpy.run_path({str(source / "training" / "train_tread.py")!r}, run_name="__main__")
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", train], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    card = (out / "README.md").read_text()
+    assert "TREAD" in card and "| steps | 2 |" in card and (out / "training_complete.json").is_file()
