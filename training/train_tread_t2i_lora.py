@@ -724,16 +724,8 @@ def final_validation(accelerator, spec: ModelSpec, args, staging, vae, prompt_kw
     load_lora(pipeline, staging)  # the saved file, exactly as users will load it
     pipeline.transformer.eval()
     images = generate(spec, pipeline, args, prompt_kwargs, accelerator.device, weight_dtype)
-    folder = Path(staging, "validation")
-    folder.mkdir(parents=True, exist_ok=True)
-    for index, image in enumerate(images):
-        image.save(folder / f"final_{index}.png")
-    for tracker in accelerator.trackers:
-        if tracker.name == "tensorboard":
-            tracker.writer.add_images(
-                "test", np.stack([np.asarray(image) for image in images]), step, dataformats="NHWC"
-            )
     del pipeline
+    save_and_log_images(accelerator, args, images, Path(staging, "validation"), "final", step, "test")
     return images
 
 
@@ -800,23 +792,26 @@ def generate(spec: ModelSpec, pipeline, args, prompt_kwargs: dict, device, weigh
     return images
 
 
-def log_validation(accelerator, spec, args, transformer, vae, prompt_kwargs, weight_dtype, step, name) -> list:
-    transformer.eval()  # every token through every block: routing is training-only
-    pipeline = validation_pipeline(spec, args, transformer, vae, weight_dtype)
-    images = generate(spec, pipeline, args, prompt_kwargs, accelerator.device, weight_dtype)
-    folder = Path(args.output_dir, "validation")
+def save_and_log_images(accelerator, args, images, folder: Path, name: str, step: int, tag: str) -> None:
+    """Write ``folder``/``name``_<i>.png and log the images to TensorBoard / wandb under ``tag``."""
     folder.mkdir(parents=True, exist_ok=True)
     for index, image in enumerate(images):
         image.save(folder / f"{name}_{index}.png")
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
-            tracker.writer.add_images(
-                "validation", np.stack([np.asarray(image) for image in images]), step, dataformats="NHWC"
-            )
+            tracker.writer.add_images(tag, np.stack([np.asarray(image) for image in images]), step, dataformats="NHWC")
         elif tracker.name == "wandb":
             import wandb
 
-            tracker.log({"validation": [wandb.Image(image, caption=args.validation_prompt) for image in images]})
+            tracker.log({tag: [wandb.Image(image, caption=args.validation_prompt) for image in images]}, step=step)
+
+
+def log_validation(accelerator, spec, args, transformer, vae, prompt_kwargs, weight_dtype, step, name) -> list:
+    transformer.eval()  # every token through every block: routing is training-only
+    pipeline = validation_pipeline(spec, args, transformer, vae, weight_dtype)
+    images = generate(spec, pipeline, args, prompt_kwargs, accelerator.device, weight_dtype)
+    folder = Path(args.output_dir, "validation")
+    save_and_log_images(accelerator, args, images, folder, name, step, "validation")
     logger.info(f"Validation images at step {step}: {folder}/{name}_*.png")
     del pipeline
     free_memory()
