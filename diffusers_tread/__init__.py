@@ -5,7 +5,8 @@ transformer as ``["diffusers_tread", "TreadTransformer2DModel"]`` (or ``"TreadSS
 ``TreadDiTPipeline.from_pretrained`` resolves it from a local folder and from the Hub alike. Diffusers only downloads
 components whose library it knows (``LOADABLE_CLASSES``) and, since 0.42, only resolves libraries that are already
 imported; hence the in-place registration and the eager imports below. This relies on a Diffusers internal: the
-tested range is pinned in setup.py and ``tests/test_registration.py`` simulates a Hub download to catch a change.
+tested range is pinned in setup.py and ``tests/test_pipeline_tread_dit.py`` simulates a Hub download to catch a
+change (``test_hub_simulation_catches_the_unregistered_library_trap``).
 """
 
 from diffusers import ModelMixin  # noqa: F401  (the loader looks up `diffusers_tread.ModelMixin`)

@@ -45,6 +45,8 @@ from huggingface_hub import (
 
 from .models import TreadSSM2DModel, model_class_for_config
 
+logger = logging.getLogger(__name__)
+
 PACKAGE = "diffusers_tread"
 PACKAGE_DIR = Path(__file__).resolve().parent
 REPO_ROOT = PACKAGE_DIR.parent
@@ -952,9 +954,6 @@ def push_space(
 # ----------------------------------------------------------------------------------------------------------------------
 # Uploads from a training run, and keeping the token out of everything it writes
 # ----------------------------------------------------------------------------------------------------------------------
-
-logger = logging.getLogger(__name__)
-
 
 def redact(text: str, secrets: Iterable[str | None] = ()) -> str:
     """``text`` with each secret's value and whatever follows a ``--hub_token`` option replaced by ``<redacted>``:
