@@ -955,6 +955,7 @@ def push_space(
 # Uploads from a training run, and keeping the token out of everything it writes
 # ----------------------------------------------------------------------------------------------------------------------
 
+
 def redact(text: str, secrets: Iterable[str | None] = ()) -> str:
     """``text`` with each secret's value and whatever follows a ``--hub_token`` option replaced by ``<redacted>``:
     by value, so that a token reaching the text by any route (an abbreviated option, a config file) is caught too."""
