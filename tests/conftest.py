@@ -68,6 +68,13 @@ TINY = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def isolated_working_directory(tmp_path_factory, monkeypatch):
+    """Every test runs in a fresh, empty working directory, so default relative paths (``--output_dir tread-digits``)
+    never meet what a user ran before in the checkout (the README's quick start writes ``tread-digits/`` there)."""
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
+
+
 @pytest.fixture(scope="session")
 def accelerate_config(tmp_path_factory):
     path = tmp_path_factory.mktemp("accelerate") / "default_config.yaml"
