@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -140,6 +141,37 @@ class LossLog:
 # Command line
 # ----------------------------------------------------------------------------------------------------------------------
 
+# The value after any spelling of a token option (--hub_token, --hub_tok, --hub-tokn, --token=...), and anything that
+# looks like a Hugging Face access token ("hf_" and at least 12 letters or digits; real ones have 34).
+_TOKEN_OPTION = re.compile(r"(--(?:hub[_-]t[\w-]*|tok|token)(?:=|\s+|'\s*,\s*'))([^\s',\]]+)", re.IGNORECASE)
+_TOKEN_LIKE = re.compile(r"\bhf_[A-Za-z0-9]{12,}")
+
+
+def redact_tokens(text: str) -> str:
+    """``text`` with access tokens replaced by ``<redacted>``: the value of the ``HF_TOKEN`` environment variable,
+    whatever follows an option spelled like ``--hub_token`` (including abbreviations and typos argparse rejects and
+    then prints, as in "unrecognized arguments: --hub_tok hf_..."), and any ``hf_...``-looking word."""
+    secret = os.environ.get("HF_TOKEN")
+    if secret:
+        text = text.replace(secret, "<redacted>")
+    text = _TOKEN_OPTION.sub(r"\1<redacted>", text)
+    return _TOKEN_LIKE.sub("<redacted>", text)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """The scripts' `argparse.ArgumentParser`: every message it prints (errors such as "unrecognized arguments: ...",
+    which repeat the command line, usage and help) goes through `redact_tokens`, so a mistyped ``--hub_tok hf_...``
+    never puts the token into a console, CI or cluster log. Abbreviations are off by default (an abbreviated
+    ``--hub_tok`` would otherwise be taken for ``--hub_token``, and the launch command on the model card would then
+    keep it, issue #14)."""
+
+    def __init__(self, *args, allow_abbrev: bool = False, **kwargs) -> None:
+        super().__init__(*args, allow_abbrev=allow_abbrev, **kwargs)
+
+    def _print_message(self, message: str, file=None) -> None:
+        # Every message argparse prints (usage, help, `error`, `exit`) goes through here.
+        super()._print_message(redact_tokens(message) if message else message, file)
+
 
 def parse_routes(text: str) -> list[dict] | str:
     """`--routes`: "paper", "none", JSON (a list of route dicts) or the shorthand "2:8:0.5,10:12:0.3"."""
@@ -254,5 +286,6 @@ def main_with_messages(main: Callable[[], object]) -> None:
     except (ValueError, FloatingPointError, OSError, RuntimeError) as error:
         if os.environ.get("TREAD_TRACEBACK") == "1":
             raise
-        print(f"error: {type(error).__name__}: {error}\n(set TREAD_TRACEBACK=1 to see where)", file=sys.stderr)
+        message = redact_tokens(f"error: {type(error).__name__}: {error}")
+        print(f"{message}\n(set TREAD_TRACEBACK=1 to see where)", file=sys.stderr)
         raise SystemExit(1) from None

@@ -77,7 +77,7 @@ from diffusers.models.modeling_utils import no_init_weights
 
 from diffusers_tread import PRESETS, TreadDiTPipeline, TreadTransformer2DModel, paper_routes
 from diffusers_tread.objectives import get_objective
-from diffusers_tread.training_utils import main_with_messages
+from diffusers_tread.training_utils import ArgumentParser, main_with_messages
 
 logger = logging.getLogger("convert_checkpoint")
 
@@ -454,7 +454,7 @@ def convert(
 
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="the .pt (or .safetensors) file to convert")
     parser.add_argument("--output_dir", required=True, help="where to save the TreadDiTPipeline")
     parser.add_argument(

@@ -36,7 +36,7 @@ from diffusers_tread.metrics import (
     load_inception,
     load_reference_statistics,
 )
-from diffusers_tread.training_utils import main_with_messages
+from diffusers_tread.training_utils import ArgumentParser, main_with_messages
 
 logger = logging.getLogger(__name__)
 CONFIG_NAME = "samples_config.json"
@@ -53,7 +53,7 @@ SAMPLE_SETTINGS = (
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--pipeline", required=True, help="A TreadDiTPipeline folder or Hub id.")
     parser.add_argument("--num_samples", type=int, default=50_000)
     parser.add_argument("--batch_size", type=int, default=32, help="Images per pipeline call (per process).")

@@ -11,7 +11,6 @@ shard exists; `diffusers_tread.data.LatentShardDataset` reads it. The format is 
 `diffusers_tread/data/latents.py`.
 """
 
-import argparse
 import logging
 import math
 import os
@@ -33,13 +32,13 @@ from diffusers_tread.data.latents import (
     write_metadata,
     write_shard,
 )
-from diffusers_tread.training_utils import main_with_messages
+from diffusers_tread.training_utils import ArgumentParser, main_with_messages
 
 logger = get_logger(__name__)
 
 
 def parse_args(input_args=None):
-    parser = argparse.ArgumentParser(description="Encode an image dataset into VAE latent shards.")
+    parser = ArgumentParser(description="Encode an image dataset into VAE latent shards.")
     parser.add_argument("--dataset_name", type=str, default=None, help="A Hub dataset or a local dataset path.")
     parser.add_argument(
         "--train_data_dir", type=str, default=None, help="A folder of images, one subfolder per class."

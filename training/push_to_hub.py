@@ -31,13 +31,13 @@ from pathlib import Path
 from huggingface_hub import ModelCard
 
 from diffusers_tread import hub
-from diffusers_tread.training_utils import main_with_messages
+from diffusers_tread.training_utils import ArgumentParser, main_with_messages
 
 logger = logging.getLogger("push_to_hub")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Push a TREAD output folder or checkpoint to the Hugging Face Hub.")
+    parser = ArgumentParser(description="Push a TREAD output folder or checkpoint to the Hugging Face Hub.")
     parser.add_argument("folder", help="a training output folder (a saved pipeline) or one of its checkpoint-<step>")
     parser.add_argument("--hub_model_id", required=True, help="the model repo, e.g. user/tread-digits")
     parser.add_argument("--hub_token", default=None, help="default: HF_TOKEN or the logged-in token")

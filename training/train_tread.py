@@ -83,6 +83,7 @@ from diffusers_tread.losses import TREAD_LOSSES
 from diffusers_tread.objectives import OBJECTIVES, get_objective
 from diffusers_tread.routing import ROUTE_REINSERTION_MODES, resolve_routes
 from diffusers_tread.training_utils import (
+    ArgumentParser,
     LossLog,
     drop_class_labels,
     main_with_messages,
@@ -106,10 +107,9 @@ MODEL_TYPES = {
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    # allow_abbrev=False: an abbreviation such as --hub_tok would escape the token's redaction (issue #14).
-    parser = argparse.ArgumentParser(
-        description="Train a DiT (or, with --model_type ssm, a state-space model) with TREAD token routing.",
-        allow_abbrev=False,
+    # The library's parser: no abbreviations (issue #14) and every message it prints has its tokens redacted.
+    parser = ArgumentParser(
+        description="Train a DiT (or, with --model_type ssm, a state-space model) with TREAD token routing."
     )
     # Model
     parser.add_argument(

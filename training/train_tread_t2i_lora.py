@@ -100,6 +100,7 @@ from diffusers_tread.t2i_training import (
     vae_latents,
 )
 from diffusers_tread.training_utils import (
+    ArgumentParser,
     main_with_messages,
     make_lr_scheduler,
     make_optimizer,
@@ -112,10 +113,8 @@ logger = get_logger(__name__, log_level="INFO")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    # allow_abbrev=False: an abbreviation such as --hub_tok would escape the token's redaction (issue #14).
-    parser = argparse.ArgumentParser(
-        description="LoRA text-to-image fine-tuning with TREAD token routing.", allow_abbrev=False
-    )
+    # The library's parser: no abbreviations (issue #14) and every message it prints has its tokens redacted.
+    parser = ArgumentParser(description="LoRA text-to-image fine-tuning with TREAD token routing.")
     # Model
     parser.add_argument(
         "--pretrained_model_name_or_path",
