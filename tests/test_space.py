@@ -318,3 +318,53 @@ def test_demo_generates_a_grid_in_headless_chromium(model_folders, tmp_path, cap
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
+
+
+def test_bad_inputs_are_gradio_errors_and_text_class_ids_are_whole_ids(model_folders):
+    """Issue #21 items 9 and 11: API calls can send anything; each bad value is a `gr.Error` naming the input."""
+    library_folder, _ = model_folders
+    app = load_app()
+    pipe = app.load_pipeline(str(library_folder))
+    for scale in ("abc", float("inf"), float("nan"), 1e30, 0.5, None):
+        with pytest.raises(app.gr.Error, match=r"The guidance scale must be a number from 1 to 10"):
+            app.generate(pipe, [0], None, scale, 0.0, 1, 0, 1)
+        with pytest.raises(app.gr.Error, match=r"The sparse guidance scale must be a number from 0 to 10"):
+            app.generate(pipe, [0], None, 2.0, scale if scale != 0.5 else -1, 1, 0, 1)
+    for class_ids in ("<script>alert(1)</script>", ["x"], [4], "-1", [1.5]):
+        with pytest.raises(app.gr.Error, match=r"The class id must be a whole number from 0 to 3"):
+            app.generate(pipe, class_ids, None, 2.0, 0.0, 1, 0, 1)
+    with pytest.raises(app.gr.Error, match="at least one class"):
+        app.generate(pipe, " , ", None, 2.0, 0.0, 1, 0, 1)
+    # text is one id or a comma-separated list: "3" is class 3 (it used to be classes "3" one character at a time)
+    assert app.class_id_list("12", 20) == [12] and app.class_id_list("1, 2", 4) == [1, 2]
+    assert app.class_id_list(2, 4) == [2]
+    grid, summary = app.generate(pipe, "3", None, 2.0, 0.0, 1, 0, 2)
+    assert summary.startswith("2 images (1 classes x 2)") and grid.size == (2 * 96, 96)
+
+
+def test_a_checkpoint_or_truncated_weights_give_a_message_and_the_page_hides_the_path(model_folders, tmp_path, capsys):
+    """Issue #21 item 11: started on a checkpoint-N folder or on truncated weights, the app stops with a message (no
+    OSError traceback); its header names a model folder by its name, not its absolute path."""
+    library_folder, _ = model_folders
+    app = load_app()
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    shutil.copytree(library_folder / "transformer", checkpoint / "transformer")
+    with pytest.raises(SystemExit) as error:
+        app.main(["--model", str(checkpoint)])
+    err = capsys.readouterr().err
+    assert error.value.code == 2 and "checkpoint-2 is a training checkpoint, not a saved pipeline" in err, err
+    assert "push_to_hub.py" in err and "Traceback" not in err
+
+    truncated = tmp_path / "truncated"
+    shutil.copytree(library_folder, truncated)
+    weights = truncated / "transformer" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(SystemExit) as error:
+        app.main(["--model", str(truncated)])
+    err = capsys.readouterr().err
+    assert error.value.code == 2 and "could not load truncated:" in err and "download them again" in err, err
+
+    demo = app.build_demo(app.load_pipeline(str(library_folder)), str(library_folder))
+    page = json.dumps(demo.config)
+    assert f"`{library_folder.name}`" in page and str(library_folder.parent) not in page
+    assert app.model_name("user/tread-digits") == "user/tread-digits"

@@ -36,6 +36,7 @@ from diffusers_tread.metrics import (
     load_inception,
     load_reference_statistics,
 )
+from diffusers_tread.pipelines.pipeline_tread_dit import check_sampling_arguments
 from diffusers_tread.training_utils import ArgumentParser, main_with_messages
 
 logger = logging.getLogger(__name__)
@@ -75,6 +76,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.num_samples < 1 or args.batch_size < 1:
         parser.error("--num_samples and --batch_size must be positive.")
+    try:  # before any sample is drawn: 0 steps would write the initial noise into the FID .npz
+        check_sampling_arguments(args.num_inference_steps, args.guidance_scale, prefix="--")
+    except ValueError as error:
+        parser.error(str(error))
     return args
 
 

@@ -81,6 +81,7 @@ from diffusers_tread.data import (
 )
 from diffusers_tread.losses import TREAD_LOSSES
 from diffusers_tread.objectives import OBJECTIVES, get_objective
+from diffusers_tread.pipelines.pipeline_tread_dit import check_sampling_arguments
 from diffusers_tread.routing import ROUTE_REINSERTION_MODES, resolve_routes
 from diffusers_tread.training_utils import (
     ArgumentParser,
@@ -309,6 +310,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("logging_steps", "checkpointing_steps", "validation_steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1 (it is a step interval)")
+    try:  # before training, not at the first validation
+        check_sampling_arguments(
+            args.validation_num_inference_steps, args.validation_guidance_scale, prefix="--validation_"
+        )
+    except ValueError as error:
+        parser.error(str(error))
     check_run_arguments(parser, args)  # the output folder, the checkpoint limit, the Hub token
     # The built-in digits job (no data flag) is a ~10-minute CPU run of a 0.8M-parameter model: it wants a higher
     # learning rate than DiT's 1e-4 and a step budget rather than 100 epochs.

@@ -81,6 +81,7 @@ from diffusers_tread.data import (
     save_precomputed_embeddings,
 )
 from diffusers_tread.models.tread_t2i import apply_tread
+from diffusers_tread.pipelines.pipeline_tread_dit import check_sampling_arguments
 from diffusers_tread.routing import ROUTE_REINSERTION_MODES
 
 # What is not script glue (the model families, the step's model call and loss, the LoRA files) is the library's.
@@ -257,6 +258,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--precompute_only writes to --precomputed_embeddings_dir: give it")
     if args.rank < 1:
         parser.error("--rank must be at least 1")
+    try:  # before training, not at the first validation
+        check_sampling_arguments(
+            args.validation_num_inference_steps, args.validation_guidance_scale, prefix="--validation_"
+        )
+    except ValueError as error:
+        parser.error(str(error))
     check_run_arguments(parser, args)  # the output folder, the checkpoint limit, the Hub token
     if args.resolution % 16:
         parser.error("--resolution must be a multiple of 16 (VAE downsampling x patch size)")

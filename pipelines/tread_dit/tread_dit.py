@@ -20,6 +20,7 @@ import functools
 import importlib.util
 import inspect
 import math
+import numbers
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
@@ -1123,6 +1124,38 @@ def _copy_timestep_frequencies(source: DiTTransformer2DModel, target: DiTTransfo
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 GUIDANCE_KINDS = ("cfg", "sparse", "cfg+sparse")
+# Guidance scales beyond this only saturate the samples (black or white images, or inf/NaN in half precision); DiT
+# uses 1.5 to 4 and the sparse guidance paper up to ~3, so 100 leaves a wide margin for experiments.
+MAX_GUIDANCE_SCALE = 100.0
+
+
+def check_sampling_arguments(
+    num_inference_steps: int,
+    guidance_scale: float | None,
+    sparse_guidance_scale: float | None = None,
+    prefix: str = "",
+) -> None:
+    """Refuse (`ValueError`, naming the argument, after ``prefix``, e.g. ``"--validation_"``, and its valid range) a
+    step count that is not a whole number >= 1 (0 steps would return the initial noise as the samples) and a guidance
+    scale that is not a finite number up to ``MAX_GUIDANCE_SCALE`` (inf or 1e30 saturate the images; NaN would
+    silently turn guidance off); a scale of None (not given) passes. Used by `TreadDiTPipeline.check_inputs` and by
+    the scripts, which check their options before any work."""
+    steps = num_inference_steps
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
+        raise ValueError(f"{prefix}num_inference_steps must be a whole number >= 1, got {steps!r}.")
+    for name, scale in (("guidance_scale", guidance_scale), ("sparse_guidance_scale", sparse_guidance_scale)):
+        if scale is None:
+            continue
+        if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+            raise ValueError(
+                f"{prefix}{name} must be a finite number <= {MAX_GUIDANCE_SCALE:g} (<= 1 turns that guidance off), "
+                f"got {scale!r}."
+            )
+        if scale > MAX_GUIDANCE_SCALE:
+            raise ValueError(
+                f"{prefix}{name} must be at most {MAX_GUIDANCE_SCALE:g} (<= 1 turns that guidance off; typical "
+                f"values are 1.5 to 4), got {scale!r}: larger scales only saturate the images."
+            )
 
 
 def noise_levels(scheduler) -> torch.Tensor:
@@ -1327,6 +1360,13 @@ class TreadDiTPipeline(DiffusionPipeline):
             extra["generator"] = generator
         return extra
 
+    def check_inputs(
+        self, num_inference_steps: int, guidance_scale: float, sparse_guidance_scale: float | None = None
+    ) -> None:
+        """Validate `__call__`'s step count and guidance scales (see `check_sampling_arguments`), before any work;
+        the guidance kind, ratios and interval are checked by `check_guidance_inputs`."""
+        check_sampling_arguments(num_inference_steps, guidance_scale, sparse_guidance_scale)
+
     def check_guidance_inputs(
         self,
         guidance: str,
@@ -1447,10 +1487,11 @@ class TreadDiTPipeline(DiffusionPipeline):
 
         Args:
             class_labels: class ids, class names (see `pipe.labels`), or both mixed; nested lists and tensors work.
-            guidance_scale: classifier-free guidance scale (conditional vs the null class); off when <= 1. With
+            guidance_scale: classifier-free guidance scale (conditional vs the null class); off when <= 1, at most
+                ``MAX_GUIDANCE_SCALE`` (100). With
                 ``guidance="sparse"`` and no ``sparse_guidance_scale``, the Sparse Guidance scale instead.
             generator: makes the initial noise (and stochastic scheduler steps) reproducible.
-            num_inference_steps: number of denoising steps.
+            num_inference_steps: number of denoising steps, a whole number >= 1.
             output_type: ``"pil"``, ``"np"`` (NHWC float in [0, 1]), ``"pt"`` (NCHW float in [0, 1]) or ``"latent"``.
             return_dict: return an [`ImagePipelineOutput`] rather than a tuple.
             eta: DDIM's eta (ignored by other schedulers).
@@ -1491,6 +1532,7 @@ class TreadDiTPipeline(DiffusionPipeline):
         Returns:
             [`ImagePipelineOutput`] with ``images``, or a tuple ``(images,)``.
         """
+        self.check_inputs(num_inference_steps, guidance_scale, sparse_guidance_scale)
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}.")
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):

@@ -46,6 +46,7 @@ from PIL import Image  # noqa: E402
 BUILTIN_MODEL = Path(__file__).resolve().parent.parent.parent / "tread-digits"
 MAX_IMAGES = 64  # per click, so that one request cannot hold a CPU Space for long
 MAX_STEPS = 100
+MAX_GUIDANCE_SCALE = 10.0  # the sliders' range
 MAX_SEED = 2**32 - 1
 # Compute per request: images x steps x model passes per step (guidance adds passes); and a wall-clock limit.
 MAX_EVALUATIONS = int(os.environ.get("TREAD_MAX_EVALUATIONS", 64 * 25 * 2))
@@ -83,6 +84,16 @@ def load_pipeline(source: str, revision: str | None = None) -> DiffusionPipeline
     ``revision`` or the default branch; a training output folder needs ``diffusers_tread``.
     """
     from_hub = not Path(source).is_dir()
+    if not from_hub and not Path(source, "model_index.json").is_file():
+        checkpoint = re.fullmatch(r"checkpoint-\d+", Path(source).name) or Path(source, "transformer_ema").is_dir()
+        raise ValueError(
+            f"{Path(source).name} is a training checkpoint, not a saved pipeline: start the app on the training "
+            "output folder (the one holding model_index.json), or turn the checkpoint into one with `python "
+            "training/push_to_hub.py <checkpoint> --hub_model_id <name> --save_to <folder>`."
+            if checkpoint
+            else f"{Path(source).name} is not a saved pipeline (no model_index.json in it): give a training output "
+            "folder or a Hub id."
+        )
     hub_kwargs = {"revision": revision} if from_hub and revision else {}
     index = DiffusionPipeline.load_config(source, **hub_kwargs)
     class_name = index.get("_class_name")
@@ -140,6 +151,30 @@ def passes_per_step(guidance: str | None, guidance_scale: float, sparse_guidance
     )
 
 
+def real_number(value, name: str, low: float, high: float) -> float:
+    """``value`` as a float in ``low .. high`` (what the UI allows; API calls can send anything, e.g. ``"abc"``,
+    ``inf`` or NaN, which the pipeline would turn into black or unguided images), else `gr.Error`."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        number = None
+    if number is None or not low <= number <= high:  # NaN compares false: refused
+        raise gr.Error(f"The {name} must be a number from {low:g} to {high:g}, got {value!r}.")
+    return number
+
+
+def class_id_list(value, num_classes: int) -> list[int]:
+    """The classes of a request: a list of ids (the dropdown's values), or one id or comma-separated ids as text
+    (``"12"`` is class 12, ``"1, 2"`` classes 1 and 2), each a whole number below ``num_classes``, else `gr.Error`."""
+    if isinstance(value, str):
+        value = [part for part in value.split(",") if part.strip()]
+    elif not isinstance(value, (list, tuple)):
+        value = [] if value is None else [value]
+    if not value:
+        raise gr.Error("Pick at least one class.")
+    return [whole_number(class_id, "class id", 0, num_classes - 1) for class_id in value]
+
+
 def whole_number(value, name: str, low: int, high: int) -> int:
     """``value`` as an int in ``low .. high`` (what the UI allows; API calls can send anything), else `gr.Error`."""
     try:
@@ -170,16 +205,16 @@ def generate(
     x passes; stopped with a `gr.Error` after ``timeout_s`` seconds (default ``TIMEOUT_S``)."""
     max_evaluations = MAX_EVALUATIONS if max_evaluations is None else max_evaluations
     timeout_s = TIMEOUT_S if timeout_s is None else timeout_s
-    class_ids = [int(class_id) for class_id in class_ids or []]
-    if not class_ids:
-        raise gr.Error("Pick at least one class.")
+    class_ids = class_id_list(class_ids, pipe.transformer.config.num_embeds_ada_norm)
+    guidance_scale = real_number(guidance_scale, "guidance scale", 1.0, MAX_GUIDANCE_SCALE)
+    sparse_guidance_scale = real_number(sparse_guidance_scale, "sparse guidance scale", 0.0, MAX_GUIDANCE_SCALE)
     images_per_class = whole_number(images_per_class, "number of images per class", 1, MAX_IMAGES)
     num_inference_steps = whole_number(num_inference_steps, "number of steps", 1, MAX_STEPS)
     seed = whole_number(seed, "seed", 0, MAX_SEED)
     if len(class_ids) * images_per_class > MAX_IMAGES:
         raise gr.Error(f"At most {MAX_IMAGES} images at a time: pick fewer classes or images per class.")
     num_images = len(class_ids) * images_per_class
-    passes = passes_per_step(guidance, float(guidance_scale), float(sparse_guidance_scale))
+    passes = passes_per_step(guidance, guidance_scale, sparse_guidance_scale)
     if num_images * num_inference_steps * passes > max_evaluations:
         raise gr.Error(
             f"Too much for one request: {num_images} images x {num_inference_steps} steps x {passes} model passes per "
@@ -190,14 +225,14 @@ def generate(
     if guidance is not None and guidance_kinds(pipe):
         kwargs["guidance"] = guidance  # passed through as chosen: the pipeline validates it
         if sparse_guidance_scale > 0 and "sparse" in guidance and takes(pipe, "sparse_guidance_scale"):
-            kwargs["sparse_guidance_scale"] = float(sparse_guidance_scale)
+            kwargs["sparse_guidance_scale"] = sparse_guidance_scale
     labels = [class_id for class_id in class_ids for _ in range(images_per_class)]
     started = time.perf_counter()
     try:
         with deadline(pipe, timeout_s):
             images = pipe(
                 labels,
-                guidance_scale=float(guidance_scale),
+                guidance_scale=guidance_scale,
                 num_inference_steps=num_inference_steps,
                 generator=torch.Generator().manual_seed(seed),
                 **kwargs,
@@ -221,13 +256,19 @@ def generate(
     return grid, summary
 
 
+def model_name(source: str) -> str:
+    """What the page calls the model: a Hub id as given, a folder by its name only (its absolute path would tell
+    visitors where the app runs)."""
+    return Path(source).name if Path(source).is_dir() else source
+
+
 def build_demo(pipe: DiffusionPipeline, source: str) -> gr.Blocks:
     choices = class_choices(pipe)
     kinds = guidance_kinds(pipe)
     with gr.Blocks(title="TREAD DiT demo") as demo:
         gr.Markdown(
             "# TREAD DiT demo\n"
-            f"Class-conditional samples from `{source}`, a diffusion transformer trained with TREAD token routing "
+            f"Class-conditional samples from `{model_name(source)}`, a diffusion transformer trained with TREAD token routing "
             "([arXiv 2501.04765](https://arxiv.org/abs/2501.04765)). Sampling uses every token."
         )
         with gr.Row():
@@ -249,10 +290,12 @@ def build_demo(pipe: DiffusionPipeline, source: str) -> gr.Blocks:
                     interactive=bool(kinds),
                     elem_id="tread-guidance",
                 )
-                guidance_scale = gr.Slider(1.0, 10.0, value=2.0, step=0.25, label="guidance scale (1 = off)")
+                guidance_scale = gr.Slider(
+                    1.0, MAX_GUIDANCE_SCALE, value=2.0, step=0.25, label="guidance scale (1 = off)"
+                )
                 sparse_guidance_scale = gr.Slider(
                     0.0,
-                    10.0,
+                    MAX_GUIDANCE_SCALE,
                     value=0.0,
                     step=0.25,
                     label="sparse guidance scale (0 = the guidance scale; cfg+sparse needs one)",
@@ -307,6 +350,11 @@ def main(argv: list[str] | None = None) -> None:
         pipe = load_pipeline(args.model, args.revision)
     except ValueError as error:
         parser.error(str(error))
+    except OSError as error:  # missing or truncated weights, an unreachable Hub
+        parser.error(
+            f"could not load {model_name(args.model)}: {error} If its weights are incomplete (an interrupted copy, "
+            "download or save), copy or download them again."
+        )
     demo = build_demo(pipe, args.model)
     demo.queue(max_size=16).launch(server_name=args.host, server_port=args.port, ssr_mode=False, show_error=True)
 
