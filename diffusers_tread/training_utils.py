@@ -17,6 +17,7 @@ import math
 import os
 import re
 import sys
+import traceback
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
@@ -277,15 +278,52 @@ def make_lr_scheduler(optimizer, args: argparse.Namespace, train_dataloader, num
     )
 
 
+def _location(filename: str, lineno: int) -> str:
+    """``file:line`` short enough for one line: from the installed package on (``torch/nn/functional.py:12``), else
+    the file's folder and name (``training/train_tread.py:456``)."""
+    parts = Path(filename).parts
+    if "site-packages" in parts:
+        parts = parts[len(parts) - parts[::-1].index("site-packages") :]
+    else:
+        parts = parts[-2:]
+    return f"{'/'.join(parts)}:{lineno}"
+
+
+def _is_expected(error: BaseException, own_folders: Sequence[Path]) -> bool:
+    """Whether ``error`` is a failure the scripts expect and explain (see `main_with_messages`)."""
+    if isinstance(error, (ValueError, FloatingPointError, OSError)):
+        return True
+    if type(error) is not RuntimeError:  # torch.OutOfMemoryError, torch.AcceleratorError (kernel errors), any other
+        return False
+    # A message we wrote: a `raise` statement in this library or the script, not an operation that failed there
+    # (a PyTorch op raises from C, so its innermost Python frame is the line that called it).
+    frames = traceback.extract_tb(error.__traceback__)
+    return (
+        bool(frames)
+        and (frames[-1].line or "").startswith("raise ")
+        and any(Path(frames[-1].filename).resolve().is_relative_to(own) for own in own_folders)
+    )
+
+
 def main_with_messages(main: Callable[[], object]) -> None:
-    """Run a script's ``main`` so that the failures it explains (bad data or settings, a diverging loss, a full disk,
-    an unreachable Hub: ValueError, FloatingPointError, OSError, RuntimeError, each with a message that says what to
-    change) end with that message and exit status 1 instead of a traceback. ``TREAD_TRACEBACK=1`` shows it."""
+    """Run a script's ``main`` so that the failures it expects and explains end with that message (tokens redacted),
+    the file and line it was raised at, and exit status 1 instead of a traceback: bad data or settings
+    (``ValueError``), a diverging loss (``FloatingPointError``), a full disk, a missing file or an unreachable Hub
+    (``OSError``), and the ``RuntimeError`` messages this library and the scripts raise themselves (e.g. a failed
+    final upload). Anything else keeps its traceback: an out-of-memory or kernel error (``torch.OutOfMemoryError``,
+    ``torch.AcceleratorError``), any other ``RuntimeError`` (a failed PyTorch operation: a bug, a shape mismatch),
+    and every other exception. ``TREAD_TRACEBACK=1`` shows the traceback of every failure."""
+    own_folders = [Path(__file__).resolve().parent, Path(main.__code__.co_filename).resolve().parent]
     try:
         main()
-    except (ValueError, FloatingPointError, OSError, RuntimeError) as error:
-        if os.environ.get("TREAD_TRACEBACK") == "1":
+    except Exception as error:
+        if os.environ.get("TREAD_TRACEBACK") == "1" or not _is_expected(error, own_folders):
             raise
+        frames = traceback.extract_tb(error.__traceback__)
+        where = f"raised at {_location(frames[-1].filename, frames[-1].lineno)}" if frames else "raised"
+        own = [f for f in frames if any(Path(f.filename).resolve().is_relative_to(d) for d in own_folders)]
+        if own and own[-1] is not frames[-1]:  # raised in another library: also where our code called it
+            where += f", called from {_location(own[-1].filename, own[-1].lineno)}"
         message = redact_tokens(f"error: {type(error).__name__}: {error}")
-        print(f"{message}\n(set TREAD_TRACEBACK=1 to see where)", file=sys.stderr)
+        print(f"{message}\n({where}; set TREAD_TRACEBACK=1 to see the traceback)", file=sys.stderr)
         raise SystemExit(1) from None

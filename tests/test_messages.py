@@ -2,9 +2,10 @@
 the scripts expect and can name, a traceback (or its file and line) for the rest (item 12)."""
 
 import pytest
+import torch
 from conftest import REPO, load_module
 
-from diffusers_tread.training_utils import ArgumentParser, redact_tokens
+from diffusers_tread.training_utils import ArgumentParser, main_with_messages, redact_tokens
 
 TOKEN = "hf_AbCdEfGhIjKlMnOpQrStUvWxYz01234567"
 # Each script in training/ with the arguments it requires, so that parsing gets as far as the unknown options.
@@ -63,3 +64,76 @@ def test_parser_refuses_abbreviations_and_redacts_its_own_errors(capsys):
     with pytest.raises(SystemExit):
         parser.parse_args(["--hub_t", "abc"])
     assert "unrecognized arguments: --hub_t <redacted>" in capsys.readouterr().err
+
+
+def run_main(main, monkeypatch, capsys):
+    """``main_with_messages(main)``: ``(exit code or the exception it let through, stderr)``."""
+    monkeypatch.delenv("TREAD_TRACEBACK", raising=False)
+    try:
+        main_with_messages(main)
+    except SystemExit as exit:
+        return exit.code, capsys.readouterr().err
+    except Exception as error:  # what a traceback would show
+        return error, capsys.readouterr().err
+    return 0, capsys.readouterr().err
+
+
+def test_expected_failures_are_one_line_with_where_they_were_raised(monkeypatch, capsys):
+    def bad_settings():
+        raise ValueError("--resolution must be a multiple of 16")
+
+    code, err = run_main(bad_settings, monkeypatch, capsys)
+    line = bad_settings.__code__.co_firstlineno + 1
+    assert code == 1 and err.splitlines() == [
+        "error: ValueError: --resolution must be a multiple of 16",
+        f"(raised at tests/test_messages.py:{line}; set TREAD_TRACEBACK=1 to see the traceback)",
+    ]
+
+    def failed_upload():  # the library's own RuntimeError messages stay one line
+        from diffusers_tread import hub
+
+        monkeypatch.setattr(hub, "upload_output", lambda *a, **k: (_ for _ in ()).throw(ConnectionError("offline")))
+        hub.upload_final_output("out", "user/model", token=TOKEN)
+
+    code, err = run_main(failed_upload, monkeypatch, capsys)
+    assert code == 1 and err.startswith("error: RuntimeError: Uploading out to user/model failed: offline."), err
+    assert "(raised at diffusers_tread/hub.py:" in err
+
+    def missing_file():  # raised in another library: also where our code called it
+        import safetensors.torch
+
+        safetensors.torch.load_file("/nonexistent/weights.safetensors")
+
+    code, err = run_main(missing_file, monkeypatch, capsys)
+    assert code == 1 and "safetensors/torch.py:" in err and ", called from tests/test_messages.py:" in err, err
+
+
+@pytest.mark.parametrize(
+    "make_error",
+    [
+        lambda: torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+        lambda: torch.AcceleratorError("CUDA error: an illegal memory access was encountered"),
+        lambda: KeyError("num_layers"),
+        lambda: TypeError("'NoneType' object is not subscriptable"),
+    ],
+)
+def test_unexpected_errors_keep_their_traceback(make_error, monkeypatch, capsys):
+    error = make_error()
+
+    def main():
+        raise error
+
+    raised, err = run_main(main, monkeypatch, capsys)
+    assert raised is error and err == ""
+
+
+@pytest.mark.parametrize(
+    "bug",
+    [
+        lambda: torch.nn.Linear(5, 4)(torch.zeros(2, 3)),  # raised inside torch's module code
+        lambda: torch.cat([torch.zeros(2), torch.zeros(2, 2)]),  # a PyTorch op called right here (raised from C)
+    ],
+)
+def test_a_failed_pytorch_operation_keeps_its_traceback(bug, monkeypatch, capsys):
+    raised, err = run_main(bug, monkeypatch, capsys)
+    assert type(raised) is RuntimeError and err == ""
