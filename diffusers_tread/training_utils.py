@@ -191,6 +191,34 @@ def parse_routes(text: str) -> list[dict] | str:
     return routes
 
 
+def read_model_config(path: str, model_cls: type, presets: Iterable[str] = ()) -> dict:
+    """``--model_config`` given as a file: the model settings of a JSON object (a model's ``config.json``; a folder
+    holding one works too), without Diffusers' ``_``-prefixed entries and with ``num_layers`` filled in from the
+    class's default when not given. A missing file, invalid JSON, or JSON that is not a non-empty object (``{}``, a
+    list) is a ValueError that says what to give instead."""
+    import inspect
+
+    instead = f'a preset ({", ".join(presets)}) or a JSON file of model settings, e.g. {{"num_layers": 12}}'
+    file = Path(path, "config.json") if Path(path).is_dir() else Path(path)
+    try:
+        config = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"--model_config {path!r} is neither a preset nor a file: give {instead}.") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"--model_config {path!r} is not valid JSON ({error}): give {instead}.") from None
+    if not isinstance(config, dict):
+        raise ValueError(
+            f"--model_config {path!r} holds a JSON {type(config).__name__}, not an object: give {instead}."
+        )
+    config = {key: value for key, value in config.items() if not key.startswith("_")}
+    if not config:
+        raise ValueError(f"--model_config {path!r} holds no model settings: give {instead}.")
+    default = inspect.signature(model_cls.__init__).parameters.get("num_layers")
+    if "num_layers" not in config and default is not None:
+        config["num_layers"] = default.default
+    return config
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # The prelude both training scripts share: accelerator, run folder and Hub repo, data loader, LR schedule
 # ----------------------------------------------------------------------------------------------------------------------

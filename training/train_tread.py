@@ -75,6 +75,7 @@ from diffusers_tread.data import (
     check_latents_match,
     check_latents_options,
     collate_examples,
+    first_readable_example,
     load_digits,
     load_image_dataset,
     load_latents_metadata,
@@ -92,6 +93,7 @@ from diffusers_tread.training_utils import (
     make_optimizer,
     make_train_dataloader,
     parse_routes,
+    read_model_config,
     scheduled_selection_ratios,
     start_run,
     tread_training_loss,
@@ -310,6 +312,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("logging_steps", "checkpointing_steps", "validation_steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1 (it is a step interval)")
+    if args.num_validation_images < 1:  # the validation grids and the final sample grid have one column per image
+        parser.error("--num_validation_images must be at least 1 (images per class in the sample grids)")
     try:  # before training, not at the first validation
         check_sampling_arguments(
             args.validation_num_inference_steps, args.validation_guidance_scale, prefix="--validation_"
@@ -526,7 +530,7 @@ def load_training_data(args) -> TrainingData:
             )
             description = "scikit-learn handwritten digits (train split)"
     validation_class_ids(args, id2label)  # fail now, not at the first validation, on unknown classes
-    example = dataset[0]
+    example = first_readable_example(dataset)  # with --bad_images skip, item 0 may be a skipped image (None)
     if args.latents_dir:
         channels, size = example["latents"].shape[0], example["latents"].shape[-1]
     elif vae is not None:
@@ -569,8 +573,7 @@ def build_model(args, data: TrainingData, objective):
         if args.model_config in model_cls.presets:
             model = model_cls.from_preset(args.model_config, routes=routes, **overrides)
         else:
-            config = json.loads(Path(args.model_config).read_text())
-            config = {k: v for k, v in config.items() if not k.startswith("_")} | overrides
+            config = read_model_config(args.model_config, model_cls, model_cls.presets) | overrides
             if args.routes is not None or "routes" not in config:
                 config["routes"] = resolve_routes(routes, config["num_layers"])
             model = model_cls.from_config(config)

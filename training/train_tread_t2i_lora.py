@@ -258,6 +258,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--precompute_only writes to --precomputed_embeddings_dir: give it")
     if args.rank < 1:
         parser.error("--rank must be at least 1")
+    if args.num_validation_images < 1:
+        parser.error("--num_validation_images must be at least 1; for no validation, leave out --validation_prompt")
     try:  # before training, not at the first validation
         check_sampling_arguments(
             args.validation_num_inference_steps, args.validation_guidance_scale, prefix="--validation_"

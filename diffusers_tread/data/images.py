@@ -280,6 +280,18 @@ class HFImageDataset(Dataset):
         return {"pixel_values": pixel_values, "class_labels": class_id}
 
 
+def first_readable_example(dataset: Dataset) -> dict[str, Any]:
+    """The dataset's first item that is not None (with ``bad_images="skip"`` an unreadable image's item is None), for
+    reading the data's shapes; a ValueError when no image can be read at all."""
+    for index in range(len(dataset)):
+        example = dataset[index]
+        if example is not None:
+            return example
+    raise ValueError(
+        f"None of the {len(dataset)} images could be read (all were skipped as unreadable); check the data."
+    )
+
+
 def collate_examples(examples: list[dict[str, Any] | None]) -> dict[str, Any]:
     """Batch dataset items, dropping the unreadable ones a dataset returned as None; ``num_skipped`` counts them."""
     good = [example for example in examples if example is not None]
@@ -345,6 +357,27 @@ def require_columns(data, source: str, columns: dict[str, str], hints: dict[str,
             )
 
 
+def single_class_labels(data, image_column: str, train_data_dir: str):
+    """An image folder of one class: ``datasets``' imagefolder only adds a ``label`` column for two or more class
+    subfolders, so give every image label 0, named after the one subfolder. Images directly in the folder (no
+    class subfolder) are a ValueError that says how to lay the folder out."""
+    import datasets
+
+    if image_column not in data.column_names or len(data) == 0:
+        return data  # require_columns and the empty check name the problem
+    paths = undecoded_images(data, image_column)[image_column]
+    parents = {os.path.dirname(os.path.abspath(item["path"])) for item in paths if item.get("path")}
+    root = os.path.abspath(train_data_dir)
+    if len(parents) != 1 or next(iter(parents)) == root:
+        raise ValueError(
+            f"The image folder {train_data_dir!r} has no class subfolders: put the images of each class in a "
+            "subfolder named after the class (a single subfolder trains one class), e.g. "
+            f"{os.path.join(train_data_dir, 'cat', '0.png')}."
+        )
+    name = os.path.basename(next(iter(parents)))
+    return data.add_column("label", [0] * len(data), feature=datasets.ClassLabel(names=[name]))
+
+
 def undecoded_images(data, image_column: str):
     """`data` with its ``datasets.Image`` column left undecoded, so that `read_image` opens each image itself and
     can name the file that fails."""
@@ -392,6 +425,8 @@ def load_image_dataset(
         split=split,
         data_dir_kind="a folder of images in one subfolder per class",
     )
+    if train_data_dir is not None and label_column == "label" and label_column not in data.column_names:
+        data = single_class_labels(data, image_column, train_data_dir)
     require_columns(data, source, {image_column: "image_column", label_column: "label_column"})
     if len(data) == 0:
         raise ValueError(f"The {source} is empty (split {split!r}).")
