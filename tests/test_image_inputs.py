@@ -4,10 +4,11 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from conftest import REPO, TINY, load_module, load_script
 from PIL import Image
 
-from diffusers_tread.data import first_readable_example, load_image_dataset
+from diffusers_tread.data import first_readable_example, load_image_dataset, preprocess_image, read_image
 
 
 def save_images(folder, count, seed=0, size=(10, 8)):
@@ -97,3 +98,56 @@ def test_num_validation_images_zero_is_refused_up_front(script, base, capsys):
     with pytest.raises(SystemExit):
         load_module(REPO / "training" / script).parse_args([*base, "--num_validation_images=0"])
     assert "--num_validation_images must be at least 1" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------- item 7: 16-bit and float
+
+
+def test_16_bit_and_float_images_keep_their_brightness(tmp_path):
+    """A 16-bit greyscale PNG ("I;16") used to read as near-white: PIL's conversion to RGB clips at 255."""
+    rng = np.random.default_rng(0)
+    grey = rng.integers(0, 256, (12, 10), dtype=np.uint8)
+    grey[:4] = 0  # black rows: a clipping conversion turns every non-zero 16-bit value white
+    Image.fromarray(grey, mode="L").save(tmp_path / "8bit.png")
+    Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "16bit.png")
+    Image.fromarray(grey.astype(np.float32) / 255).save(tmp_path / "float.tiff")
+    Image.fromarray(grey.astype(np.int32) * 257, mode="I").save(tmp_path / "32bit.tiff")
+    assert Image.open(tmp_path / "16bit.png").mode == "I;16" and Image.open(tmp_path / "float.tiff").mode == "F"
+    for mode in ("RGB", "L"):
+        reference = read_image(str(tmp_path / "8bit.png"), 0, resolution=8, center_crop=True, mode=mode)
+        for name in ("16bit.png", "float.tiff", "32bit.tiff"):
+            pixels = read_image(str(tmp_path / name), 0, resolution=8, center_crop=True, mode=mode)
+            assert torch.equal(pixels, reference), (name, mode, pixels.mean().item(), reference.mean().item())
+    black = tmp_path / "black16.png"
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint16)).save(black)
+    assert read_image(str(black), 0, resolution=8).max().item() == -1.0  # black stays black (was 0.992 mean white)
+    assert preprocess_image(Image.open(black), resolution=8).max().item() == -1.0  # called directly too
+
+
+# ------------------------------------------------------------------------------------ item 8: extreme aspect ratios
+
+
+def test_extreme_aspect_ratios_are_bad_images_before_any_resize(tmp_path, monkeypatch):
+    """A 1 x 10,000,000 PNG (39 KB) passes the decompression-bomb guard; resizing its short side to 16 px needs
+    ~7.7 GB. Here 1 x 1000 (the same check; its resize would still be cheap) must be refused before resizing."""
+    Image.new("RGB", (1000, 1)).save(tmp_path / "strip.png")
+    Image.new("RGB", (800, 8)).save(tmp_path / "panorama.png")  # 100:1, still allowed
+    monkeypatch.setattr(Image.Image, "resize", lambda *a, **k: pytest.fail("resized before the check"))
+    with pytest.raises(ValueError, match=r"item 3 \(.*strip\.png\): the image is 1000x1 pixels, longer than 100 "
+                       r"times its width \(or height\): resizing its short side to 16 would take 16000 x 16"):  # fmt: skip
+        read_image(str(tmp_path / "strip.png"), 3, resolution=16)
+    assert read_image(str(tmp_path / "strip.png"), 3, resolution=16, bad_images="skip") is None
+    monkeypatch.undo()
+    assert read_image(str(tmp_path / "panorama.png"), 0, resolution=8).shape == (3, 8, 8)
+
+
+def test_training_skips_and_counts_an_extreme_aspect_ratio_or_stops_naming_it(tmp_path, caplog):
+    data = tmp_path / "data"
+    save_images(data / "a", 3)
+    save_images(data / "b", 3, seed=1)
+    Image.new("RGB", (1, 2000)).save(data / "b" / "strip.png")
+    base = [*TINY, "--train_batch_size=2", f"--train_data_dir={data}", "--max_train_steps=2"]
+    with pytest.raises(ValueError, match=r"Could not read the image of item \d \(.*strip\.png\): the image is 1x2000"):
+        load_script().main([*base, f"--output_dir={tmp_path / 'stop'}", "--num_train_epochs=1"])
+    load_script().main([*base, f"--output_dir={tmp_path / 'skip'}", "--bad_images=skip"])
+    assert (tmp_path / "skip" / "model_index.json").is_file()

@@ -23,6 +23,14 @@ BAD_IMAGES_HELP = "unreadable images: stop naming the file, or skip them (counte
 # What opening or decoding a broken image raises: PIL's OSError/SyntaxError (corrupt, truncated, not an image), a
 # ValueError, and PIL's decompression-bomb guard (an image of more than 2 x Image.MAX_IMAGE_PIXELS pixels).
 UNREADABLE_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+# An image longer than this many times its width (or the reverse) is unreadable: resizing its short side to the
+# resolution would cost up to this many times a square image's memory and time (a 39 KB PNG of 1 x 10,000,000 pixels
+# passes the decompression-bomb guard, then needs ~7.7 GB at a 16-px short side).
+MAX_ASPECT_RATIO = 100
+# PIL modes with more than 8 bits per pixel: 16-bit integer ("I;16*", and "I", which 16-bit PNG and TIFF files also
+# open as) and 32-bit float ("F"). PIL's conversion to "L"/"RGB" clips them at 255, so a dark 16-bit picture reads as
+# near-white; `to_8_bit` scales them instead.
+HIGH_BIT_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 
 
 def seeded_generator(*keys: int) -> torch.Generator:
@@ -106,10 +114,17 @@ def preprocess_image(
 
     Converts to `mode` ("RGB" or "L"; alpha is dropped), resizes the shorter side to `resolution` (bilinear), crops a
     square at the center or at a random offset, and flips horizontally with p=0.5 if `random_flip`. The random draws
-    use `generator`, else torch's global RNG.
+    use `generator`, else torch's global RNG. An image more than `MAX_ASPECT_RATIO` times longer than wide (or the
+    reverse) is a ValueError before any resizing (`read_image` treats it as unreadable).
     """
-    image = image.convert(mode)
     width, height = image.size
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise ValueError(
+            f"the image is {width}x{height} pixels, longer than {MAX_ASPECT_RATIO} times its width (or height): "
+            f"resizing its short side to {resolution} would take {max(width, height) * resolution // min(width, height)}"
+            f" x {resolution} pixels"
+        )
+    image = to_8_bit(image).convert(mode)
     if width <= height:
         size = (resolution, int(resolution * height / width))
     else:
@@ -129,12 +144,24 @@ def preprocess_image(
     return torch.from_numpy(np.ascontiguousarray(array))
 
 
+def to_8_bit(image: Image.Image) -> Image.Image:
+    """A 16-bit or float greyscale image (`HIGH_BIT_DEPTH_MODES`) as an 8-bit "L" image of the same brightness:
+    16-bit integers (0..65535; "I" is taken in that range too) are divided by 257, floats (0..1, as float TIFFs
+    store them) multiplied by 255, rounded and clipped to 0..255. Other images are returned as they are."""
+    if image.mode not in HIGH_BIT_DEPTH_MODES:
+        return image
+    array = np.asarray(image, dtype=np.float64)
+    array = array * 255.0 if image.mode == "F" else array / 257.0
+    return Image.fromarray(np.clip(np.rint(np.nan_to_num(array)), 0, 255).astype(np.uint8), mode="L")
+
+
 def open_image(image, mode: str | None = None) -> Image.Image:
     """A PIL image from what a dataset's image column holds: a decoded image, an undecoded ``datasets.Image`` value
     (``{"bytes", "path"}``) or a file path.
 
     The image is turned upright by its EXIF orientation (as photos from cameras and phones need) and, if `mode` is
-    given, converted to it ("RGB" or "L"; alpha is dropped, a palette with transparency goes through RGBA). PIL's
+    given, converted to it ("RGB" or "L"; alpha is dropped, a palette with transparency goes through RGBA, 16-bit
+    and float images are scaled to 8 bits by `to_8_bit`). PIL's
     decompression-bomb guard applies: an image of more than twice ``Image.MAX_IMAGE_PIXELS`` pixels raises
     ``Image.DecompressionBombError``. Every failure raises one of `UNREADABLE_IMAGE_ERRORS`.
     """
@@ -150,6 +177,8 @@ def open_image(image, mode: str | None = None) -> Image.Image:
     elif not isinstance(image, Image.Image):
         raise ValueError(f"expected an image, a file path or image bytes, got {type(image).__name__}")
     image = ImageOps.exif_transpose(image)
+    if mode is not None:
+        image = to_8_bit(image)  # 16-bit and float images keep their brightness (PIL's convert would clip them)
     if mode is not None and image.mode != mode:
         if image.mode == "P" and "transparency" in image.info:
             image = image.convert("RGBA")
