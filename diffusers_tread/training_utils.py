@@ -341,7 +341,9 @@ def main_with_messages(main: Callable[[], object]) -> None:
     final upload). Anything else keeps its traceback: an out-of-memory or kernel error (``torch.OutOfMemoryError``,
     ``torch.AcceleratorError``), any other ``RuntimeError`` (a failed PyTorch operation: a bug, a shape mismatch),
     and every other exception. ``TREAD_TRACEBACK=1`` shows the traceback of every failure."""
-    own_folders = [Path(__file__).resolve().parent, Path(main.__code__.co_filename).resolve().parent]
+    own_folders = [Path(__file__).resolve().parent]  # this library, and the script's folder
+    if getattr(main, "__code__", None) is not None:
+        own_folders.append(Path(main.__code__.co_filename).resolve().parent)
     try:
         main()
     except Exception as error:
