@@ -1,0 +1,176 @@
+"""One process of tests/test_fsdp.py: a routed TREAD training step under FSDP2 (``fully_shard``, gloo, CPU) against
+the same step on an unsharded copy, then the full-weight save and load paths. Writes its findings to
+``<out>/rank<r>.json``; the test reads them. Run by the test as ``python fsdp_worker.py <out>`` with RANK,
+WORLD_SIZE, MASTER_ADDR and MASTER_PORT set."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from diffusers.training_utils import EMAModel
+from torch.distributed.fsdp import fully_shard
+
+from diffusers_tread import TreadTransformer2DModel
+from diffusers_tread.objectives import get_objective
+from diffusers_tread.sharding import (
+    fully_shard_model,
+    gather_full_ema_state_dict,
+    gather_full_state_dict,
+    is_sharded,
+    load_full_state_dict,
+    save_full_pretrained,
+    shard_ema_like,
+)
+from diffusers_tread.training_utils import tread_training_loss
+
+CONFIG = dict(
+    num_attention_heads=2,
+    attention_head_dim=8,
+    in_channels=4,
+    out_channels=8,
+    num_layers=6,
+    sample_size=8,
+    patch_size=2,
+    num_embeds_ada_norm=10,
+    routes=[{"start_layer_idx": 1, "end_layer_idx": 3, "selection_ratio": 0.5}],
+)
+BATCH = 4
+
+
+def batch(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank ``rank``'s data (different on each rank, as data parallelism gives)."""
+    g = torch.Generator().manual_seed(100 + rank)
+    return torch.randn(BATCH, 4, 8, 8, generator=g), torch.randint(0, 10, (BATCH,), generator=g)
+
+
+def step_loss(model, objective, rank: int) -> torch.Tensor:
+    x0, labels = batch(rank)
+    generator = torch.Generator().manual_seed(rank)  # each rank's training generator: noise, timesteps, routes
+    return tread_training_loss(model, objective, x0, labels, generator=generator, patch_size=2)
+
+
+def blocks_only_error() -> str | None:
+    """Shard the blocks only (the README's old recipe): the final layer calls block 0's embedder outside its forward.
+    Returns the error, or None if the step ran."""
+    torch.manual_seed(0)
+    model = TreadTransformer2DModel(**CONFIG).train()
+    for block in model.transformer_blocks:
+        fully_shard(block)
+    fully_shard(model)
+    try:
+        step_loss(model, get_objective("ddpm"), dist.get_rank()).backward()
+    except RuntimeError as error:
+        return str(error).splitlines()[0]
+    return None
+
+
+def max_error(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys(), sorted(set(a) ^ set(b))
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+def full(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def main(out: Path) -> None:
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    objective = get_objective("ddpm")
+    result = {}
+
+    torch.manual_seed(0)
+    model = TreadTransformer2DModel(**CONFIG).train()
+    reference = copy.deepcopy(model)  # unsharded, same weights
+    ema = EMAModel(model.parameters(), decay=0.9, min_decay=0.9, use_ema_warmup=False, foreach=True)
+    reference_ema = EMAModel(reference.parameters(), decay=0.9, min_decay=0.9, use_ema_warmup=False, foreach=True)
+
+    # Reference: the data-parallel step on one unsharded model, the mean of every rank's loss gradient.
+    reference_losses = []
+    for r in range(world):
+        loss = step_loss(reference, objective, r)
+        (loss / world).backward()
+        reference_losses.append(loss.item())
+    reference_grads = {name: p.grad.clone() for name, p in reference.named_parameters()}
+
+    fully_shard_model(model)
+    shard_ema_like(ema, model)
+    result["sharded"] = is_sharded(model) and not is_sharded(reference)
+    result["dtensor_parameters"] = sum(type(p).__name__ == "DTensor" for p in model.parameters())
+    result["parameters"] = len(list(model.parameters()))
+
+    # The routed forward really routes under FSDP2 (parameters are unsharded inside forward).
+    x0, labels = batch(rank)
+    with torch.no_grad():
+        inputs = objective.training_inputs(x0, generator=torch.Generator().manual_seed(7))
+        kwargs = dict(timestep=inputs.timestep, class_labels=labels)
+        routed = model(inputs.model_input, route_generator=torch.Generator().manual_seed(8), **kwargs)
+        expected = reference(inputs.model_input, route_generator=torch.Generator().manual_seed(8), **kwargs)
+    result["route_masks"] = [int(mask.sum()) for mask in routed.route_masks]
+    result["routed_forward_error"] = (routed.sample - expected.sample).abs().max().item()
+
+    loss = step_loss(model, objective, rank)
+    loss.backward()
+    result["loss"] = loss.item()
+    result["reference_loss"] = reference_losses[rank]
+    sharded_grads = {name: full(p.grad) for name, p in model.named_parameters()}
+    result["grad_error"] = max_error(sharded_grads, reference_grads)
+    result["grad_scale"] = max(g.abs().max().item() for g in reference_grads.values())
+
+    # One optimizer step and two EMA updates on each, then the full weights.
+    for m in (model, reference):
+        torch.optim.AdamW(m.parameters(), lr=1e-2).step()
+    for _ in range(2):
+        ema.step(model.parameters())
+        reference_ema.step(reference.parameters())
+    state = gather_full_state_dict(model)
+    ema_state = gather_full_ema_state_dict(ema, model)
+    if rank == 0:
+        result["state_error"] = max_error(state, reference.state_dict())
+        reference_ema.store(reference.parameters())
+        reference_ema.copy_to(reference.parameters())
+        result["ema_error"] = max_error(ema_state, reference.state_dict())
+        reference_ema.restore(reference.parameters())
+        save_full_pretrained(model, state, out / "transformer")
+    else:
+        result["empty_elsewhere"] = not state and not ema_state
+    dist.barrier()
+
+    # Every process loads the saved folder as an ordinary model, and back into a fresh sharded model.
+    loaded = TreadTransformer2DModel.from_pretrained(out / "transformer")
+    result["saved_class"] = json.loads((out / "transformer" / "config.json").read_text())["_class_name"]
+    result["saved_routes"] = loaded.config.routes
+    result["loaded_error"] = max_error(loaded.state_dict(), reference.state_dict())
+    torch.manual_seed(1)
+    fresh = TreadTransformer2DModel(**CONFIG).train()
+    fully_shard_model(fresh)
+    load_full_state_dict(fresh, loaded.state_dict())
+    result["reloaded_error"] = max_error(
+        {name: full(p.detach()) for name, p in fresh.named_parameters()}, dict(reference.named_parameters())
+    )
+    # DiT's layout (one embedder shared by all blocks) through the same routed step.
+    torch.manual_seed(0)
+    shared = TreadTransformer2DModel(**CONFIG, shared_conditioning=True).train()
+    shared_reference = copy.deepcopy(shared)
+    for r in range(world):
+        (step_loss(shared_reference, objective, r) / world).backward()
+    fully_shard_model(shared)
+    step_loss(shared, objective, rank).backward()
+    result["shared_grad_error"] = max_error(
+        {name: full(p.grad) for name, p in shared.named_parameters()},
+        {name: p.grad for name, p in shared_reference.named_parameters()},
+    )
+    result["blocks_only_error"] = blocks_only_error()
+    (out / f"rank{rank}.json").write_text(json.dumps(result))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
+    os._exit(0)  # skip gloo's slow teardown
