@@ -153,13 +153,21 @@ def load_full_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) 
     set_model_state_dict(model, state_dict, options=StateDictOptions(full_state_dict=True, strict=True))
 
 
-def save_full_pretrained(model: nn.Module, state_dict: dict[str, torch.Tensor], folder: str | os.PathLike) -> None:
+def save_full_pretrained(
+    model: nn.Module,
+    state_dict: dict[str, torch.Tensor],
+    folder: str | os.PathLike,
+    extra_config: dict | None = None,
+) -> None:
     """Write ``state_dict`` (full, e.g. from `gather_full_state_dict`) as a Diffusers folder of ``model``'s class and
-    config, loadable with ``from_pretrained``. Call on the main process. The weights are not copied: the model that
-    saves them is built on the meta device and takes the tensors as they are."""
+    config (plus ``extra_config``, e.g. an EMA's decay and step as ``EMAModel.save_pretrained`` writes them), loadable
+    with ``from_pretrained``. Call on the main process. The weights are not copied: the model that saves them is
+    built on the meta device and takes the tensors as they are."""
     with torch.device("meta"):
         saver = _model_class(model).from_config(_unwrapped(model).config)
     saver.load_state_dict(state_dict, strict=True, assign=True)
+    if extra_config:
+        saver.register_to_config(**extra_config)
     saver.save_pretrained(folder)
 
 

@@ -6,13 +6,16 @@ WORLD_SIZE, MASTER_ADDR and MASTER_PORT set."""
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from accelerate import PartialState
 from diffusers.training_utils import EMAModel
 from torch.distributed.fsdp import fully_shard
 
@@ -41,6 +44,7 @@ CONFIG = dict(
     routes=[{"start_layer_idx": 1, "end_layer_idx": 3, "selection_ratio": 0.5}],
 )
 BATCH = 4
+SCRIPT = Path(__file__).parents[1] / "training" / "train_tread.py"
 
 
 def batch(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,6 +81,115 @@ def max_error(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 
 def full(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+class ProcessGroupAccelerator:
+    """What training/train_tread.py's weight hooks and final save use of accelerate's ``Accelerator``, over the
+    torch.distributed group (accelerate's FSDP does not engage on CPU, so its ``save_state`` cannot be run here: the
+    hooks are called as ``save_state`` / ``load_state`` call them)."""
+
+    def __init__(self):
+        self.process_index = dist.get_rank()
+        self.num_processes = dist.get_world_size()
+        self.is_main_process = self.process_index == 0
+        self.device = torch.device("cpu")
+        self.trackers = []
+        self.save_hooks, self.load_hooks = [], []
+
+    def unwrap_model(self, model):
+        return model
+
+    def register_save_state_pre_hook(self, hook):
+        self.save_hooks.append(hook)
+
+    def register_load_state_pre_hook(self, hook):
+        self.load_hooks.append(hook)
+
+    def save_state(self, folder: str) -> None:
+        for hook in self.save_hooks:
+            hook([self.model], [], folder)
+
+    def load_state(self, folder: str) -> None:
+        for hook in self.load_hooks:
+            hook([self.model], folder)
+
+
+def train_step(model, ema, objective, rank: int) -> None:
+    step_loss(model, objective, rank).backward()
+    torch.optim.AdamW(model.parameters(), lr=1e-2).step()
+    ema.step(model.parameters())
+
+
+def script_paths(out: Path) -> dict:
+    """The training script's checkpoint hooks, resume and final save on a sharded model and its sharded EMA, against
+    the same on an unsharded twin (the reference computes every rank's gradient and averages, as data parallelism)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    PartialState()  # the script logs through accelerate's logger; this process group is already up
+    spec = importlib.util.spec_from_file_location("train_tread", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    run = out / "run"
+    args = script.parse_args([f"--output_dir={run}", "--resolution=8", "--report_to=none", "--ema_decay=0.9"])
+    args.num_validation_images, args.validation_num_inference_steps, args.validation_class_labels = 1, 2, "0,1"
+    objective = get_objective(args.objective)
+    found = {}
+
+    torch.manual_seed(0)
+    model = TreadTransformer2DModel(**CONFIG).train()
+    reference = copy.deepcopy(model)
+    ema, reference_ema = script.build_ema(args, model), script.build_ema(args, reference)
+    fully_shard_model(model)
+    shard_ema_like(ema, model)  # what the script's prepare_optimization does after accelerate's prepare
+    train_step(model, ema, objective, rank)
+    for r in range(world):
+        (step_loss(reference, objective, r) / world).backward()
+    torch.optim.AdamW(reference.parameters(), lr=1e-2).step()
+    reference_ema.step(reference.parameters())
+    reference_ema_weights = copy.deepcopy(reference)
+    reference_ema.copy_to(reference_ema_weights.parameters())
+
+    accelerator = ProcessGroupAccelerator()
+    accelerator.model = model
+    script.register_weight_hooks(accelerator, args, torch.Generator().manual_seed(rank), ema)
+    checkpoint = run / "checkpoint-1"
+    accelerator.save_state(str(checkpoint))
+    dist.barrier()
+    saved = TreadTransformer2DModel.from_pretrained(checkpoint / "transformer")
+    found["checkpoint_error"] = max_error(saved.state_dict(), reference.state_dict())
+    saved_ema = EMAModel.from_pretrained(str(checkpoint / "transformer_ema"), TreadTransformer2DModel)
+    found["checkpoint_ema_error"] = max(
+        (a - b).abs().max().item() for a, b in zip(saved_ema.shadow_params, reference_ema.shadow_params, strict=True)
+    )
+    found["checkpoint_ema_step"] = saved_ema.optimization_step
+
+    # Resume into a fresh sharded model and EMA; the next step matches the reference's next step.
+    torch.manual_seed(1)
+    resumed = TreadTransformer2DModel(**CONFIG).train()
+    resumed_ema = script.build_ema(args, resumed)
+    fully_shard_model(resumed)
+    shard_ema_like(resumed_ema, resumed)
+    accelerator = ProcessGroupAccelerator()
+    accelerator.model = resumed
+    script.register_weight_hooks(accelerator, args, torch.Generator(), resumed_ema)
+    accelerator.load_state(str(checkpoint))
+    found["resumed_ema_step"] = resumed_ema.optimization_step
+    full_resumed = gather_full_state_dict(resumed)
+    full_resumed_ema = gather_full_ema_state_dict(resumed_ema, resumed)
+    if rank == 0:
+        found["resumed_error"] = max_error(full_resumed, reference.state_dict())
+        found["resumed_ema_error"] = max_error(full_resumed_ema, reference_ema_weights.state_dict())
+
+    # The final save: the pipeline holds the EMA weights, whole.
+    final_model, final_ema = script.main_process_weights(accelerator, resumed, resumed_ema)
+    found["final_is_ordinary"] = final_model is None or not is_sharded(final_model)
+    if rank == 0:
+        data = script.TrainingData(list(range(8)), {i: str(i) for i in range(10)}, "random tensors", None, 4, 8)
+        script.save_final_pipeline(args, [], None, final_model, final_ema, objective, data, 8, 1, time.time(), 1.0)
+    dist.barrier()
+    final = TreadTransformer2DModel.from_pretrained(run / "transformer")
+    found["final_error"] = max_error(final.state_dict(), reference_ema_weights.state_dict())
+    found["final_grid"] = (run / "samples" / "final_grid.png").is_file()
+    return found
 
 
 def main(out: Path) -> None:
@@ -167,6 +280,7 @@ def main(out: Path) -> None:
         {name: p.grad for name, p in shared_reference.named_parameters()},
     )
     result["blocks_only_error"] = blocks_only_error()
+    result.update(script_paths(out))
     (out / f"rank{rank}.json").write_text(json.dumps(result))
     dist.destroy_process_group()
 

@@ -2,7 +2,9 @@
 unsharded model's loss and gradients, and the full-weight save and load paths (`diffusers_tread.sharding`) write and
 read whole, loadable Diffusers folders from sharded parameters (the README's FSDP recipe, ``FULL_STATE_DICT``).
 
-The 2 processes run tests/fsdp_worker.py once per session (a few seconds); each test checks one of its findings."""
+The training script's checkpoint hooks, resume and final save run on the sharded model too (accelerate's FSDP does not
+engage on CPU, so the worker calls the hooks as ``save_state``/``load_state`` would). The 2 processes run
+tests/fsdp_worker.py once per module (about 20 s on the shared 2-core VM); each test checks one of its findings."""
 
 from __future__ import annotations
 
@@ -108,3 +110,40 @@ def test_saved_folder_loads_as_the_full_model(ranks):
 def test_full_state_dict_loads_into_a_sharded_model(ranks):
     for result in ranks:
         assert result["reloaded_error"] <= TOLERANCE
+
+
+def test_script_checkpoint_writes_full_weights_and_ema(ranks):
+    for result in ranks:
+        assert result["checkpoint_error"] <= TOLERANCE
+        assert result["checkpoint_ema_error"] <= TOLERANCE
+        assert result["checkpoint_ema_step"] == 1
+
+
+def test_script_resume_loads_full_weights_into_shards(ranks):
+    assert ranks[0]["resumed_error"] <= TOLERANCE
+    assert ranks[0]["resumed_ema_error"] <= TOLERANCE
+    for result in ranks:
+        assert result["resumed_ema_step"] == 1
+
+
+def test_script_final_pipeline_holds_the_full_ema_weights(ranks):
+    for result in ranks:
+        assert result["final_is_ordinary"]
+        assert result["final_error"] <= TOLERANCE
+        assert result["final_grid"]
+
+
+def test_readme_wrap_classes_are_what_accelerate_finds():
+    # accelerate's TRANSFORMER_BASED_WRAP looks classes up by name: the README's --fsdp_transformer_layer_cls_to_wrap
+    # must name classes the model instantiates (its old BasicTransformerBlock did not: the blocks are TreadDiTBlock).
+    from accelerate.utils.dataclasses import get_module_class_from_name
+
+    from diffusers_tread import TreadTransformer2DModel
+    from diffusers_tread.sharding import FSDP_WRAP_CLASSES
+
+    model = TreadTransformer2DModel(num_attention_heads=2, attention_head_dim=8, num_layers=2, sample_size=8)
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert f"--fsdp_transformer_layer_cls_to_wrap {','.join(FSDP_WRAP_CLASSES)}" in readme
+    for name in FSDP_WRAP_CLASSES:
+        assert get_module_class_from_name(model, name) is not None
+    assert get_module_class_from_name(model, "BasicTransformerBlock") is None
