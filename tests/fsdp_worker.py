@@ -99,6 +99,9 @@ class ProcessGroupAccelerator:
     def unwrap_model(self, model):
         return model
 
+    def prepare(self, *objects):  # the model is sharded already, as accelerate's FSDP2 prepare leaves it
+        return objects
+
     def register_save_state_pre_hook(self, hook):
         self.save_hooks.append(hook)
 
@@ -129,7 +132,8 @@ def script_paths(out: Path) -> dict:
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     run = out / "run"
-    args = script.parse_args([f"--output_dir={run}", "--resolution=8", "--report_to=none", "--ema_decay=0.9"])
+    argv = [f"--output_dir={run}", "--resolution=8", "--report_to=none", "--ema_decay=0.9", "--train_batch_size=4"]
+    args = script.parse_args(argv)
     args.num_validation_images, args.validation_num_inference_steps, args.validation_class_labels = 1, 2, "0,1"
     objective = get_objective(args.objective)
     found = {}
@@ -138,8 +142,17 @@ def script_paths(out: Path) -> dict:
     model = TreadTransformer2DModel(**CONFIG).train()
     reference = copy.deepcopy(model)
     ema, reference_ema = script.build_ema(args, model), script.build_ema(args, reference)
+    data = script.TrainingData(list(range(8)), {i: str(i) for i in range(10)}, "random tensors", None, 4, 8)
+    accelerator = ProcessGroupAccelerator()
     fully_shard_model(model)
-    shard_ema_like(ema, model)  # what the script's prepare_optimization does after accelerate's prepare
+    script.prepare_optimization(args, accelerator, model, ema, data)  # shards the EMA like the model
+    found["ema_sharded"] = all(type(shadow).__name__ == "DTensor" for shadow in ema.shadow_params)
+    try:
+        lora_args = script.parse_args(argv)
+        lora_args.lora_rank = 4  # (parse_args also wants a checkpoint to fine-tune; the refusal comes after it)
+        script.prepare_optimization(lora_args, accelerator, model, None, data)
+    except ValueError as error:
+        found["lora_refused"] = str(error)
     train_step(model, ema, objective, rank)
     for r in range(world):
         (step_loss(reference, objective, r) / world).backward()
@@ -148,7 +161,6 @@ def script_paths(out: Path) -> dict:
     reference_ema_weights = copy.deepcopy(reference)
     reference_ema.copy_to(reference_ema_weights.parameters())
 
-    accelerator = ProcessGroupAccelerator()
     accelerator.model = model
     script.register_weight_hooks(accelerator, args, torch.Generator().manual_seed(rank), ema)
     checkpoint = run / "checkpoint-1"
@@ -183,7 +195,6 @@ def script_paths(out: Path) -> dict:
     final_model, final_ema = script.main_process_weights(accelerator, resumed, resumed_ema)
     found["final_is_ordinary"] = final_model is None or not is_sharded(final_model)
     if rank == 0:
-        data = script.TrainingData(list(range(8)), {i: str(i) for i in range(10)}, "random tensors", None, 4, 8)
         script.save_final_pipeline(args, [], None, final_model, final_ema, objective, data, 8, 1, time.time(), 1.0)
     dist.barrier()
     final = TreadTransformer2DModel.from_pretrained(run / "transformer")

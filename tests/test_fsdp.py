@@ -4,7 +4,7 @@ read whole, loadable Diffusers folders from sharded parameters (the README's FSD
 
 The training script's checkpoint hooks, resume and final save run on the sharded model too (accelerate's FSDP does not
 engage on CPU, so the worker calls the hooks as ``save_state``/``load_state`` would). The 2 processes run
-tests/fsdp_worker.py once per module (about 20 s on the shared 2-core VM); each test checks one of its findings."""
+tests/fsdp_worker.py once per module (10-60 s on the shared 2-core VM, by its load); each test checks one finding."""
 
 from __future__ import annotations
 
@@ -114,9 +114,15 @@ def test_full_state_dict_loads_into_a_sharded_model(ranks):
 
 def test_script_checkpoint_writes_full_weights_and_ema(ranks):
     for result in ranks:
+        assert result["ema_sharded"]  # by prepare_optimization, after (accelerate's) sharding
         assert result["checkpoint_error"] <= TOLERANCE
         assert result["checkpoint_ema_error"] <= TOLERANCE
         assert result["checkpoint_ema_step"] == 1
+
+
+def test_script_refuses_lora_with_fsdp(ranks):
+    for result in ranks:
+        assert "--lora_rank with FSDP is not supported" in result["lora_refused"]
 
 
 def test_script_resume_loads_full_weights_into_shards(ranks):
