@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from accelerate import PartialState
 from diffusers.training_utils import EMAModel
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from diffusers_tread import TreadTransformer2DModel
 from diffusers_tread.objectives import get_objective
@@ -291,6 +291,18 @@ def main(out: Path) -> None:
         {name: p.grad for name, p in shared_reference.named_parameters()},
     )
     result["blocks_only_error"] = blocks_only_error()
+
+    # bf16 parameters in forward and backward (what accelerate's FSDP2 does with --mixed_precision bf16), fp32 master
+    # weights and gradient reduction: the routed step runs, and the saved weights are the fp32 ones.
+    torch.manual_seed(0)
+    mixed = TreadTransformer2DModel(**CONFIG).train()
+    fully_shard_model(mixed, mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32))
+    mixed_loss = step_loss(mixed, objective, rank)
+    mixed_loss.backward()
+    result["bf16_loss_rel_error"] = abs(mixed_loss.item() - reference_losses[rank]) / reference_losses[rank]
+    result["bf16_grads_finite"] = all(bool(full(p.grad).isfinite().all()) for p in mixed.parameters())
+    mixed_state = gather_full_state_dict(mixed)
+    result["bf16_saved_dtypes"] = sorted({str(value.dtype) for value in mixed_state.values()})
     result.update(script_paths(out))
     (out / f"rank{rank}.json").write_text(json.dumps(result))
     dist.destroy_process_group()
