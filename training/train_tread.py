@@ -84,6 +84,15 @@ from diffusers_tread.losses import TREAD_LOSSES
 from diffusers_tread.objectives import OBJECTIVES, get_objective
 from diffusers_tread.pipelines.pipeline_tread_dit import check_sampling_arguments
 from diffusers_tread.routing import ROUTE_REINSERTION_MODES, resolve_routes
+from diffusers_tread.sharding import (
+    full_model,
+    gather_full_ema_state_dict,
+    gather_full_state_dict,
+    is_sharded,
+    load_full_state_dict,
+    save_full_pretrained,
+    shard_ema_like,
+)
 from diffusers_tread.training_utils import (
     ArgumentParser,
     LossLog,
@@ -444,10 +453,13 @@ def main(argv: list[str] | None = None) -> None:
                 restore_stop_handlers(stop)
                 accelerator.end_training()
                 return
-            if accelerator.is_main_process and validation_due:
-                log_validation(
-                    accelerator, args, unwrapped, ema_model, data.vae, objective, data.id2label, global_step
-                )
+            if validation_due:
+                sampler, sampler_ema = main_process_weights(accelerator, unwrapped, ema_model)  # gathers if sharded
+                if accelerator.is_main_process:
+                    log_validation(
+                        accelerator, args, sampler, sampler_ema, data.vae, objective, data.id2label, global_step
+                    )
+                del sampler, sampler_ema
             if global_step >= args.max_train_steps:
                 break
 
@@ -459,13 +471,14 @@ def main(argv: list[str] | None = None) -> None:
         uploads.wait()
         logger.info(uploads.report())
     accelerator.wait_for_everyone()
+    final_model, final_ema = main_process_weights(accelerator, unwrapped, ema_model)  # gathers if sharded (FSDP)
     if accelerator.is_main_process:
         save_final_pipeline(
             args,
             argv,
             repo_id,
-            unwrapped,
-            ema_model,
+            final_model,
+            final_ema,
             objective,
             data,
             total_batch_size,
@@ -627,10 +640,25 @@ def build_ema(args, model) -> EMAModel | None:
 def register_weight_hooks(accelerator, args, train_generator: torch.Generator, ema_model: EMAModel | None) -> None:
     """Stage 3c: how `accelerator.save_state`/`load_state` write and read the weights: checkpoints are Diffusers
     folders (transformer/, or transformer_lora/ with --lora_rank, and transformer_ema/); the library's hooks also carry
-    every process's training generator."""
+    every process's training generator. Sharded (FSDP) models are gathered to full weights first, on every process
+    (`diffusers_tread.sharding`), so the folders are the same as an unsharded run's."""
     model_cls = MODEL_TYPES[args.model_type][0]
+    gathered = {}  # full weights of a sharded model, gathered by every process for the main process to write
+
+    def gather_weights(models, weights, folder):  # registered before the library's hook, which saves on one process
+        gathered.clear()
+        if models and is_sharded(models[0]) and not args.lora_rank:
+            gathered["transformer"] = gather_full_state_dict(models[0])
+            if ema_model is not None:
+                gathered["transformer_ema"] = gather_full_ema_state_dict(ema_model, models[0])
 
     def save_weights(models, folder):
+        if gathered:
+            for name, state_dict in gathered.items():
+                config = ema_config(ema_model) if name == "transformer_ema" else None
+                save_full_pretrained(models[0], state_dict, os.path.join(folder, name), config)
+            gathered.clear()
+            return
         if ema_model is not None:
             ema_model.save_pretrained(os.path.join(folder, "transformer_ema"))
         for saved_model in models:
@@ -644,14 +672,38 @@ def register_weight_hooks(accelerator, args, train_generator: torch.Generator, e
             loaded_ema = EMAModel.from_pretrained(os.path.join(folder, "transformer_ema"), model_cls)
             ema_model.load_state_dict(loaded_ema.state_dict())
             ema_model.to(accelerator.device)
+            if models and is_sharded(models[0]):
+                shard_ema_like(ema_model, models[0])  # the loaded shadows are whole: keep this process's shards
         for loaded_into in models:
             if args.lora_rank:
                 lora_file = os.path.join(folder, "transformer_lora", "pytorch_lora_weights.safetensors")
                 set_peft_model_state_dict(loaded_into, load_file(lora_file), adapter_name="default")
-            else:
-                loaded_into.load_state_dict(model_cls.from_pretrained(folder, subfolder="transformer").state_dict())
+            else:  # each process keeps its shard when sharded
+                load_full_state_dict(
+                    loaded_into, model_cls.from_pretrained(folder, subfolder="transformer").state_dict()
+                )
 
+    accelerator.register_save_state_pre_hook(gather_weights)
     register_checkpoint_hooks(accelerator, train_generator, args.seed, save_weights, load_weights)
+
+
+def ema_config(ema_model: EMAModel) -> dict:
+    """What ``EMAModel.save_pretrained`` adds to the model's config (decay, step, ...), which ``from_pretrained`` reads."""
+    config = ema_model.state_dict()
+    config.pop("shadow_params", None)
+    return config
+
+
+def main_process_weights(accelerator, model, ema_model: EMAModel | None):
+    """The model (and EMA) with which the main process samples and saves. Sharded (FSDP): a collective, so call it on
+    every process; the main process gets an ordinary copy holding the EMA weights (or the weights without EMA) and no
+    EMA to swap in, the others (None, None). Not sharded: ``model`` and ``ema_model`` themselves."""
+    if not is_sharded(model):
+        return model, ema_model
+    state = gather_full_ema_state_dict(ema_model, model) if ema_model is not None else gather_full_state_dict(model)
+    if not accelerator.is_main_process:
+        return None, None
+    return full_model(model, state, accelerator.device), None
 
 
 def prepare_optimization(args, accelerator, model, ema_model: EMAModel | None, data: TrainingData):
@@ -674,6 +726,13 @@ def prepare_optimization(args, accelerator, model, ema_model: EMAModel | None, d
     )
     if ema_model is not None:
         ema_model.to(accelerator.device)
+        if is_sharded(model):  # FSDP: the EMA keeps shards laid out like the parameters it follows
+            shard_ema_like(ema_model, model)
+    if args.lora_rank and is_sharded(model):
+        raise ValueError(
+            "--lora_rank with FSDP is not supported (the adapters are saved unsharded); LoRA's few trainable "
+            "parameters need no sharding: launch without --use_fsdp (plain data parallelism)."
+        )
     return model, optimizer, train_dataloader, lr_scheduler
 
 
