@@ -175,8 +175,8 @@ def start_run(args: argparse.Namespace, push_to_hub: bool | None = None):
     from accelerate.logging import get_logger
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 
-    from . import hub
     from .checkpointing import clear_output_dir
+    from .hub import uploads
 
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -204,7 +204,9 @@ def start_run(args: argparse.Namespace, push_to_hub: bool | None = None):
         os.makedirs(args.output_dir, exist_ok=True)
         if args.push_to_hub if push_to_hub is None else push_to_hub:
             name = args.hub_model_id or Path(args.output_dir).name
-            repo_id = hub.create_repo(name, exist_ok=True, private=args.hub_private_repo, token=args.hub_token).repo_id
+            repo_id = uploads.create_repo(
+                name, exist_ok=True, private=args.hub_private_repo, token=args.hub_token
+            ).repo_id
     return accelerator, repo_id
 
 

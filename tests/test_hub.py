@@ -20,7 +20,7 @@ from conftest import load_module, tiny_tread, tiny_vae
 from diffusers import DDIMScheduler
 from diffusers.training_utils import EMAModel
 from diffusers.utils.dynamic_modules_utils import get_relative_imports
-from huggingface_hub import ModelCard, ModelCardData, SpaceCard
+from huggingface_hub import EvalResult, ModelCard, ModelCardData, SpaceCard
 from safetensors.torch import load_file
 
 from diffusers_tread import TreadDiTPipeline, TreadTransformer2DModel, hub, routing
@@ -95,6 +95,25 @@ def folder_digest(folder: Path) -> dict[str, str]:
     }
 
 
+def fid_result(value: float, metric_name: str) -> EvalResult:
+    """An FID ``EvalResult`` on ImageNet for the card's ``model-index``."""
+    return EvalResult(
+        task_type=hub.PIPELINE_TAG,
+        task_name="Class-conditional image generation",
+        dataset_type="imagenet-1k",
+        dataset_name="ImageNet 256x256",
+        dataset_split="train",
+        metric_type="fid",
+        metric_name=metric_name,
+        metric_value=value,
+    )
+
+
+def is_remote_code_index(model_index: dict) -> bool:
+    """Whether a ``model_index.json`` names the remote-code bundle (needs ``trust_remote_code=True`` to load)."""
+    return hub.library_model_index(model_index) != dict(model_index)
+
+
 def load_push_script():
     return load_module(REPO / "training" / "push_to_hub.py")
 
@@ -135,7 +154,7 @@ def test_generator_inlines_namespaces_and_rejects_what_it_cannot_inline(tmp_path
         '"""Mod."""\nimport math\nfrom math import tau\n\nfrom .. import util\nfrom ..util import f\n\n\n'
         "def g():\n    return util.f() + f() + util.X + math.pi + tau\n"
     )
-    monkeypatch.setattr(hub, "PACKAGE_DIR", package)
+    monkeypatch.setattr(hub.bundle, "PACKAGE_DIR", package)
     text = hub.generate_module("diffusers_tread.sub.mod")
     assert text.index("def f()") < text.index("def g()")
     assert "return f() + f() + X + math.pi + tau" in text and "import math\nfrom math import tau" in text
@@ -168,7 +187,7 @@ def test_model_index_layouts_round_trip():
     assert remote["transformer"] == ["tread_dit", "TreadTransformer2DModel"]
     assert remote["scheduler"] == library["scheduler"] and remote["vae"] == [None, None]
     assert hub.library_model_index(remote) == library
-    assert hub.is_remote_code_index(remote) and not hub.is_remote_code_index(library)
+    assert is_remote_code_index(remote) and not is_remote_code_index(library)
     with pytest.raises(ValueError, match="no diffusers_tread.Unknown"):
         hub.remote_code_model_index({**library, "other": ["diffusers_tread", "Unknown"]})
 
@@ -178,7 +197,7 @@ def test_model_index_layouts_round_trip():
 
 def test_model_card_metadata_parses_back(tmp_path):
     card_data = ModelCardData(license="apache-2.0", base_model="facebook/DiT-XL-2-256", datasets=["imagenet-1k"])
-    fid = hub.fid_result(7.38, metric_name="FID-50K (cfg 1.5)")
+    fid = fid_result(7.38, metric_name="FID-50K (cfg 1.5)")
     info = card_info(repo_id="user/tread-tiny", demo_url="https://huggingface.co/spaces/user/tread-tiny-demo")
     hub.save_model_card(tmp_path, info, card_data, eval_results=[fid])
 
@@ -480,7 +499,7 @@ class FakeHubApi:
 
     def patch(self, monkeypatch):
         for name in ("create_repo", "upload_folder", "add_space_variable"):
-            monkeypatch.setattr(hub, name, getattr(self, name))
+            monkeypatch.setattr(hub.uploads, name, getattr(self, name))
 
 
 def test_push_script_sends_card_bundle_and_demo_and_never_the_token(
@@ -582,7 +601,7 @@ def test_upload_output_uploads_the_bundle_with_the_final_folder(output_folder, m
         folder = Path(kwargs["folder_path"])
         sent.append((folder, sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())))
 
-    monkeypatch.setattr(hub, "upload_folder", fake_upload)
+    monkeypatch.setattr(hub.uploads, "upload_folder", fake_upload)
     hub.upload_output(output_folder / "checkpoint-2", "user/tread-tiny", "ckpt", TOKEN, path_in_repo="checkpoint-2")
     hub.upload_output(output_folder, "user/tread-tiny", "End of training", TOKEN)
     (checkpoint, checkpoint_files), (final, final_files) = sent

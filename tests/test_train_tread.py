@@ -152,7 +152,7 @@ def test_push_to_hub_uploads_the_final_folder_and_never_the_token(tmp_path, monk
     script = load_script()
     calls = []
     monkeypatch.setattr(
-        hub,
+        hub.uploads,
         "create_repo",
         lambda repo_id, **kw: (
             calls.append(("create", repo_id, kw)) or type("Repo", (), {"repo_id": f"user/{repo_id}"})()
@@ -167,7 +167,7 @@ def test_push_to_hub_uploads_the_final_folder_and_never_the_token(tmp_path, monk
         calls.append(("upload", kwargs["folder_path"], kwargs))
         return Done()
 
-    monkeypatch.setattr(hub, "upload_folder", fake_upload)  # the one upload path of both scripts
+    monkeypatch.setattr(hub.uploads, "upload_folder", fake_upload)  # the one upload path of both scripts
     token = "hf_FAKEtoken1234567890abcdefghij"
     out = tmp_path / "tread-push"
     script.main(
