@@ -122,28 +122,54 @@ def load_push_script():
 
 
 def test_bundle_is_generated_from_the_library_sources(tmp_path):
-    text = hub.generate_module(hub.REMOTE_SOURCE)
+    files = hub.bundle_files()
+    assert files.keys() == {"tread_dit.py", "transformer/tread_dit.py"}
+    pipeline, models = files["tread_dit.py"], files["transformer/tread_dit.py"]
     # Whole functions and methods appear verbatim: the bundle is the library's code, not a hand-kept copy.
-    for function in (
-        routing.validate_routes,
-        routing.sample_kept_indices,
-        TreadTransformer2DModel.from_preset,
-        TreadDiTPipeline.__call__,
-        TreadDiTPipeline._class_ids,
+    for function, text in (
+        (routing.validate_routes, models),
+        (routing.sample_kept_indices, models),
+        (TreadTransformer2DModel.from_preset, models),
+        (TreadDiTPipeline.__call__, pipeline),
+        (TreadDiTPipeline._class_ids, pipeline),
     ):
         assert inspect.getsource(function) in text, function.__qualname__
-    assert not re.search(r"\brouting\.[a-z_]+\(", text)  # `routing.f(...)` calls became `f(...)`
-    for source in ("routing.py", "models/transformer_tread.py", "pipelines/pipeline_tread_dit.py"):
-        assert f"diffusers_tread/{source}" in text.splitlines()[2]
+    assert not re.search(r"\brouting\.[a-z_]+\(", models)  # `routing.f(...)` calls became `f(...)`
+    for source in ("routing.py", "models/transformer_tread.py"):
+        assert f"diffusers_tread/{source}" in models.splitlines()[2]
+    assert "diffusers_tread/pipelines/pipeline_tread_dit.py" in pipeline.splitlines()[2]
+    # The root module is the pipeline only; the transformer's module holds the models this checkpoint needs.
+    assert "class TreadTransformer2DModel" not in pipeline and "class TreadDiTPipeline" not in models
+    assert "class TreadSSM2DModel" not in models
+    assert "from .transformer.tread_dit import TreadTransformer2DModel\n" in pipeline
 
-    # What Diffusers' dynamic-module loader scans: no relative import to fetch, no import of this package.
-    path = tmp_path / "tread_dit.py"
-    path.write_text(text)
-    assert get_relative_imports(path) == []
-    imported = re.findall(r"^\s*(?:import|from)\s+(\S+)", text, flags=re.MULTILINE)
-    assert imported and not [name for name in imported if name.split(".")[0] in ("diffusers_tread", "")]
-    files = hub.bundle_files()
-    assert files == {"tread_dit.py": text, "transformer/tread_dit.py": text}
+    # What Diffusers' dynamic-module loader scans: the root fetches the transformer's module (the one relative import
+    # it allows: `<folder>.<module>`), which fetches nothing; neither imports this package.
+    for relative, text in files.items():
+        path = tmp_path / relative
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(text)
+        expected = ["transformer.tread_dit"] if relative == "tread_dit.py" else []
+        assert get_relative_imports(path) == expected, relative
+        imported = re.findall(r"^\s*(?:import|from)\s+(\S+)", text, flags=re.MULTILINE)
+        assert imported and not [name for name in imported if name.split(".")[0] == "diffusers_tread"]
+        assert [name for name in imported if name.startswith(".")] == [".transformer.tread_dit"][: len(expected)]
+
+
+def test_pipeline_checks_configs_not_classes_so_a_bundle_transformer_is_kept(tmp_path, monkeypatch):
+    # Diffusers runs the bundle's transformer module under another name than the one the pipeline imports, so its
+    # class is not the pipeline's TreadTransformer2DModel: from_pretrained must not take it for a stock DiT.
+    path = tmp_path / "bundle_models.py"
+    path.write_text(hub.bundle_files()["transformer/tread_dit.py"])
+    monkeypatch.delitem(sys.modules, "bundle_models", raising=False)  # undone after the test
+    bundle = load_module(path, "bundle_models", register=True)  # dataclasses look their module up
+    library = tiny_pipeline()
+    library.save_pretrained(tmp_path / "pipe")
+    transformer = bundle.TreadTransformer2DModel.from_config(library.transformer.config)
+    transformer.load_state_dict(library.transformer.state_dict())
+    assert not isinstance(transformer, TreadTransformer2DModel)
+    pipe = TreadDiTPipeline.from_pretrained(tmp_path / "pipe", transformer=transformer)
+    assert pipe.transformer is transformer and pipe.transformer.config.routes == ROUTES
 
 
 def test_generator_inlines_namespaces_and_rejects_what_it_cannot_inline(tmp_path, monkeypatch):
@@ -541,7 +567,8 @@ def test_push_script_sends_card_bundle_and_demo_and_never_the_token(
 
     _, _, model = api.calls[2]
     files = model["files"]
-    assert files["tread_dit.py"] == files["transformer/tread_dit.py"]
+    assert b"from .transformer.tread_dit import" in files["tread_dit.py"]
+    assert b"class TreadTransformer2DModel(" in files["transformer/tread_dit.py"]
     assert json.loads(files["model_index.json"])["transformer"] == ["tread_dit", "TreadTransformer2DModel"]
     card = ModelCard(files["README.md"].decode())
     assert "https://huggingface.co/spaces/user/tread-tiny-demo" in card.text

@@ -21,7 +21,7 @@ import json
 import os
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,16 +29,24 @@ PACKAGE = "diffusers_tread"
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 REPO_ROOT = PACKAGE_DIR.parent
 
-# The remote-code bundle is one module, generated from the pipeline's source (which imports the transformer, which
-# imports the router), stored twice: `tread_dit.py` at the repo root for the pipeline (model_index.json
-# `"_class_name": ["tread_dit", "TreadDiTPipeline"]`) and `transformer/tread_dit.py` for the component
-# (`"transformer": ["tread_dit", "TreadTransformer2DModel"]`). Diffusers loads both under the same module name
-# (`diffusers_modules.local.tread_dit`), so the pipeline's `TreadTransformer2DModel` is the transformer's class and
-# the pipeline's isinstance checks (e.g. for Sparse Guidance) hold; two module names would give two unrelated classes.
+# The remote-code bundle is two modules generated from the library's sources. `transformer/tread_dit.py` holds the
+# models a checkpoint needs (its transformer class and the router; model_index.json
+# `"transformer": ["tread_dit", "TreadTransformer2DModel"]`); `tread_dit.py` at the repo root is the pipeline module
+# almost verbatim (`"_class_name": ["tread_dit", "TreadDiTPipeline"]`), its imports of the models rewritten to
+# `from .transformer.tread_dit import ...`: the one relative import Diffusers' loader fetches with a root module
+# (two levels, `<folder>.<module>`; utils/dynamic_modules_utils.py). A component's own file cannot import siblings.
+# Diffusers copies a component's module to `diffusers_modules/local/<file name>` and runs it there, so the loaded
+# transformer's class need not be the one the pipeline module imported: the pipeline checks configs, never classes.
 REMOTE_MODULE = "tread_dit"
 REMOTE_SOURCE = f"{PACKAGE}.pipelines.pipeline_tread_dit"
 REMOTE_PIPELINE_CLASS = "TreadDiTPipeline"
-REMOTE_COMPONENT_CLASSES = ("TreadTransformer2DModel", "TreadSSM2DModel")  # the pipeline's source imports both
+# each component class of the bundle and the library module that defines it
+REMOTE_COMPONENT_MODULES = {
+    "TreadTransformer2DModel": f"{PACKAGE}.models.transformer_tread",
+    "TreadSSM2DModel": f"{PACKAGE}.models.ssm_tread",
+}
+REMOTE_COMPONENT_CLASSES = tuple(REMOTE_COMPONENT_MODULES)
+REMOTE_COMPONENT = "transformer"  # the pipeline's models come from this component's module
 
 
 # The patterns Diffusers' dynamic-module loader uses to find imports (utils/dynamic_modules_utils.py): it imports every
@@ -224,24 +232,31 @@ def _import_lines(bindings: dict[str, tuple[str, str | None]]) -> list[str]:
     return lines
 
 
-def generate_module(module: str) -> str:
-    """Generate a standalone module from ``module`` of this package (e.g. ``"diffusers_tread.routing"``).
+def generate_module(module: str | Sequence[str], imported_from: Mapping[str, str] | None = None) -> str:
+    """Generate a standalone module from ``module`` of this package (e.g. ``"diffusers_tread.routing"``), or from
+    several modules (the first one's docstring is the result's).
 
     The module and every package module it imports (recursively) are inlined in dependency order: their top-level
     imports of other packages are merged at the top; their imports of this package are dropped, and a module imported
     as a namespace (``from .. import routing``) has its ``routing.name`` uses rewritten to ``name``. Two inlined
     modules defining the same name, or an import this cannot resolve, raise a ``ValueError``; so does output that
     would still import this package. The result needs only the packages the sources import (torch, diffusers).
+
+    ``imported_from`` maps package modules that are not inlined to the relative module the result imports their
+    names from instead (e.g. ``{"diffusers_tread.models.transformer_tread": ".transformer.tread_dit"}``): the
+    pipeline module imports its models from the component's module that way.
     """
     from .. import __version__
 
+    modules = [module] if isinstance(module, str) else list(module)
+    imported_from = dict(imported_from or {})
     order: list[_Source] = []
     seen: dict[str, _Source] = {}
 
     def visit(name: str, chain: tuple[str, ...]) -> None:
         if name in chain:
             raise ValueError(f"Import cycle: {' -> '.join((*chain, name))}.")
-        if name in seen:
+        if name in seen or (chain and name in imported_from):
             return
         source = _read(name)
         seen[name] = source
@@ -249,7 +264,8 @@ def generate_module(module: str) -> str:
             visit(imported, (*chain, name))
         order.append(source)
 
-    visit(module, ())
+    for name in modules:
+        visit(name, ())
 
     bindings: dict[str, tuple[str, str | None]] = {}
     defined: dict[str, str] = {}
@@ -258,12 +274,20 @@ def generate_module(module: str) -> str:
             if name in defined:
                 raise ValueError(f"`{name}` is defined in both {defined[name]} and {source.name}; rename one.")
             defined[name] = source.name
+    kept_imports: dict[str, set[str]] = {}  # relative module -> the names imported from it
+    root = seen[modules[0]]
     sections = []
     for source in order:
         removed, namespaces = set(), set()
         for node, imported, attribute, bound in _package_imports(source):
             removed.add(id(node))
-            if attribute is None:
+            if imported in imported_from:
+                if attribute is None or attribute not in _defined_names(_read(imported).tree):
+                    raise ValueError(f"{source.path}: import names that {imported} defines, not a module.")
+                if bound in defined:
+                    raise ValueError(f"{source.path}: `{bound}` is both imported and defined by inlined modules.")
+                kept_imports.setdefault(imported_from[imported], set()).add(attribute)
+            elif attribute is None:
                 namespaces.add(bound)
             elif defined.get(attribute) != imported:
                 raise ValueError(f"{source.path}: `{attribute}` is not defined at the top level of {imported}.")
@@ -280,23 +304,29 @@ def generate_module(module: str) -> str:
         docstring = ast.get_docstring(source.tree, clean=False)
         relative = source.path.relative_to(PACKAGE_DIR.parent).as_posix()
         header = f"# {'-' * 40} {relative}"
-        if source is not order[-1] and docstring:
+        if source is not root and docstring:
             header += "\n#\n" + _comment(docstring)
         sections.append(header + "\n\n" + _module_body(source, namespaces, removed))
 
-    root = order[-1]
     origin = ", ".join(source.path.relative_to(PACKAGE_DIR.parent).as_posix() for source in order)
     docstring = ast.get_docstring(root.tree, clean=False) or ""
     if '"""' in docstring or docstring.endswith('"'):
         raise ValueError(f"{root.path}: the module docstring cannot be re-quoted.")
+    imports = [f"from {name} import {', '.join(sorted(names))}" for name, names in sorted(kept_imports.items())]
+    kept = [
+        f"{_module_path(name).relative_to(PACKAGE_DIR.parent).as_posix()} ({imported_from[name]})"
+        for name in imported_from
+    ]
     text = "\n".join(
         [
-            f"# Generated by {PACKAGE}.hub.generate_module({module!r}) from {PACKAGE} {__version__}: do not edit;",
+            f"# Generated by {PACKAGE}.hub.generate_module from {PACKAGE} {__version__}: do not edit;",
             "# regenerate from the library instead. Inlined sources, in order:",
             f"# {origin}.",
+            *([f"# Imported instead of inlined: {', '.join(kept)}."] if kept else []),
             ("r" if "\\" in docstring else "") + '"""' + docstring + '"""',
             "",
             "\n".join(_import_lines(bindings)),
+            *(["", *imports] if imports else []),
             "",
             "",
             "\n\n\n".join(sections),
@@ -306,24 +336,42 @@ def generate_module(module: str) -> str:
     compile(text, f"<{module} bundle>", "exec")
     for match in _IMPORT_LINE.finditer(text):
         named = (match.group(1) or match.group(2)).lstrip(".")
-        if match.group(0).lstrip().startswith("from .") or named.split(".")[0] == PACKAGE:
+        allowed = match.group(2) in kept_imports
+        if (match.group(0).lstrip().startswith("from .") and not allowed) or named.split(".")[0] == PACKAGE:
             raise ValueError(f"The generated module still imports {match.group(0).strip()!r}.")
     return text
 
 
 def remote_code_files(model_index: Mapping[str, Any]) -> dict[str, str]:
-    """The bundle a pipeline folder with this ``model_index.json`` (library layout) needs: ``{repo path: source}``."""
-    paths = [f"{REMOTE_MODULE}.py"] if _class_name(model_index) == REMOTE_PIPELINE_CLASS else []
-    paths += [
-        f"{component}/{REMOTE_MODULE}.py" for component, value in model_index.items() if _is_library_entry(value)
-    ]
-    if not paths:
-        return {}
-    text = generate_module(REMOTE_SOURCE)
-    for class_name in (REMOTE_PIPELINE_CLASS, *REMOTE_COMPONENT_CLASSES):
-        if not re.search(rf"^class {class_name}\b", text, flags=re.MULTILINE):
-            raise ValueError(f"The generated {REMOTE_MODULE}.py does not define {class_name}.")
-    return dict.fromkeys(paths, text)
+    """The bundle a pipeline folder with this ``model_index.json`` (library layout) needs: ``{repo path: source}``.
+
+    Each of this package's components gets ``<component>/tread_dit.py`` with its model class (and the router), and a
+    `TreadDiTPipeline` gets ``tread_dit.py``, the pipeline module importing its models from
+    ``transformer/tread_dit.py`` (written too when the transformer is a stock Diffusers model), which then also holds
+    the models the pipeline module imports.
+    """
+    components = {component: value[1] for component, value in model_index.items() if _is_library_entry(value)}
+    pipeline = _class_name(model_index) == REMOTE_PIPELINE_CLASS
+    pipeline_models = []  # the model modules the pipeline's source imports (it imports nothing else of the package)
+    if pipeline:
+        imported = dict.fromkeys(module for _, module, _, _ in _package_imports(_read(REMOTE_SOURCE)))
+        pipeline_models = [module for module in imported if module in REMOTE_COMPONENT_MODULES.values()]
+        components.setdefault(REMOTE_COMPONENT, None)
+    files = {}
+    for component, class_name in components.items():
+        modules = [REMOTE_COMPONENT_MODULES[class_name]] if class_name else []
+        modules += pipeline_models if component == REMOTE_COMPONENT else []
+        text = generate_module(list(dict.fromkeys(modules)))
+        if class_name and not re.search(rf"^class {class_name}\b", text, flags=re.MULTILINE):
+            raise ValueError(f"The generated {component}/{REMOTE_MODULE}.py does not define {class_name}.")
+        files[f"{component}/{REMOTE_MODULE}.py"] = text
+    if pipeline:
+        relative = f".{REMOTE_COMPONENT}.{REMOTE_MODULE}"
+        text = generate_module(REMOTE_SOURCE, imported_from=dict.fromkeys(pipeline_models, relative))
+        if not re.search(rf"^class {REMOTE_PIPELINE_CLASS}\b", text, flags=re.MULTILINE):
+            raise ValueError(f"The generated {REMOTE_MODULE}.py does not define {REMOTE_PIPELINE_CLASS}.")
+        files = {f"{REMOTE_MODULE}.py": text, **files}
+    return files
 
 
 def _class_name(model_index: Mapping[str, Any]) -> str:

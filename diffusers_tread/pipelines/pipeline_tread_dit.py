@@ -18,12 +18,11 @@ from collections.abc import Callable
 
 import torch
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
-from diffusers.models import AutoencoderKL, DiTTransformer2DModel
+from diffusers.models import AutoencoderKL, DiTTransformer2DModel, ModelMixin
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..models.ssm_tread import TreadSSM2DModel
 from ..models.transformer_tread import TreadTransformer2DModel
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -87,7 +86,7 @@ class TreadDiTPipeline(DiffusionPipeline):
 
     def __init__(
         self,
-        transformer: DiTTransformer2DModel | TreadSSM2DModel,
+        transformer: DiTTransformer2DModel | ModelMixin,
         vae: AutoencoderKL | None,
         scheduler: KarrasDiffusionSchedulers,
         id2label: dict[int, str] | dict[str, str] | None = None,
@@ -110,9 +109,8 @@ class TreadDiTPipeline(DiffusionPipeline):
         as Diffusers' default: safetensors when present, else a pickled ``.bin`` through
         ``torch.load(weights_only=True)`` (tensors only; a pickle that would build other objects is refused)."""
         pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        if isinstance(pipe.transformer, DiTTransformer2DModel) and not isinstance(
-            pipe.transformer, TreadTransformer2DModel
-        ):
+        # A config check, not a class check: the Hub bundle's transformer class is not the one this module imports.
+        if isinstance(pipe.transformer, DiTTransformer2DModel) and "routes" not in pipe.transformer.config:
             pipe.transformer = TreadTransformer2DModel.from_dit(pipe.transformer)
         return pipe
 
