@@ -18,7 +18,6 @@ from diffusers_tread.checkpointing import (
     CHECKPOINT_COMPLETE,
     TRAINING_COMPLETE,
     check_output_dir,
-    check_run_arguments,
     clear_output_dir,
     final_output,
     find_checkpoint,
@@ -27,6 +26,7 @@ from diffusers_tread.checkpointing import (
     save_checkpoint,
     verify_checkpoint,
 )
+from diffusers_tread.training_utils import check_run_arguments
 
 
 def test_a_folder_with_a_run_is_refused_unless_resumed_or_overwritten(tmp_path):

@@ -1,5 +1,6 @@
 """End-to-end tests of training/train_tread.py: `accelerate launch` on tiny settings, as Diffusers tests its examples."""
 
+import argparse
 import json
 import logging
 import os
@@ -14,7 +15,7 @@ from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
 from diffusers_tread import TreadDiTPipeline, hub
-from diffusers_tread.training_utils import parse_routes, scheduled_selection_ratios
+from diffusers_tread.training_utils import make_lr_scheduler, parse_routes, scheduled_selection_ratios, train_steps_for
 
 
 @pytest.mark.parametrize(
@@ -342,3 +343,22 @@ def test_selection_ratio_schedule():
     assert ratios(500) is None  # the configured ratios
     assert ratios(975) == [0.25, 0.1]
     assert ratios(0, warmup=0, anneal=0) is None and scheduled_selection_ratios([], 0, 1000, 100) is None
+
+
+def test_lr_scheduler_does_not_set_max_train_steps():
+    args = argparse.Namespace(
+        max_train_steps=None,
+        num_train_epochs=3,
+        gradient_accumulation_steps=2,
+        lr_scheduler="linear",
+        lr_warmup_steps=1,
+    )
+    assert train_steps_for(args, range(5)) == 9  # 3 epochs x ceil(5 batches / 2)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = make_lr_scheduler(optimizer, args, 9, num_processes=2)
+    assert args.max_train_steps is None  # the caller stores the count, explicitly
+    for _ in range(2 * 9):
+        optimizer.step()
+        scheduler.step()
+    assert scheduler.get_last_lr() == [0.0]  # linear decay over 9 updates x 2 processes
+    assert train_steps_for(argparse.Namespace(max_train_steps=4), None) == 4

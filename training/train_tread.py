@@ -58,7 +58,6 @@ from diffusers_tread import (
 )
 from diffusers_tread.checkpointing import (
     LOSS_HISTORY,
-    check_run_arguments,
     final_output,
     install_stop_handlers,
     process_seed,
@@ -84,6 +83,7 @@ from diffusers_tread.objectives import OBJECTIVES, get_objective
 from diffusers_tread.routing import ROUTE_REINSERTION_MODES, resolve_routes
 from diffusers_tread.training_utils import (
     LossLog,
+    check_run_arguments,
     drop_class_labels,
     main_with_messages,
     make_lr_scheduler,
@@ -92,6 +92,7 @@ from diffusers_tread.training_utils import (
     parse_routes,
     scheduled_selection_ratios,
     start_run,
+    train_steps_for,
     tread_training_loss,
 )
 
@@ -658,7 +659,8 @@ def prepare_optimization(args, accelerator, model, ema_model: EMAModel | None, d
         eps=args.adam_epsilon,
     )
     train_dataloader = make_train_dataloader(data.dataset, args, collate_examples)
-    lr_scheduler = make_lr_scheduler(optimizer, args, train_dataloader, accelerator.num_processes)
+    args.max_train_steps = train_steps_for(args, train_dataloader)
+    lr_scheduler = make_lr_scheduler(optimizer, args, args.max_train_steps, accelerator.num_processes)
     model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
         model, optimizer, train_dataloader, lr_scheduler
     )
