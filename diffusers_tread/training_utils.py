@@ -8,7 +8,8 @@ small functions a training loop calls, no loop of its own.
 - The command line: the ``--routes`` parser (`parse_routes`), the checks on the options both scripts share
   (`check_run_arguments`), and `main_with_messages` (the failures we explain end as one message, not a traceback).
 - The prelude both scripts share: `start_run` (accelerator, logging, seed, output folder, Hub repo),
-  `make_train_dataloader`, `train_steps_for` (``--max_train_steps`` or the epochs' worth) and `make_lr_scheduler`.
+  `make_train_dataloader`, `train_steps_for` (``--max_train_steps`` or the epochs' worth) and `make_lr_scheduler`;
+  `RunState`, what a run's stages share.
 
 Checkpoints, the output folder and stop signals are in `diffusers_tread.checkpointing`; keeping the Hub token out of
 what a run writes is `diffusers_tread.redaction`.
@@ -22,8 +23,11 @@ import logging
 import math
 import os
 import sys
+import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -236,6 +240,39 @@ def start_run(args: argparse.Namespace, push_to_hub: bool | None = None):
                 name, exist_ok=True, private=args.hub_private_repo, token=args.hub_token
             ).repo_id
     return accelerator, repo_id
+
+
+@dataclass
+class RunState:
+    """What the stages of a training run share, so that each stage takes the run and the few things it works on.
+
+    ``args`` and ``argv`` (the parsed and the given command line), the ``accelerator`` and Hub ``repo_id`` of
+    `start_run`, the clock (``started``: ``time.time()`` at the start, moved back by the time a resumed checkpoint had
+    already run), the training ``generator`` (every training draw; checkpoints carry it), the mixed-precision
+    ``weight_dtype`` of frozen parts, the background checkpoint ``uploads`` (``--push_checkpoints``) and the script's
+    ``data``.
+    """
+
+    args: argparse.Namespace
+    argv: list[str]
+    accelerator: Any
+    repo_id: str | None
+    started: float
+    generator: torch.Generator | None = None
+    weight_dtype: torch.dtype = torch.float32
+    uploads: Any = None  # a diffusers_tread.hub.CheckpointUploads
+    data: Any = None
+
+    @property
+    def elapsed(self) -> float:
+        """Seconds the run has trained, a resumed run's earlier time included."""
+        return time.time() - self.started
+
+    @property
+    def total_batch_size(self) -> int:
+        """Examples per optimization step, over all processes and accumulation micro-steps."""
+        args = self.args
+        return args.train_batch_size * self.accelerator.num_processes * args.gradient_accumulation_steps
 
 
 def make_train_dataloader(dataset, args: argparse.Namespace, collate_fn=None) -> torch.utils.data.DataLoader:

@@ -6,6 +6,7 @@ import logging
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,13 @@ from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
 from diffusers_tread import TreadDiTPipeline, hub
-from diffusers_tread.training_utils import make_lr_scheduler, parse_routes, scheduled_selection_ratios, train_steps_for
+from diffusers_tread.training_utils import (
+    RunState,
+    make_lr_scheduler,
+    parse_routes,
+    scheduled_selection_ratios,
+    train_steps_for,
+)
 
 
 @pytest.mark.parametrize(
@@ -362,3 +369,12 @@ def test_lr_scheduler_does_not_set_max_train_steps():
         scheduler.step()
     assert scheduler.get_last_lr() == [0.0]  # linear decay over 9 updates x 2 processes
     assert train_steps_for(argparse.Namespace(max_train_steps=4), None) == 4
+
+
+def test_run_state_carries_what_the_stages_share():
+    args = argparse.Namespace(train_batch_size=4, gradient_accumulation_steps=3)
+    accelerator = argparse.Namespace(num_processes=2)
+    run = RunState(args, ["--x"], accelerator, "user/repo", started=time.time() - 60)
+    assert run.total_batch_size == 24 and run.generator is None and run.uploads is None
+    run.started -= 30  # a resumed run's earlier time counts
+    assert 90 <= run.elapsed < 100
