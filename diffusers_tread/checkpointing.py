@@ -139,26 +139,6 @@ def clear_output_dir(output_dir: str | os.PathLike, logging_dir: str | None = No
         raise OSError(f"Could not clear {folder}: {previous_run(folder)} remain.")
 
 
-def check_run_arguments(parser, args) -> None:
-    """The checks both training scripts make on the options they share, as ``parser.error`` (a message and exit
-    status 2, no traceback) before anything is set up: the output folder, the checkpoint limit, the Hub token."""
-    problem = check_output_dir(args.output_dir, bool(args.resume_from_checkpoint), args.overwrite_output_dir)
-    if problem:
-        parser.error(problem)
-    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
-        parser.error("--checkpoints_total_limit must be at least 1 (the newest checkpoint is always kept)")
-    if args.hub_token is not None:
-        if args.report_to in ("wandb", "all"):  # as Diffusers' examples: the tracker would store the token
-            parser.error(
-                "--hub_token with --report_to wandb would record the token in the run's metadata; log in with "
-                "`hf auth login` or set HF_TOKEN instead."
-            )
-        logger.warning(
-            "--hub_token puts the token in your shell history, in `ps` and in accelerate's error line if the run "
-            "fails; prefer HF_TOKEN or `hf auth login` (used when --hub_token is not given)."
-        )
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Checkpoints
 # ----------------------------------------------------------------------------------------------------------------------

@@ -6,7 +6,8 @@ kept tokens are gathered; after block ``j`` they are scattered back to their ori
 sequence, so a bypassed token re-enters with the hidden state it had entering block ``i``.
 
 Nothing here knows about a model: any backbone that runs a list of blocks over ``(batch, tokens, dim)`` sequences
-calls ``validate_routes`` (or ``resolve_routes``, which also takes ``"paper"``) once and `run_blocks` per forward (the
+calls ``validate_routes`` (or ``resolve_routes``, which also takes ``"paper"``) and `check_route_reinsertion` once
+and `run_blocks` per forward (the
 DiT and the state-space backbone do, through ``models.modeling_tread.TreadRoutingMixin``), or the primitives
 ``sample_kept_indices`` / ``gather_tokens`` at a route start and ``scatter_tokens`` / ``bypass_mask`` at its end (the
 text-to-image hooks do).
@@ -16,10 +17,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 
 import torch
-from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 ROUTE_KEYS = ("start_layer_idx", "end_layer_idx", "selection_ratio")
 # The state a bypassed token carries past its route: "pre_route", the state entering the route's first block (ICCV
@@ -32,12 +31,12 @@ def paper_routes(num_layers: int) -> list[dict]:
     return [{"start_layer_idx": 2, "end_layer_idx": num_layers - 4, "selection_ratio": 0.5}]
 
 
-@dataclass
-class TreadTransformer2DModelOutput(Transformer2DModelOutput):
-    """DiT's output plus ``route_masks``: one ``(batch, num_tokens)`` bool mask per applied route, True where the
-    token bypassed that route; ``None`` when routing was off (the output is then exactly DiT's)."""
-
-    route_masks: tuple[torch.BoolTensor, ...] | None = None
+def check_route_reinsertion(route_reinsertion: str) -> str:
+    """``route_reinsertion`` if it is one of `ROUTE_REINSERTION_MODES`, else a ``ValueError``; a backbone checks it
+    once, with its routes (`run_blocks` does not check it again on every forward)."""
+    if route_reinsertion not in ROUTE_REINSERTION_MODES:
+        raise ValueError(f"route_reinsertion must be one of {ROUTE_REINSERTION_MODES}, got {route_reinsertion!r}.")
+    return route_reinsertion
 
 
 def _check_ratio(selection_ratio: float, where: str) -> float:
@@ -186,11 +185,10 @@ def run_blocks(
     layer the bypassed tokens re-enter at their original positions, carrying the state they had entering the route
     (``reinsertion="pre_route"``) or that plus ``input_tokens`` (``"pre_route_plus_input"``, v1's x_D_last + x_T).
 
-    ``run_block(block, hidden_states)`` runs one block (with its conditioning, checkpointing, ...). Returns the final
-    hidden states and one bypass mask per route, or None without routes.
+    ``run_block(block, hidden_states)`` runs one block (with its conditioning, checkpointing, ...). ``routes`` and
+    ``reinsertion`` are taken as checked (`validate_routes`, `check_route_reinsertion`, once per model). Returns the
+    final hidden states and one bypass mask per route, or None without routes.
     """
-    if reinsertion not in ROUTE_REINSERTION_MODES:
-        raise ValueError(f"route reinsertion must be one of {ROUTE_REINSERTION_MODES}, got {reinsertion!r}.")
     route_at_start = {route["start_layer_idx"]: route for route in routes}
     route_at_end = {route["end_layer_idx"] for route in routes}
     batch_size, num_tokens, _ = hidden_states.shape

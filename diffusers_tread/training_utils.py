@@ -5,7 +5,14 @@ small functions a training loop calls, no loop of its own.
   `LossLog`), written to keep the accelerator busy: no host synchronisation inside it (the loss stays on the device
   until `LossLog.flush`), an optimizer that updates all parameters in a few kernels, and nothing that breaks a compiled
   graph inside the model's blocks.
-- The ``--routes`` parser. Checkpoints, the output folder and stop signals are in `diffusers_tread.checkpointing`.
+- The command line: the ``--routes`` parser (`parse_routes`), the checks on the options both scripts share
+  (`check_run_arguments`), and `main_with_messages` (the failures we explain end as one message, not a traceback).
+- The prelude both scripts share: `start_run` (accelerator, logging, seed, output folder, Hub repo),
+  `make_train_dataloader`, `train_steps_for` (``--max_train_steps`` or the epochs' worth) and `make_lr_scheduler`;
+  `RunState`, what a run's stages share.
+
+Checkpoints, the output folder and stop signals are in `diffusers_tread.checkpointing`; keeping the Hub token out of
+what a run writes is `diffusers_tread.redaction`.
 """
 
 from __future__ import annotations
@@ -17,9 +24,12 @@ import math
 import os
 import re
 import sys
+import time
 import traceback
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -219,6 +229,28 @@ def read_model_config(path: str, model_cls: type, presets: Iterable[str] = ()) -
     return config
 
 
+def check_run_arguments(parser, args) -> None:
+    """The checks both training scripts make on the options they share, as ``parser.error`` (a message and exit
+    status 2, no traceback) before anything is set up: the output folder, the checkpoint limit, the Hub token."""
+    from .checkpointing import check_output_dir
+
+    problem = check_output_dir(args.output_dir, bool(args.resume_from_checkpoint), args.overwrite_output_dir)
+    if problem:
+        parser.error(problem)
+    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
+        parser.error("--checkpoints_total_limit must be at least 1 (the newest checkpoint is always kept)")
+    if args.hub_token is not None:
+        if args.report_to in ("wandb", "all"):  # as Diffusers' examples: the tracker would store the token
+            parser.error(
+                "--hub_token with --report_to wandb would record the token in the run's metadata; log in with "
+                "`hf auth login` or set HF_TOKEN instead."
+            )
+        logging.getLogger(__name__).warning(
+            "--hub_token puts the token in your shell history, in `ps` and in accelerate's error line if the run "
+            "fails; prefer HF_TOKEN or `hf auth login` (used when --hub_token is not given)."
+        )
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # The prelude both training scripts share: accelerator, run folder and Hub repo, data loader, LR schedule
 # ----------------------------------------------------------------------------------------------------------------------
@@ -236,8 +268,8 @@ def start_run(args: argparse.Namespace, push_to_hub: bool | None = None):
     from accelerate.logging import get_logger
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 
-    from . import hub
     from .checkpointing import clear_output_dir
+    from .hub import uploads
 
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -265,8 +297,43 @@ def start_run(args: argparse.Namespace, push_to_hub: bool | None = None):
         os.makedirs(args.output_dir, exist_ok=True)
         if args.push_to_hub if push_to_hub is None else push_to_hub:
             name = args.hub_model_id or Path(args.output_dir).name
-            repo_id = hub.create_repo(name, exist_ok=True, private=args.hub_private_repo, token=args.hub_token).repo_id
+            repo_id = uploads.create_repo(
+                name, exist_ok=True, private=args.hub_private_repo, token=args.hub_token
+            ).repo_id
     return accelerator, repo_id
+
+
+@dataclass
+class RunState:
+    """What the stages of a training run share, so that each stage takes the run and the few things it works on.
+
+    ``args`` and ``argv`` (the parsed and the given command line), the ``accelerator`` and Hub ``repo_id`` of
+    `start_run`, the clock (``started``: ``time.time()`` at the start, moved back by the time a resumed checkpoint had
+    already run), the training ``generator`` (every training draw; checkpoints carry it), the mixed-precision
+    ``weight_dtype`` of frozen parts, the background checkpoint ``uploads`` (``--push_checkpoints``) and the script's
+    ``data``.
+    """
+
+    args: argparse.Namespace
+    argv: list[str]
+    accelerator: Any
+    repo_id: str | None
+    started: float
+    generator: torch.Generator | None = None
+    weight_dtype: torch.dtype = torch.float32
+    uploads: Any = None  # a diffusers_tread.hub.CheckpointUploads
+    data: Any = None
+
+    @property
+    def elapsed(self) -> float:
+        """Seconds the run has trained, a resumed run's earlier time included."""
+        return time.time() - self.started
+
+    @property
+    def total_batch_size(self) -> int:
+        """Examples per optimization step, over all processes and accumulation micro-steps."""
+        args = self.args
+        return args.train_batch_size * self.accelerator.num_processes * args.gradient_accumulation_steps
 
 
 def make_train_dataloader(dataset, args: argparse.Namespace, collate_fn=None) -> torch.utils.data.DataLoader:
@@ -288,21 +355,26 @@ def make_train_dataloader(dataset, args: argparse.Namespace, collate_fn=None) ->
     return loader
 
 
-def make_lr_scheduler(optimizer, args: argparse.Namespace, train_dataloader, num_processes: int):
-    """Diffusers' `get_scheduler` (``lr_scheduler``, ``lr_warmup_steps``) over ``max_train_steps``, which it sets from
-    ``num_train_epochs`` when not given. The scheduler steps once per process per update, as in Diffusers' examples
+def train_steps_for(args: argparse.Namespace, train_dataloader) -> int:
+    """The run's number of optimization steps: ``max_train_steps`` when given, else ``num_train_epochs`` epochs of
+    ``train_dataloader`` at ``gradient_accumulation_steps`` batches per update. The caller stores it (both scripts set
+    ``args.max_train_steps`` with it, so the run's config and model card say what ran)."""
+    if args.max_train_steps is not None:
+        return args.max_train_steps
+    return args.num_train_epochs * math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+
+
+def make_lr_scheduler(optimizer, args: argparse.Namespace, max_train_steps: int, num_processes: int):
+    """Diffusers' `get_scheduler` (``lr_scheduler``, ``lr_warmup_steps``) over ``max_train_steps`` (see
+    `train_steps_for`). The scheduler steps once per process per update, as in Diffusers' examples
     (`accelerator.prepare` wraps it), hence the step counts times ``num_processes``."""
     from diffusers.optimization import get_scheduler
 
-    if args.max_train_steps is None:
-        args.max_train_steps = args.num_train_epochs * math.ceil(
-            len(train_dataloader) / args.gradient_accumulation_steps
-        )
     return get_scheduler(
         args.lr_scheduler,
         optimizer=optimizer,
         num_warmup_steps=args.lr_warmup_steps * num_processes,
-        num_training_steps=args.max_train_steps * num_processes,
+        num_training_steps=max_train_steps * num_processes,
     )
 
 

@@ -18,7 +18,6 @@ from diffusers_tread.checkpointing import (
     CHECKPOINT_COMPLETE,
     TRAINING_COMPLETE,
     check_output_dir,
-    check_run_arguments,
     clear_output_dir,
     final_output,
     find_checkpoint,
@@ -27,6 +26,7 @@ from diffusers_tread.checkpointing import (
     save_checkpoint,
     verify_checkpoint,
 )
+from diffusers_tread.training_utils import check_run_arguments
 
 
 def test_a_folder_with_a_run_is_refused_unless_resumed_or_overwritten(tmp_path):
@@ -198,7 +198,7 @@ class FakeUploads:
 
 def test_failed_checkpoint_uploads_are_retried_and_reported_exactly(tmp_path, monkeypatch):
     fake = FakeUploads({"checkpoint-1": 1, "checkpoint-2": 10})  # the first recovers, the second never does
-    monkeypatch.setattr(hub, "upload_folder", fake)
+    monkeypatch.setattr(hub.uploads, "upload_folder", fake)
     uploads = hub.CheckpointUploads("user/run", retries=2)
     for step in (1, 2, 3):
         (tmp_path / f"checkpoint-{step}").mkdir()
@@ -233,7 +233,7 @@ def test_a_failed_final_upload_names_the_command_that_retries_it(tmp_path, monke
     def unreachable(**kwargs):
         raise ConnectionError("Hub unreachable")
 
-    monkeypatch.setattr(hub, "upload_folder", unreachable)
+    monkeypatch.setattr(hub.uploads, "upload_folder", unreachable)
     (tmp_path / "lora").mkdir()
     with pytest.raises(RuntimeError, match=r"lora to user/x failed: Hub unreachable\. .*retry with `hf upload user/x"):
         hub.upload_final_output(tmp_path / "lora", "user/x")  # LoRA weights: no pipeline folder

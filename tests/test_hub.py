@@ -20,7 +20,7 @@ from conftest import load_module, tiny_tread, tiny_vae
 from diffusers import DDIMScheduler
 from diffusers.training_utils import EMAModel
 from diffusers.utils.dynamic_modules_utils import get_relative_imports
-from huggingface_hub import ModelCard, ModelCardData, SpaceCard
+from huggingface_hub import EvalResult, ModelCard, ModelCardData, SpaceCard
 from safetensors.torch import load_file
 
 from diffusers_tread import TreadDiTPipeline, TreadTransformer2DModel, hub, routing
@@ -95,6 +95,25 @@ def folder_digest(folder: Path) -> dict[str, str]:
     }
 
 
+def fid_result(value: float, metric_name: str) -> EvalResult:
+    """An FID ``EvalResult`` on ImageNet for the card's ``model-index``."""
+    return EvalResult(
+        task_type=hub.PIPELINE_TAG,
+        task_name="Class-conditional image generation",
+        dataset_type="imagenet-1k",
+        dataset_name="ImageNet 256x256",
+        dataset_split="train",
+        metric_type="fid",
+        metric_name=metric_name,
+        metric_value=value,
+    )
+
+
+def is_remote_code_index(model_index: dict) -> bool:
+    """Whether a ``model_index.json`` names the remote-code bundle (needs ``trust_remote_code=True`` to load)."""
+    return hub.library_model_index(model_index) != dict(model_index)
+
+
 def load_push_script():
     return load_module(REPO / "training" / "push_to_hub.py")
 
@@ -103,28 +122,54 @@ def load_push_script():
 
 
 def test_bundle_is_generated_from_the_library_sources(tmp_path):
-    text = hub.generate_module(hub.REMOTE_SOURCE)
+    files = hub.bundle_files()
+    assert files.keys() == {"tread_dit.py", "transformer/tread_dit.py"}
+    pipeline, models = files["tread_dit.py"], files["transformer/tread_dit.py"]
     # Whole functions and methods appear verbatim: the bundle is the library's code, not a hand-kept copy.
-    for function in (
-        routing.validate_routes,
-        routing.sample_kept_indices,
-        TreadTransformer2DModel.from_preset,
-        TreadDiTPipeline.__call__,
-        TreadDiTPipeline._class_ids,
+    for function, text in (
+        (routing.validate_routes, models),
+        (routing.sample_kept_indices, models),
+        (TreadTransformer2DModel.from_preset, models),
+        (TreadDiTPipeline.__call__, pipeline),
+        (TreadDiTPipeline._class_ids, pipeline),
     ):
         assert inspect.getsource(function) in text, function.__qualname__
-    assert not re.search(r"\brouting\.[a-z_]+\(", text)  # `routing.f(...)` calls became `f(...)`
-    for source in ("routing.py", "models/transformer_tread.py", "pipelines/pipeline_tread_dit.py"):
-        assert f"diffusers_tread/{source}" in text.splitlines()[2]
+    assert not re.search(r"\brouting\.[a-z_]+\(", models)  # `routing.f(...)` calls became `f(...)`
+    for source in ("routing.py", "models/transformer_tread.py"):
+        assert f"diffusers_tread/{source}" in models.splitlines()[2]
+    assert "diffusers_tread/pipelines/pipeline_tread_dit.py" in pipeline.splitlines()[2]
+    # The root module is the pipeline only; the transformer's module holds the models this checkpoint needs.
+    assert "class TreadTransformer2DModel" not in pipeline and "class TreadDiTPipeline" not in models
+    assert "class TreadSSM2DModel" not in models
+    assert "from .transformer.tread_dit import TreadTransformer2DModel\n" in pipeline
 
-    # What Diffusers' dynamic-module loader scans: no relative import to fetch, no import of this package.
-    path = tmp_path / "tread_dit.py"
-    path.write_text(text)
-    assert get_relative_imports(path) == []
-    imported = re.findall(r"^\s*(?:import|from)\s+(\S+)", text, flags=re.MULTILINE)
-    assert imported and not [name for name in imported if name.split(".")[0] in ("diffusers_tread", "")]
-    files = hub.bundle_files()
-    assert files == {"tread_dit.py": text, "transformer/tread_dit.py": text}
+    # What Diffusers' dynamic-module loader scans: the root fetches the transformer's module (the one relative import
+    # it allows: `<folder>.<module>`), which fetches nothing; neither imports this package.
+    for relative, text in files.items():
+        path = tmp_path / relative
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(text)
+        expected = ["transformer.tread_dit"] if relative == "tread_dit.py" else []
+        assert get_relative_imports(path) == expected, relative
+        imported = re.findall(r"^\s*(?:import|from)\s+(\S+)", text, flags=re.MULTILINE)
+        assert imported and not [name for name in imported if name.split(".")[0] == "diffusers_tread"]
+        assert [name for name in imported if name.startswith(".")] == [".transformer.tread_dit"][: len(expected)]
+
+
+def test_pipeline_checks_configs_not_classes_so_a_bundle_transformer_is_kept(tmp_path, monkeypatch):
+    # Diffusers runs the bundle's transformer module under another name than the one the pipeline imports, so its
+    # class is not the pipeline's TreadTransformer2DModel: from_pretrained must not take it for a stock DiT.
+    path = tmp_path / "bundle_models.py"
+    path.write_text(hub.bundle_files()["transformer/tread_dit.py"])
+    monkeypatch.delitem(sys.modules, "bundle_models", raising=False)  # undone after the test
+    bundle = load_module(path, "bundle_models", register=True)  # dataclasses look their module up
+    library = tiny_pipeline()
+    library.save_pretrained(tmp_path / "pipe")
+    transformer = bundle.TreadTransformer2DModel.from_config(library.transformer.config)
+    transformer.load_state_dict(library.transformer.state_dict())
+    assert not isinstance(transformer, TreadTransformer2DModel)
+    pipe = TreadDiTPipeline.from_pretrained(tmp_path / "pipe", transformer=transformer)
+    assert pipe.transformer is transformer and pipe.transformer.config.routes == ROUTES
 
 
 def test_generator_inlines_namespaces_and_rejects_what_it_cannot_inline(tmp_path, monkeypatch):
@@ -135,7 +180,7 @@ def test_generator_inlines_namespaces_and_rejects_what_it_cannot_inline(tmp_path
         '"""Mod."""\nimport math\nfrom math import tau\n\nfrom .. import util\nfrom ..util import f\n\n\n'
         "def g():\n    return util.f() + f() + util.X + math.pi + tau\n"
     )
-    monkeypatch.setattr(hub, "PACKAGE_DIR", package)
+    monkeypatch.setattr(hub.bundle, "PACKAGE_DIR", package)
     text = hub.generate_module("diffusers_tread.sub.mod")
     assert text.index("def f()") < text.index("def g()")
     assert "return f() + f() + X + math.pi + tau" in text and "import math\nfrom math import tau" in text
@@ -168,7 +213,7 @@ def test_model_index_layouts_round_trip():
     assert remote["transformer"] == ["tread_dit", "TreadTransformer2DModel"]
     assert remote["scheduler"] == library["scheduler"] and remote["vae"] == [None, None]
     assert hub.library_model_index(remote) == library
-    assert hub.is_remote_code_index(remote) and not hub.is_remote_code_index(library)
+    assert is_remote_code_index(remote) and not is_remote_code_index(library)
     with pytest.raises(ValueError, match="no diffusers_tread.Unknown"):
         hub.remote_code_model_index({**library, "other": ["diffusers_tread", "Unknown"]})
 
@@ -178,7 +223,7 @@ def test_model_index_layouts_round_trip():
 
 def test_model_card_metadata_parses_back(tmp_path):
     card_data = ModelCardData(license="apache-2.0", base_model="facebook/DiT-XL-2-256", datasets=["imagenet-1k"])
-    fid = hub.fid_result(7.38, metric_name="FID-50K (cfg 1.5)")
+    fid = fid_result(7.38, metric_name="FID-50K (cfg 1.5)")
     info = card_info(repo_id="user/tread-tiny", demo_url="https://huggingface.co/spaces/user/tread-tiny-demo")
     hub.save_model_card(tmp_path, info, card_data, eval_results=[fid])
 
@@ -480,7 +525,7 @@ class FakeHubApi:
 
     def patch(self, monkeypatch):
         for name in ("create_repo", "upload_folder", "add_space_variable"):
-            monkeypatch.setattr(hub, name, getattr(self, name))
+            monkeypatch.setattr(hub.uploads, name, getattr(self, name))
 
 
 def test_push_script_sends_card_bundle_and_demo_and_never_the_token(
@@ -522,7 +567,8 @@ def test_push_script_sends_card_bundle_and_demo_and_never_the_token(
 
     _, _, model = api.calls[2]
     files = model["files"]
-    assert files["tread_dit.py"] == files["transformer/tread_dit.py"]
+    assert b"from .transformer.tread_dit import" in files["tread_dit.py"]
+    assert b"class TreadTransformer2DModel(" in files["transformer/tread_dit.py"]
     assert json.loads(files["model_index.json"])["transformer"] == ["tread_dit", "TreadTransformer2DModel"]
     card = ModelCard(files["README.md"].decode())
     assert "https://huggingface.co/spaces/user/tread-tiny-demo" in card.text
@@ -582,7 +628,7 @@ def test_upload_output_uploads_the_bundle_with_the_final_folder(output_folder, m
         folder = Path(kwargs["folder_path"])
         sent.append((folder, sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())))
 
-    monkeypatch.setattr(hub, "upload_folder", fake_upload)
+    monkeypatch.setattr(hub.uploads, "upload_folder", fake_upload)
     hub.upload_output(output_folder / "checkpoint-2", "user/tread-tiny", "ckpt", TOKEN, path_in_repo="checkpoint-2")
     hub.upload_output(output_folder, "user/tread-tiny", "End of training", TOKEN)
     (checkpoint, checkpoint_files), (final, final_files) = sent

@@ -18,6 +18,7 @@ from diffusers import (
 from PIL import Image
 
 from diffusers_tread import TreadDiTPipeline, TreadTransformer2DModel
+from diffusers_tread.pipelines.pipeline_tread_dit import model_timesteps
 
 ID2LABEL = {
     i: name for i, name in enumerate(["tench, Tinca tinca", "goldfish", "golden retriever", "tabby, tabby cat"])
@@ -428,3 +429,13 @@ def test_bin_weights_load_by_default_but_a_code_running_pickle_is_refused(tmp_pa
     with pytest.raises(OSError) as excinfo:
         TreadDiTPipeline.from_pretrained(tmp_path / "pipe")
     assert_refused_by_weights_only(excinfo, weights_file, marker)
+
+
+def test_model_timesteps_casts_as_dit_pipeline():
+    sample = torch.zeros(3, 4, 2, 2)
+    for timestep, dtype in ((7, torch.int64), (7.5, torch.float64), (torch.tensor(7), torch.int64)):
+        cast = model_timesteps(timestep, sample)
+        assert (
+            cast.dtype == dtype and cast.tolist() == [timestep.item() if torch.is_tensor(timestep) else timestep] * 3
+        )
+    assert model_timesteps(torch.tensor([5.0]), sample).tolist() == [5.0] * 3

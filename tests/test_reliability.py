@@ -199,12 +199,14 @@ def test_bad_validation_labels_and_checkpoint_limit(tmp_path):
 
 def test_failed_hub_push_keeps_the_folder_and_says_how_to_retry(tmp_path, monkeypatch):
     script = load_script()
-    monkeypatch.setattr(hub, "create_repo", lambda repo_id, **kw: type("Repo", (), {"repo_id": f"u/{repo_id}"})())
+    monkeypatch.setattr(
+        hub.uploads, "create_repo", lambda repo_id, **kw: type("Repo", (), {"repo_id": f"u/{repo_id}"})()
+    )
 
     def failing_upload(**kwargs):
         raise ConnectionError("Hub unreachable")
 
-    monkeypatch.setattr(hub, "upload_folder", failing_upload)
+    monkeypatch.setattr(hub.uploads, "upload_folder", failing_upload)
     out = tmp_path / "tread-x"
     with pytest.raises(RuntimeError, match=r"Uploading .*tread-x to u/tread-x failed: Hub unreachable.*retry"):
         script.main([*TINY, f"--output_dir={out}", "--max_train_steps=1", "--validation_steps=100", "--push_to_hub"])
@@ -332,7 +334,9 @@ def test_resuming_a_finished_run_does_nothing_but_say_so(tmp_path, caplog):
 
 def test_a_failing_checkpoint_upload_never_stops_training_and_is_reported(tmp_path, monkeypatch, caplog):
     script = load_script()
-    monkeypatch.setattr(hub, "create_repo", lambda repo_id, **kw: type("Repo", (), {"repo_id": f"u/{repo_id}"})())
+    monkeypatch.setattr(
+        hub.uploads, "create_repo", lambda repo_id, **kw: type("Repo", (), {"repo_id": f"u/{repo_id}"})()
+    )
     sent = []
 
     def upload_folder(**kwargs):  # checkpoint-1 never gets through; everything else does
@@ -344,7 +348,7 @@ def test_a_failing_checkpoint_upload_never_stops_training_and_is_reported(tmp_pa
             future.set_result(None)
         return future if kwargs.get("run_as_future") else future.result()
 
-    monkeypatch.setattr(hub, "upload_folder", upload_folder)
+    monkeypatch.setattr(hub.uploads, "upload_folder", upload_folder)
     caplog.set_level("INFO")
     out = tmp_path / "run"
     script.main([*TINY, f"--output_dir={out}", "--max_train_steps=3", "--checkpointing_steps=1",
@@ -381,8 +385,8 @@ FAULTY_TRAINER = textwrap.dedent(
         future.set_result(None)
         return future if kwargs.get("run_as_future") else None
 
-    hub.upload_folder = upload_folder
-    hub.create_repo = lambda repo_id, **kw: type("Repo", (), {"repo_id": f"user/{repo_id}"})()
+    hub.uploads.upload_folder = upload_folder
+    hub.uploads.create_repo = lambda repo_id, **kw: type("Repo", (), {"repo_id": f"user/{repo_id}"})()
     failing_step = os.environ.get("FAIL_SAVE_ON_RANK_1")
     if failing_step and os.environ["RANK"] == "1":  # (a PartialState here would be made before accelerate's CPU flag)
         original = torch.save

@@ -1,3 +1,6 @@
+import ast
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -105,3 +108,11 @@ def test_scatter_gradients_flow_to_both_paths():
     mask = routing.bypass_mask(idx, 6)
     assert torch.equal(x.grad[~mask], torch.full_like(x.grad[~mask], 2.0))
     assert torch.equal(x.grad[mask], torch.ones_like(x.grad[mask]))
+
+
+def test_routing_knows_no_model():
+    # The route loop is plain tensor code: the models' output type lives with the models (models/modeling_tread.py).
+    tree = ast.parse(Path(routing.__file__).read_text())
+    imported = [alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names]
+    imported += [node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module]
+    assert imported and not [name for name in imported if name.split(".")[0] in ("diffusers", "diffusers_tread")]

@@ -413,6 +413,36 @@ def test_remote_code_bundle_carries_the_ssm_model(tmp_path, monkeypatch):
     assert torch.equal(copy(x, t, y).sample, model(x, t, y).sample)
 
 
+def test_ssm_bundle_samples_with_diffusers_alone(tmp_path):
+    # The SSM checkpoint's bundle: the pipeline module imports the DiT model, so transformer/tread_dit.py holds both.
+    pipe = TreadDiTPipeline(transformer=tiny_ssm(routes=[ROUTE]).eval(), vae=None, scheduler=DDIMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    pipe.save_pretrained(tmp_path / "pipe")
+    hub.write_remote_code(tmp_path / "pipe")
+    kwargs = dict(num_inference_steps=3, output_type="np", guidance="sparse")
+    expected = pipe([0, 1], generator=torch.Generator().manual_seed(0), **kwargs).images
+    code = f"""
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "diffusers_tread":
+            raise ModuleNotFoundError(name + " is blocked", name=name)
+sys.meta_path.insert(0, Block())
+import numpy as np, torch
+from diffusers import DiffusionPipeline
+pipe = DiffusionPipeline.from_pretrained({str(tmp_path / "pipe")!r}, trust_remote_code=True)
+pipe.set_progress_bar_config(disable=True)
+images = pipe([0, 1], generator=torch.Generator().manual_seed(0), **{kwargs!r}).images
+np.save({str(tmp_path / "images.npy")!r}, images)
+print(type(pipe.transformer).__name__)
+"""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    result = subprocess.run([sys.executable, "-I", "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.split()[-1] == "TreadSSM2DModel"
+    np.testing.assert_allclose(np.load(tmp_path / "images.npy"), expected, atol=1e-6)
+
+
 # --- training script --------------------------------------------------------------------------------------------------
 
 

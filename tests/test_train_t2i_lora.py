@@ -361,9 +361,9 @@ def test_push_to_hub_from_a_hub_base_model(tmp_path, assets, fake_hub, monkeypat
     fake_hub.add("org/tiny-sd3", assets["sd3"])
     script = load_script()
     calls = []
-    monkeypatch.setattr(hub, "create_repo", lambda repo_id, **kw: calls.append(("create", repo_id, kw))
+    monkeypatch.setattr(hub.uploads, "create_repo", lambda repo_id, **kw: calls.append(("create", repo_id, kw))
                         or type("Repo", (), {"repo_id": f"user/{repo_id}"})())  # fmt: skip
-    monkeypatch.setattr(hub, "upload_folder", lambda **kw: calls.append(("upload", kw["folder_path"], kw)))
+    monkeypatch.setattr(hub.uploads, "upload_folder", lambda **kw: calls.append(("upload", kw["folder_path"], kw)))
     token = "hf_FAKEtoken1234567890abcdefghij"
     out = tmp_path / "sd3-lora"
     script.main([*TINY, "--pretrained_model_name_or_path=org/tiny-sd3", f"--train_data_dir={assets['images']}",

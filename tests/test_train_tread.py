@@ -1,10 +1,12 @@
 """End-to-end tests of training/train_tread.py: `accelerate launch` on tiny settings, as Diffusers tests its examples."""
 
+import argparse
 import json
 import logging
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,13 @@ from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
 from diffusers_tread import TreadDiTPipeline, hub
-from diffusers_tread.training_utils import parse_routes, scheduled_selection_ratios
+from diffusers_tread.training_utils import (
+    RunState,
+    make_lr_scheduler,
+    parse_routes,
+    scheduled_selection_ratios,
+    train_steps_for,
+)
 
 
 @pytest.mark.parametrize(
@@ -152,7 +160,7 @@ def test_push_to_hub_uploads_the_final_folder_and_never_the_token(tmp_path, monk
     script = load_script()
     calls = []
     monkeypatch.setattr(
-        hub,
+        hub.uploads,
         "create_repo",
         lambda repo_id, **kw: (
             calls.append(("create", repo_id, kw)) or type("Repo", (), {"repo_id": f"user/{repo_id}"})()
@@ -167,7 +175,7 @@ def test_push_to_hub_uploads_the_final_folder_and_never_the_token(tmp_path, monk
         calls.append(("upload", kwargs["folder_path"], kwargs))
         return Done()
 
-    monkeypatch.setattr(hub, "upload_folder", fake_upload)  # the one upload path of both scripts
+    monkeypatch.setattr(hub.uploads, "upload_folder", fake_upload)  # the one upload path of both scripts
     token = "hf_FAKEtoken1234567890abcdefghij"
     out = tmp_path / "tread-push"
     script.main(
@@ -342,3 +350,31 @@ def test_selection_ratio_schedule():
     assert ratios(500) is None  # the configured ratios
     assert ratios(975) == [0.25, 0.1]
     assert ratios(0, warmup=0, anneal=0) is None and scheduled_selection_ratios([], 0, 1000, 100) is None
+
+
+def test_lr_scheduler_does_not_set_max_train_steps():
+    args = argparse.Namespace(
+        max_train_steps=None,
+        num_train_epochs=3,
+        gradient_accumulation_steps=2,
+        lr_scheduler="linear",
+        lr_warmup_steps=1,
+    )
+    assert train_steps_for(args, range(5)) == 9  # 3 epochs x ceil(5 batches / 2)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = make_lr_scheduler(optimizer, args, 9, num_processes=2)
+    assert args.max_train_steps is None  # the caller stores the count, explicitly
+    for _ in range(2 * 9):
+        optimizer.step()
+        scheduler.step()
+    assert scheduler.get_last_lr() == [0.0]  # linear decay over 9 updates x 2 processes
+    assert train_steps_for(argparse.Namespace(max_train_steps=4), None) == 4
+
+
+def test_run_state_carries_what_the_stages_share():
+    args = argparse.Namespace(train_batch_size=4, gradient_accumulation_steps=3)
+    accelerator = argparse.Namespace(num_processes=2)
+    run = RunState(args, ["--x"], accelerator, "user/repo", started=time.time() - 60)
+    assert run.total_batch_size == 24 and run.generator is None and run.uploads is None
+    run.started -= 30  # a resumed run's earlier time counts
+    assert 90 <= run.elapsed < 100

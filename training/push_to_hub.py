@@ -28,7 +28,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from huggingface_hub import ModelCard
+from huggingface_hub import EvalResult, ModelCard
 
 from diffusers_tread import hub
 from diffusers_tread.training_utils import ArgumentParser, main_with_messages
@@ -69,7 +69,7 @@ def load_eval_results(path: str | None) -> list | None:
         return None
     entries = json.loads(Path(path).read_text())
     entries = [entries] if isinstance(entries, dict) else entries
-    return [hub.EvalResult(**{"task_type": hub.PIPELINE_TAG, **entry}) for entry in entries]
+    return [EvalResult(**{"task_type": hub.PIPELINE_TAG, **entry}) for entry in entries]
 
 
 def is_checkpoint(folder: Path) -> bool:

@@ -58,7 +58,6 @@ from diffusers_tread import (
 )
 from diffusers_tread.checkpointing import (
     LOSS_HISTORY,
-    check_run_arguments,
     final_output,
     install_stop_handlers,
     process_seed,
@@ -96,6 +95,8 @@ from diffusers_tread.sharding import (
 from diffusers_tread.training_utils import (
     ArgumentParser,
     LossLog,
+    RunState,
+    check_run_arguments,
     drop_class_labels,
     main_with_messages,
     make_lr_scheduler,
@@ -105,6 +106,7 @@ from diffusers_tread.training_utils import (
     read_model_config,
     scheduled_selection_ratios,
     start_run,
+    train_steps_for,
     tread_training_loss,
 )
 
@@ -347,9 +349,10 @@ def main(argv: list[str] | None = None) -> None:
 
     # 1. Accelerator, logging, seed, output folder and Hub repo.
     accelerator, repo_id = start_run(args)  # accelerator, logging, seed, output folder, Hub repo
+    run = RunState(args, argv, accelerator, repo_id, started)
 
     # 2. Data: precomputed latents, an image dataset (optionally through a VAE), or the built-in digits.
-    data = load_training_data(args)
+    data = run.data = load_training_data(args)
 
     # 3. Model, objective, EMA, and the checkpoint hooks that save them with the training generator.
     objective = get_objective(args.objective)
@@ -357,21 +360,20 @@ def main(argv: list[str] | None = None) -> None:
     ema_model = build_ema(args, model)
     # One generator per process draws all training randomness (noise, timesteps, label dropout, routed subsets), so a
     # checkpoint can carry it and a resumed run draws exactly what the uninterrupted run would have.
-    train_generator = torch.Generator(device=accelerator.device).manual_seed(
+    run.generator = torch.Generator(device=accelerator.device).manual_seed(
         process_seed(args.seed, accelerator.process_index)  # no two (seed, process) pairs share a stream
     )
-    register_weight_hooks(accelerator, args, train_generator, ema_model)
+    register_weight_hooks(accelerator, args, run.generator, ema_model)
 
     # 4. Optimizer, data loader, LR schedule (all through `accelerator.prepare`), trackers.
     model, optimizer, train_dataloader, lr_scheduler = prepare_optimization(args, accelerator, model, ema_model, data)
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    run.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     if data.vae is not None:
-        data.vae.to(accelerator.device, dtype=weight_dtype)
+        data.vae.to(accelerator.device, dtype=run.weight_dtype)
     num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
     num_train_epochs = math.ceil(args.max_train_steps / num_update_steps_per_epoch)
-    total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     unwrapped = accelerator.unwrap_model(model)
-    start_logging(args, accelerator, unwrapped, data, num_train_epochs, total_batch_size)
+    start_logging(run, unwrapped, num_train_epochs)
 
     # 5. Resume (the main process picks the checkpoint; a finished run only says so).
     resume = resume_from_checkpoint(
@@ -381,10 +383,10 @@ def main(argv: list[str] | None = None) -> None:
     if resume.finished:
         accelerator.end_training()
         return
-    started -= resume.seconds_before  # the elapsed-time column continues from the checkpoint's row
+    run.started -= resume.seconds_before  # the elapsed-time column continues from the checkpoint's row
     global_step, first_epoch, resume_step = resume.global_step, resume.first_epoch, resume.skip_batches
-    loss_log = Path(args.output_dir, LOSS_HISTORY)
-    uploads = hub.CheckpointUploads(repo_id, args.hub_token) if args.push_to_hub and args.push_checkpoints else None
+    if args.push_to_hub and args.push_checkpoints:
+        run.uploads = hub.CheckpointUploads(repo_id, args.hub_token)
 
     # 6. Training loop.
     stop = install_stop_handlers()
@@ -403,9 +405,7 @@ def main(argv: list[str] | None = None) -> None:
             if args.disable_routing_after_step is not None and global_step >= args.disable_routing_after_step:
                 unwrapped.disable_routing()
             with accelerator.accumulate(model):
-                loss = batch_loss(
-                    args, model, unwrapped, objective, data, weight_dtype, batch, global_step, train_generator
-                )
+                loss = batch_loss(run, model, unwrapped, objective, batch, global_step)
                 # the logged loss: averaged over accumulation micro-steps (and processes, at the flush)
                 step_loss += loss.detach() / args.gradient_accumulation_steps
                 accelerator.backward(loss)
@@ -439,12 +439,10 @@ def main(argv: list[str] | None = None) -> None:
             # Processes agree on a stop with an all-reduce (a host sync): only at the steps that sync anyway.
             stop_due = sync_due and stop_requested(accelerator, stop)
             if sync_due:  # before any checkpoint: none is written after a non-finite loss
-                rows = flush_losses(
-                    accelerator, args, pending_losses, loss_log, started, progress_bar, lr_scheduler, steps_per_s
-                )
+                rows = flush_losses(run, pending_losses, progress_bar, lr_scheduler, steps_per_s)
                 last_loss = rows[-1][1] if rows else last_loss
             if checkpoint_due or stop_due:
-                save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit, uploads)
+                save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit, run.uploads)
             if stop_due:
                 logger.info(
                     f"Stopped by signal {stop['signal']} at step {global_step} after saving a checkpoint; continue "
@@ -456,36 +454,22 @@ def main(argv: list[str] | None = None) -> None:
             if validation_due:
                 sampler, sampler_ema = main_process_weights(accelerator, unwrapped, ema_model)  # gathers if sharded
                 if accelerator.is_main_process:
-                    log_validation(
-                        accelerator, args, sampler, sampler_ema, data.vae, objective, data.id2label, global_step
-                    )
+                    log_validation(run, sampler, sampler_ema, objective, global_step)
                 del sampler, sampler_ema
             if global_step >= args.max_train_steps:
                 break
 
     # 7. Save the final pipeline (EMA weights), model card, and push.
-    rows = flush_losses(accelerator, args, pending_losses, loss_log, started, progress_bar, lr_scheduler, steps_per_s)
+    rows = flush_losses(run, pending_losses, progress_bar, lr_scheduler, steps_per_s)
     last_loss = rows[-1][1] if rows else last_loss
     restore_stop_handlers(stop)
-    if uploads is not None:  # the checkpoints' uploads finish (or are reported) before the final one
-        uploads.wait()
-        logger.info(uploads.report())
+    if run.uploads is not None:  # the checkpoints' uploads finish (or are reported) before the final one
+        run.uploads.wait()
+        logger.info(run.uploads.report())
     accelerator.wait_for_everyone()
     final_model, final_ema = main_process_weights(accelerator, unwrapped, ema_model)  # gathers if sharded (FSDP)
     if accelerator.is_main_process:
-        save_final_pipeline(
-            args,
-            argv,
-            repo_id,
-            final_model,
-            final_ema,
-            objective,
-            data,
-            total_batch_size,
-            global_step,
-            started,
-            last_loss,
-        )
+        save_final_pipeline(run, final_model, final_ema, objective, global_step, last_loss)
         if args.push_to_hub:
             hub.upload_final_output(args.output_dir, repo_id, args.hub_token)  # a failure says how to retry
     accelerator.end_training()
@@ -720,7 +704,8 @@ def prepare_optimization(args, accelerator, model, ema_model: EMAModel | None, d
         eps=args.adam_epsilon,
     )
     train_dataloader = make_train_dataloader(data.dataset, args, collate_examples)
-    lr_scheduler = make_lr_scheduler(optimizer, args, train_dataloader, accelerator.num_processes)
+    args.max_train_steps = train_steps_for(args, train_dataloader)
+    lr_scheduler = make_lr_scheduler(optimizer, args, args.max_train_steps, accelerator.num_processes)
     model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
         model, optimizer, train_dataloader, lr_scheduler
     )
@@ -736,8 +721,9 @@ def prepare_optimization(args, accelerator, model, ema_model: EMAModel | None, d
     return model, optimizer, train_dataloader, lr_scheduler
 
 
-def start_logging(args, accelerator, model, data: TrainingData, num_train_epochs: int, total_batch_size: int) -> None:
+def start_logging(run: RunState, model, num_train_epochs: int) -> None:
     """Stage 4, end: start the trackers with the arguments (less the Hub token) and log the run's size."""
+    args, accelerator, data = run.args, run.accelerator, run.data
     if accelerator.is_main_process:
         tracker_config = {k: v for k, v in vars(args).items() if k != "hub_token"}
         tracker_config = {
@@ -747,21 +733,22 @@ def start_logging(args, accelerator, model, data: TrainingData, num_train_epochs
     num_parameters = sum(p.numel() for p in model.parameters())
     logger.info("***** Running training *****")
     logger.info(f"  Examples = {len(data.dataset)}, classes = {data.num_classes}, epochs = {num_train_epochs}")
-    logger.info(f"  Batch per device = {args.train_batch_size}, total = {total_batch_size}")
+    logger.info(f"  Batch per device = {args.train_batch_size}, total = {run.total_batch_size}")
     logger.info(f"  Optimization steps = {args.max_train_steps}, parameters = {num_parameters / 1e6:.2f}M")
     logger.info(f"  Objective = {args.objective}, TREAD loss = {args.tread_loss}, routes = {model.config.routes}")
 
 
-def batch_loss(args, model, unwrapped, objective, data: TrainingData, weight_dtype, batch, step: int, generator):
+def batch_loss(run: RunState, model, unwrapped, objective, batch, step: int):
     """Stage 6, one micro-step's loss: the clean data x0 (fp32; encoded by the frozen VAE in the mixed-precision dtype
     when training on images through --vae), the class labels with CFG dropout (once per sample; Diffusers' per-block
     dropout is off in the model), and the TREAD loss at this step's selection ratios. All draws come from
-    ``generator``, in this order (posterior sample, label dropout, then the loss's timesteps, noise and routes)."""
+    ``run.generator``, in this order (posterior sample, label dropout, then the loss's timesteps, noise and routes)."""
+    args, data, generator = run.args, run.data, run.generator
     if args.latents_dir:
         x0 = batch["latents"].float()
     elif data.vae is not None:
         with torch.no_grad():
-            x0 = encode_latents(data.vae, batch["pixel_values"].to(weight_dtype), args.sample_posterior, generator)
+            x0 = encode_latents(data.vae, batch["pixel_values"].to(run.weight_dtype), args.sample_posterior, generator)
             x0 = x0.float()
     else:
         x0 = batch["pixel_values"].float()
@@ -787,10 +774,11 @@ def batch_loss(args, model, unwrapped, objective, data: TrainingData, weight_dty
 
 
 def flush_losses(
-    accelerator, args, pending: LossLog, loss_log: Path, started: float, progress_bar, lr_scheduler, steps_per_s: float
+    run: RunState, pending: LossLog, progress_bar, lr_scheduler, steps_per_s: float
 ) -> list[tuple[int, float]]:
     """Stage 6: read the pending losses back (one host sync), fail on a non-finite one, show, log and append them to
     loss_history.csv (step, loss, seconds since the run started). Returns the (step, loss) rows read."""
+    args, accelerator = run.args, run.accelerator
     try:
         rows = pending.flush(gather=accelerator.gather)
     except FloatingPointError as error:
@@ -806,18 +794,17 @@ def flush_losses(
     for step, value in rows:
         accelerator.log({"loss": value}, step=step)
     if accelerator.is_main_process:
-        with loss_log.open("a", newline="") as f:
-            csv.writer(f).writerows([step, f"{value:.6f}", f"{time.time() - started:.1f}"] for step, value in rows)
+        with Path(args.output_dir, LOSS_HISTORY).open("a", newline="") as f:
+            csv.writer(f).writerows([step, f"{value:.6f}", f"{run.elapsed:.1f}"] for step, value in rows)
     return rows
 
 
-def save_final_pipeline(
-    args, argv, repo_id, model, ema_model, objective, data: TrainingData, total_batch_size, steps, started, last_loss
-) -> None:
+def save_final_pipeline(run: RunState, model, ema_model, objective, steps: int, last_loss: float) -> None:
     """Stage 7 (main process): the `TreadDiTPipeline` with the EMA weights and routing on (the config keeps the
     routes it was trained with), a sample grid, the loss plot and the model card; with --lora_rank the adapters in
     Diffusers' LoRA format beside the unchanged base pipeline. The files are staged and moved into --output_dir at the
     end (`final_output`): a kill never leaves new weights beside an old model_index.json."""
+    args, data = run.args, run.data
     if ema_model is not None:
         ema_model.store(model.parameters())
         ema_model.copy_to(model.parameters())
@@ -832,22 +819,7 @@ def save_final_pipeline(
             model.unload_lora()
         pipeline.save_pretrained(staging)
         plot_loss(Path(args.output_dir, LOSS_HISTORY), Path(staging, "samples", "loss.png"))
-        save_model_card(
-            staging,
-            args,
-            argv,
-            repo_id,
-            model,
-            objective,
-            data.description,
-            len(data.dataset),
-            data.num_classes,
-            total_batch_size,
-            steps,
-            time.time() - started,
-            last_loss,
-            data.vae is not None or args.latents_dir,
-        )
+        save_model_card(staging, run, model, objective, steps, last_loss)
     logger.info(f"Saved the pipeline to {args.output_dir}; samples in {Path(args.output_dir, 'samples')}")
     if ema_model is not None:
         ema_model.restore(model.parameters())
@@ -936,8 +908,9 @@ def save_sample_grid(pipeline: TreadDiTPipeline, args, id2label, path: Path) -> 
     return path
 
 
-def log_validation(accelerator, args, model, ema_model, vae, objective, id2label, step) -> None:
+def log_validation(run: RunState, model, ema_model, objective, step: int) -> None:
     """Sample a class-conditional grid with the EMA weights, in eval mode (all tokens), and log it."""
+    args, accelerator, vae, id2label = run.args, run.accelerator, run.data.vae, run.data.id2label
     if ema_model is not None:
         ema_model.store(model.parameters())
         ema_model.copy_to(model.parameters())
@@ -985,24 +958,11 @@ def plot_loss(loss_log: Path, path: Path) -> None:
     plt.close(fig)
 
 
-def save_model_card(
-    folder,
-    args,
-    argv,
-    repo_id,
-    model,
-    objective,
-    dataset,
-    num_examples,
-    num_classes,
-    global_batch_size,
-    steps,
-    seconds,
-    final_loss,
-    latent_space,
-) -> None:
+def save_model_card(folder, run: RunState, model, objective, steps: int, final_loss: float) -> None:
     """Write ``folder``/README.md (rendered by `diffusers_tread.hub` from model_cards/tread_dit.md) and
     tread_card.json."""
+    args, argv, repo_id, data = run.args, run.argv, run.repo_id, run.data
+    num_classes = data.num_classes
     base_model = args.pretrained_model_name_or_path
     base_model = base_model if base_model and not Path(base_model).exists() else None
     card_data = ModelCardData(
@@ -1037,12 +997,12 @@ def save_model_card(
         disable_routing_after_step=args.disable_routing_after_step or "never",
         objective=json.dumps(objective.config()),
         tread_loss=args.tread_loss + (f" (MAE weight {args.mae_loss_weight})" if args.tread_loss == "adapted" else ""),
-        dataset=dataset,
-        num_examples=num_examples,
+        dataset=data.description,
+        num_examples=len(data.dataset),
         num_classes=num_classes,
-        data_space="VAE latents" if latent_space else "pixel space",
+        data_space="VAE latents" if data.vae is not None or args.latents_dir else "pixel space",
         steps=steps,
-        global_batch_size=global_batch_size,
+        global_batch_size=run.total_batch_size,
         learning_rate=args.learning_rate,
         lr_scheduler=args.lr_scheduler,
         ema=(f"decay {args.ema_decay}" + (f", warmup power {args.ema_power}" if args.ema_warmup else ", fixed"))
@@ -1050,7 +1010,7 @@ def save_model_card(
         else "off",
         mixed_precision=args.mixed_precision or "no",
         hardware=hardware,
-        training_time=f"{seconds / 60:.1f} min",
+        training_time=f"{run.elapsed / 60:.1f} min",
         final_loss=f"{final_loss:.4f}",
         example_labels=example_labels,
         num_inference_steps=args.validation_num_inference_steps,

@@ -58,7 +58,6 @@ from diffusers_tread import hub
 # that both scripts behave the same way.
 from diffusers_tread.checkpointing import (
     LOSS_HISTORY,
-    check_run_arguments,
     final_output,
     install_stop_handlers,
     process_seed,
@@ -102,12 +101,14 @@ from diffusers_tread.t2i_training import (
 )
 from diffusers_tread.training_utils import (
     ArgumentParser,
+    check_run_arguments,
     main_with_messages,
     make_lr_scheduler,
     make_optimizer,
     make_train_dataloader,
     parse_routes,
     start_run,
+    train_steps_for,
 )
 
 logger = get_logger(__name__, log_level="INFO")
@@ -619,7 +620,8 @@ def prepare_optimization(args, accelerator, transformer, lora_parameters: list, 
         eps=args.adam_epsilon,
     )
     train_dataloader = make_train_dataloader(dataset, args, collate_examples)
-    lr_scheduler = make_lr_scheduler(optimizer, args, train_dataloader, accelerator.num_processes)
+    args.max_train_steps = train_steps_for(args, train_dataloader)
+    lr_scheduler = make_lr_scheduler(optimizer, args, args.max_train_steps, accelerator.num_processes)
     return accelerator.prepare(transformer, optimizer, train_dataloader, lr_scheduler)
 
 

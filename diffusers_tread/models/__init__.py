@@ -4,13 +4,9 @@ import os
 from collections.abc import Mapping
 
 from ..routing import paper_routes
-from .modeling_tread import TreadRoutingMixin
+from .modeling_tread import TreadRoutingMixin, TreadTransformer2DModelOutput
 from .ssm_tread import SSM_PRESETS, TreadSSM2DModel
-from .transformer_tread import (
-    PRESETS,
-    TreadTransformer2DModel,
-    TreadTransformer2DModelOutput,
-)
+from .transformer_tread import PRESETS, TreadTransformer2DModel
 from .tread_t2i import TreadRouter, apply_tread
 
 # The class that loads a checkpoint, by its config's `_class_name`; a stock Diffusers DiT loads as a TREAD DiT (the

@@ -1,5 +1,6 @@
 """What the TREAD backbones (`TreadTransformer2DModel`, `TreadSSM2DModel`) share on the model side: routes checked and
-stored in the config, routing switched on and off, the routes of one forward call, and models built from presets.
+stored in the config, routing switched on and off, the routes of one forward call, models built from presets, and the
+output type of their forward (`TreadTransformer2DModelOutput`).
 
 The route loop itself is `diffusers_tread.routing`, which knows nothing about models.
 """
@@ -7,11 +8,23 @@ The route loop itself is `diffusers_tread.routing`, which knows nothing about mo
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
-from ..routing import ROUTE_REINSERTION_MODES, resolve_routes, routes_for_call, validate_routes
+import torch
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+from ..routing import check_route_reinsertion, resolve_routes, routes_for_call, validate_routes
 
 _TreadModel = TypeVar("_TreadModel", bound="TreadRoutingMixin")
+
+
+@dataclass
+class TreadTransformer2DModelOutput(Transformer2DModelOutput):
+    """DiT's output plus ``route_masks``: one ``(batch, num_tokens)`` bool mask per applied route, True where the
+    token bypassed that route; ``None`` when routing was off (the output is then exactly DiT's)."""
+
+    route_masks: tuple[torch.BoolTensor, ...] | None = None
 
 
 class TreadRoutingMixin:
@@ -26,8 +39,7 @@ class TreadRoutingMixin:
     preset_defaults: ClassVar[dict[str, Any]] = {}
 
     def _register_routes(self, routes: Sequence[Mapping] | None, route_reinsertion: str, num_layers: int) -> None:
-        if route_reinsertion not in ROUTE_REINSERTION_MODES:
-            raise ValueError(f"route_reinsertion must be one of {ROUTE_REINSERTION_MODES}, got {route_reinsertion!r}.")
+        check_route_reinsertion(route_reinsertion)
         # Store the resolved routes (negative indices made absolute) so config.json says exactly what runs.
         self.register_to_config(routes=validate_routes(routes, num_layers))
         self.routing_enabled = True

@@ -39,8 +39,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from .. import routing
-from ..routing import TreadTransformer2DModelOutput
-from .modeling_tread import TreadRoutingMixin
+from .modeling_tread import TreadRoutingMixin, TreadTransformer2DModelOutput
 
 # Our sizes (not from a paper): DiT's depth and width (Peebles & Xie 2023, Table 1) with the attention replaced by
 # the bidirectional mixer and the MLP kept, so parameters and FLOPs are close to the DiT of the same name.

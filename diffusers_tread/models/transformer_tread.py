@@ -21,8 +21,7 @@ from diffusers.models.transformers.dit_transformer_2d import DiTTransformer2DMod
 from torch import nn
 
 from .. import routing
-from ..routing import TreadTransformer2DModelOutput
-from .modeling_tread import TreadRoutingMixin
+from .modeling_tread import TreadRoutingMixin, TreadTransformer2DModelOutput
 
 # DiT model sizes (Peebles & Xie 2023, Table 1): depth, hidden size, heads. Hidden = heads * attention_head_dim.
 DIT_SIZES = {

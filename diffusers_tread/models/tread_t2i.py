@@ -44,7 +44,6 @@ import torch
 from diffusers import FluxTransformer2DModel, PixArtTransformer2DModel, SD3Transformer2DModel
 
 from .. import routing
-from ..routing import ROUTE_REINSERTION_MODES, paper_routes
 
 # --- per-model adapters: where the blocks are and what besides the tokens carries a token axis ---------------------
 
@@ -265,9 +264,7 @@ class TreadRouter:
         generator: torch.Generator | None = None,
         route_reinsertion: str = "pre_route",
     ):
-        if route_reinsertion not in ROUTE_REINSERTION_MODES:
-            raise ValueError(f"route_reinsertion must be one of {ROUTE_REINSERTION_MODES}, got {route_reinsertion!r}.")
-        self.route_reinsertion = route_reinsertion
+        self.route_reinsertion = routing.check_route_reinsertion(route_reinsertion)
         self._adapter = _adapter_for(transformer)
         if attached_router(transformer) is not None:
             raise ValueError("This transformer already has a TreadRouter; call its remove() first.")
@@ -311,11 +308,7 @@ class TreadRouter:
 
     @routes.setter
     def routes(self, routes: list[dict] | str) -> None:
-        if isinstance(routes, str):
-            if routes != "paper":
-                raise ValueError(f"routes must be 'paper' or a list of route dicts, got {routes!r}.")
-            routes = paper_routes(self.num_blocks)
-        self._routes = routing.validate_routes(routes, self.num_blocks)
+        self._routes = routing.resolve_routes(routes, self.num_blocks)
 
     def remove(self) -> None:
         """Detach: remove every hook; the transformer is exactly the stock model again."""

@@ -20,12 +20,11 @@ from collections.abc import Callable
 
 import torch
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
-from diffusers.models import AutoencoderKL, DiTTransformer2DModel
+from diffusers.models import AutoencoderKL, DiTTransformer2DModel, ModelMixin
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..models.ssm_tread import TreadSSM2DModel
 from ..models.transformer_tread import TreadTransformer2DModel
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -90,6 +89,21 @@ def noise_levels(scheduler) -> torch.Tensor:
     return ((1.0 - alphas_cumprod) / alphas_cumprod).sqrt()
 
 
+def model_timesteps(timestep: torch.Tensor | float | int, model_input: torch.Tensor) -> torch.Tensor:
+    """A scheduler's timestep as the model takes it, as `DiTPipeline` casts it: one value per sample of
+    ``model_input``, on its device; a Python number becomes int64 / float64 (int32 / float32 on MPS and NPU)."""
+    if not torch.is_tensor(timestep):
+        is_mps_or_npu = model_input.device.type in ("mps", "npu")
+        if isinstance(timestep, float):
+            dtype = torch.float32 if is_mps_or_npu else torch.float64
+        else:
+            dtype = torch.int32 if is_mps_or_npu else torch.int64
+        timestep = torch.tensor([timestep], dtype=dtype, device=model_input.device)
+    elif timestep.ndim == 0:
+        timestep = timestep[None].to(model_input.device)
+    return timestep.expand(model_input.shape[0])
+
+
 @contextlib.contextmanager
 def sampling_mode(model: torch.nn.Module):
     """Sample with every token: routing (and dropout) run only in train mode, so use eval mode for the call and
@@ -121,7 +135,7 @@ class TreadDiTPipeline(DiffusionPipeline):
 
     def __init__(
         self,
-        transformer: DiTTransformer2DModel | TreadSSM2DModel,
+        transformer: DiTTransformer2DModel | ModelMixin,
         vae: AutoencoderKL | None,
         scheduler: KarrasDiffusionSchedulers,
         id2label: dict[int, str] | dict[str, str] | None = None,
@@ -144,9 +158,8 @@ class TreadDiTPipeline(DiffusionPipeline):
         as Diffusers' default: safetensors when present, else a pickled ``.bin`` through
         ``torch.load(weights_only=True)`` (tensors only; a pickle that would build other objects is refused)."""
         pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        if isinstance(pipe.transformer, DiTTransformer2DModel) and not isinstance(
-            pipe.transformer, TreadTransformer2DModel
-        ):
+        # A config check, not a class check: the Hub bundle's transformer class is not the one this module imports.
+        if isinstance(pipe.transformer, DiTTransformer2DModel) and "routes" not in pipe.transformer.config:
             pipe.transformer = TreadTransformer2DModel.from_dit(pipe.transformer)
         return pipe
 
@@ -368,6 +381,57 @@ class TreadDiTPipeline(DiffusionPipeline):
             route_generator=torch.Generator().manual_seed(routing_seed),
         ).sample
 
+    def guided_prediction(
+        self,
+        latents: torch.Tensor,
+        t: torch.Tensor | float,
+        class_labels: torch.Tensor,
+        class_null: torch.Tensor,
+        guidance: str,
+        cfg_scale: float,
+        sparse_scale: float,
+        sparse_ratios: tuple[float, float] = (0.3, 0.7),
+        routing_seed: int = 0,
+    ) -> torch.Tensor:
+        """One step's guided model output (see `__call__`'s ``guidance``) for ``latents`` at timestep ``t``: the
+        predicted noise, guided on the latent channels, and a learned variance (channels ``in_channels:``, if any)
+        from the conditional (for the sparse kinds, the strong) pass. A scale <= 1 turns its guidance off.
+        ``routing_seed`` seeds the routed passes of the sparse kinds (one seed for all the step's passes)."""
+        latent_channels = self.transformer.config.in_channels
+        sparse = guidance != "cfg"
+        step_cfg = cfg_scale > 1
+        # Sparse kinds run separate passes (different ratios cannot share a batch); "cfg" batches its two.
+        model_input = torch.cat([latents, latents]) if step_cfg and not sparse else latents
+        if hasattr(self.scheduler, "scale_model_input"):  # flow-matching schedulers have none
+            model_input = self.scheduler.scale_model_input(model_input, t)
+        timesteps = model_timesteps(t, model_input)
+
+        if not sparse:
+            labels = torch.cat([class_labels, class_null]) if step_cfg else class_labels
+            noise_pred = self.transformer(model_input, timestep=timesteps, class_labels=labels).sample
+            # Guidance on the predicted noise (all latent channels, as DiTPipeline); a learned variance
+            # (learned-sigma models, channels latent_channels:) is taken from the conditional pass.
+            if step_cfg:
+                cond, uncond = noise_pred.chunk(2)
+                guided = uncond[:, :latent_channels] + cfg_scale * (
+                    cond[:, :latent_channels] - uncond[:, :latent_channels]
+                )
+                noise_pred = torch.cat([guided, cond[:, latent_channels:]], dim=1)
+            return noise_pred
+        gamma_strong, gamma_weak = sparse_ratios
+        strong = self.routed_prediction(model_input, timesteps, class_labels, gamma_strong, routing_seed)
+        guided = strong[:, :latent_channels]
+        if sparse_scale > 1:
+            # Sparse Guidance (arXiv 2601.01608), both passes conditional:
+            # D(c; g_w) + s (D(c; g_s) - D(c; g_w)) = D(c; g_s) + (s - 1) (D(c; g_s) - D(c; g_w))
+            weak = self.routed_prediction(model_input, timesteps, class_labels, gamma_weak, routing_seed)
+            guided = guided + (sparse_scale - 1) * (strong[:, :latent_channels] - weak[:, :latent_channels])
+        if step_cfg:
+            # CFG at the strong ratio, same token subsets: + (w - 1) (D(c; g_s) - D(null; g_s))
+            uncond = self.routed_prediction(model_input, timesteps, class_null, gamma_strong, routing_seed)
+            guided = guided + (cfg_scale - 1) * (strong[:, :latent_channels] - uncond[:, :latent_channels])
+        return torch.cat([guided, strong[:, latent_channels:]], dim=1)
+
     @torch.no_grad()
     def __call__(
         self,
@@ -493,53 +557,12 @@ class TreadDiTPipeline(DiffusionPipeline):
                     continue
                 # Read every step: a step-end callback may change the scales (Diffusers' convention).
                 cfg_scale, sparse_scale = self._scales(guidance, self._guidance_scale, self._sparse_guidance_scale)
-                step_cfg = cfg_scale > 1 and guided_steps[step]
-                step_sparse_guidance = sparse_scale > 1 and guided_steps[step]
-                # Sparse kinds run separate passes (different ratios cannot share a batch); "cfg" batches its two.
-                model_input = torch.cat([latents, latents]) if step_cfg and not sparse else latents
-                if hasattr(self.scheduler, "scale_model_input"):  # flow-matching schedulers have none
-                    model_input = self.scheduler.scale_model_input(model_input, t)
-
-                timesteps = t
-                if not torch.is_tensor(timesteps):
-                    is_mps_or_npu = model_input.device.type in ("mps", "npu")
-                    if isinstance(timesteps, float):
-                        dtype = torch.float32 if is_mps_or_npu else torch.float64
-                    else:
-                        dtype = torch.int32 if is_mps_or_npu else torch.int64
-                    timesteps = torch.tensor([timesteps], dtype=dtype, device=model_input.device)
-                elif timesteps.ndim == 0:
-                    timesteps = timesteps[None].to(model_input.device)
-                timesteps = timesteps.expand(model_input.shape[0])
-
-                if not sparse:
-                    labels = torch.cat([class_labels, class_null]) if step_cfg else class_labels
-                    noise_pred = self.transformer(model_input, timestep=timesteps, class_labels=labels).sample
-                    # Guidance on the predicted noise (all latent channels, as DiTPipeline); a learned variance
-                    # (learned-sigma models, channels latent_channels:) is taken from the conditional pass.
-                    if step_cfg:
-                        cond, uncond = noise_pred.chunk(2)
-                        guided = uncond[:, :latent_channels] + cfg_scale * (
-                            cond[:, :latent_channels] - uncond[:, :latent_channels]
-                        )
-                        noise_pred = torch.cat([guided, cond[:, latent_channels:]], dim=1)
-                else:
-                    gamma_strong, gamma_weak = sparse_ratios
-                    seed = routing_seed + step
-                    strong = self.routed_prediction(model_input, timesteps, class_labels, gamma_strong, seed)
-                    guided = strong[:, :latent_channels]
-                    if step_sparse_guidance:
-                        # Sparse Guidance (arXiv 2601.01608), both passes conditional:
-                        # D(c; g_w) + s (D(c; g_s) - D(c; g_w)) = D(c; g_s) + (s - 1) (D(c; g_s) - D(c; g_w))
-                        weak = self.routed_prediction(model_input, timesteps, class_labels, gamma_weak, seed)
-                        guided = guided + (sparse_scale - 1) * (
-                            strong[:, :latent_channels] - weak[:, :latent_channels]
-                        )
-                    if step_cfg:
-                        # CFG at the strong ratio, same token subsets: + (w - 1) (D(c; g_s) - D(null; g_s))
-                        uncond = self.routed_prediction(model_input, timesteps, class_null, gamma_strong, seed)
-                        guided = guided + (cfg_scale - 1) * (strong[:, :latent_channels] - uncond[:, :latent_channels])
-                    noise_pred = torch.cat([guided, strong[:, latent_channels:]], dim=1)
+                if not guided_steps[step]:  # outside guidance_interval: the unguided pass only
+                    cfg_scale, sparse_scale = 1.0, 1.0
+                routing = {"sparse_ratios": sparse_ratios, "routing_seed": routing_seed + step} if sparse else {}
+                noise_pred = self.guided_prediction(
+                    latents, t, class_labels, class_null, guidance, cfg_scale, sparse_scale, **routing
+                )
                 if noise_pred.shape[1] == 2 * latent_channels and not learned_variance:
                     noise_pred = noise_pred[:, :latent_channels]
 
