@@ -30,7 +30,7 @@ from diffusers_tread.sharding import (
     save_full_pretrained,
     shard_ema_like,
 )
-from diffusers_tread.training_utils import tread_training_loss
+from diffusers_tread.training_utils import RunState, tread_training_loss
 
 CONFIG = dict(
     num_attention_heads=2,
@@ -195,7 +195,8 @@ def script_paths(out: Path) -> dict:
     final_model, final_ema = script.main_process_weights(accelerator, resumed, resumed_ema)
     found["final_is_ordinary"] = final_model is None or not is_sharded(final_model)
     if rank == 0:
-        script.save_final_pipeline(args, [], None, final_model, final_ema, objective, data, 8, 1, time.time(), 1.0)
+        state = RunState(args=args, argv=[], accelerator=accelerator, repo_id=None, started=time.time(), data=data)
+        script.save_final_pipeline(state, final_model, final_ema, objective, 1, 1.0)
     dist.barrier()
     final = TreadTransformer2DModel.from_pretrained(run / "transformer")
     found["final_error"] = max_error(final.state_dict(), reference_ema_weights.state_dict())

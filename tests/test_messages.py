@@ -94,7 +94,9 @@ def test_expected_failures_are_one_line_with_where_they_were_raised(monkeypatch,
     def failed_upload():  # the library's own RuntimeError messages stay one line
         from diffusers_tread import hub
 
-        monkeypatch.setattr(hub, "upload_output", lambda *a, **k: (_ for _ in ()).throw(ConnectionError("offline")))
+        monkeypatch.setattr(
+            hub.uploads, "upload_output", lambda *a, **k: (_ for _ in ()).throw(ConnectionError("offline"))
+        )
         hub.upload_final_output("out", "user/model", token=TOKEN)
 
     code, err = run_main(failed_upload, monkeypatch, capsys)
