@@ -11,7 +11,7 @@ from .transformer_tread import (
     TreadTransformer2DModel,
     TreadTransformer2DModelOutput,
 )
-from .tread_t2i import TreadRouter, apply_tread
+from .router import TreadRouter, apply_tread
 
 # The class that loads a checkpoint, by its config's `_class_name`; a stock Diffusers DiT loads as a TREAD DiT (the
 # same weights, see `TreadTransformer2DModel.from_dit`).
