@@ -282,23 +282,14 @@ class TreadRouter:
         return torch.cat([first, kept + keep], dim=1)
 
     def _gathered_inputs(self, index: int, arguments: dict, state: dict) -> dict:
-        """The kept rows of every per-token block input of block ``index`` (cached per source tensor)."""
-        updates = {}
+        """The kept rows of every per-token block input of block ``index``. Gathered per block (an index op on
+        tensors the size of the tokens), since a family may pass a different tensor to each block."""
         specs = self._block_list[index].token_inputs or self.family.token_inputs
-        for name, spec in specs.items():
-            value = arguments.get(name)
-            if value is None:
-                continue
-            cached = state["inputs"].get(name)
-            if cached is not None and cached[0] is value:
-                updates[name] = cached[1]
-                continue
-            gathered = spec.gather(name, value, state["kept"], state["num_image"], state["num_text"])
-            if gathered is value:
-                continue
-            state["inputs"][name] = (value, gathered)
-            updates[name] = gathered
-        return updates
+        return {
+            name: spec.gather(name, arguments[name], state["kept"], state["num_image"], state["num_text"])
+            for name, spec in specs.items()
+            if arguments.get(name) is not None
+        }
 
     def _route_inputs(self, index: int, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         """Route start: store the image tokens, draw and gather the kept ones. Every routed block: swap in the
@@ -315,7 +306,7 @@ class TreadRouter:
             self.family.check_tokens(self, arguments, num_image, num_text)
             kept = self._draw(batch_size, num_image, route["selection_ratio"], image.device)
             self._open[position] = dict(
-                kept=kept, reinsert_into=image, num_image=num_image, num_text=num_text, inputs={}
+                kept=kept, reinsert_into=image, num_image=num_image, num_text=num_text
             )
             updates["hidden_states"] = self._join(index, text, routing.gather_tokens(image, kept))
         updates.update(self._gathered_inputs(index, arguments, self._open[position]))
