@@ -51,6 +51,8 @@ class Case:
     gather: dict[str, Callable] = field(default_factory=dict)  # name -> (value of one sample, kept, N, T) -> rows
     text_args: tuple[str, ...] = ("encoder_hidden_states",)
     keep_first_frame: bool = False
+    # inputs the stock model's checkpointed forward drops (Chroma's single blocks get no attention_mask there)
+    not_checkpointed: tuple[str, ...] = ()
 
     def make(self, seed: int = 0):
         torch.manual_seed(seed)
@@ -265,6 +267,207 @@ CASES = [
         text_args=("encoder_hidden_states", "encoder_attention_mask"),
     ),
 ]
+
+
+def _flux_like_inputs(g, b, mask=False):
+    inputs = _flux_inputs(g, b)
+    del inputs["pooled_projections"]
+    if mask:  # Chroma: a (B, T + N) mask, text first; the last text token of sample 0 is padding
+        inputs["attention_mask"] = torch.ones(b, TEXT + 15)
+        inputs["attention_mask"][0, TEXT - 1] = 0
+    return inputs
+
+
+def _video_inputs(channels_first=True, frames=2, text_dim=12, **extra):
+    def make(g, b):
+        shape = (b, 4, frames, 6, 10) if channels_first else (b, frames, 4, 6, 10)
+        inputs = dict(
+            hidden_states=torch.randn(*shape, generator=g),  # patch 2: 3 x 5 tokens per frame
+            encoder_hidden_states=torch.randn(b, TEXT, text_dim, generator=g),
+            timestep=torch.randint(1, 1000, (b,), generator=g),
+        )
+        for name, make_value in extra.items():
+            inputs[name] = make_value(g, b)
+        return inputs
+
+    return make
+
+
+def _text_mask(g, b):
+    mask = torch.ones(b, TEXT)
+    mask[0, -2:] = 0
+    return mask
+
+
+_SHARED_ROWS = lambda v, kept, n, t: tuple(table[kept] for table in v)  # noqa: E731
+_SKYREELS = {**_WAN, "num_frame_per_block": 2}
+_HUNYUAN_VIDEO = dict(
+    in_channels=4,
+    out_channels=4,
+    num_attention_heads=2,
+    attention_head_dim=8,
+    num_layers=2,
+    num_single_layers=4,
+    num_refiner_layers=1,
+    patch_size=2,
+    patch_size_t=1,
+    guidance_embeds=False,
+    text_embed_dim=12,
+    pooled_projection_dim=8,
+    rope_axes_dim=(2, 2, 4),
+)
+_HUNYUAN_GATHER = {
+    "freqs_cis": _SHARED_ROWS,
+    "image_rotary_emb": _SHARED_ROWS,
+    "attention_mask": lambda v, kept, n, t: v[..., torch.cat([kept, n + torch.arange(t)])],
+}
+_HUNYUAN_INPUTS = _video_inputs(
+    encoder_attention_mask=_text_mask, pooled_projections=lambda g, b: torch.randn(b, 8, generator=g)
+)
+
+CASES += [
+    Case(
+        "chroma",
+        "ChromaTransformer2DModel",
+        dict(
+            patch_size=1,
+            in_channels=4,
+            num_layers=2,
+            num_single_layers=4,
+            attention_head_dim=8,
+            num_attention_heads=2,
+            joint_attention_dim=12,
+            axes_dims_rope=(2, 2, 4),
+            approximator_num_channels=8,
+            approximator_hidden_dim=16,
+            approximator_layers=1,
+        ),
+        lambda g, b: _flux_like_inputs(g, b, mask=True),
+        15,
+        ROUTE,  # double block 1 .. single block 2 (a joint [text; image] stream)
+        not_checkpointed=("attention_mask",),
+        gather={
+            "image_rotary_emb": lambda v, kept, n, t: tuple(table[_joint_rows(kept, t)] for table in v),
+            "attention_mask": lambda v, kept, n, t: v[:, _joint_rows(kept, t)],
+        },
+    ),
+    Case(
+        "cogview4",
+        "CogView4Transformer2DModel",
+        dict(
+            patch_size=2,
+            in_channels=4,
+            out_channels=4,
+            num_layers=6,
+            attention_head_dim=8,
+            num_attention_heads=2,
+            text_embed_dim=12,
+            time_embed_dim=8,
+            condition_dim=4,
+            pos_embed_max_size=16,
+            sample_size=8,
+            rope_axes_dim=(4, 4),
+        ),
+        lambda g, b: dict(
+            hidden_states=torch.randn(b, 4, 6, 10, generator=g),
+            encoder_hidden_states=torch.randn(b, TEXT, 12, generator=g),
+            timestep=torch.randint(0, 1000, (b,), generator=g),
+            original_size=torch.tensor([[48.0, 80.0]] * b),
+            target_size=torch.tensor([[48.0, 80.0]] * b),
+            crop_coords=torch.zeros(b, 2),
+        ),
+        15,
+        ROUTE,
+        gather={"image_rotary_emb": _SHARED_ROWS},
+        text_args=("encoder_hidden_states", "attention_mask"),
+    ),
+    Case(
+        "skyreels_v2_diffusion_forcing",
+        "SkyReelsV2Transformer3DModel",
+        _SKYREELS,
+        lambda g, b: dict(
+            hidden_states=torch.randn(b, 4, 4, 6, 8, generator=g),  # 4 frames x 3 x 4 = 48 tokens, 2 frames a block
+            encoder_hidden_states=torch.randn(b, TEXT, 12, generator=g),
+            timestep=torch.randint(0, 1000, (b, 4), generator=g),  # one timestep per frame
+            enable_diffusion_forcing=True,
+        ),
+        48,
+        ROUTE,
+        gather={
+            "rotary_emb": lambda v, kept, n, t: tuple(table[:, kept] for table in v),
+            "temb": lambda v, kept, n, t: v[:, :, kept] if v.ndim == 4 else v,
+            "attention_mask": lambda v, kept, n, t: v[:, :, kept][:, :, :, kept],
+        },
+    ),
+    Case(
+        "hunyuan_video",
+        "HunyuanVideoTransformer3DModel",
+        _HUNYUAN_VIDEO,
+        _HUNYUAN_INPUTS,
+        30,
+        ROUTE,
+        gather=_HUNYUAN_GATHER,
+        text_args=("encoder_hidden_states",),
+    ),
+    Case(
+        "hunyuan_video_i2v_token_replace",
+        "HunyuanVideoTransformer3DModel",
+        {**_HUNYUAN_VIDEO, "image_condition_type": "token_replace"},
+        _HUNYUAN_INPUTS,
+        30,
+        ROUTE,
+        gather=_HUNYUAN_GATHER,
+        keep_first_frame=True,
+    ),
+    Case(
+        "cogvideox_1_5",
+        "CogVideoXTransformer3DModel",
+        dict(
+            num_attention_heads=2,
+            attention_head_dim=8,
+            in_channels=4,
+            out_channels=4,
+            time_embed_dim=8,
+            text_embed_dim=12,
+            num_layers=6,
+            sample_width=10,
+            sample_height=6,
+            sample_frames=5,
+            patch_size=2,
+            max_text_seq_length=TEXT,
+            use_rotary_positional_embeddings=True,
+        ),
+        _video_inputs(
+            channels_first=False,
+            image_rotary_emb=lambda g, b: (torch.randn(30, 8, generator=g), torch.randn(30, 8, generator=g)),
+        ),
+        30,
+        ROUTE,
+        gather={"image_rotary_emb": _SHARED_ROWS},
+    ),
+    Case(
+        "mochi",
+        "MochiTransformer3DModel",
+        dict(
+            patch_size=2,
+            num_attention_heads=2,
+            attention_head_dim=8,
+            num_layers=6,
+            pooled_projection_dim=8,
+            in_channels=4,
+            text_embed_dim=16,  # its caption pooler has 8 heads
+            time_embed_dim=4,
+            max_sequence_length=TEXT,
+        ),
+        _video_inputs(text_dim=16, encoder_attention_mask=_text_mask),
+        30,
+        ROUTE,
+        gather={
+            "image_rotary_emb": lambda v, kept, n, t: v[kept] if torch.is_tensor(v) else _SHARED_ROWS(v, kept, n, t)
+        },
+        text_args=("encoder_hidden_states", "encoder_attention_mask"),
+    ),
+]
 CASES = [case for case in CASES if hasattr(diffusers, case.model_class)]  # a class the installed Diffusers lacks
 IDS = [case.name for case in CASES]
 
@@ -285,10 +488,13 @@ def bound(block, args, kwargs) -> dict:
 
 def image_of(router, index, output):
     position = router._block_list[index].output
-    return output if position is None else output[position]
+    hidden = output if position is None else output[position]
+    return hidden[:, TEXT:] if router._block_list[index].joint else hidden  # the joint layouts here are text-first
 
 
 def text_of(router, index, output):
+    if router._block_list[index].joint:
+        return output[:, :TEXT]
     position = router._block_list[index].output
     return None if position is None else output[1 - position]
 
@@ -336,7 +542,10 @@ def reference(case, router, recorder, b, kept):
     route = router.routes[0]
     start, end = route["start_layer_idx"], route["end_layer_idx"]
     pre_route = recorder.inputs[start]["hidden_states"][b : b + 1]
-    hidden, text = pre_route[:, kept], None
+    text = None
+    if router._block_list[start].joint:
+        text, pre_route = pre_route[:, :TEXT], pre_route[:, TEXT:]
+    hidden = pre_route[:, kept]
     with torch.no_grad():
         for index in range(start, end + 1):
             kwargs = {name: one_sample(value, b) for name, value in recorder.inputs[index].items()}
@@ -344,7 +553,9 @@ def reference(case, router, recorder, b, kept):
                 if kwargs.get(name) is not None:
                     kwargs[name] = gather(kwargs[name], kept, case.num_image, TEXT)
             kwargs["hidden_states"] = hidden
-            if text is not None:
+            if text is not None and router._block_list[index].joint:
+                kwargs["hidden_states"] = torch.cat([text, hidden], dim=1)
+            elif text is not None and "encoder_hidden_states" in kwargs:
                 kwargs["encoder_hidden_states"] = text
             output = router.blocks[index](**kwargs)
             hidden, text = image_of(router, index, output), text_of(router, index, output)
@@ -401,12 +612,14 @@ def test_a_routed_sample_equals_the_sample_alone_through_a_reference(case):
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_bypassed_tokens_re_enter_with_pre_route_state_plus_input_in_v1_mode(case):
     model = case.make().train()
-    router = route_of(case, model, generator=torch.Generator().manual_seed(2), route_reinsertion="pre_route_plus_input")
+    router = route_of(
+        case, model, generator=torch.Generator().manual_seed(2), route_reinsertion="pre_route_plus_input"
+    )
     with torch.no_grad():
         recorder, mask = routed_forward(case, model, router)
     start, end = router.routes[0]["start_layer_idx"], router.routes[0]["end_layer_idx"]
     routed = image_of(router, end, recorder.outputs[end])
-    expected = recorder.inputs[start]["hidden_states"] + recorder.inputs[0]["hidden_states"]
+    expected = recorder.inputs[start]["hidden_states"] + recorder.inputs[0]["hidden_states"]  # routes start unjoint
     assert torch.equal(routed[mask], expected[mask])
     assert mask.any(1).all()
 
@@ -496,7 +709,7 @@ def test_checkpointing_gives_the_same_gradients(case):
     plain.train(), checkpointed.train()
     checkpointed.enable_gradient_checkpointing()
     routers = [route_of(case, m, generator=torch.Generator().manual_seed(5)) for m in (plain, checkpointed)]
-    inputs = case.make_inputs()
+    inputs = {k: v for k, v in case.make_inputs().items() if k not in case.not_checkpointed}
     outputs = [m(**inputs).sample for m in (plain, checkpointed)]
     for output in outputs:
         output.square().mean().backward()
@@ -611,7 +824,9 @@ def test_an_ambiguous_shape_is_refused():
     router = route_of(case, model)
     inputs = case.make_inputs()
     inputs["hidden_states"] = inputs["hidden_states"][:, :, :1, :4, :6]  # 1 x 2 x 3 = 6 tokens
-    model(**inputs)  # the real line declares temb: (batch, 6, dim) is per chunk by its ndim, (batch, N, 6, dim) per token
+    model(
+        **inputs
+    )  # the real line declares temb: (batch, 6, dim) is per chunk by its ndim, (batch, N, 6, dim) per token
     router.family = dataclasses.replace(router.family, token_inputs={"rotary_emb": families.TokenInput()})
     with pytest.raises(ValueError, match="ambiguous"):
         model(**inputs)
@@ -645,3 +860,16 @@ def test_deepcopy_keeps_a_working_router():
     assert attached_router(copied) is not router
     copied(**case.make_inputs())
     assert attached_router(copied).route_masks is not None and router.route_masks is None
+
+
+def test_hunyuan_video_token_replace_i2v_needs_keep_first_frame():
+    case = _case("hunyuan_video_i2v_token_replace")
+    model = case.make().train()
+    apply_tread(model, [case.route])
+    with pytest.raises(ValueError, match="keep_first_frame=True"):
+        model(**case.make_inputs())
+    model = case.make().train()
+    router = route_of(case, model)
+    router.selection_ratio = 0.75
+    model(**case.make_inputs())
+    assert not router.route_masks[0][:, :15].any()  # the first frame's 3 x 5 tokens stay in the route

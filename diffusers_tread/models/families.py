@@ -264,6 +264,21 @@ def _ltx_frame_tokens(transformer, arguments: dict) -> int:
     return int(arguments["height"]) * int(arguments["width"])
 
 
+def _hunyuan_video_check(router, arguments: dict, routes: list[dict]) -> None:
+    if router.transformer.config.image_condition_type == "token_replace" and not router.keep_first_frame:
+        raise ValueError(
+            "HunyuanVideo I2V (image_condition_type='token_replace') modulates the first latent frame's tokens "
+            "differently and finds them as the first `first_frame_num_tokens` tokens; route with "
+            "apply_tread(..., keep_first_frame=True) so that they stay, in place, in every route."
+        )
+
+
+def _hunyuan_frame_tokens(transformer, arguments: dict) -> int:
+    _, _, _, height, width = arguments["hidden_states"].shape
+    patch = transformer.config.patch_size
+    return (height // patch) * (width // patch)
+
+
 _CONTROLNET = "ControlNet residuals are added to every image token between blocks, also inside a route."
 _SHARED_ROPE_JOINT = {"image_rotary_emb": TokenInput(axes=(0,), layout="text_image", shared=True, rope_view=True)}
 
@@ -303,6 +318,30 @@ FAMILIES: tuple[Family, ...] = (
         check=_joint_mask_check,
     ),
     Family(
+        # As Flux.1, but the model concatenates [text; image] before the single-stream blocks, whose
+        # hidden_states is then joint; a (B, T + N) attention mask in the same order reaches every block.
+        name="Chroma",
+        classes=("ChromaTransformer2DModel",),
+        block_lists=(
+            BlockList("transformer_blocks", output=1),
+            BlockList("single_transformer_blocks", joint="text_image"),
+        ),
+        token_inputs={**_SHARED_ROPE_JOINT, "attention_mask": TokenInput(axes=(1,), layout="text_image")},
+        refuse_arguments={"controlnet_block_samples": _CONTROLNET, "controlnet_single_block_samples": _CONTROLNET},
+        check=_joint_mask_check,
+    ),
+    Family(
+        # CogView4TransformerBlock(hidden_states, encoder_hidden_states, temb, image_rotary_emb, attention_mask, ...)
+        # -> (image, text); RoPE over the image tokens only (N, D), applied with sequence_dim=2; attention_mask is the
+        # text mask (B, T): the processor builds the joint mask from the two streams' lengths.
+        name="CogView4",
+        classes=("CogView4Transformer2DModel",),
+        block_lists=(BlockList("transformer_blocks", output=0),),
+        token_inputs={"image_rotary_emb": TokenInput(axes=(0,), shared=True, rope_view=True)},
+        text_args=("encoder_hidden_states", "attention_mask"),
+        check=_joint_mask_check,
+    ),
+    Family(
         # WanTransformerBlock(hidden_states, encoder_hidden_states, temb, rotary_emb) -> hidden_states; text (and the
         # CLIP image of 2.1 I2V, whose latent is concatenated on the channels) via cross-attention. RoPE (1, N, 1, D);
         # temb (B, 6, D), or per token (B, N, 6, D) in Wan 2.2 TI2V.
@@ -322,6 +361,60 @@ FAMILIES: tuple[Family, ...] = (
         token_inputs={"image_rotary_emb": TokenInput(axes=(1,)), "temb": TokenInput(axes=(1,), broadcast=True)},
         text_args=("encoder_hidden_states", "encoder_attention_mask"),
         frame_tokens=_ltx_frame_tokens,
+        video=True,
+    ),
+    Family(
+        # As Wan; temb (B, 6, D), or (B, 6, N, D) under diffusion forcing; a block-causal mask (1, 1, N, N) when
+        # num_frame_per_block > 1.
+        name="SkyReels-V2",
+        classes=("SkyReelsV2Transformer3DModel",),
+        block_lists=(BlockList("blocks"),),
+        token_inputs={
+            "rotary_emb": TokenInput(axes=(1,)),
+            "temb": TokenInput(axes=(2,), when_ndim=4),
+            "attention_mask": TokenInput(axes=(2, 3)),
+        },
+        frame_tokens=_wan_frame_tokens,
+        video=True,
+    ),
+    Family(
+        # Double- then single-stream blocks (hidden_states, encoder_hidden_states, temb, attention_mask, RoPE, ...)
+        # -> (image, text); RoPE over the image tokens (N, D), shared, applied with sequence_dim=1; the joint mask
+        # (B, 1, 1, N + T) is in [image; text] order. I2V "token_replace" modulates the first frame's tokens apart.
+        name="HunyuanVideo",
+        classes=("HunyuanVideoTransformer3DModel",),
+        block_lists=(
+            BlockList("transformer_blocks", output=0),
+            BlockList("single_transformer_blocks", output=0),
+        ),
+        token_inputs={
+            "freqs_cis": TokenInput(axes=(0,), shared=True, rope_view=True),
+            "image_rotary_emb": TokenInput(axes=(0,), shared=True, rope_view=True),
+            "attention_mask": TokenInput(axes=(3,), layout="image_text"),
+        },
+        check=_hunyuan_video_check,
+        frame_tokens=_hunyuan_frame_tokens,
+        video=True,
+    ),
+    Family(
+        # CogVideoXBlock(hidden_states, encoder_hidden_states, temb, image_rotary_emb, ...) -> (image, text); the
+        # text and video tokens are split after the joint patch embedding; RoPE (1.5) over the video tokens (N, D),
+        # shared, applied with sequence_dim=2 (1.0 adds positions once).
+        name="CogVideoX",
+        classes=("CogVideoXTransformer3DModel",),
+        block_lists=(BlockList("transformer_blocks", output=0),),
+        token_inputs={"image_rotary_emb": TokenInput(axes=(0,), shared=True, rope_view=True)},
+        video=True,
+    ),
+    Family(
+        # MochiTransformerBlock(hidden_states, encoder_hidden_states, temb, encoder_attention_mask, image_rotary_emb)
+        # -> (image, text); RoPE (N, heads, D / 2) shared, broadcast against (B, N, heads, D / 2): per-sample rows
+        # (B, K, heads, D / 2) broadcast the same way.
+        name="Mochi",
+        classes=("MochiTransformer3DModel",),
+        block_lists=(BlockList("transformer_blocks", output=0),),
+        token_inputs={"image_rotary_emb": TokenInput(axes=(0,), shared=True)},
+        text_args=("encoder_hidden_states", "encoder_attention_mask"),
         video=True,
     ),
     # --- refused ---

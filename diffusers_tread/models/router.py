@@ -60,7 +60,7 @@ def _parameter_names(function) -> tuple[list[str], bool]:
 
 def _bind(names: list[str], args: tuple, kwargs: dict) -> dict:
     """The arguments of a call by name (what ``Signature.bind`` gives for these calls; traceable by Dynamo)."""
-    bound = dict(zip(names, args))
+    bound = dict(zip(names, args, strict=False))  # extra positional arguments belong to a block's *args
     bound.update(kwargs)
     return bound
 
@@ -305,9 +305,7 @@ class TreadRouter:
             batch_size, num_image = image.shape[:2]
             self.family.check_tokens(self, arguments, num_image, num_text)
             kept = self._draw(batch_size, num_image, route["selection_ratio"], image.device)
-            self._open[position] = dict(
-                kept=kept, reinsert_into=image, num_image=num_image, num_text=num_text
-            )
+            self._open[position] = dict(kept=kept, reinsert_into=image, num_image=num_image, num_text=num_text)
             updates["hidden_states"] = self._join(index, text, routing.gather_tokens(image, kept))
         updates.update(self._gathered_inputs(index, arguments, self._open[position]))
         args, kwargs = list(args), dict(kwargs)
@@ -389,5 +387,9 @@ def apply_tread(
     ``routes="paper"`` is the paper's default single route, blocks 2 .. num_blocks-4 at selection ratio 0.5 (ICCV
     Sec. 4.1). Returns the ``TreadRouter``; ``router.remove()`` detaches it."""
     return TreadRouter(
-        transformer, routes, generator=generator, route_reinsertion=route_reinsertion, keep_first_frame=keep_first_frame
+        transformer,
+        routes,
+        generator=generator,
+        route_reinsertion=route_reinsertion,
+        keep_first_frame=keep_first_frame,
     )
