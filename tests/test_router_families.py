@@ -53,6 +53,7 @@ class Case:
     keep_first_frame: bool = False
     # inputs the stock model's checkpointed forward drops (Chroma's single blocks get no attention_mask there)
     not_checkpointed: tuple[str, ...] = ()
+    joint_text: int = TEXT  # text tokens in a joint [text; image] stream (AuraFlow adds its register tokens)
 
     def make(self, seed: int = 0):
         torch.manual_seed(seed)
@@ -468,6 +469,112 @@ CASES += [
         text_args=("encoder_hidden_states", "encoder_attention_mask"),
     ),
 ]
+
+
+def _qwen_inputs(edit=False):
+    def make(g, b):
+        shapes = [(1, 3, 5), (1, 3, 2)] if edit else [(1, 3, 5)]  # Edit: the reference image's tokens follow
+        n = sum(f * h * w for f, h, w in shapes)
+        return dict(
+            hidden_states=torch.randn(b, n, 16, generator=g),
+            encoder_hidden_states=torch.randn(b, TEXT, 12, generator=g),
+            encoder_hidden_states_mask=torch.ones(b, TEXT),
+            timestep=torch.rand(b, generator=g),
+            img_shapes=[shapes] * b,
+        )
+
+    return make
+
+
+_QWEN = dict(
+    patch_size=2,
+    in_channels=16,
+    out_channels=4,
+    num_layers=6,
+    attention_head_dim=8,
+    num_attention_heads=2,
+    joint_attention_dim=12,
+    axes_dims_rope=(2, 2, 4),
+)
+_QWEN_GATHER = {
+    "image_rotary_emb": lambda v, kept, n, t: (v[0][kept], v[1]),
+    "modulate_index": lambda v, kept, n, t: v[:, kept],
+}
+
+CASES += [
+    Case(
+        "flux2",
+        "Flux2Transformer2DModel",
+        dict(
+            patch_size=1,
+            in_channels=4,
+            num_layers=2,
+            num_single_layers=4,
+            attention_head_dim=8,
+            num_attention_heads=2,
+            joint_attention_dim=12,
+            timestep_guidance_channels=8,
+            mlp_ratio=2.0,
+            axes_dims_rope=(2, 2, 2, 2),
+            guidance_embeds=False,
+        ),
+        lambda g, b: dict(
+            hidden_states=torch.randn(b, 15, 4, generator=g),
+            encoder_hidden_states=torch.randn(b, TEXT, 12, generator=g),
+            timestep=torch.rand(b, generator=g),
+            img_ids=torch.cat([torch.zeros(15, 1), _grid_ids(1, 3, 5)], dim=1),
+            txt_ids=torch.zeros(TEXT, 4),
+        ),
+        15,
+        ROUTE,
+        gather={"image_rotary_emb": lambda v, kept, n, t: tuple(table[_joint_rows(kept, t)] for table in v)},
+    ),
+    Case(
+        "auraflow",
+        "AuraFlowTransformer2DModel",
+        dict(
+            sample_size=6,
+            patch_size=2,
+            in_channels=4,
+            num_mmdit_layers=2,
+            num_single_dit_layers=4,
+            attention_head_dim=8,
+            num_attention_heads=2,
+            joint_attention_dim=12,
+            caption_projection_dim=16,
+            out_channels=4,
+            pos_embed_max_size=64,
+        ),
+        lambda g, b: dict(
+            hidden_states=torch.randn(b, 4, 6, 10, generator=g),
+            encoder_hidden_states=torch.randn(b, TEXT, 12, generator=g),
+            timestep=torch.rand(b, generator=g),
+        ),
+        15,
+        ROUTE,  # joint block 1 .. single block 2
+        joint_text=TEXT + 8,  # AuraFlow prepends 8 register tokens to the text
+    ),
+    Case(
+        "qwenimage",
+        "QwenImageTransformer2DModel",
+        _QWEN,
+        _qwen_inputs(),
+        15,
+        ROUTE,
+        gather=_QWEN_GATHER,
+        text_args=("encoder_hidden_states", "encoder_hidden_states_mask"),
+    ),
+    Case(
+        "qwenimage_edit_zero_cond_t",
+        "QwenImageTransformer2DModel",
+        {**_QWEN, "zero_cond_t": True},
+        _qwen_inputs(edit=True),
+        21,
+        ROUTE,
+        gather=_QWEN_GATHER,
+        text_args=("encoder_hidden_states", "encoder_hidden_states_mask"),
+    ),
+]
 CASES = [case for case in CASES if hasattr(diffusers, case.model_class)]  # a class the installed Diffusers lacks
 IDS = [case.name for case in CASES]
 
@@ -486,15 +593,15 @@ def bound(block, args, kwargs) -> dict:
     return dict(inspect.signature(block.forward).bind(*args, **kwargs).arguments)
 
 
-def image_of(router, index, output):
+def image_of(router, index, output, num_text=TEXT):
     position = router._block_list[index].output
     hidden = output if position is None else output[position]
-    return hidden[:, TEXT:] if router._block_list[index].joint else hidden  # the joint layouts here are text-first
+    return hidden[:, num_text:] if router._block_list[index].joint else hidden  # the joint layouts here: text first
 
 
-def text_of(router, index, output):
+def text_of(router, index, output, num_text=TEXT):
     if router._block_list[index].joint:
-        return output[:, :TEXT]
+        return output[:, :num_text]
     position = router._block_list[index].output
     return None if position is None else output[1 - position]
 
@@ -533,6 +640,8 @@ def one_sample(value, b):
         return type(value)(one_sample(item, b) for item in value)
     if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == BATCH:
         return value[b : b + 1]
+    if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == 2 * BATCH:
+        return value[b::BATCH]  # Qwen's zero_cond_t stacks [temb(t); temb(0)] on the batch axis
     return value
 
 
@@ -544,7 +653,7 @@ def reference(case, router, recorder, b, kept):
     pre_route = recorder.inputs[start]["hidden_states"][b : b + 1]
     text = None
     if router._block_list[start].joint:
-        text, pre_route = pre_route[:, :TEXT], pre_route[:, TEXT:]
+        text, pre_route = pre_route[:, : case.joint_text], pre_route[:, case.joint_text :]
     hidden = pre_route[:, kept]
     with torch.no_grad():
         for index in range(start, end + 1):
@@ -558,7 +667,8 @@ def reference(case, router, recorder, b, kept):
             elif text is not None and "encoder_hidden_states" in kwargs:
                 kwargs["encoder_hidden_states"] = text
             output = router.blocks[index](**kwargs)
-            hidden, text = image_of(router, index, output), text_of(router, index, output)
+            hidden = image_of(router, index, output, case.joint_text)
+            text = text_of(router, index, output, case.joint_text)
     expected = pre_route.clone()
     expected[:, kept] = hidden
     return expected, pre_route
@@ -599,7 +709,7 @@ def test_a_routed_sample_equals_the_sample_alone_through_a_reference(case):
     with torch.no_grad():
         recorder, mask = routed_forward(case, model, router)
     end = router.routes[0]["end_layer_idx"]
-    routed = image_of(router, end, recorder.outputs[end])
+    routed = image_of(router, end, recorder.outputs[end], case.joint_text)
     assert routed.shape[1] == case.num_image
     assert not (mask == mask[0]).all(), "subsets are drawn per sample"
     for b in range(BATCH):
@@ -618,7 +728,7 @@ def test_bypassed_tokens_re_enter_with_pre_route_state_plus_input_in_v1_mode(cas
     with torch.no_grad():
         recorder, mask = routed_forward(case, model, router)
     start, end = router.routes[0]["start_layer_idx"], router.routes[0]["end_layer_idx"]
-    routed = image_of(router, end, recorder.outputs[end])
+    routed = image_of(router, end, recorder.outputs[end], case.joint_text)
     expected = recorder.inputs[start]["hidden_states"] + recorder.inputs[0]["hidden_states"]  # routes start unjoint
     assert torch.equal(routed[mask], expected[mask])
     assert mask.any(1).all()
@@ -641,7 +751,7 @@ def test_text_is_never_routed_and_routed_blocks_see_the_kept_tokens(case):
         inside = route["start_layer_idx"] <= index <= route["end_layer_idx"]
         expected = kept if inside else case.num_image
         joint = router._block_list[index].joint
-        assert after["hidden_states"].shape[1] == expected + (TEXT if joint else 0), index
+        assert after["hidden_states"].shape[1] == expected + (case.joint_text if joint else 0), index
 
 
 # --- positions computed from ids: the kept tokens' rotary rows are those of the kept ids -------------------------------

@@ -50,6 +50,15 @@ class _PerSampleRows:
             "apply_rotary_emb broadcasting is supported. Use the model's default attention processor."
         )
 
+    def unsqueeze(self, dim: int) -> torch.Tensor:
+        """Qwen-Image's complex ``apply_rotary_emb_qwen`` broadcasts ``freqs.unsqueeze(1)`` against
+        ``(batch, seq, heads, dim)``: the per-sample rows as ``(batch, seq, 1, dim)``."""
+        if dim != 1:
+            raise TypeError(
+                f"A TREAD-routed block called unsqueeze({dim}) on a per-sample rotary table; only 1 is known."
+            )
+        return self.rows[:, :, None, :]
+
     def __repr__(self) -> str:
         return f"_PerSampleRows{tuple(self.rows.shape)}"
 
@@ -89,6 +98,8 @@ class TokenInput:
         when_ndim: a token axis only when the tensor has this many dims (Wan's ``temb``: ``(B, N, 6, D)`` per token in
             Wan 2.2 TI2V, ``(B, 6, D)`` otherwise); other shapes pass unchanged.
         broadcast: size 1 along an axis means one value for every token (LTX's ``temb`` ``(B, 1, 6D)``): unchanged.
+        elements: for a tuple argument, the elements that carry the token axis (Qwen-Image's RoPE is
+            ``(image_freqs, text_freqs)``); None: every element.
 
     A tuple or list (``(cos, sin)``) is gathered element by element. A size along an axis that is neither the
     layout's length nor (with ``broadcast``) 1 raises: the router never guesses an axis.
@@ -100,10 +111,16 @@ class TokenInput:
     rope_view: bool = False
     when_ndim: int | None = None
     broadcast: bool = False
+    elements: tuple[int, ...] | None = None
 
     def gather(self, name: str, value, kept: torch.LongTensor, num_image: int, num_text: int):
         if isinstance(value, (tuple, list)):
-            return type(value)(self.gather(name, item, kept, num_image, num_text) for item in value)
+            return type(value)(
+                self.gather(name, item, kept, num_image, num_text)
+                if self.elements is None or position in self.elements
+                else item
+                for position, item in enumerate(value)
+            )
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"TREAD routing: block argument `{name}` should be a tensor, got {type(value).__name__}.")
         if self.when_ndim is not None and value.ndim != self.when_ndim:
@@ -279,6 +296,19 @@ def _hunyuan_frame_tokens(transformer, arguments: dict) -> int:
     return (height // patch) * (width // patch)
 
 
+def _flux2_check(router, arguments: dict, routes: list[dict]) -> None:
+    _joint_mask_check(router, arguments, routes)
+    if arguments.get("kv_cache_mode") is not None or arguments.get("kv_cache") is not None:
+        raise ValueError(
+            "TREAD routing does not support Flux.2's KV cache (kv_cache / kv_cache_mode): it stores and reuses the "
+            "keys and values of every token of the reference images, which a route would cut; route without it."
+        )
+
+
+def _auraflow_text_length(transformer, arguments: dict) -> int:
+    return _forward_text_length(transformer, arguments) + transformer.register_tokens.shape[1]
+
+
 _CONTROLNET = "ControlNet residuals are added to every image token between blocks, also inside a route."
 _SHARED_ROPE_JOINT = {"image_rotary_emb": TokenInput(axes=(0,), layout="text_image", shared=True, rope_view=True)}
 
@@ -339,6 +369,45 @@ FAMILIES: tuple[Family, ...] = (
         block_lists=(BlockList("transformer_blocks", output=0),),
         token_inputs={"image_rotary_emb": TokenInput(axes=(0,), shared=True, rope_view=True)},
         text_args=("encoder_hidden_states", "attention_mask"),
+        check=_joint_mask_check,
+    ),
+    Family(
+        # As Chroma without a mask: double-stream blocks -> (text, image), then single-stream blocks over the joint
+        # [text; image] stream; one RoPE table over [txt_ids; img_ids] shared by the batch.
+        name="Flux.2",
+        classes=("Flux2Transformer2DModel",),
+        block_lists=(
+            BlockList("transformer_blocks", output=1),
+            BlockList("single_transformer_blocks", joint="text_image"),
+        ),
+        token_inputs=_SHARED_ROPE_JOINT,
+        check=_flux2_check,
+    ),
+    Family(
+        # AuraFlowJointTransformerBlock(hidden_states, encoder_hidden_states, temb) -> (text, image), then
+        # AuraFlowSingleTransformerBlock over [registers + text; image]; positions added once (learned).
+        name="AuraFlow",
+        classes=("AuraFlowTransformer2DModel",),
+        block_lists=(
+            BlockList("joint_transformer_blocks", output=1),
+            BlockList("single_transformer_blocks", joint="text_image"),
+        ),
+        text_length=_auraflow_text_length,
+        check=_joint_mask_check,
+    ),
+    Family(
+        # QwenImageTransformerBlock(hidden_states, encoder_hidden_states, encoder_hidden_states_mask, temb,
+        # image_rotary_emb, ..., modulate_index) -> (text, image); RoPE (image_freqs (N, D/2), text_freqs (T, D/2)),
+        # complex, shared; Edit's zero_cond_t modulates reference-image tokens by a per-token modulate_index (B, N).
+        name="Qwen-Image / Qwen-Image-Edit",
+        classes=("QwenImageTransformer2DModel",),
+        block_lists=(BlockList("transformer_blocks", output=1),),
+        token_inputs={
+            "image_rotary_emb": TokenInput(axes=(0,), shared=True, rope_view=True, elements=(0,)),
+            "modulate_index": TokenInput(axes=(1,)),
+        },
+        text_args=("encoder_hidden_states", "encoder_hidden_states_mask"),
+        refuse_arguments={"controlnet_block_samples": _CONTROLNET},
         check=_joint_mask_check,
     ),
     Family(
