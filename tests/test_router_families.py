@@ -575,6 +575,135 @@ CASES += [
         text_args=("encoder_hidden_states", "encoder_hidden_states_mask"),
     ),
 ]
+
+
+def _allegro_inputs(g, b):
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed_allegro
+
+    *freqs, grid_t, grid_h, grid_w = get_3d_rotary_pos_embed_allegro(
+        embed_dim=12, crops_coords=((0, 0), (4, 5)), grid_size=(4, 5), temporal_size=2
+    )
+    positions = torch.cartesian_prod(grid_t.long(), grid_h.long(), grid_w.long()).T.reshape(3, 1, -1)
+    freqs, positions = tuple(freqs), tuple(positions)  # (t, h, w) tables; 3 x (1, N) positions, as the pipeline
+    return dict(
+        hidden_states=torch.randn(b, 4, 2, 8, 10, generator=g),  # 2 frames x 4 x 5 (no table of BATCH rows)
+        encoder_hidden_states=torch.randn(b, TEXT, 12, generator=g),
+        timestep=torch.randint(0, 1000, (b,), generator=g),
+        encoder_attention_mask=_text_mask(g, b),
+        image_rotary_emb=(freqs, positions),
+    )
+
+
+def _cosmos_inputs(per_frame_timestep=False):
+    def make(g, b):
+        inputs = dict(
+            hidden_states=torch.randn(b, 4, 2, 6, 10, generator=g),
+            timestep=torch.rand(b, generator=g),
+            encoder_hidden_states=torch.randn(b, TEXT, 12, generator=g),
+        )
+        if per_frame_timestep:
+            inputs["timestep"] = torch.rand(b, 1, 2, 1, 1, generator=g)
+        return inputs
+
+    return make
+
+
+_COSMOS = dict(
+    in_channels=4,
+    out_channels=4,
+    num_attention_heads=2,
+    attention_head_dim=12,
+    num_layers=6,
+    text_embed_dim=12,
+    adaln_lora_dim=4,
+    max_size=(4, 16, 16),
+    patch_size=(1, 2, 2),
+    encoder_hidden_states_channels=12,
+    concat_padding_mask=False,  # the padding-mask resize needs torchvision
+)
+_COSMOS_GATHER = {
+    "image_rotary_emb": _SHARED_ROWS,
+    "extra_pos_emb": lambda v, kept, n, t: v[:, kept],
+    "temb": lambda v, kept, n, t: v[:, kept] if v.ndim == 3 else v,
+    "embedded_timestep": lambda v, kept, n, t: v[:, kept] if v.ndim == 3 else v,
+}
+
+CASES += [
+    Case(
+        "allegro",
+        "AllegroTransformer3DModel",
+        dict(
+            patch_size=2,
+            patch_size_t=1,
+            num_attention_heads=2,
+            attention_head_dim=12,  # its RoPE splits a head into (t, h, w) thirds
+            in_channels=4,
+            out_channels=4,
+            num_layers=6,
+            cross_attention_dim=24,
+            sample_height=8,
+            sample_width=10,
+            sample_frames=2,
+            caption_channels=12,
+        ),
+        _allegro_inputs,
+        40,
+        ROUTE,
+        gather={
+            "image_rotary_emb": lambda v, kept, n, t: (v[0], tuple(p[:, kept] for p in v[1])),
+            "attention_mask": lambda v, kept, n, t: v[:, :, kept],
+        },
+        text_args=("encoder_hidden_states", "encoder_attention_mask"),
+    ),
+    Case(
+        "cosmos",
+        "CosmosTransformer3DModel",
+        _COSMOS,
+        _cosmos_inputs(),
+        30,
+        ROUTE,
+        gather=_COSMOS_GATHER,
+        text_args=("encoder_hidden_states", "attention_mask"),
+    ),
+    Case(
+        "cosmos_per_frame_timestep",
+        "CosmosTransformer3DModel",
+        _COSMOS,
+        _cosmos_inputs(per_frame_timestep=True),
+        30,
+        ROUTE,
+        gather=_COSMOS_GATHER,
+        text_args=("encoder_hidden_states", "attention_mask"),
+    ),
+    Case(
+        "hunyuanimage_2_1",
+        "HunyuanImageTransformer2DModel",
+        dict(
+            in_channels=4,
+            out_channels=4,
+            num_attention_heads=2,
+            attention_head_dim=8,
+            num_layers=2,
+            num_single_layers=4,
+            num_refiner_layers=1,
+            patch_size=(1, 1),
+            text_embed_dim=12,
+            rope_axes_dim=(4, 4),
+        ),
+        lambda g, b: dict(
+            hidden_states=torch.randn(b, 4, 3, 5, generator=g),
+            timestep=torch.rand(b, generator=g) * 1000,
+            encoder_hidden_states=torch.randn(b, TEXT, 12, generator=g),
+            encoder_attention_mask=_text_mask(g, b),
+        ),
+        15,
+        ROUTE,
+        gather={
+            "image_rotary_emb": _SHARED_ROWS,
+            "attention_mask": lambda v, kept, n, t: v[..., torch.cat([kept, n + torch.arange(t)])],
+        },
+    ),
+]
 CASES = [case for case in CASES if hasattr(diffusers, case.model_class)]  # a class the installed Diffusers lacks
 IDS = [case.name for case in CASES]
 

@@ -15,7 +15,7 @@ survey these lines started from.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import diffusers
 import torch
@@ -115,8 +115,9 @@ class TokenInput:
 
     def gather(self, name: str, value, kept: torch.LongTensor, num_image: int, num_text: int):
         if isinstance(value, (tuple, list)):
+            inner = self if self.elements is None else replace(self, elements=None)
             return type(value)(
-                self.gather(name, item, kept, num_image, num_text)
+                inner.gather(name, item, kept, num_image, num_text)
                 if self.elements is None or position in self.elements
                 else item
                 for position, item in enumerate(value)
@@ -411,6 +412,20 @@ FAMILIES: tuple[Family, ...] = (
         check=_joint_mask_check,
     ),
     Family(
+        # As HunyuanVideo, for images: double- then single-stream blocks -> (image, text); RoPE (N, D) shared; the
+        # joint mask (B, 1, 1, N + T) in [image; text] order; its checkpointed calls pass keyword arguments.
+        name="HunyuanImage 2.1",
+        classes=("HunyuanImageTransformer2DModel",),
+        block_lists=(
+            BlockList("transformer_blocks", output=0),
+            BlockList("single_transformer_blocks", output=0),
+        ),
+        token_inputs={
+            "image_rotary_emb": TokenInput(axes=(0,), shared=True, rope_view=True),
+            "attention_mask": TokenInput(axes=(3,), layout="image_text"),
+        },
+    ),
+    Family(
         # WanTransformerBlock(hidden_states, encoder_hidden_states, temb, rotary_emb) -> hidden_states; text (and the
         # CLIP image of 2.1 I2V, whose latent is concatenated on the channels) via cross-attention. RoPE (1, N, 1, D);
         # temb (B, 6, D), or per token (B, N, 6, D) in Wan 2.2 TI2V.
@@ -484,6 +499,39 @@ FAMILIES: tuple[Family, ...] = (
         block_lists=(BlockList("transformer_blocks", output=0),),
         token_inputs={"image_rotary_emb": TokenInput(axes=(0,), shared=True)},
         text_args=("encoder_hidden_states", "encoder_attention_mask"),
+        video=True,
+    ),
+    Family(
+        # AllegroTransformerBlock(hidden_states, encoder_hidden_states, temb, attention_mask, encoder_attention_mask,
+        # image_rotary_emb) -> hidden_states; RoPE is ((t, h, w) cos/sin tables over coordinates, (t, h, w) positions
+        # (1, N) per token): the positions follow the kept tokens; the video mask is a key bias (B, 1, N).
+        name="Allegro",
+        classes=("AllegroTransformer3DModel",),
+        block_lists=(BlockList("transformer_blocks"),),
+        token_inputs={
+            "image_rotary_emb": TokenInput(axes=(1,), elements=(1,)),
+            "attention_mask": TokenInput(axes=(1, 2), broadcast=True),
+        },
+        text_args=("encoder_hidden_states", "encoder_attention_mask"),
+        video=True,
+    ),
+    Family(
+        # CosmosTransformerBlock(hidden_states, encoder_hidden_states, embedded_timestep, temb, image_rotary_emb,
+        # extra_pos_emb, attention_mask, controlnet_residual, ...) -> hidden_states; RoPE (N, D) shared
+        # (sequence_dim=2); a learnable extra positional embedding (B, N, D) added in every block; the timestep
+        # embeddings (B, D), or per frame expanded to (B, N, D); attention_mask is the text mask.
+        name="Cosmos",
+        classes=("CosmosTransformer3DModel",),
+        block_lists=(BlockList("transformer_blocks"),),
+        token_inputs={
+            "image_rotary_emb": TokenInput(axes=(0,), shared=True, rope_view=True),
+            "extra_pos_emb": TokenInput(axes=(1,)),
+            "temb": TokenInput(axes=(1,), when_ndim=3),
+            "embedded_timestep": TokenInput(axes=(1,), when_ndim=3),
+        },
+        text_args=("encoder_hidden_states", "attention_mask"),
+        refuse_arguments={"block_controlnet_hidden_states": _CONTROLNET},
+        frame_tokens=_wan_frame_tokens,
         video=True,
     ),
     # --- refused ---
