@@ -53,7 +53,10 @@ class Case:
     keep_first_frame: bool = False
     # inputs the stock model's checkpointed forward drops (Chroma's single blocks get no attention_mask there)
     not_checkpointed: tuple[str, ...] = ()
-    joint_text: int = TEXT  # text tokens in a joint [text; image] stream (AuraFlow adds its register tokens)
+    # text tokens the blocks see (AuraFlow adds 8 register tokens, HiDream concatenates T5 and two Llama layers)
+    joint_text: int = TEXT
+    # the next block's text stream from this block's text output and the model's input to the next block
+    next_text: Callable | None = None
 
     def make(self, seed: int = 0):
         torch.manual_seed(seed)
@@ -704,6 +707,45 @@ CASES += [
         },
     ),
 ]
+
+CASES += [
+    Case(
+        "hidream",
+        "HiDreamImageTransformer2DModel",
+        dict(
+            patch_size=2,
+            in_channels=4,
+            out_channels=4,
+            num_layers=6,
+            num_single_layers=2,
+            attention_head_dim=8,
+            num_attention_heads=2,
+            caption_channels=[12, 12],
+            text_emb_dim=10,
+            num_routed_experts=2,
+            num_activated_experts=1,
+            axes_dims_rope=(2, 2, 4),
+            max_resolution=(16, 16),
+            llama_layers=list(range(8)),
+        ),
+        lambda g, b: dict(
+            hidden_states=torch.randn(b, 4, 6, 10, generator=g),  # training pads it to 8 x 8 = 64 (masked) tokens
+            timesteps=torch.randint(0, 1000, (b,), generator=g),
+            encoder_hidden_states_t5=torch.randn(b, TEXT, 12, generator=g),
+            encoder_hidden_states_llama3=torch.randn(8, b, TEXT, 12, generator=g),
+            pooled_embeds=torch.randn(b, 10, generator=g),
+        ),
+        64,
+        ROUTE,  # double-stream blocks 1..4
+        gather={
+            "image_rotary_emb": lambda v, kept, n, t: v[:, torch.cat([kept, n + torch.arange(t)])],
+            "hidden_states_masks": lambda v, kept, n, t: v[:, kept],
+        },
+        joint_text=3 * TEXT,
+        # the model keeps the [t5; llama(-1)] part of a block's text output and appends the next llama layer
+        next_text=lambda text, given: torch.cat([text[:, : 2 * TEXT], given[:, 2 * TEXT :]], dim=1),
+    ),
+]
 CASES = [case for case in CASES if hasattr(diffusers, case.model_class)]  # a class the installed Diffusers lacks
 IDS = [case.name for case in CASES]
 
@@ -789,12 +831,13 @@ def reference(case, router, recorder, b, kept):
             kwargs = {name: one_sample(value, b) for name, value in recorder.inputs[index].items()}
             for name, gather in case.gather.items():
                 if kwargs.get(name) is not None:
-                    kwargs[name] = gather(kwargs[name], kept, case.num_image, TEXT)
+                    kwargs[name] = gather(kwargs[name], kept, case.num_image, case.joint_text)
             kwargs["hidden_states"] = hidden
             if text is not None and router._block_list[index].joint:
                 kwargs["hidden_states"] = torch.cat([text, hidden], dim=1)
             elif text is not None and "encoder_hidden_states" in kwargs:
-                kwargs["encoder_hidden_states"] = text
+                given = kwargs["encoder_hidden_states"]
+                kwargs["encoder_hidden_states"] = text if case.next_text is None else case.next_text(text, given)
             output = router.blocks[index](**kwargs)
             hidden = image_of(router, index, output, case.joint_text)
             text = text_of(router, index, output, case.joint_text)
@@ -877,10 +920,11 @@ def test_text_is_never_routed_and_routed_blocks_see_the_kept_tokens(case):
         for name in case.text_args:
             if before.get(name) is not None:
                 assert after[name] is before[name], f"block {index}: {name} was changed"
-        inside = route["start_layer_idx"] <= index <= route["end_layer_idx"]
-        expected = kept if inside else case.num_image
-        joint = router._block_list[index].joint
-        assert after["hidden_states"].shape[1] == expected + (case.joint_text if joint else 0), index
+        if route["start_layer_idx"] <= index <= route["end_layer_idx"]:
+            joint = router._block_list[index].joint
+            assert after["hidden_states"].shape[1] == kept + (case.joint_text if joint else 0), index
+        else:
+            assert after["hidden_states"] is before["hidden_states"], index  # outside a route: untouched
 
 
 # --- positions computed from ids: the kept tokens' rotary rows are those of the kept ids -------------------------------
@@ -1099,6 +1143,12 @@ def test_deepcopy_keeps_a_working_router():
     assert attached_router(copied) is not router
     copied(**case.make_inputs())
     assert attached_router(copied).route_masks is not None and router.route_masks is None
+
+
+def test_hidream_routes_must_end_in_the_double_stream_blocks():
+    model = _case("hidream").make()
+    with pytest.raises(ValueError, match="must end inside the double-stream blocks"):
+        apply_tread(model, [{"start_layer_idx": 4, "end_layer_idx": 6, "selection_ratio": 0.5}])
 
 
 def test_hunyuan_video_token_replace_i2v_needs_keep_first_frame():

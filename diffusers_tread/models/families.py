@@ -310,6 +310,18 @@ def _auraflow_text_length(transformer, arguments: dict) -> int:
     return _forward_text_length(transformer, arguments) + transformer.register_tokens.shape[1]
 
 
+def _hidream_route_check(router, routes: list[dict]) -> None:
+    num_double = len(router.transformer.double_stream_blocks)
+    for route in routes:
+        if route["end_layer_idx"] >= num_double:
+            raise ValueError(
+                f"HiDream: the route {route} reaches the single-stream blocks (indices {num_double} and up); HiDream's "
+                "forward records the image-token count after the double-stream blocks in Python and slices the joint "
+                "sequence by it, so a route must end inside the double-stream blocks (end_layer_idx < "
+                f"{num_double})."
+            )
+
+
 _CONTROLNET = "ControlNet residuals are added to every image token between blocks, also inside a route."
 _SHARED_ROPE_JOINT = {"image_rotary_emb": TokenInput(axes=(0,), layout="text_image", shared=True, rope_view=True)}
 
@@ -424,6 +436,23 @@ FAMILIES: tuple[Family, ...] = (
             "image_rotary_emb": TokenInput(axes=(0,), shared=True, rope_view=True),
             "attention_mask": TokenInput(axes=(3,), layout="image_text"),
         },
+    ),
+    Family(
+        # HiDreamImageTransformerBlock(hidden_states, hidden_states_masks, encoder_hidden_states, temb,
+        # image_rotary_emb) -> (image, text); RoPE per sample (B, N + T, 1, D/2, 2, 2) over [img_ids; txt_ids]; the
+        # image mask (B, N) (training pads the image to max_resolution and masks the padding); MoE feed-forward
+        # gates per token. Routes must end inside the double-stream blocks (see _hidream_route_check).
+        name="HiDream-I1",
+        classes=("HiDreamImageTransformer2DModel",),
+        block_lists=(
+            BlockList("double_stream_blocks", output=0),
+            BlockList("single_stream_blocks"),
+        ),
+        token_inputs={
+            "image_rotary_emb": TokenInput(axes=(1,), layout="image_text"),
+            "hidden_states_masks": TokenInput(axes=(1,)),
+        },
+        route_check=_hidream_route_check,
     ),
     Family(
         # WanTransformerBlock(hidden_states, encoder_hidden_states, temb, rotary_emb) -> hidden_states; text (and the
