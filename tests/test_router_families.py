@@ -1162,3 +1162,16 @@ def test_hunyuan_video_token_replace_i2v_needs_keep_first_frame():
     router.selection_ratio = 0.75
     model(**case.make_inputs())
     assert not router.route_masks[0][:, :15].any()  # the first frame's 3 x 5 tokens stay in the route
+
+
+def test_the_readme_table_lists_every_family_of_the_registry():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme[readme.index("### Supported transformer families") :]
+    for family in families.FAMILIES:
+        assert f"| {family.name} |" in table, family.name
+        for name in family.classes:
+            assert f"`{name}`" in table, name
+    for case in CASES:
+        assert f"`{case.name}`" in table, case.name

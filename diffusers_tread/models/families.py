@@ -458,7 +458,7 @@ FAMILIES: tuple[Family, ...] = (
         # WanTransformerBlock(hidden_states, encoder_hidden_states, temb, rotary_emb) -> hidden_states; text (and the
         # CLIP image of 2.1 I2V, whose latent is concatenated on the channels) via cross-attention. RoPE (1, N, 1, D);
         # temb (B, 6, D), or per token (B, N, 6, D) in Wan 2.2 TI2V.
-        name="Wan 2.1 / 2.2",
+        name="Wan 2.1 / 2.2 (T2V, I2V, TI2V)",
         classes=("WanTransformer3DModel",),
         block_lists=(BlockList("blocks"),),
         token_inputs={"rotary_emb": TokenInput(axes=(1,)), "temb": TokenInput(axes=(1,), when_ndim=4)},
