@@ -746,6 +746,40 @@ CASES += [
         next_text=lambda text, given: torch.cat([text[:, : 2 * TEXT], given[:, 2 * TEXT :]], dim=1),
     ),
 ]
+
+CASES += [
+    Case(
+        "hunyuan_video_1_5_i2v",
+        "HunyuanVideo15Transformer3DModel",
+        dict(
+            in_channels=9,  # latent 4 + conditioning latent 4 + mask 1, concatenated on the channels
+            out_channels=4,
+            num_attention_heads=2,
+            attention_head_dim=8,
+            num_layers=6,
+            num_refiner_layers=1,
+            patch_size=1,
+            text_embed_dim=12,
+            text_embed_2_dim=12,
+            image_embed_dim=12,
+            rope_axes_dim=(2, 2, 4),
+        ),
+        lambda g, b: dict(
+            hidden_states=torch.randn(b, 9, 2, 3, 5, generator=g),  # 2 frames x 3 x 5 = 30 tokens
+            timestep=torch.rand(b, generator=g) * 1000,
+            encoder_hidden_states=torch.randn(b, TEXT, 12, generator=g),
+            encoder_attention_mask=_text_mask(g, b),
+            encoder_hidden_states_2=torch.randn(b, 4, 12, generator=g),
+            encoder_attention_mask_2=torch.ones(b, 4),
+            image_embeds=torch.randn(b, 4, 12, generator=g),
+        ),
+        30,
+        ROUTE,
+        gather={"freqs_cis": _SHARED_ROWS},
+        text_args=("encoder_hidden_states", "attention_mask"),
+        joint_text=TEXT + 4 + 4,  # the blocks see [image embeds; byT5; MLLM] text tokens
+    ),
+]
 CASES = [case for case in CASES if hasattr(diffusers, case.model_class)]  # a class the installed Diffusers lacks
 IDS = [case.name for case in CASES]
 

@@ -510,6 +510,18 @@ FAMILIES: tuple[Family, ...] = (
         video=True,
     ),
     Family(
+        # HunyuanVideo15TransformerBlock(hidden_states, encoder_hidden_states, temb, attention_mask, freqs_cis)
+        # -> (image, text); RoPE (N, D) shared, applied with sequence_dim=1; attention_mask is the text mask (B, T),
+        # which the processor pads on the image side by the streams' lengths. I2V conditions through the channels and
+        # the text stream (image_embeds), not through tokens of the video sequence.
+        name="HunyuanVideo 1.5",
+        classes=("HunyuanVideo15Transformer3DModel",),
+        block_lists=(BlockList("transformer_blocks", output=0),),
+        token_inputs={"freqs_cis": TokenInput(axes=(0,), shared=True, rope_view=True)},
+        text_args=("encoder_hidden_states", "attention_mask"),
+        video=True,
+    ),
+    Family(
         # CogVideoXBlock(hidden_states, encoder_hidden_states, temb, image_rotary_emb, ...) -> (image, text); the
         # text and video tokens are split after the joint patch embedding; RoPE (1.5) over the video tokens (N, D),
         # shared, applied with sequence_dim=2 (1.0 adds positions once).
