@@ -276,6 +276,30 @@ def families() -> dict:
                 pooled_projections=_r(B, 32),
             ),
         ),
+        "hunyuan_video_1_5": (
+            "HunyuanVideo15Transformer3DModel",
+            dict(
+                in_channels=9,
+                out_channels=4,
+                num_layers=8,
+                num_refiner_layers=1,
+                patch_size=1,
+                text_embed_dim=32,
+                text_embed_2_dim=32,
+                image_embed_dim=32,
+                rope_axes_dim=(4, 4, 8),
+                **heads,
+            ),
+            lambda: dict(
+                hidden_states=_r(B, 9, 4, 8, 8),
+                timestep=torch.rand(B) * 1000,
+                encoder_hidden_states=_r(B, T, 32),
+                encoder_attention_mask=torch.ones(B, T),
+                encoder_hidden_states_2=_r(B, 8, 32),
+                encoder_attention_mask_2=torch.ones(B, 8),
+                image_embeds=_r(B, 8, 32),
+            ),
+        ),
         "cogvideox": (
             "CogVideoXTransformer3DModel",
             dict(
@@ -428,6 +452,10 @@ def main() -> None:
             flush=True,
         )
     if args.json is not None:
+        if args.json.exists():  # a run of some families updates their rows and keeps the others
+            measured = {row["family"] for row in rows}
+            rows = [row for row in json.loads(args.json.read_text())["rows"] if row["family"] not in measured] + rows
+            rows.sort(key=lambda row: list(specs).index(row["family"]))
         meta = {"torch": torch.__version__, "diffusers": diffusers.__version__, "machine": platform.machine(),
                 "threads": args.threads, "repeats": args.repeats, "batch": B, "text_tokens": T, "width": W,
                 "route": ROUTE}  # fmt: skip
