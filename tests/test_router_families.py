@@ -780,6 +780,19 @@ CASES += [
         joint_text=TEXT + 4 + 4,  # the blocks see [image embeds; byT5; MLLM] text tokens
     ),
 ]
+
+CASES += [
+    Case(
+        "chroma_route_in_single_blocks",
+        "ChromaTransformer2DModel",
+        next(case for case in CASES if case.name == "chroma").config,
+        lambda g, b: _flux_like_inputs(g, b, mask=True),
+        15,
+        {"start_layer_idx": 3, "end_layer_idx": 5, "selection_ratio": 0.5},  # starts and ends in the joint list
+        gather=next(case for case in CASES if case.name == "chroma").gather,
+        not_checkpointed=("attention_mask",),
+    ),
+]
 CASES = [case for case in CASES if hasattr(diffusers, case.model_class)]  # a class the installed Diffusers lacks
 IDS = [case.name for case in CASES]
 
@@ -935,7 +948,10 @@ def test_bypassed_tokens_re_enter_with_pre_route_state_plus_input_in_v1_mode(cas
         recorder, mask = routed_forward(case, model, router)
     start, end = router.routes[0]["start_layer_idx"], router.routes[0]["end_layer_idx"]
     routed = image_of(router, end, recorder.outputs[end], case.joint_text)
-    expected = recorder.inputs[start]["hidden_states"] + recorder.inputs[0]["hidden_states"]  # routes start unjoint
+    pre_route = recorder.inputs[start]["hidden_states"]
+    if router._block_list[start].joint:  # a route starting in a joint [text; image] list: its image part
+        pre_route = pre_route[:, case.joint_text :]
+    expected = pre_route + recorder.inputs[0]["hidden_states"]
     assert torch.equal(routed[mask], expected[mask])
     assert mask.any(1).all()
 
@@ -1177,6 +1193,16 @@ def test_deepcopy_keeps_a_working_router():
     assert attached_router(copied) is not router
     copied(**case.make_inputs())
     assert attached_router(copied).route_masks is not None and router.route_masks is None
+
+
+def test_ltx_keep_first_frame_keeps_the_conditioning_frame_in_every_route():
+    case = _case("ltx_per_token_timestep")
+    model = case.make().train()
+    router = apply_tread(model, [case.route], keep_first_frame=True)
+    router.selection_ratio = 0.75
+    model(**case.make_inputs())
+    assert not router.route_masks[0][:, :7].any()  # height x width = 1 x 7 tokens a latent frame
+    assert (router.route_masks[0][:, 7:].sum(1) == int(14 * 0.75)).all()
 
 
 def test_hidream_routes_must_end_in_the_double_stream_blocks():
