@@ -1195,6 +1195,20 @@ def test_deepcopy_keeps_a_working_router():
     assert attached_router(copied).route_masks is not None and router.route_masks is None
 
 
+def test_cosmos_routes_with_text_and_image_context_as_a_tuple():
+    """Cosmos with an image context passes (text, image context) as a tuple; a family without joint layouts never
+    needs the text length (the router used to read it from encoder_hidden_states and failed on the tuple)."""
+    case = _case("cosmos")
+    config = {**case.config, "img_context_dim_in": 12, "img_context_num_tokens": 4, "img_context_dim_out": 24}
+    torch.manual_seed(0)
+    model = diffusers.CosmosTransformer3DModel(**config).train()
+    router = route_of(case, model)
+    inputs = case.make_inputs()
+    inputs["encoder_hidden_states"] = (inputs["encoder_hidden_states"], torch.randn(BATCH, 4, 12))
+    model(**inputs)
+    assert router.route_masks is not None
+
+
 def test_ltx_keep_first_frame_keeps_the_conditioning_frame_in_every_route():
     case = _case("ltx_per_token_timestep")
     model = case.make().train()

@@ -209,6 +209,14 @@ class Family:
     text_length: Callable = _forward_text_length
     video: bool = False
 
+    @property
+    def uses_text_length(self) -> bool:
+        """Whether a joint layout (a joint block list or a text+image per-token input) needs the text length."""
+        inputs = [self.token_inputs] + [block_list.token_inputs or {} for block_list in self.block_lists]
+        return any(block_list.joint for block_list in self.block_lists) or any(
+            spec.layout != "image" for specs in inputs for spec in specs.values()
+        )
+
     def installed_classes(self) -> list[type]:
         return [getattr(diffusers, name) for name in self.classes if hasattr(diffusers, name)]
 

@@ -242,6 +242,8 @@ class TreadRouter:
 
     def _text_length(self, arguments: dict) -> int:
         """Text tokens of the joint layouts: the block's text stream if it has one, else the model's text input."""
+        if not self.family.uses_text_length:
+            return 0  # no joint layout: nothing is indexed by the text length (Cosmos may pass text as a tuple)
         for name in self.family.text_args:
             value = arguments.get(name)
             if isinstance(value, torch.Tensor) and value.ndim == 3:
