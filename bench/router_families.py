@@ -300,6 +300,30 @@ def families() -> dict:
                 image_embeds=_r(B, 8, 32),
             ),
         ),
+        "kandinsky5": (
+            "Kandinsky5Transformer3DModel",
+            dict(
+                in_visual_dim=4,
+                in_text_dim=32,
+                in_text_dim2=32,
+                time_dim=32,
+                out_visual_dim=4,
+                patch_size=(1, 2, 2),
+                model_dim=W,
+                ff_dim=4 * W,
+                num_text_blocks=1,
+                num_visual_blocks=8,
+                axes_dims=(4, 4, 8),
+            ),
+            lambda: dict(
+                hidden_states=_r(B, 4, 16, 16, 4),
+                encoder_hidden_states=_r(B, T, 32),
+                timestep=torch.rand(B) * 1000,
+                pooled_projections=_r(B, 32),
+                visual_rope_pos=[torch.arange(4), torch.arange(8), torch.arange(8)],
+                text_rope_pos=torch.arange(T),
+            ),
+        ),
         "cogvideox": (
             "CogVideoXTransformer3DModel",
             dict(
@@ -398,7 +422,8 @@ def run_family(name: str, spec, repeats: int) -> dict:
     torch.manual_seed(0)
     model = getattr(diffusers, class_name)(**config).train()
     model.requires_grad_(False)
-    lora = LoraConfig(r=8, lora_alpha=8, target_modules=["to_q", "to_k", "to_v"], init_lora_weights=False)
+    targets = ["to_query", "to_key", "to_value"] if name == "kandinsky5" else ["to_q", "to_k", "to_v"]
+    lora = LoraConfig(r=8, lora_alpha=8, target_modules=targets, init_lora_weights=False)
     model.add_adapter(lora) if hasattr(model, "add_adapter") else inject_adapter_in_model(lora, model)
     router = apply_tread(model, [ROUTE], generator=torch.Generator().manual_seed(0))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
