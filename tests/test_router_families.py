@@ -150,20 +150,21 @@ _WAN_GATHER = {
 }
 
 
-def _ltx_inputs(per_token_timestep=False):
+def _ltx_inputs(per_token_timestep=False, frames=3):
     def make(g, b):
+        n = frames * 7
         inputs = dict(
-            hidden_states=torch.randn(b, 21, 4, generator=g),  # 3 frames x 7 tokens, packed
+            hidden_states=torch.randn(b, n, 4, generator=g),  # frames x 7 tokens, packed
             encoder_hidden_states=torch.randn(b, TEXT, 12, generator=g),
             timestep=torch.randint(0, 1000, (b,), generator=g),
             encoder_attention_mask=torch.ones(b, TEXT),
-            num_frames=3,
+            num_frames=frames,
             height=1,
             width=7,
-            video_coords=_grid_ids(3, 1, 7).T[None].expand(b, -1, -1).contiguous(),  # (B, 3, N) frame/row/col
+            video_coords=_grid_ids(frames, 1, 7).T[None].expand(b, -1, -1).contiguous(),  # (B, 3, N) frame/row/col
         )
         if per_token_timestep:
-            inputs["timestep"] = torch.randint(0, 1000, (b, 21), generator=g)
+            inputs["timestep"] = torch.randint(0, 1000, (b, n), generator=g)
         return inputs
 
     return make
@@ -270,6 +271,7 @@ CASES = [
         keep_first_frame=True,
     ),
     Case("ltx", "LTXVideoTransformer3DModel", _LTX, _ltx_inputs(), 21, ROUTE, gather=_LTX_GATHER),
+    Case("ltx_one_frame", "LTXVideoTransformer3DModel", _LTX, _ltx_inputs(frames=1), 7, ROUTE, gather=_LTX_GATHER),
     Case(
         "ltx_per_token_timestep",
         "LTXVideoTransformer3DModel",
