@@ -26,6 +26,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -132,7 +133,9 @@ def repa_loss(
     if token_indices is not None:
         targets = gather_tokens(targets, token_indices)
     if projected.shape[:2] != targets.shape[:2] or projected.shape[-1] != targets.shape[-1]:
-        raise ValueError(f"REPA: projected tokens {tuple(projected.shape)} do not match targets {tuple(targets.shape)}.")
+        raise ValueError(
+            f"REPA: projected tokens {tuple(projected.shape)} do not match targets {tuple(targets.shape)}."
+        )
     similarity = F.cosine_similarity(projected.float(), targets.float(), dim=-1)
     return -similarity.mean()
 
@@ -311,3 +314,43 @@ def check_precomputed_features(
                 "training/extract_latents.py with the same arguments to redo it."
             )
     return int(metadata["repa_feature_dim"])
+
+
+def prepare_repa(
+    encoder: str,
+    layer: int | None,
+    routes: Sequence[Mapping],
+    num_layers: int,
+    hidden_size: int,
+    token_grid: int,
+    delayed_routing: bool = False,
+    projector_dim: int = REPA_PROJECTOR_DIM,
+    latents_dir: str | None = None,
+    cache_dir: str | None = None,
+) -> tuple[RepaEncoder | None, RepaProjector, int]:
+    """Everything REPA training needs, checked before training: ``(encoder, projector, layer)``.
+
+    ``encoder`` is None when ``latents_dir`` holds precomputed features (`check_precomputed_features`); else the
+    frozen `RepaEncoder` loaded by name or path. ``layer`` is resolved (`resolve_repa_layer`) and, with
+    ``delayed_routing``, must sit inside a route before its end. An alignment layer outside every route while routes
+    exist is allowed with a warning: the REG+TREAD ablation found alignment stacks with routing only from inside.
+    """
+    layer = resolve_repa_layer(layer, num_layers)
+    if delayed_routing:
+        check_delayed_routing(routes, layer)
+    elif routes and route_covering(routes, layer) is None:
+        spans = ", ".join(f"{r['start_layer_idx']}..{r['end_layer_idx']}" for r in routes)
+        warnings.warn(
+            f"REPA aligns block {layer}, outside every route ({spans}); a public ablation found routing gains with "
+            "alignment only when the aligned block sits inside the route (see --repa_layer).",
+            stacklevel=2,
+        )
+    if latents_dir is not None:
+        from .data.latents import load_latents_metadata
+
+        feature_dim = check_precomputed_features(latents_dir, load_latents_metadata(latents_dir), encoder, token_grid)
+        frozen = None
+    else:
+        frozen = RepaEncoder.from_pretrained(encoder, token_grid, cache_dir=cache_dir)
+        feature_dim = frozen.feature_dim
+    return frozen, RepaProjector(hidden_size, feature_dim, projector_dim), layer
