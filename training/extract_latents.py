@@ -127,7 +127,7 @@ def main(args):
     if args.repa_encoder:  # refused here, before any encoding, if it is no vision encoder or cannot match the grid
         latent_size = args.resolution // 2 ** (len(vae.config.block_out_channels) - 1)
         token_grid = args.repa_token_grid or latent_size // 2
-        repa_encoder = RepaEncoder.from_pretrained(args.repa_encoder, token_grid, revision=args.revision)
+        repa_encoder = RepaEncoder.from_pretrained(args.repa_encoder, token_grid)
         repa_encoder.to(accelerator.device, dtype=weight_dtype)
     shift_factor = getattr(vae.config, "shift_factor", None) or 0.0
 
