@@ -77,11 +77,22 @@ def test_kept_token_alignment_captures_the_routed_rows_and_their_positions():
     assert out.captured_hidden_states.shape[1] == 16 and out.captured_token_indices is None
 
 
+class TokenMixer(torch.nn.Module):
+    """A block whose output depends on the other tokens (as attention's does): which tokens it sees matters."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 4)
+
+    def forward(self, hidden_states):
+        return self.linear(hidden_states) + hidden_states.mean(dim=1, keepdim=True)
+
+
 def test_delayed_routing_drops_tokens_only_after_the_aligned_block():
     """Route 1..4 delayed after block 2: blocks 1-2 see all tokens, 3-4 the kept ones, and the bypassed tokens
     re-enter after block 4 with the state they had entering block 1 (checked against the loop written out)."""
     torch.manual_seed(0)
-    blocks = [torch.nn.Linear(4, 4) for _ in range(6)]
+    blocks = [TokenMixer() for _ in range(6)]
     x = torch.randn(2, 10, 4)
     route = [{"start_layer_idx": 1, "end_layer_idx": 4, "selection_ratio": 0.4}]
     seen = {}
