@@ -1,7 +1,7 @@
 """Representation alignment (REPA; Yu et al., arXiv 2410.06940) for TREAD training, with routes.
 
 REPA aligns the hidden state ``h_t`` of one DiT block with the patch features ``y*`` of a frozen vision encoder
-(DINOv2 in the paper) through a small trainable projector ``h_phi`` (a 3-layer MLP with SiLU, Sec. 3.2), adding
+(DINOv2 in the paper) through a small trainable projector ``h_phi`` (a 3-layer MLP with SiLU), adding
 
     L_REPA = - E[ 1/N sum_n sim(y*_n, h_phi(h_t^[n])) ]        (Eq. 8; sim = cosine similarity, n over patches)
 
@@ -39,7 +39,7 @@ from torch import nn
 
 from .routing import gather_tokens
 
-REPA_LOSS_WEIGHT = 0.5  # lambda, the paper's default (Sec. 4.1)
+REPA_LOSS_WEIGHT = 0.5  # lambda, the paper's default
 REPA_PROJECTOR_DIM = 2048  # the hidden width of the paper's projector MLP
 # DINOv2's (and the paper's) input normalisation: ImageNet mean and std.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -49,7 +49,7 @@ FEATURES, FEATURES_FLIPPED = "repa_features", "repa_features_flipped"
 
 
 def default_repa_layer(num_layers: int) -> int:
-    """The paper's depth scaled to the model: the output of block 8 of SiT-XL's 28 (Sec. 4.1, Table 2), i.e. block
+    """The paper's depth scaled to the model: the output of block 8 of SiT-XL's 28 (its default), i.e. block
     ``round(8/28 * depth)`` counted from 1; returned 0-indexed like route indices (7 for 28 layers, 1 for 8)."""
     return max(round(num_layers * 8 / 28), 1) - 1
 
