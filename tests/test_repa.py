@@ -199,6 +199,11 @@ def test_resume_with_repa_is_bit_exact_and_the_pipeline_has_no_projector(
     assert not [p for p in pipeline_files if "repa" in p.name]
     assert not [key for key in transformer_weights(straight) if key.startswith("mlp.")]
     assert TreadDiTPipeline.from_pretrained(straight).transformer.config.routes[0]["end_layer_idx"] == 4
+    # resuming a REPA run without REPA is refused, naming the fix
+    without_repa = [arg for arg in common if not arg.startswith("--repa")]
+    with pytest.raises(ValueError, match="trained with REPA: resume with the --repa_"):
+        load_script().main([*TINY, f"--output_dir={resumed}", "--max_train_steps=6", "--resume_from_checkpoint=latest",
+                            *without_repa])  # fmt: skip
 
 
 def _main(tmp_path, *args):

@@ -687,6 +687,10 @@ def register_weight_hooks(accelerator, args, train_generator: torch.Generator, e
                 saved_model.save_pretrained(os.path.join(folder, "transformer"))
 
     def load_weights(models, folder):  # in place, so the optimizer keeps its parameters
+        if os.path.isdir(os.path.join(folder, PROJECTOR_FOLDER)) and not args.repa_encoder:
+            raise ValueError(
+                f"{folder} was trained with REPA: resume with the --repa_* arguments it was trained with."
+            )
         if ema_model is not None:
             loaded_ema = EMAModel.from_pretrained(os.path.join(folder, "transformer_ema"), model_cls)
             ema_model.load_state_dict(loaded_ema.state_dict())
