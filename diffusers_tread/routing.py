@@ -179,6 +179,8 @@ def run_blocks(
     reinsertion: str = "pre_route",
     input_tokens: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    drop_after_layer: int | None = None,
+    on_block_output: Callable[[int, torch.Tensor, torch.LongTensor | None], None] | None = None,
 ) -> tuple[torch.Tensor, tuple[torch.BoolTensor, ...] | None]:
     """Run ``blocks`` over ``hidden_states`` (batch, tokens, dim) with TREAD's routes (paper Fig. 2): at a route's
     start layer each sample keeps a random subset of its tokens, the route's blocks run on those, and after its end
@@ -188,24 +190,35 @@ def run_blocks(
     ``run_block(block, hidden_states)`` runs one block (with its conditioning, checkpointing, ...). ``routes`` and
     ``reinsertion`` are taken as checked (`validate_routes`, `check_route_reinsertion`, once per model). Returns the
     final hidden states and one bypass mask per route, or None without routes.
+
+    ``drop_after_layer`` (delayed routing, for representation alignment at that layer): a route with
+    ``start <= drop_after_layer < end`` still draws its subset and stores the pre-route state at its start, but all
+    tokens run blocks ``start..drop_after_layer``; the bypassed ones leave only after that block, and after ``end``
+    they re-enter with the state they had entering ``start``, as usual. Other routes are unchanged.
+    ``on_block_output(layer_idx, hidden_states, kept_indices)`` is called after every block with its output and the
+    ``(B, N_keep)`` positions of its rows in the full sequence (None when all tokens ran the block).
     """
     route_at_start = {route["start_layer_idx"]: route for route in routes}
     route_at_end = {route["end_layer_idx"] for route in routes}
     batch_size, num_tokens, _ = hidden_states.shape
     route_masks = []
+    routed, gather_after = False, None
     for layer_idx, block in enumerate(blocks):
         if layer_idx in route_at_start:
+            route = route_at_start[layer_idx]
             pre_route = hidden_states  # x_D_last: the full sequence entering the route
             kept_indices = sample_kept_indices(
-                batch_size,
-                num_tokens,
-                route_at_start[layer_idx]["selection_ratio"],
-                generator=generator,
-                device=hidden_states.device,
+                batch_size, num_tokens, route["selection_ratio"], generator=generator, device=hidden_states.device
             )
-            hidden_states = gather_tokens(hidden_states, kept_indices)
+            delayed = drop_after_layer is not None and layer_idx <= drop_after_layer < route["end_layer_idx"]
+            gather_after = drop_after_layer if delayed else layer_idx - 1
+        if gather_after is not None and layer_idx == gather_after + 1:
+            hidden_states, routed, gather_after = gather_tokens(hidden_states, kept_indices), True, None
         hidden_states = run_block(block, hidden_states)
+        if on_block_output is not None:
+            on_block_output(layer_idx, hidden_states, kept_indices if routed else None)
         if layer_idx in route_at_end:
+            routed = False
             reinsert_into = pre_route + input_tokens if reinsertion == "pre_route_plus_input" else pre_route
             hidden_states = scatter_tokens(hidden_states, kept_indices, reinsert_into)
             route_masks.append(bypass_mask(kept_indices, num_tokens))

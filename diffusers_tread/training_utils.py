@@ -35,6 +35,7 @@ import torch
 
 from .losses import tread_loss
 from .objectives import Objective
+from .repa import RepaTerm
 
 
 def scheduled_selection_ratios(
@@ -71,10 +72,12 @@ def tread_training_loss(
     patch_size: int = 2,
     loss_mode: str = "adapted",
     mae_loss_weight: float = 0.0,
+    repa: RepaTerm | None = None,
 ) -> torch.Tensor:
     """One TREAD training loss on clean data ``x0`` (labels already dropped): noise it with ``objective``, run the
     routed forward (the routes draw their subsets from ``generator``), and reduce the objective's per-element loss
-    with `tread_loss` (``loss_mode``: "plain" or the paper's "adapted" loss over every applied route)."""
+    with `tread_loss` (``loss_mode``: "plain" or the paper's "adapted" loss over every applied route). With ``repa``,
+    plus its alignment loss (`diffusers_tread.repa`)."""
     inputs = objective.training_inputs(x0, generator=generator)
     output = model(
         inputs.model_input,
@@ -82,11 +85,12 @@ def tread_training_loss(
         class_labels=class_labels,
         selection_ratio=selection_ratio,
         route_generator=generator,
+        **(repa.forward_kwargs() if repa is not None else {}),
     )
     prediction = output.sample.float()
     per_element = objective.per_element_loss(prediction, x0, inputs)
     use_mae = loss_mode == "adapted" and mae_loss_weight > 0 and bool(output.route_masks)
-    return tread_loss(
+    loss = tread_loss(
         per_element,
         output.route_masks,
         patch_size,
@@ -95,6 +99,7 @@ def tread_training_loss(
         noisy_input=inputs.noisy_sample if use_mae else None,
         mae_loss_weight=mae_loss_weight,
     )
+    return loss if repa is None else loss + repa.loss(output)
 
 
 def make_optimizer(

@@ -32,6 +32,7 @@ from diffusers_tread.data.latents import (
     write_metadata,
     write_shard,
 )
+from diffusers_tread.repa import FEATURES, FEATURES_FLIPPED, RepaEncoder
 from diffusers_tread.training_utils import ArgumentParser, main_with_messages
 
 logger = get_logger(__name__)
@@ -86,6 +87,20 @@ def parse_args(input_args=None):
         help="Run the VAE in this precision (latents are stored as float32). Some VAEs overflow in fp16.",
     )
     parser.add_argument("--seed", type=int, default=0, help="Seeds random crops and posterior samples.")
+    parser.add_argument(
+        "--repa_encoder",
+        type=str,
+        default=None,
+        help="Also store this frozen vision encoder's patch features for REPA (a transformers model, e.g. "
+        "facebook/dinov2-base), so that no encoder runs during training (train_tread.py --repa_encoder).",
+    )
+    parser.add_argument(
+        "--repa_token_grid",
+        type=int,
+        default=None,
+        help="The DiT's token grid the features are matched to (latent size / DiT patch size; default: latent size "
+        "/ 2, DiT's patch 2).",
+    )
 
     args = parser.parse_args(input_args)
     sources = [args.dataset_name is not None, args.train_data_dir is not None, args.use_digits]
@@ -108,6 +123,12 @@ def main(args):
     )
     vae.requires_grad_(False).eval().to(accelerator.device)
     scaling_factor = vae.config.scaling_factor
+    repa_encoder = None
+    if args.repa_encoder:  # refused here, before any encoding, if it is no vision encoder or cannot match the grid
+        latent_size = args.resolution // 2 ** (len(vae.config.block_out_channels) - 1)
+        token_grid = args.repa_token_grid or latent_size // 2
+        repa_encoder = RepaEncoder.from_pretrained(args.repa_encoder, token_grid)
+        repa_encoder.to(accelerator.device, dtype=weight_dtype)
     shift_factor = getattr(vae.config, "shift_factor", None) or 0.0
 
     # The images, unflipped (flipped copies are encoded separately). The main process loads (and caches) first.
@@ -147,6 +168,8 @@ def main(args):
         "seed": args.seed,
         "shard_size": args.shard_size,
     }
+    if repa_encoder is not None:  # only then, so that shards extracted without REPA keep matching
+        settings.update(repa_encoder=args.repa_encoder, repa_token_grid=repa_encoder.token_grid)
     num_shards = math.ceil(len(dataset) / args.shard_size)
     shard_names = [shard_file_name(index, num_shards) for index in range(num_shards)]
 
@@ -179,17 +202,25 @@ def main(args):
         loader = DataLoader(
             Subset(dataset, indices), batch_size=args.batch_size, num_workers=args.dataloader_num_workers
         )
-        latents, latents_flipped, class_labels = [], [], []
+        latents, latents_flipped, class_labels, features, features_flipped = [], [], [], [], []
         for step, batch in enumerate(loader):
             batch_indices = indices[step * args.batch_size : (step + 1) * args.batch_size]
             latents.append(encode(batch["pixel_values"], batch_indices, flipped=False))
             if args.flip:
                 latents_flipped.append(encode(batch["pixel_values"].flip(-1), batch_indices, flipped=True))
+            if repa_encoder is not None:
+                features.append(repa_encoder(batch["pixel_values"]).cpu())
+                if args.flip:
+                    features_flipped.append(repa_encoder(batch["pixel_values"].flip(-1)).cpu())
             class_labels.append(batch["class_labels"].long())
 
         tensors = {"latents": torch.cat(latents), "class_labels": torch.cat(class_labels)}
         if args.flip:
             tensors["latents_flipped"] = torch.cat(latents_flipped)
+        if features:
+            tensors[FEATURES] = torch.cat(features)
+        if features_flipped:
+            tensors[FEATURES_FLIPPED] = torch.cat(features_flipped)
         write_shard(path, tensors, settings)
     logger.info(f"Process {accelerator.process_index}: skipped {skipped} complete shards.", main_process_only=False)
 
@@ -210,6 +241,8 @@ def main(args):
             "id2label": {str(label): name for label, name in id2label.items()},
             "shards": shards,
         }
+        if repa_encoder is not None:
+            metadata["repa_feature_dim"] = repa_encoder.feature_dim
         write_metadata(args.output_dir, metadata)
         logger.info(f"Wrote {len(dataset)} latents of shape {tuple(shape[1:])} in {num_shards} shards.")
     accelerator.end_training()

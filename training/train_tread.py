@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import csv
 import difflib
+import itertools
 import json
 import math
 import os
@@ -82,6 +83,14 @@ from diffusers_tread.data import (
 from diffusers_tread.losses import TREAD_LOSSES
 from diffusers_tread.objectives import OBJECTIVES, get_objective
 from diffusers_tread.pipelines.pipeline_tread_dit import check_sampling_arguments
+from diffusers_tread.repa import (
+    PROJECTOR_FOLDER,
+    REPA_LOSS_WEIGHT,
+    REPA_PROJECTOR_DIM,
+    RepaProjector,
+    RepaTerm,
+    prepare_repa,
+)
 from diffusers_tread.routing import ROUTE_REINSERTION_MODES, resolve_routes
 from diffusers_tread.sharding import (
     full_model,
@@ -193,6 +202,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--mae_loss_weight", type=float, default=0.1, help="lambda of the adapted loss's MAE term")
     parser.add_argument("--class_dropout_prob", type=float, default=0.1, help="CFG label dropout, once per sample")
+    # Representation alignment (REPA, arXiv 2410.06940; diffusers_tread.repa)
+    repa = parser.add_argument_group("REPA", "align a DiT block with a frozen vision encoder's patch features")
+    repa.add_argument("--repa_encoder", default=None, help="a transformers vision model, e.g. facebook/dinov2-base")
+    repa.add_argument(
+        "--repa_layer", type=int, default=None, help="block aligned, 0-indexed (default: the paper's 8/28 of depth)"
+    )
+    repa.add_argument("--repa_loss_weight", type=float, default=REPA_LOSS_WEIGHT, help="lambda (paper: 0.5)")
+    repa.add_argument("--repa_projector_dim", type=int, default=REPA_PROJECTOR_DIM, help="projector MLP width")
+    repa.add_argument(
+        "--repa_delayed_routing",
+        action="store_true",
+        help="the route covering --repa_layer drops its tokens only after that block (aligned on all tokens)",
+    )
     # Data
     parser.add_argument("--dataset_name", default=None, help="datasets.load_dataset name or local path")
     parser.add_argument("--dataset_config_name", default=None)
@@ -318,6 +340,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("give --dataset_name or --train_data_dir, not both")
     if not 0.0 <= args.class_dropout_prob < 1.0:
         parser.error("--class_dropout_prob must be in [0, 1)")
+    if args.repa_encoder is None and (args.repa_layer is not None or args.repa_delayed_routing):
+        parser.error("--repa_layer and --repa_delayed_routing need --repa_encoder")
+    if args.repa_encoder and args.model_type != "dit":
+        parser.error("--repa_encoder aligns a DiT block; use --model_type dit")
+    if args.repa_encoder and (args.repa_loss_weight <= 0 or args.repa_projector_dim < 1):
+        parser.error("--repa_loss_weight must be > 0 and --repa_projector_dim at least 1")
     if args.lora_rank is not None and not args.pretrained_model_name_or_path:
         parser.error("--lora_rank fine-tunes a checkpoint: give --pretrained_model_name_or_path")
     for name in ("logging_steps", "checkpointing_steps", "validation_steps"):
@@ -358,6 +386,7 @@ def main(argv: list[str] | None = None) -> None:
     objective = get_objective(args.objective)
     model = build_model(args, data, objective)
     ema_model = build_ema(args, model)
+    repa = build_repa(args, data, model)  # (encoder or None, projector, layer); refuses bad REPA input
     # One generator per process draws all training randomness (noise, timesteps, label dropout, routed subsets), so a
     # checkpoint can carry it and a resumed run draws exactly what the uninterrupted run would have.
     run.generator = torch.Generator(device=accelerator.device).manual_seed(
@@ -366,10 +395,15 @@ def main(argv: list[str] | None = None) -> None:
     register_weight_hooks(accelerator, args, run.generator, ema_model)
 
     # 4. Optimizer, data loader, LR schedule (all through `accelerator.prepare`), trackers.
-    model, optimizer, train_dataloader, lr_scheduler = prepare_optimization(args, accelerator, model, ema_model, data)
+    projector = accelerator.prepare(repa[1]) if repa else None  # trained with the model, saved in checkpoints only
+    model, optimizer, train_dataloader, lr_scheduler = prepare_optimization(
+        args, accelerator, model, ema_model, data, extra_parameters=list(projector.parameters()) if repa else []
+    )
     run.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     if data.vae is not None:
         data.vae.to(accelerator.device, dtype=run.weight_dtype)
+    if repa and repa[0] is not None:
+        repa[0].to(accelerator.device, dtype=run.weight_dtype)
     num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
     num_train_epochs = math.ceil(args.max_train_steps / num_update_steps_per_epoch)
     unwrapped = accelerator.unwrap_model(model)
@@ -404,13 +438,18 @@ def main(argv: list[str] | None = None) -> None:
         for batch in loader:
             if args.disable_routing_after_step is not None and global_step >= args.disable_routing_after_step:
                 unwrapped.disable_routing()
-            with accelerator.accumulate(model):
-                loss = batch_loss(run, model, unwrapped, objective, batch, global_step)
+            with accelerator.accumulate(model, *([projector] if repa else [])):
+                repa_term = None
+                if repa:  # lambda * Eq. 8 on the aligned block, this batch's targets
+                    targets = repa_targets(repa, batch)
+                    repa_term = RepaTerm(projector, repa[2], args.repa_loss_weight, args.repa_delayed_routing, targets)
+                loss = batch_loss(run, model, unwrapped, objective, batch, global_step, repa_term)
                 # the logged loss: averaged over accumulation micro-steps (and processes, at the flush)
                 step_loss += loss.detach() / args.gradient_accumulation_steps
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                    clipped = itertools.chain(model.parameters(), projector.parameters()) if repa else None
+                    accelerator.clip_grad_norm_(clipped or model.parameters(), args.max_grad_norm)
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -495,7 +534,12 @@ def load_training_data(args) -> TrainingData:
     (encoded by --vae in the loop, if given), or the built-in digits; checks --validation_class_labels now, not at
     the first validation."""
     if args.latents_dir:
-        dataset = LatentShardDataset(args.latents_dir, random_flip=args.random_flip, seed=args.seed)
+        dataset = LatentShardDataset(
+            args.latents_dir,
+            random_flip=args.random_flip,
+            seed=args.seed,
+            repa_features=bool(args.repa_encoder and load_latents_metadata(args.latents_dir).get("repa_encoder")),
+        )
         id2label = dataset.id2label
         description = f"latents from {args.latents_dir}"
         vae = load_vae(
@@ -646,12 +690,18 @@ def register_weight_hooks(accelerator, args, train_generator: torch.Generator, e
         if ema_model is not None:
             ema_model.save_pretrained(os.path.join(folder, "transformer_ema"))
         for saved_model in models:
-            if args.lora_rank:
+            if isinstance(saved_model, RepaProjector):  # training-only: in checkpoints, never in the pipeline
+                saved_model.save_pretrained(os.path.join(folder, PROJECTOR_FOLDER))
+            elif args.lora_rank:
                 saved_model.save_lora_adapter(os.path.join(folder, "transformer_lora"))
             else:
                 saved_model.save_pretrained(os.path.join(folder, "transformer"))
 
     def load_weights(models, folder):  # in place, so the optimizer keeps its parameters
+        if os.path.isdir(os.path.join(folder, PROJECTOR_FOLDER)) and not args.repa_encoder:
+            raise ValueError(
+                f"{folder} was trained with REPA: resume with the --repa_* arguments it was trained with."
+            )
         if ema_model is not None:
             loaded_ema = EMAModel.from_pretrained(os.path.join(folder, "transformer_ema"), model_cls)
             ema_model.load_state_dict(loaded_ema.state_dict())
@@ -659,7 +709,9 @@ def register_weight_hooks(accelerator, args, train_generator: torch.Generator, e
             if models and is_sharded(models[0]):
                 shard_ema_like(ema_model, models[0])  # the loaded shadows are whole: keep this process's shards
         for loaded_into in models:
-            if args.lora_rank:
+            if isinstance(loaded_into, RepaProjector):
+                loaded_into.load_pretrained(os.path.join(folder, PROJECTOR_FOLDER))
+            elif args.lora_rank:
                 lora_file = os.path.join(folder, "transformer_lora", "pytorch_lora_weights.safetensors")
                 set_peft_model_state_dict(loaded_into, load_file(lora_file), adapter_name="default")
             else:  # each process keeps its shard when sharded
@@ -690,14 +742,16 @@ def main_process_weights(accelerator, model, ema_model: EMAModel | None):
     return full_model(model, state, accelerator.device), None
 
 
-def prepare_optimization(args, accelerator, model, ema_model: EMAModel | None, data: TrainingData):
+def prepare_optimization(
+    args, accelerator, model, ema_model: EMAModel | None, data: TrainingData, extra_parameters=()
+):
     """Stage 4: AdamW (--scale_lr multiplies the LR by batch x accumulation x processes), the shuffled data loader,
     the LR schedule and --max_train_steps from --num_train_epochs when not given; all through `accelerator.prepare`.
     Returns the prepared model, optimizer, data loader and LR scheduler."""
     if args.scale_lr:
         args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
     optimizer = make_optimizer(  # fused on CUDA, multi-tensor elsewhere
-        model.parameters(),
+        [*model.parameters(), *extra_parameters],  # extra: e.g. the REPA projector
         args.learning_rate,
         betas=(args.adam_beta1, args.adam_beta2),
         weight_decay=args.adam_weight_decay,
@@ -738,7 +792,7 @@ def start_logging(run: RunState, model, num_train_epochs: int) -> None:
     logger.info(f"  Objective = {args.objective}, TREAD loss = {args.tread_loss}, routes = {model.config.routes}")
 
 
-def batch_loss(run: RunState, model, unwrapped, objective, batch, step: int):
+def batch_loss(run: RunState, model, unwrapped, objective, batch, step: int, repa=None):
     """Stage 6, one micro-step's loss: the clean data x0 (fp32; encoded by the frozen VAE in the mixed-precision dtype
     when training on images through --vae), the class labels with CFG dropout (once per sample; Diffusers' per-block
     dropout is off in the model), and the TREAD loss at this step's selection ratios. All draws come from
@@ -770,7 +824,25 @@ def batch_loss(run: RunState, model, unwrapped, objective, batch, step: int):
         patch_size=unwrapped.config.patch_size,
         loss_mode=args.tread_loss,
         mae_loss_weight=args.mae_loss_weight,
+        repa=repa,
     )
+
+
+def build_repa(args, data: TrainingData, model) -> tuple | None:
+    """Stage 3d (--repa_encoder): ``(encoder, projector, layer)``, the encoder None when the features were precomputed
+    with the latents; every refusal (encoder, layer, grid, stored features) happens here, before training."""
+    if not args.repa_encoder:
+        return None
+    return prepare_repa(
+        args.repa_encoder, args.repa_layer, model.config.routes, model.config.num_layers, model.inner_dim,
+        token_grid=model.config.sample_size // model.config.patch_size, delayed_routing=args.repa_delayed_routing,
+        projector_dim=args.repa_projector_dim, latents_dir=args.latents_dir, cache_dir=args.cache_dir,
+    )  # fmt: skip
+
+
+def repa_targets(repa: tuple, batch) -> torch.Tensor:
+    """This batch's REPA targets: the stored features, or the frozen encoder's on the batch's images."""
+    return batch["repa_features"] if repa[0] is None else repa[0](batch["pixel_values"])
 
 
 def flush_losses(

@@ -2,7 +2,9 @@
 
 A latents directory holds safetensors shards ``latents-00000-of-00012.safetensors`` with the tensors ``latents``
 (N, C, h, w) float32 (already ``(z - shift_factor) * scaling_factor``), ``class_labels`` (N,) int64 and, when
-extracted with ``--flip``, ``latents_flipped`` (the encodings of the horizontally flipped images). Each shard's
+extracted with ``--flip``, ``latents_flipped`` (the encodings of the horizontally flipped images). Extracted with
+``--repa_encoder``, shards also hold ``repa_features`` (N, grid*grid, D) float32 (and ``repa_features_flipped``), the
+frozen encoder's patch features for REPA (`diffusers_tread.repa`). Each shard's
 header records the extraction settings. A shard is written under a ``.tmp`` name and renamed when complete, so a
 file with the final name is never half-written. ``metadata.json`` is written last, once every shard exists, and is
 removed when an extraction starts: its presence means the directory is complete and consistent.
@@ -139,8 +141,9 @@ class LatentShardDataset(Dataset):
     that a resumed run reads exactly what an uninterrupted one would.
     """
 
-    def __init__(self, latents_dir: str, random_flip: bool = True, seed: int = 0):
+    def __init__(self, latents_dir: str, random_flip: bool = True, seed: int = 0, repa_features: bool = False):
         self.seed, self.epoch = seed, 0
+        self.repa_features = repa_features  # items also carry "repa_features", of the same (flipped or not) copy
         self.metadata: dict[str, Any] = load_latents_metadata(latents_dir)
         self.latents_dir = latents_dir
         self.random_flip = random_flip and self.metadata["flip"]
@@ -179,7 +182,11 @@ class LatentShardDataset(Dataset):
         name = "latents_flipped" if flip else "latents"
         row = index - self.shard_starts[shard_index]
         latents = self._shards[shard_index].get_slice(name)[row : row + 1][0]
-        return {"latents": latents.float(), "class_labels": int(self.class_labels[index])}
+        item = {"latents": latents.float(), "class_labels": int(self.class_labels[index])}
+        if self.repa_features:
+            features = "repa_features_flipped" if flip else "repa_features"
+            item["repa_features"] = self._shards[shard_index].get_slice(features)[row : row + 1][0].float()
+        return item
 
 
 def _same_vae(a: str, b: str) -> bool:

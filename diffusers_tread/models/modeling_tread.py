@@ -25,6 +25,10 @@ class TreadTransformer2DModelOutput(Transformer2DModelOutput):
     token bypassed that route; ``None`` when routing was off (the output is then exactly DiT's)."""
 
     route_masks: tuple[torch.BoolTensor, ...] | None = None
+    # With ``capture_layer_idx`` (e.g. for representation alignment): that block's output, ``(batch, n, dim)``, and the
+    # ``(batch, n)`` positions of its rows among all tokens when it ran inside a route on the kept tokens (else None).
+    captured_hidden_states: torch.Tensor | None = None
+    captured_token_indices: torch.LongTensor | None = None
 
 
 class TreadRoutingMixin:

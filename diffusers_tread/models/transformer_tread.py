@@ -276,6 +276,8 @@ class TreadTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAdapter
         force_routing: bool = False,
         selection_ratio: float | list[float] | None = None,
         route_generator: torch.Generator | None = None,
+        capture_layer_idx: int | None = None,
+        delay_routing_after: int | None = None,
     ) -> TreadTransformer2DModelOutput | tuple:
         """DiT's forward with TREAD routing.
 
@@ -284,6 +286,10 @@ class TreadTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAdapter
             selection_ratio: overrides the routes' selection ratios for this call: one value for every route, or a
                 list with one per route (e.g. a training-time ratio schedule).
             route_generator: draws the routed subsets, for reproducible routing.
+            capture_layer_idx: also return this block's output (``captured_hidden_states``) and, inside a route, the
+                positions of its kept tokens (``captured_token_indices``); e.g. for REPA (`diffusers_tread.repa`).
+            delay_routing_after: a route covering this block lets its tokens leave only after it (delayed routing,
+                `routing.run_blocks`'s ``drop_after_layer``).
 
         Returns:
             ``TreadTransformer2DModelOutput(sample, route_masks)`` or ``(sample, route_masks)``; with routing off,
@@ -326,6 +332,12 @@ class TreadTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAdapter
                 activated_conditioning=activated_conditioning,
             )
 
+        captured = {}
+
+        def capture(layer_idx: int, layer_output: torch.Tensor, kept_indices: torch.LongTensor | None) -> None:
+            if layer_idx == capture_layer_idx:
+                captured.update(captured_hidden_states=layer_output, captured_token_indices=kept_indices)
+
         hidden_states, route_masks = routing.run_blocks(
             self.transformer_blocks,
             hidden_states,
@@ -334,6 +346,8 @@ class TreadTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAdapter
             self.config.route_reinsertion,
             input_tokens,
             route_generator,
+            drop_after_layer=delay_routing_after,
+            on_block_output=None if capture_layer_idx is None else capture,
         )
 
         # 3. Output: DiT's final adaLN layer (in Diffusers' layout conditioned through block 0's embedder) and
@@ -357,7 +371,7 @@ class TreadTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAdapter
 
         if not return_dict:
             return (output,) if route_masks is None else (output, route_masks)
-        return TreadTransformer2DModelOutput(sample=output, route_masks=route_masks)
+        return TreadTransformer2DModelOutput(sample=output, route_masks=route_masks, **captured)
 
 
 _SHARED_EMBEDDER = "conditioning_embedder."

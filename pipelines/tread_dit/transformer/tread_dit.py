@@ -203,6 +203,8 @@ def run_blocks(
     reinsertion: str = "pre_route",
     input_tokens: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    drop_after_layer: int | None = None,
+    on_block_output: Callable[[int, torch.Tensor, torch.LongTensor | None], None] | None = None,
 ) -> tuple[torch.Tensor, tuple[torch.BoolTensor, ...] | None]:
     """Run ``blocks`` over ``hidden_states`` (batch, tokens, dim) with TREAD's routes (paper Fig. 2): at a route's
     start layer each sample keeps a random subset of its tokens, the route's blocks run on those, and after its end
@@ -212,24 +214,35 @@ def run_blocks(
     ``run_block(block, hidden_states)`` runs one block (with its conditioning, checkpointing, ...). ``routes`` and
     ``reinsertion`` are taken as checked (`validate_routes`, `check_route_reinsertion`, once per model). Returns the
     final hidden states and one bypass mask per route, or None without routes.
+
+    ``drop_after_layer`` (delayed routing, for representation alignment at that layer): a route with
+    ``start <= drop_after_layer < end`` still draws its subset and stores the pre-route state at its start, but all
+    tokens run blocks ``start..drop_after_layer``; the bypassed ones leave only after that block, and after ``end``
+    they re-enter with the state they had entering ``start``, as usual. Other routes are unchanged.
+    ``on_block_output(layer_idx, hidden_states, kept_indices)`` is called after every block with its output and the
+    ``(B, N_keep)`` positions of its rows in the full sequence (None when all tokens ran the block).
     """
     route_at_start = {route["start_layer_idx"]: route for route in routes}
     route_at_end = {route["end_layer_idx"] for route in routes}
     batch_size, num_tokens, _ = hidden_states.shape
     route_masks = []
+    routed, gather_after = False, None
     for layer_idx, block in enumerate(blocks):
         if layer_idx in route_at_start:
+            route = route_at_start[layer_idx]
             pre_route = hidden_states  # x_D_last: the full sequence entering the route
             kept_indices = sample_kept_indices(
-                batch_size,
-                num_tokens,
-                route_at_start[layer_idx]["selection_ratio"],
-                generator=generator,
-                device=hidden_states.device,
+                batch_size, num_tokens, route["selection_ratio"], generator=generator, device=hidden_states.device
             )
-            hidden_states = gather_tokens(hidden_states, kept_indices)
+            delayed = drop_after_layer is not None and layer_idx <= drop_after_layer < route["end_layer_idx"]
+            gather_after = drop_after_layer if delayed else layer_idx - 1
+        if gather_after is not None and layer_idx == gather_after + 1:
+            hidden_states, routed, gather_after = gather_tokens(hidden_states, kept_indices), True, None
         hidden_states = run_block(block, hidden_states)
+        if on_block_output is not None:
+            on_block_output(layer_idx, hidden_states, kept_indices if routed else None)
         if layer_idx in route_at_end:
+            routed = False
             reinsert_into = pre_route + input_tokens if reinsertion == "pre_route_plus_input" else pre_route
             hidden_states = scatter_tokens(hidden_states, kept_indices, reinsert_into)
             route_masks.append(bypass_mask(kept_indices, num_tokens))
@@ -253,6 +266,10 @@ class TreadTransformer2DModelOutput(Transformer2DModelOutput):
     token bypassed that route; ``None`` when routing was off (the output is then exactly DiT's)."""
 
     route_masks: tuple[torch.BoolTensor, ...] | None = None
+    # With ``capture_layer_idx`` (e.g. for representation alignment): that block's output, ``(batch, n, dim)``, and the
+    # ``(batch, n)`` positions of its rows among all tokens when it ran inside a route on the kept tokens (else None).
+    captured_hidden_states: torch.Tensor | None = None
+    captured_token_indices: torch.LongTensor | None = None
 
 
 class TreadRoutingMixin:
@@ -554,6 +571,8 @@ class TreadTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAdapter
         force_routing: bool = False,
         selection_ratio: float | list[float] | None = None,
         route_generator: torch.Generator | None = None,
+        capture_layer_idx: int | None = None,
+        delay_routing_after: int | None = None,
     ) -> TreadTransformer2DModelOutput | tuple:
         """DiT's forward with TREAD routing.
 
@@ -562,6 +581,10 @@ class TreadTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAdapter
             selection_ratio: overrides the routes' selection ratios for this call: one value for every route, or a
                 list with one per route (e.g. a training-time ratio schedule).
             route_generator: draws the routed subsets, for reproducible routing.
+            capture_layer_idx: also return this block's output (``captured_hidden_states``) and, inside a route, the
+                positions of its kept tokens (``captured_token_indices``); e.g. for REPA (`diffusers_tread.repa`).
+            delay_routing_after: a route covering this block lets its tokens leave only after it (delayed routing,
+                `routing.run_blocks`'s ``drop_after_layer``).
 
         Returns:
             ``TreadTransformer2DModelOutput(sample, route_masks)`` or ``(sample, route_masks)``; with routing off,
@@ -604,6 +627,12 @@ class TreadTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAdapter
                 activated_conditioning=activated_conditioning,
             )
 
+        captured = {}
+
+        def capture(layer_idx: int, layer_output: torch.Tensor, kept_indices: torch.LongTensor | None) -> None:
+            if layer_idx == capture_layer_idx:
+                captured.update(captured_hidden_states=layer_output, captured_token_indices=kept_indices)
+
         hidden_states, route_masks = run_blocks(
             self.transformer_blocks,
             hidden_states,
@@ -612,6 +641,8 @@ class TreadTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAdapter
             self.config.route_reinsertion,
             input_tokens,
             route_generator,
+            drop_after_layer=delay_routing_after,
+            on_block_output=None if capture_layer_idx is None else capture,
         )
 
         # 3. Output: DiT's final adaLN layer (in Diffusers' layout conditioned through block 0's embedder) and
@@ -635,7 +666,7 @@ class TreadTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAdapter
 
         if not return_dict:
             return (output,) if route_masks is None else (output, route_masks)
-        return TreadTransformer2DModelOutput(sample=output, route_masks=route_masks)
+        return TreadTransformer2DModelOutput(sample=output, route_masks=route_masks, **captured)
 
 
 _SHARED_EMBEDDER = "conditioning_embedder."
