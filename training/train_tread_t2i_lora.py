@@ -1,25 +1,33 @@
 #!/usr/bin/env python
-"""LoRA text-to-image fine-tuning with TREAD token routing (Krause et al., arXiv 2501.04765) for PixArt, SD3 and Flux.
+"""LoRA text-to-image and text-to-video fine-tuning with TREAD token routing (Krause et al., arXiv 2501.04765) for
+PixArt, SD3, Flux, Wan 2.1/2.2 (text-to-video) and LTX-Video.
 
 In the style of Diffusers' `train_dreambooth_lora_sd3.py` / `train_text_to_image_lora.py`: an image-caption data set (an
-`imagefolder` with a `metadata.jsonl`, a local `datasets` folder, or a Hub data set), a Diffusers pipeline folder or Hub
-id, LoRA adapters (PEFT) on the transformer, and TREAD routing on the transformer's image tokens while it trains.
+`imagefolder` with a `metadata.jsonl`, a local `datasets` folder, or a Hub data set) or, for a video pipeline, a folder
+of clips (mp4, webm, gif) and images with a `metadata.jsonl`, a Diffusers pipeline folder or Hub id (its family comes
+from its `model_index.json`), LoRA adapters (PEFT) on the transformer, and TREAD routing on the transformer's image
+(video) tokens while it trains.
 
     accelerate launch training/train_tread_t2i_lora.py \
         --pretrained_model_name_or_path PixArt-alpha/PixArt-Sigma-XL-2-512-MS --train_data_dir my-images \
-        --resolution 512 --rank 16 --routes paper --validation_prompt "a photo of a red fox" --output_dir fox-lora
+        --resolution 512 --lora_rank 16 --routes paper --validation_prompt "a photo of a red fox" --output_dir fox-lora
+    accelerate launch training/train_tread_t2i_lora.py \
+        --pretrained_model_name_or_path Wan-AI/Wan2.1-T2V-1.3B-Diffusers --train_data_dir my-clips --num_frames 33 \
+        --resolution 480 --lora_rank 32 --routes none --validation_prompt "a red fox running" --output_dir fox-wan
 
 The story, top to bottom: `parse_args`, then `main()`, which runs the stages and holds the training loop; each stage
 is a function defined below `main` (or in the library), in the order it runs: `start_run` (accelerator, seed, output
 folder, Hub repo), `resolve_model_spec` (which model, from `model_index.json`) -> `load_captions`, `text_embeddings`
 (every caption encoded ONCE, after which the text encoders are freed), `load_vae`, `build_dataset` (optionally VAE
-latents cached) -> `build_transformer`, `add_routing`, `register_lora_hooks` (transformer + LoRA, TREAD routing,
-checkpoint hooks) -> `prepare_optimization`, `load_noise_scheduler`, `start_logging` (optimizer, data loader, LR
+latents cached) -> `build_transformer`, `add_routing`, `register_lora_checkpoint_hooks` (transformer + LoRA, TREAD
+routing, the hooks that write and read the adapters in checkpoints) -> `prepare_optimization`, `load_noise_scheduler`, `start_logging` (optimizer, data loader, LR
 schedule, trackers) -> `resume_from_checkpoint` -> the loop (`batch_loss`, `log_step`, `save_checkpoint`,
 `log_validation`) -> `save_final_lora`, `final_validation`, `save_model_card` (LoRA weights in Diffusers' format, checked
 by loading them into a fresh base pipeline), `hub.upload_final_output`.
 What is not glue is the library's: the model families, the step's model call and loss, and the LoRA files are
-`diffusers_tread.t2i_training`; the model card is `diffusers_tread.hub.save_lora_model_card`.
+`diffusers_tread.t2i_training`; the clips are `diffusers_tread.data.videos`; the model card is
+`diffusers_tread.hub.save_lora_model_card`. The loss stays on the device and is read back every --logging_steps (and
+at checkpoints and validations), where stop signals are checked too: no host synchronisation in between.
 
 Routing (`diffusers_tread.models.tread_t2i.apply_tread`) is a set of hooks on the transformer's blocks: it runs only in
 train mode, touches only image tokens (text tokens and the conditioning are never routed), and leaves the module tree
@@ -30,7 +38,6 @@ the model to eval mode, which samples with every token.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import math
 import os
@@ -41,12 +48,13 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import NamedTuple
 
+import diffusers
 import numpy as np
 import torch
 from accelerate.logging import get_logger
-from diffusers import AutoencoderKL, DDPMScheduler, FlowMatchEulerDiscreteScheduler
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-from diffusers.training_utils import cast_training_params
+from diffusers.training_utils import cast_training_params, free_memory
+from diffusers.utils import export_to_video
 from peft import LoraConfig
 from peft.utils import set_peft_model_state_dict
 from PIL import Image
@@ -73,10 +81,12 @@ from diffusers_tread.data import (
     BAD_IMAGES_HELP,
     CachedLatentDataset,
     CaptionedImageDataset,
+    CaptionedVideoDataset,
     caption_table,
     collate_examples,
     embeddings_fingerprint,
     load_captioned_images,
+    load_captioned_videos,
     load_precomputed_embeddings,
     save_precomputed_embeddings,
 )
@@ -85,6 +95,7 @@ from diffusers_tread.routing import ROUTE_REINSERTION_MODES
 
 # What is not script glue (the model families, the step's model call and loss, the LoRA files) is the library's.
 from diffusers_tread.t2i_training import (
+    DEFAULT_FPS,
     DEFAULT_TARGET_MODULES,
     ModelSpec,
     add_lora,
@@ -92,14 +103,19 @@ from diffusers_tread.t2i_training import (
     describe_routing,
     encode_prompts,
     load_lora,
+    normalize_latents,
+    num_image_tokens,
     read_transformer_lora,
     resolve_model,
     save_lora,
+    training_flow_shift,
     training_loss,
+    training_noise_scheduler,
     unwrap,
-    vae_latents,
+    vae_compression,
 )
 from diffusers_tread.training_utils import (
+    LossLog,
     main_with_messages,
     make_lr_scheduler,
     make_optimizer,
@@ -120,7 +136,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--pretrained_model_name_or_path",
         required=True,
-        help="a Diffusers pipeline folder or Hub id (PixArt-Alpha/Sigma, Stable Diffusion 3, Flux)",
+        help="a Diffusers pipeline folder or Hub id (PixArt-Alpha/Sigma, Stable Diffusion 3, Flux, Wan 2.1/2.2 "
+        "text-to-video, LTX-Video)",
     )
     parser.add_argument("--revision", default=None)
     parser.add_argument("--variant", default=None, help='e.g. "fp16"')
@@ -139,7 +156,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="what a bypassed token carries past its route: its pre-route state (ICCV) or that plus the input tokens (v1)",
     )
     # LoRA
-    parser.add_argument("--rank", type=int, default=4, help="LoRA rank")
+    # --lora_rank, as train_tread.py names it; --rank (Diffusers' LoRA examples' name) is kept as an alias.
+    parser.add_argument("--lora_rank", "--rank", dest="lora_rank", type=int, default=4, help="LoRA rank")
     parser.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
     parser.add_argument("--lora_dropout", type=float, default=0.0)
     parser.add_argument(
@@ -151,12 +169,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dataset_name", default=None, help="a Hub data set, or a local `datasets` folder")
     parser.add_argument("--dataset_config_name", default=None)
     parser.add_argument(
-        "--train_data_dir", default=None, help="an imagefolder: images plus a metadata.jsonl with the captions"
+        "--train_data_dir",
+        default=None,
+        help="an imagefolder: images plus a metadata.jsonl with the captions; for a video pipeline, clips (mp4, webm, "
+        "gif) and/or images plus a metadata.jsonl",
     )
     parser.add_argument("--image_column", default="image")
     parser.add_argument("--caption_column", default="text")
     parser.add_argument("--max_train_samples", type=int, default=None)
-    parser.add_argument("--resolution", type=int, default=512)
+    parser.add_argument("--resolution", type=int, default=512, help="the side of the square crop, in pixels")
+    parser.add_argument(
+        "--num_frames",
+        type=int,
+        default=None,
+        help="video pipelines: frames per clip (a window drawn per item; 1 + a multiple of the VAE's temporal "
+        "compression, e.g. 4k+1 for Wan, 8k+1 for LTX; default 17 for Wan, 25 for LTX; images need 1)",
+    )
+    parser.add_argument("--fps", type=int, default=None, help="video: the validation videos' frame rate (and LTX's "
+                        "RoPE scale); default: the family's (Wan 16, LTX 25)")  # fmt: skip
     parser.add_argument("--center_crop", action="store_true")
     parser.add_argument("--random_flip", action="store_true")
     parser.add_argument("--bad_images", choices=BAD_IMAGE_POLICIES, default="stop", help=BAD_IMAGES_HELP)
@@ -170,7 +200,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--cache_latents",
         action="store_true",
-        help="encode every image with the VAE once, before training (crops and flips are then drawn once)",
+        help="encode every image (clip) with the VAE once, before training (crops, flips and frames are then drawn "
+        "once)",
     )
     parser.add_argument(
         "--precomputed_embeddings_dir",
@@ -188,7 +219,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--weighting_scheme",
         choices=["sigma_sqrt", "logit_normal", "mode", "cosmap", "none"],
         default="none",
-        help="SD3/Flux: timestep density and loss weighting (SD3 paper)",
+        help="flow matching: timestep density and loss weighting (SD3 paper)",
     )
     parser.add_argument("--logit_mean", type=float, default=0.0)
     parser.add_argument("--logit_std", type=float, default=1.0)
@@ -196,9 +227,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--precondition_outputs",
         type=int,
-        default=1,
-        help="SD3/Flux: 1 compares x0 = x_t - sigma * v with the clean latents (as Diffusers' SD3 examples); "
-        "0 compares the velocity with noise - latents",
+        choices=[0, 1],
+        default=None,
+        help="flow matching: 1 compares x0 = x_t - sigma * v with the clean latents (the default for SD3/Flux, as "
+        "Diffusers' SD3 examples); 0 compares the velocity with noise - latents (the default for Wan/LTX, their "
+        "rectified-flow target)",
+    )
+    parser.add_argument(
+        "--flow_shift",
+        type=float,
+        default=None,
+        help="Wan/LTX: the training timestep shift (default: the pipeline's scheduler: Wan's flow_shift, LTX's "
+        "token-count rule)",
     )
     parser.add_argument("--guidance_scale", type=float, default=3.5, help="Flux's guidance embedding while training")
     # Optimisation
@@ -230,11 +270,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None)
     parser.add_argument("--allow_tf32", action="store_true")
     # Checkpoints, validation, logging, Hub
+    parser.add_argument(
+        "--logging_steps",
+        type=int,
+        default=10,
+        help="read the loss back from the device (and check for stop signals) every this many steps",
+    )
     parser.add_argument("--checkpointing_steps", type=int, default=500)
     parser.add_argument("--checkpoints_total_limit", type=int, default=None)
     parser.add_argument("--resume_from_checkpoint", default=None, help='a checkpoint folder or "latest"')
     parser.add_argument("--validation_prompt", default=None)
-    parser.add_argument("--num_validation_images", type=int, default=4)
+    parser.add_argument("--num_validation_images", type=int, default=4, help="images (videos) per validation")
     parser.add_argument("--validation_steps", type=int, default=None, help="validate every this many steps")
     parser.add_argument("--validation_epochs", type=int, default=None, help="validate every this many epochs")
     parser.add_argument("--validation_num_inference_steps", type=int, default=25)
@@ -249,15 +295,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--hub_private_repo", action="store_true")
     args = parser.parse_args(argv)
 
-    for name in ("checkpointing_steps", "validation_steps", "validation_epochs"):
+    for name in ("checkpointing_steps", "validation_steps", "validation_epochs", "logging_steps"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1 (it is a step interval)")
     if (args.dataset_name is None) == (args.train_data_dir is None):
         parser.error("give exactly one of --dataset_name and --train_data_dir")
     if args.precompute_only and not args.precomputed_embeddings_dir:
         parser.error("--precompute_only writes to --precomputed_embeddings_dir: give it")
-    if args.rank < 1:
-        parser.error("--rank must be at least 1")
+    if args.lora_rank < 1:
+        parser.error("--lora_rank must be at least 1")
+    if args.num_frames is not None and args.num_frames < 1:
+        parser.error("--num_frames must be at least 1")
     check_run_arguments(parser, args)  # the output folder, the checkpoint limit, the Hub token
     if args.resolution % 16:
         parser.error("--resolution must be a multiple of 16 (VAE downsampling x patch size)")
@@ -275,15 +323,17 @@ def main(argv: list[str] | None = None) -> None:
     spec = resolve_model_spec(args)
 
     # 2. Data, and every caption's text embedding, computed once (or read from --precomputed_embeddings_dir).
-    captions = load_captions(args)
+    captions = load_captions(args, spec)
     table, validation_prompt_kwargs = text_embeddings(args, spec, accelerator, weight_dtype, captions.unique)
     if args.precompute_only:
         logger.info("--precompute_only: done.")
         accelerator.end_training()
         return
     vae = load_vae(args, spec, accelerator)
-    vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    dataset = build_dataset(args, accelerator, captions, vae)
+    vae_temporal, vae_scale_factor = vae_compression(spec, vae)
+    check_num_frames(args, spec, vae_temporal)
+    args.vae_temporal_compression = vae_temporal  # read by LTX's model call (its RoPE scale)
+    dataset = build_dataset(args, accelerator, spec, captions, vae)
 
     # 3. Transformer, LoRA, TREAD routing, and the checkpoint hooks that save the adapters with the training generator.
     transformer, lora_parameters = build_transformer(args, spec, accelerator, weight_dtype)
@@ -294,7 +344,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     router, routes = add_routing(args, transformer, train_generator)
     transformer.train()
-    register_lora_hooks(accelerator, args, spec, train_generator)
+    register_lora_checkpoint_hooks(accelerator, args, spec, train_generator)
 
     # 4. Optimizer, data loader, LR schedule (all through `accelerator.prepare`), noise scheduler, trackers.
     transformer, optimizer, train_dataloader, lr_scheduler = prepare_optimization(
@@ -302,10 +352,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
     num_train_epochs = math.ceil(args.max_train_steps / num_update_steps_per_epoch)
-    noise_scheduler = load_noise_scheduler(spec)
+    latent_frames = (args.num_frames - 1) // vae_temporal + 1
+    num_tokens = num_image_tokens(spec, unwrap(transformer).config, latent_frames, args.resolution // vae_scale_factor)
+    noise_scheduler = load_noise_scheduler(args, spec, num_tokens)
     total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-    start_logging(args, accelerator, spec, unwrap(transformer), lora_parameters, routes, dataset, captions,
-                  vae_scale_factor, num_train_epochs, total_batch_size)  # fmt: skip
+    start_logging(args, accelerator, spec, lora_parameters, routes, dataset, captions, num_tokens, num_train_epochs,
+                  total_batch_size)  # fmt: skip
 
     # 5. Resume (the main process picks the checkpoint; a finished run only says so).
     resume = resume_from_checkpoint(
@@ -325,8 +377,10 @@ def main(argv: list[str] | None = None) -> None:
         range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
     )
     loss_log = Path(args.output_dir, LOSS_HISTORY)
-    step_started, last_loss, train_loss, routing_reported = time.time(), float("nan"), 0.0, False
+    step_started, last_loss, routing_reported = time.time(), float("nan"), False
     skipped_images = 0  # unreadable images dropped by --bad_images skip
+    # The loss and the routes' bypassed fractions stay on the device until a sync step reads them back (`flush_log`).
+    step_loss, pending = torch.zeros((), device=accelerator.device), PendingLog()
     for epoch in range(first_epoch, num_train_epochs if global_step < args.max_train_steps else first_epoch):
         train_dataloader.set_epoch(epoch)
         loader = train_dataloader
@@ -336,9 +390,9 @@ def main(argv: list[str] | None = None) -> None:
             skipped_images += int(batch["num_skipped"])
             with accelerator.accumulate(transformer):
                 loss = batch_loss(args, spec, accelerator, transformer, vae, noise_scheduler, table, batch,
-                                  global_step, train_generator, weight_dtype, vae_scale_factor)  # fmt: skip
-                routing = describe_routing(router)
-                train_loss += accelerator.gather(loss.detach()).mean().item() / args.gradient_accumulation_steps
+                                  train_generator, weight_dtype, vae_scale_factor)  # fmt: skip
+                # the logged loss: averaged over accumulation micro-steps (and processes, at the flush)
+                step_loss += loss.detach() / args.gradient_accumulation_steps
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(lora_parameters, args.max_grad_norm)
@@ -350,18 +404,25 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             global_step += 1
             progress_bar.update(1)
-            last_loss, train_loss = train_loss, 0.0
+            pending.add(global_step, step_loss, route_fractions(router), time.time() - started)
+            step_loss = torch.zeros_like(step_loss)
+            if not routing_reported:  # the routes' token counts, once (one host sync)
+                routing_reported = report_routing(router)
             step_time = time.time() - step_started
             step_started = time.time()
-            routing_reported = log_step(accelerator, progress_bar, lr_scheduler, loss_log, started, global_step,
-                                        last_loss, step_time, skipped_images, routing, routing_reported)  # fmt: skip
+            log_step(accelerator, lr_scheduler, global_step, step_time, skipped_images)
 
             checkpoint_due = global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps
-            if checkpoint_due:
+            validation_now = validation_due(args, args.validation_steps, global_step, global_step)
+            # the same on every process (the stop check below is an all-reduce)
+            sync_due = global_step % args.logging_steps == 0 or checkpoint_due or validation_now
+            # Processes agree on a stop with an all-reduce (a host sync): only at the steps that sync anyway.
+            stop_due = sync_due and stop_requested(accelerator, stop)
+            if sync_due:  # before any checkpoint: none is written after a non-finite loss
+                last_loss = flush_log(accelerator, args, pending, loss_log, progress_bar, lr_scheduler, last_loss)
+            if checkpoint_due or stop_due:
                 save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit, uploads)
-            if stop_requested(accelerator, stop):
-                if not checkpoint_due:
-                    save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit, uploads)
+            if stop_due:
                 logger.info(
                     f"Stopped by signal {stop['signal']} at step {global_step} after saving a checkpoint; continue "
                     "with --resume_from_checkpoint latest."
@@ -369,7 +430,7 @@ def main(argv: list[str] | None = None) -> None:
                 restore_stop_handlers(stop)
                 accelerator.end_training()
                 return
-            if accelerator.is_main_process and validation_due(args, args.validation_steps, global_step, global_step):
+            if accelerator.is_main_process and validation_now:
                 log_validation(accelerator, spec, args, unwrap(transformer), vae, validation_prompt_kwargs,
                                weight_dtype, global_step, f"step_{global_step:07d}")  # fmt: skip
             if global_step >= args.max_train_steps:
@@ -380,6 +441,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # 7. Save the LoRA weights, check that they load into a fresh base pipeline, sample, write the card, push. The
     # files are staged and moved into --output_dir at the end (`final_output`): a kill never leaves half of them.
+    last_loss = flush_log(accelerator, args, pending, loss_log, progress_bar, lr_scheduler, last_loss)
     restore_stop_handlers(stop)
     if skipped_images:
         logger.warning(f"Skipped {skipped_images} unreadable images of the {captions.source} (--bad_images skip).")
@@ -416,7 +478,21 @@ def resolve_model_spec(args) -> ModelSpec:
         args.lora_target_modules = DEFAULT_TARGET_MODULES[spec.family]
     else:
         args.lora_target_modules = [name.strip() for name in args.lora_target_modules.split(",") if name.strip()]
-    args.lora_alpha = args.lora_alpha or args.rank
+    args.lora_alpha = args.lora_alpha or args.lora_rank
+    if args.precondition_outputs is None:  # SD3/Flux: Diffusers' SD3 examples; Wan/LTX: the velocity target
+        args.precondition_outputs = int(spec.family in ("sd3", "flux"))
+    if spec.is_video:
+        args.num_frames = args.num_frames or {"wan": 17, "ltx": 25}[spec.family]
+        args.fps = args.fps or DEFAULT_FPS[spec.family]
+        if args.dataset_name is not None:
+            raise ValueError(
+                f"{spec.pipeline_class_name} trains on a folder of clips: pass --train_data_dir (clips and/or images "
+                "with a metadata.jsonl), not --dataset_name."
+            )
+    elif args.num_frames not in (None, 1):
+        raise ValueError(f"--num_frames {args.num_frames}: {spec.pipeline_class_name} is a text-to-image pipeline.")
+    else:
+        args.num_frames = 1
     logger.info(f"Model: {spec.pipeline_class_name} ({spec.family}, {spec.transformer_class_name}) from {spec.path}")
     check_routes(spec, args.routes)  # before the (slow) text encoding
     return spec
@@ -425,15 +501,22 @@ def resolve_model_spec(args) -> ModelSpec:
 class Captions(NamedTuple):
     """What the data stage reads before any image is decoded: the image-caption set and its distinct captions."""
 
-    images: object  # the `datasets` data set, with --image_column
+    images: object  # the `datasets` data set, with --image_column; for a video pipeline, the clips' paths
     unique: list[str]  # the distinct captions, in the order of the embeddings table
     indices: list[int]  # each example's row of the embeddings table
     source: str  # the data set, in words (for messages)
 
 
-def load_captions(args) -> Captions:
+def load_captions(args, spec: ModelSpec) -> Captions:
     """Stage 2a: the image-caption set (--train_data_dir, or --dataset_name: a Hub data set or a local `datasets`
-    folder; --max_train_samples of it) and the table of its distinct captions."""
+    folder; --max_train_samples of it) or, for a video pipeline, the clips of --train_data_dir, and the table of their
+    distinct captions."""
+    if spec.is_video:
+        clips, captions, source = load_captioned_videos(
+            args.train_data_dir, args.caption_column, max_samples=args.max_train_samples, seed=args.seed
+        )
+        unique_captions, caption_indices = caption_table(captions)
+        return Captions(clips, unique_captions, caption_indices, source)
     images, captions, source = load_captioned_images(
         args.dataset_name,
         args.train_data_dir,
@@ -491,29 +574,54 @@ def text_embeddings(args, spec: ModelSpec, accelerator, weight_dtype, unique_cap
     return table, validation_prompt_kwargs
 
 
-def load_vae(args, spec: ModelSpec, accelerator) -> AutoencoderKL:
-    """Stage 2c: the pipeline's VAE, frozen, in fp32 on the device (the SD3/SDXL VAEs overflow in fp16)."""
-    vae = AutoencoderKL.from_pretrained(
+def load_vae(args, spec: ModelSpec, accelerator):
+    """Stage 2c: the pipeline's VAE (its class from model_index.json: AutoencoderKL, AutoencoderKLWan,
+    AutoencoderKLLTXVideo), frozen, in fp32 on the device (the SD3/SDXL VAEs overflow in fp16)."""
+    vae_class = getattr(diffusers, spec.model_index["vae"][1])
+    vae = vae_class.from_pretrained(
         spec.path, subfolder="vae", revision=args.revision, variant=args.variant
     ).requires_grad_(False)
     vae.to(accelerator.device, dtype=torch.float32)  # fp32: the SD3/SDXL VAEs overflow in fp16
     return vae
 
 
-def build_dataset(args, accelerator, captions: Captions, vae: AutoencoderKL):
-    """Stage 2d: the training examples: resized, cropped and flipped images with their caption rows, or with
-    --cache_latents every image's VAE posterior, encoded once now (unreadable images are skipped with --bad_images
-    skip); the VAE then moves to the CPU unless validation needs it."""
-    dataset = CaptionedImageDataset(
-        captions.images,
-        args.image_column,
-        captions.indices,
-        args.resolution,
-        args.center_crop,
-        args.random_flip,
-        args.seed,
-        bad_images=args.bad_images,
-    )
+def check_num_frames(args, spec: ModelSpec, vae_temporal: int) -> None:
+    """Stage 2c: --num_frames must be 1 + a multiple of the VAE's temporal compression (the first frame is encoded
+    alone, then groups of ``vae_temporal``), as the pipelines generate them."""
+    if spec.is_video and (args.num_frames - 1) % vae_temporal:
+        below = (args.num_frames - 1) // vae_temporal * vae_temporal + 1
+        raise ValueError(
+            f"--num_frames {args.num_frames} does not fit the {spec.pipeline_class_name} VAE, which encodes 1 + "
+            f"{vae_temporal}k frames: use {below} or {below + vae_temporal}."
+        )
+
+
+def build_dataset(args, accelerator, spec: ModelSpec, captions: Captions, vae):
+    """Stage 2d: the training examples: resized, cropped and flipped images (clips of --num_frames frames) with their
+    caption rows, or with --cache_latents every item's VAE posterior, encoded once now (unreadable images and clips
+    are skipped with --bad_images skip); the VAE then moves to the CPU unless validation needs it."""
+    if spec.is_video:
+        dataset = CaptionedVideoDataset(
+            captions.images,
+            captions.indices,
+            args.num_frames,
+            args.resolution,
+            args.center_crop,
+            args.random_flip,
+            args.seed,
+            bad_images=args.bad_images,
+        )
+    else:
+        dataset = CaptionedImageDataset(
+            captions.images,
+            args.image_column,
+            captions.indices,
+            args.resolution,
+            args.center_crop,
+            args.random_flip,
+            args.seed,
+            bad_images=args.bad_images,
+        )
     if not args.cache_latents:
         return dataset
     parameters, kept_captions = [], []
@@ -528,18 +636,21 @@ def build_dataset(args, accelerator, captions: Captions, vae: AutoencoderKL):
         with torch.no_grad():
             parameters.append(vae.encode(pixel_values).latent_dist.parameters.cpu())
     if len(kept_captions) < len(dataset):
-        logger.warning(f"Skipped {len(dataset) - len(kept_captions)} unreadable images of the {captions.source}.")
+        logger.warning(
+            f"Skipped {len(dataset) - len(kept_captions)} unreadable {'clips' if spec.is_video else 'images'} of the "
+            f"{captions.source}."
+        )
     if not kept_captions:
         raise ValueError(f"All {len(dataset)} images of the {captions.source} were unreadable; check the dataset.")
     if not args.validation_prompt:
-        vae.to("cpu")  # only its config is needed from here on
+        vae.to("cpu")  # only its config (and LTX's latent statistics) are needed from here on
         free_memory()
     return CachedLatentDataset(torch.cat(parameters), kept_captions)
 
 
 def build_transformer(args, spec: ModelSpec, accelerator, weight_dtype):
     """Stage 3a: the base transformer, frozen, in the mixed-precision dtype on the device, with gradient checkpointing
-    (--gradient_checkpointing) and LoRA adapters (--rank, --lora_alpha, --lora_dropout, --lora_target_modules), which
+    (--gradient_checkpointing) and LoRA adapters (--lora_rank, --lora_alpha, --lora_dropout, --lora_target_modules), which
     train in fp32. Returns the transformer and its trainable (LoRA) parameters."""
     transformer = spec.transformer_class.from_pretrained(
         spec.path, subfolder="transformer", revision=args.revision, variant=args.variant
@@ -551,7 +662,7 @@ def build_transformer(args, spec: ModelSpec, accelerator, weight_dtype):
     add_lora(
         transformer,
         LoraConfig(
-            r=args.rank,
+            r=args.lora_rank,
             lora_alpha=args.lora_alpha,
             lora_dropout=args.lora_dropout,
             init_lora_weights="gaussian",
@@ -575,10 +686,10 @@ def add_routing(args, transformer, generator: torch.Generator):
     return router, routes
 
 
-def register_lora_hooks(accelerator, args, spec: ModelSpec, train_generator: torch.Generator) -> None:
-    """Stage 3c: how `accelerator.save_state`/`load_state` write and read the weights: only the adapters (never the
-    frozen base weights), in Diffusers' LoRA format; the library's hooks also carry every process's training
-    generator."""
+def register_lora_checkpoint_hooks(accelerator, args, spec: ModelSpec, train_generator: torch.Generator) -> None:
+    """Stage 3c: the checkpoint save/load hooks, i.e. how `accelerator.save_state`/`load_state` write and read the
+    weights: only the adapters (never the frozen base weights), in Diffusers' LoRA format; the library's hooks also
+    carry every process's training generator."""
 
     def save_weights(models, folder):  # only the adapters, never the frozen base weights
         for model in models:
@@ -615,86 +726,137 @@ def prepare_optimization(args, accelerator, transformer, lora_parameters: list, 
     return accelerator.prepare(transformer, optimizer, train_dataloader, lr_scheduler)
 
 
-def load_noise_scheduler(spec: ModelSpec):
-    """Stage 4: the pipeline's training-time noise schedule: flow matching (SD3, Flux; `set_timesteps` is never called
-    on this instance, so it keeps its training timesteps and sigmas) or DDPM (PixArt)."""
-    if spec.flow_matching:
-        return FlowMatchEulerDiscreteScheduler.from_pretrained(spec.path, subfolder="scheduler")
-    return DDPMScheduler.from_pretrained(spec.path, subfolder="scheduler")
+def load_noise_scheduler(args, spec: ModelSpec, num_tokens: int):
+    """Stage 4: the training-time noise schedule (`t2i_training.training_noise_scheduler`): flow matching (SD3, Flux:
+    the pipeline's scheduler; Wan, LTX: at --flow_shift, else the family's shift for ``num_tokens`` tokens, from the
+    pipeline's scheduler config, `t2i_training.training_flow_shift`) or DDPM (PixArt)."""
+    shift = args.flow_shift
+    if shift is None and spec.is_video:
+        config = diffusers.SchedulerMixin.load_config(spec.path, subfolder="scheduler")
+        shift = training_flow_shift(spec, config, num_tokens)
+    if spec.is_video:
+        logger.info(f"  Training timestep shift = {shift:.3f}")
+    return training_noise_scheduler(spec, shift)
 
 
 def start_logging(
-    args, accelerator, spec: ModelSpec, transformer, lora_parameters, routes, dataset, captions: Captions,
-    vae_scale_factor: int, num_train_epochs: int, total_batch_size: int,
+    args, accelerator, spec: ModelSpec, lora_parameters, routes, dataset, captions: Captions, num_tokens: int,
+    num_train_epochs: int, total_batch_size: int,
 ) -> None:  # fmt: skip
     """Stage 4, end: start the trackers with the arguments (less the Hub token) and log the run's size."""
     if accelerator.is_main_process:
         config = {k: v for k, v in vars(args).items() if k != "hub_token"}
         config = {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v) for k, v in config.items()}
         accelerator.init_trackers(args.tracker_project_name, config)
-    patch_size = 2 if spec.family == "flux" else transformer.config.patch_size  # Flux packs 2x2 latents per token
-    num_tokens = (args.resolution // vae_scale_factor // patch_size) ** 2
     logger.info("***** Running training *****")
     logger.info(f"  Examples = {len(dataset)} ({len(captions.unique)} distinct captions), epochs = {num_train_epochs}")
     logger.info(f"  Batch per device = {args.train_batch_size}, total = {total_batch_size}")
     logger.info(f"  Optimization steps = {args.max_train_steps}, LoRA parameters = "
                 f"{sum(p.numel() for p in lora_parameters) / 1e6:.3f}M")  # fmt: skip
-    logger.info(f"  Image tokens per sample = {num_tokens}, routes = {json.dumps(routes) if routes else 'none'}")
+    frames = f", {args.num_frames} frames" if spec.is_video else ""
+    logger.info(
+        f"  Image tokens per sample = {num_tokens}{frames}, routes = {json.dumps(routes) if routes else 'none'}"
+    )
 
 
 def batch_loss(
-    args, spec: ModelSpec, accelerator, transformer, vae, noise_scheduler, table: dict, batch, step: int,
+    args, spec: ModelSpec, accelerator, transformer, vae, noise_scheduler, table: dict, batch,
     generator: torch.Generator, weight_dtype, vae_scale_factor: int,
 ) -> torch.Tensor:  # fmt: skip
-    """Stage 6, one micro-step's loss: the clean latents (a sample of the cached posterior, or of the frozen VAE's
-    encoding of the images), the batch's caption embeddings from the table, and the family's loss
-    (`t2i_training.training_loss`) with routing on. All draws come from ``generator``, in this order (posterior sample,
-    then the loss's timesteps, noise and routes). Fails on a non-finite loss, before anything is saved after it."""
+    """Stage 6, one micro-step's loss, on the device (no host sync): the clean latents (a sample of the cached
+    posterior, or of the frozen VAE's encoding of the images or clips, normalised as the pipeline does), the batch's
+    caption embeddings from the table, and the family's loss (`t2i_training.training_loss`) with routing on. All draws
+    come from ``generator``, in this order (posterior sample, then the loss's timesteps, noise and routes). A
+    non-finite loss is caught when the log is read back (`flush_log`), before any checkpoint after it."""
     with torch.no_grad():
         if "latent_parameters" in batch:
             posterior = DiagonalGaussianDistribution(batch["latent_parameters"].to(accelerator.device))
         else:
             posterior = vae.encode(batch["pixel_values"].to(accelerator.device)).latent_dist
-        x0 = vae_latents(vae.config, posterior.sample(generator=generator)).float()
+        x0 = normalize_latents(spec, vae, posterior.sample(generator=generator)).float()
     indices = batch["caption_index"].cpu()
     embeds = {key: value[indices] for key, value in table.items()}
-    loss = training_loss(
+    return training_loss(
         spec, transformer, noise_scheduler, x0, embeds, args, generator, weight_dtype, vae_scale_factor
     )
-    if not torch.isfinite(loss):
-        raise FloatingPointError(
-            f"Loss is {loss.item()} at step {step}. The last checkpoint in {args.output_dir} is "
-            "untouched; resume from it with a lower --learning_rate, or bf16 instead of fp16."
+
+
+def route_fractions(router) -> torch.Tensor | None:
+    """Stage 6: each route's bypassed fraction of the last forward, as one device tensor (no host sync)."""
+    masks = getattr(router, "route_masks", None) if router is not None else None
+    if not masks:
+        return None
+    return torch.stack([mask.float().mean() for mask in masks])
+
+
+def report_routing(router) -> bool:
+    """Stage 6, after the first step: log how many image tokens each route bypassed (`describe_routing`: one host
+    sync, once). Returns whether there was anything to report (else it is tried again after the next step)."""
+    routing = describe_routing(router)
+    for route in routing:
+        logger.info(
+            f"TREAD routing: route {route['route']} (blocks {route['blocks']}): {route['bypassed']} of "
+            f"{route['tokens']} image tokens bypassed per sample"
         )
-    return loss
+    return bool(routing) or router is None
 
 
-def log_step(
-    accelerator, progress_bar, lr_scheduler, loss_log: Path, started: float, step: int, loss: float,
-    step_time: float, skipped_images: int, routing: list[dict], routing_reported: bool,
-) -> bool:  # fmt: skip
-    """Stage 6, after each optimization step: show and log the loss, LR, step time, skipped images and each route's
-    bypassed fraction, and append a row to loss_history.csv (step, loss, seconds since the run started, the routes'
-    bypassed fractions). The routes' token counts are logged once; returns whether they have been."""
-    logs = {"loss": loss, "lr": lr_scheduler.get_last_lr()[0], "step_time_s": step_time}
+def log_step(accelerator, lr_scheduler, step: int, step_time: float, skipped_images: int) -> None:
+    """Stage 6, after each optimization step: log what the host knows already (LR, step time, skipped images); the
+    loss and routing follow at the next `flush_log`."""
+    logs = {"lr": lr_scheduler.get_last_lr()[0], "step_time_s": step_time}
     if skipped_images:
         logs["skipped_images"] = skipped_images
-    for route in routing:
-        logs[f"tread/route_{route['route']}_bypassed_fraction"] = route["fraction"]
-    if routing and not routing_reported:
-        for route in routing:
-            logger.info(
-                f"TREAD routing: route {route['route']} (blocks {route['blocks']}): {route['bypassed']} of "
-                f"{route['tokens']} image tokens bypassed per sample"
-            )
-        routing_reported = True
-    progress_bar.set_postfix(loss=f"{loss:.4f}", lr=logs["lr"])
     accelerator.log(logs, step=step)
+
+
+class PendingLog(LossLog):
+    """The library's `LossLog` (per-step losses on the device, read back at a flush) plus what loss_history.csv
+    writes beside each loss: the routes' bypassed fractions (device tensors too) and the seconds since the start."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.routing: list[torch.Tensor | None] = []
+        self.seconds: list[float] = []
+
+    def add(self, step: int, loss: torch.Tensor, routing: torch.Tensor | None = None, seconds: float = 0.0) -> None:
+        super().add(step, loss)
+        self.routing.append(routing)
+        self.seconds.append(seconds)
+
+    def flush(self, gather=None) -> list[tuple[int, float, list[float], float]]:
+        routing, seconds = self.routing, self.seconds
+        self.routing, self.seconds = [], []
+        rows = super().flush(gather)
+        return [
+            (step, loss, [] if fractions is None else fractions.tolist(), elapsed)
+            for (step, loss), fractions, elapsed in zip(rows, routing, seconds, strict=True)
+        ]
+
+
+def flush_log(accelerator, args, pending: PendingLog, loss_log: Path, progress_bar, lr_scheduler, last_loss: float):
+    """Stage 6, at a sync step (every --logging_steps, and before a checkpoint or validation): read the pending
+    losses and routing back (one host sync), fail on a non-finite loss, show and log them, and append their rows to
+    loss_history.csv (step, loss, seconds since the run started, the routes' bypassed fractions). Returns the last
+    loss read (``last_loss`` if none was pending)."""
+    try:
+        rows = pending.flush(gather=accelerator.gather)
+    except FloatingPointError as error:
+        raise FloatingPointError(
+            f"{error} The last checkpoint in {args.output_dir} is untouched (none is saved after a non-finite loss); "
+            "resume from it with a lower --learning_rate, or bf16 instead of fp16."
+        ) from None
+    if not rows:
+        return last_loss
+    progress_bar.set_postfix(loss=f"{rows[-1][1]:.4f}", lr=lr_scheduler.get_last_lr()[0])
+    for step, loss, fractions, _ in rows:
+        logs = {"loss": loss} | {f"tread/route_{i}_bypassed_fraction": value for i, value in enumerate(fractions)}
+        accelerator.log(logs, step=step)
     if accelerator.is_main_process:
         with loss_log.open("a") as f:
-            bypassed = ";".join(f"{route['fraction']:.4f}" for route in routing)
-            f.write(f"{step},{loss:.6f},{time.time() - started:.1f},{bypassed}\n")
-    return routing_reported
+            for step, loss, fractions, elapsed in rows:
+                f.write(f"{step},{loss:.6f},{elapsed:.1f},{';'.join(f'{value:.4f}' for value in fractions)}\n")
+    return rows[-1][1]
 
 
 def validation_due(args, every: int | None, count: int, step: int) -> bool:
@@ -714,8 +876,9 @@ def save_final_lora(spec: ModelSpec, args, staging, transformer, router) -> None
 
 def final_validation(accelerator, spec: ModelSpec, args, staging, vae, prompt_kwargs, weight_dtype, step) -> list:
     """Stage 7 (main process, with --validation_prompt): a fresh base transformer in a pipeline, the saved LoRA file
-    loaded exactly as users will load it, and the validation images sampled with every token (eval mode), saved
-    under ``staging``/validation and logged to TensorBoard. Returns the images (for the model card's widget)."""
+    loaded exactly as users will load it, and the validation images (videos) sampled with every token (eval mode),
+    saved under ``staging``/validation and logged to the trackers. Returns the images (the videos' first frames), for
+    the model card's widget."""
     free_memory()
     base = spec.transformer_class.from_pretrained(
         spec.path, subfolder="transformer", revision=args.revision, variant=args.variant, dtype=weight_dtype
@@ -723,10 +886,9 @@ def final_validation(accelerator, spec: ModelSpec, args, staging, vae, prompt_kw
     pipeline = validation_pipeline(spec, args, base, vae, weight_dtype)
     load_lora(pipeline, staging)  # the saved file, exactly as users will load it
     pipeline.transformer.eval()
-    images = generate(spec, pipeline, args, prompt_kwargs, accelerator.device, weight_dtype)
+    samples = generate(spec, pipeline, args, prompt_kwargs, accelerator.device, weight_dtype)
     del pipeline
-    save_and_log_images(accelerator, args, images, Path(staging, "validation"), "final", step, "test")
-    return images
+    return save_and_log_samples(accelerator, args, samples, Path(staging, "validation"), "final", step, "test")
 
 
 def compute_embeddings(spec: ModelSpec, args, unique_captions: list[str], accelerator, weight_dtype):
@@ -754,12 +916,6 @@ def compute_embeddings(spec: ModelSpec, args, unique_captions: list[str], accele
     return table, validation
 
 
-def free_memory() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 def validation_pipeline(spec: ModelSpec, args, transformer, vae, weight_dtype):
     """The base pipeline around the training transformer, without text encoders (prompts come precomputed)."""
     no_text = {name: None for name in spec.text_components}
@@ -770,9 +926,10 @@ def validation_pipeline(spec: ModelSpec, args, transformer, vae, weight_dtype):
     return pipeline
 
 
-def generate(spec: ModelSpec, pipeline, args, prompt_kwargs: dict, device, weight_dtype) -> list[Image.Image]:
-    """--num_validation_images images of the validation prompt, one per call with seeds seed, seed + 1, ... (a batch
-    of precomputed prompt embeddings is not expanded the same way by every pipeline), with all tokens (eval mode)."""
+def generate(spec: ModelSpec, pipeline, args, prompt_kwargs: dict, device, weight_dtype) -> list:
+    """--num_validation_images images (PIL) or videos (``(F, H, W, 3)`` arrays in [0, 1], --num_frames frames) of the
+    validation prompt, one per call with seeds seed, seed + 1, ... (a batch of precomputed prompt embeddings is not
+    expanded the same way by every pipeline), with all tokens (eval mode)."""
     kwargs = {key: value.to(device) for key, value in prompt_kwargs.items()}
     kwargs |= dict(
         height=args.resolution, width=args.resolution, num_inference_steps=args.validation_num_inference_steps
@@ -783,36 +940,60 @@ def generate(spec: ModelSpec, pipeline, args, prompt_kwargs: dict, device, weigh
         kwargs |= {"use_resolution_binning": False, "negative_prompt": None}
     if spec.family in ("pixart", "sd3"):
         kwargs["max_sequence_length"] = args.max_sequence_length
+    if spec.is_video:
+        kwargs |= {"num_frames": args.num_frames, "output_type": "np"}
+    if spec.family == "ltx":
+        kwargs["frame_rate"] = args.fps
     autocast = torch.autocast(device.type, dtype=weight_dtype) if weight_dtype != torch.float32 else nullcontext()
-    images = []
+    samples = []
     with autocast:
         for index in range(args.num_validation_images):
             generator = torch.Generator(device="cpu").manual_seed(args.seed + index)
-            images += pipeline(**kwargs, generator=generator).images
-    return images
+            output = pipeline(**kwargs, generator=generator)
+            samples += list(output.frames) if spec.is_video else output.images
+    return samples
 
 
-def save_and_log_images(accelerator, args, images, folder: Path, name: str, step: int, tag: str) -> None:
-    """Write ``folder``/``name``_<i>.png and log the images to TensorBoard / wandb under ``tag``."""
+def save_and_log_samples(accelerator, args, samples, folder: Path, name: str, step: int, tag: str) -> list:
+    """Write ``folder``/``name``_<i>.png (images) or ``name``_<i>.mp4 (videos, at --fps, with Diffusers'
+    `export_to_video`), and log them to TensorBoard (a video as its frames) and wandb under ``tag``. Returns the
+    images, or the videos' first frames."""
     folder.mkdir(parents=True, exist_ok=True)
-    for index, image in enumerate(images):
-        image.save(folder / f"{name}_{index}.png")
+    is_video = bool(samples) and not isinstance(samples[0], Image.Image)
+    files = []
+    for index, sample in enumerate(samples):
+        if is_video:
+            files.append(export_to_video(list(sample), str(folder / f"{name}_{index}.mp4"), fps=args.fps))
+        else:
+            sample.save(folder / f"{name}_{index}.png")
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
-            tracker.writer.add_images(tag, np.stack([np.asarray(image) for image in images]), step, dataformats="NHWC")
+            if is_video:  # TensorBoard's add_video needs moviepy; the frames show the same
+                for index, video in enumerate(samples):
+                    tracker.writer.add_images(f"{tag}/video_{index}", video, step, dataformats="NHWC")
+            else:
+                frames = np.stack([np.asarray(image) for image in samples])
+                tracker.writer.add_images(tag, frames, step, dataformats="NHWC")
         elif tracker.name == "wandb":
             import wandb
 
-            tracker.log({tag: [wandb.Image(image, caption=args.validation_prompt) for image in images]}, step=step)
+            if is_video:
+                media = [wandb.Video(path, caption=args.validation_prompt, format="mp4") for path in files]
+            else:
+                media = [wandb.Image(image, caption=args.validation_prompt) for image in samples]
+            tracker.log({tag: media}, step=step)
+    if is_video:
+        return [Image.fromarray((np.clip(video[0], 0, 1) * 255).round().astype(np.uint8)) for video in samples]
+    return samples
 
 
 def log_validation(accelerator, spec, args, transformer, vae, prompt_kwargs, weight_dtype, step, name) -> list:
     transformer.eval()  # every token through every block: routing is training-only
     pipeline = validation_pipeline(spec, args, transformer, vae, weight_dtype)
-    images = generate(spec, pipeline, args, prompt_kwargs, accelerator.device, weight_dtype)
+    samples = generate(spec, pipeline, args, prompt_kwargs, accelerator.device, weight_dtype)
     folder = Path(args.output_dir, "validation")
-    save_and_log_images(accelerator, args, images, folder, name, step, "validation")
-    logger.info(f"Validation images at step {step}: {folder}/{name}_*.png")
+    images = save_and_log_samples(accelerator, args, samples, folder, name, step, "validation")
+    logger.info(f"Validation {'videos' if spec.is_video else 'images'} at step {step}: {folder}/{name}_*")
     del pipeline
     free_memory()
     transformer.train()
@@ -830,12 +1011,16 @@ def save_model_card(
         else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
     )
     loss = f"flow matching, weighting {args.weighting_scheme}" if spec.flow_matching else "epsilon/v MSE (DDPM)"
+    if spec.flow_matching:
+        loss += ", x0 target" if args.precondition_outputs else ", velocity target"
+    if spec.is_video:
+        loss += f", {args.num_frames}-frame clips"
     info = hub.LoraCardInfo(
         base_model=args.pretrained_model_name_or_path,
         pipeline_class=spec.pipeline_class_name,
         transformer_class=spec.transformer_class_name,
         family=spec.family,
-        rank=args.rank,
+        rank=args.lora_rank,
         lora_alpha=args.lora_alpha,
         target_modules=args.lora_target_modules,
         repo_id=repo_id or args.output_dir,
