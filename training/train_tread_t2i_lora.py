@@ -732,7 +732,8 @@ def load_noise_scheduler(args, spec: ModelSpec, num_tokens: int):
     pipeline's scheduler config, `t2i_training.training_flow_shift`) or DDPM (PixArt)."""
     shift = args.flow_shift
     if shift is None and spec.is_video:
-        config = diffusers.SchedulerMixin.load_config(spec.path, subfolder="scheduler")
+        scheduler_class = getattr(diffusers, spec.model_index["scheduler"][1])
+        config = scheduler_class.load_config(spec.path, subfolder="scheduler")
         shift = training_flow_shift(spec, config, num_tokens)
     if spec.is_video:
         logger.info(f"  Training timestep shift = {shift:.3f}")
