@@ -398,12 +398,12 @@ def test_flux_rotary_rows_are_gathered_per_sample():
 
 
 def test_flux_per_sample_rotary_table_rejects_other_indexing():
-    from diffusers_tread.models.tread_t2i import _PerSampleRotary
+    from diffusers_tread.models.families import _PerSampleRows as _PerSampleRotary
 
     table = _PerSampleRotary(torch.randn(2, 7, 4))
     assert table[None, :, None, :].shape == (2, 7, 1, 4)
     assert table[None, None, :, :].shape == (2, 1, 7, 4)
-    assert type(table[None, :, None, :]) is torch.Tensor
+    assert type(table[None, :, None, :]) is torch.Tensor  # a plain tensor (not a subclass)
     with pytest.raises(TypeError, match="rotary"):
         table[0]
 
@@ -552,7 +552,6 @@ def test_unsupported_models_and_bad_routes_raise_clearly():
         ("sd3", {"skip_layers": [4]}, "skip_layers"),
         ("flux", {"controlnet_block_samples": [torch.zeros(BATCH, 16, WIDTH)]}, "ControlNet"),
         ("flux", {"joint_attention_kwargs": {"attention_mask": torch.ones(BATCH, 1, 1, 21)}}, "attention_mask"),
-        ("pixart", {"attention_mask": torch.zeros(BATCH, 16, 16)}, "attention_mask"),  # a full (query, key) bias
     ],
 )
 def test_inputs_routing_cannot_honour_raise(name, extra, match):

@@ -1,0 +1,471 @@
+"""The registry of Diffusers transformer families the TREAD router knows (see ``router.py``).
+
+A family is a ``Family`` line: its Diffusers class names, its block lists in the order they run (``BlockList``:
+which output is the image stream, whether ``hidden_states`` is a joint text+image sequence there), and the block
+arguments that carry a token axis (``TokenInput``: which axis, text-first or image-first joint order, a table shared
+by the batch or one per sample). Family code appears only where a line cannot say it (a forward argument that makes
+routing wrong, the tokens of one latent frame). Adding a family is a line here plus its tiny config in
+``tests/test_router_families.py``. A class the installed Diffusers lacks is skipped; a class that cannot be routed as
+TREAD has a ``refuse`` reason that ``apply_tread`` raises.
+
+Read against Diffusers 0.42.1 (``diffusers/models/transformers/``); ``/work``'s ``diffusers-families.md`` is the
+survey these lines started from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import diffusers
+import torch
+
+LAYOUTS = ("image", "text_image", "image_text")
+
+
+# --- per-token inputs -------------------------------------------------------------------------------------------------
+
+
+class _PerSampleRows:
+    """Per-sample rows ``(batch, seq, dim)`` of a RoPE table that the model shares across the batch ``(seq, dim)``.
+
+    Diffusers' ``apply_rotary_emb`` broadcasts a shared table with ``cos[None, :, None, :]`` (``sequence_dim=1``,
+    layout ``(batch, seq, heads, dim)``) or ``cos[None, None, :, :]`` (``sequence_dim=2``) and then calls
+    ``.to(device)``. This object answers exactly those two indexings with the per-sample views ``(batch, seq, 1, dim)``
+    / ``(batch, 1, seq, dim)``; any other use raises, so a processor that reads the table differently fails loudly
+    instead of mixing samples. A plain object, not a tensor subclass, so that ``torch.compile(fullgraph=True)`` traces
+    it.
+    """
+
+    def __init__(self, rows: torch.Tensor):
+        self.rows = rows
+
+    def __getitem__(self, key):
+        if key == (None, slice(None), None, slice(None)):
+            return self.rows[:, :, None, :]
+        if key == (None, None, slice(None), slice(None)):
+            return self.rows[:, None, :, :]
+        raise TypeError(
+            f"A TREAD-routed block indexed a per-sample rotary table (batch, seq, dim) with {key!r}; only Diffusers' "
+            "apply_rotary_emb broadcasting is supported. Use the model's default attention processor."
+        )
+
+    def __repr__(self) -> str:
+        return f"_PerSampleRows{tuple(self.rows.shape)}"
+
+
+def token_rows(kept: torch.LongTensor, layout: str, num_image: int, num_text: int) -> torch.LongTensor:
+    """``(batch, rows)``: the positions along a per-token input's token axis of the text rows (all of them, in their
+    place) and of each sample's kept image rows, for the ``layout`` of that axis."""
+    if layout == "image":
+        return kept
+    text = torch.arange(num_text, device=kept.device).expand(kept.shape[0], -1)
+    if layout == "text_image":
+        return torch.cat([text, kept + num_text], dim=1)
+    return torch.cat([kept, text + num_image], dim=1)  # "image_text"
+
+
+def gather_axis(value: torch.Tensor, rows: torch.LongTensor, axis: int) -> torch.Tensor:
+    """``value`` (batch or 1, ..., tokens at ``axis``, ...) -> each sample's ``rows`` along ``axis``."""
+    batch = rows.shape[0]
+    value = value.expand(batch, *value.shape[1:])
+    shape = [batch] + [1] * (value.ndim - 1)
+    shape[axis] = rows.shape[1]
+    index = rows.to(value.device).view(shape).expand(*value.shape[:axis], rows.shape[1], *value.shape[axis + 1 :])
+    return value.gather(axis, index)
+
+
+@dataclass(frozen=True)
+class TokenInput:
+    """A block argument with a token axis; the router passes each sample's kept rows of it to the routed blocks.
+
+    Args:
+        axes: the token axes (two for an N x N mask), counting the batch axis.
+        layout: what runs along them: ``"image"`` (N rows), ``"text_image"`` (T text rows, then N image rows) or
+            ``"image_text"``.
+        shared: the tensor has no batch axis, one table for the batch with the rows first (a RoPE table ``(S, D)``);
+            the kept rows make it per sample ``(batch, rows, D)``.
+        rope_view: a shared table read by Diffusers' ``apply_rotary_emb``: pass the rows as ``_PerSampleRows``.
+        when_ndim: a token axis only when the tensor has this many dims (Wan's ``temb``: ``(B, N, 6, D)`` per token in
+            Wan 2.2 TI2V, ``(B, 6, D)`` otherwise); other shapes pass unchanged.
+        broadcast: size 1 along an axis means one value for every token (LTX's ``temb`` ``(B, 1, 6D)``): unchanged.
+
+    A tuple or list (``(cos, sin)``) is gathered element by element. A size along an axis that is neither the
+    layout's length nor (with ``broadcast``) 1 raises: the router never guesses an axis.
+    """
+
+    axes: tuple[int, ...] = (1,)
+    layout: str = "image"
+    shared: bool = False
+    rope_view: bool = False
+    when_ndim: int | None = None
+    broadcast: bool = False
+
+    def gather(self, name: str, value, kept: torch.LongTensor, num_image: int, num_text: int):
+        if isinstance(value, (tuple, list)):
+            return type(value)(self.gather(name, item, kept, num_image, num_text) for item in value)
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"TREAD routing: block argument `{name}` should be a tensor, got {type(value).__name__}.")
+        if self.when_ndim is not None and value.ndim != self.when_ndim:
+            return value
+        expected = num_image if self.layout == "image" else num_image + num_text
+        rows = token_rows(kept, self.layout, num_image, num_text)
+        for axis in self.axes:
+            size = value.shape[axis] if axis < value.ndim else None
+            if size == 1 and self.broadcast:
+                continue
+            if size != expected:
+                what = {"image": f"{num_image} image", "text_image": f"{num_text} text + {num_image} image"}.get(
+                    self.layout, f"{num_image} image + {num_text} text"
+                )
+                raise ValueError(
+                    f"TREAD routing expects block argument `{name}` to have {what} tokens along axis {axis}; got "
+                    f"shape {tuple(value.shape)}. Routing would gather the wrong axis, so it stops here: pass the "
+                    "input in the model's documented shape, or disable routing (router.enabled = False)."
+                )
+            if self.shared:
+                value = value.to(rows.device)[rows] if axis == 0 else None
+                if value is None:
+                    raise ValueError(f"TokenInput for `{name}`: a shared table has its rows on axis 0.")
+                return _PerSampleRows(value) if self.rope_view else value
+            value = gather_axis(value, rows, axis)
+        return value
+
+
+@dataclass(frozen=True)
+class BlockList:
+    """A ``ModuleList`` of blocks that runs in the model's forward.
+
+    Args:
+        name: the attribute (``"transformer_blocks"``).
+        output: where the image stream is in a block's output tuple; None when the block returns it alone.
+        joint: ``hidden_states`` here is a joint sequence, ``"text_image"`` or ``"image_text"`` (the model
+            concatenated the streams before this list); None: image tokens only.
+        token_inputs: per-token arguments of this list, if they differ from the family's.
+    """
+
+    name: str
+    output: int | None = None
+    joint: str | None = None
+    token_inputs: Mapping[str, TokenInput] | None = None
+
+
+def _forward_text_length(transformer, arguments: dict) -> int:
+    text = arguments.get("encoder_hidden_states")
+    if not isinstance(text, torch.Tensor) or text.ndim != 3:
+        raise ValueError("TREAD routing needs the text length: pass encoder_hidden_states as (batch, tokens, dim).")
+    return text.shape[1]
+
+
+@dataclass(frozen=True)
+class Family:
+    """One family of Diffusers transformers, as the router needs it (see the module docstring).
+
+    Args:
+        name: for messages and the README table.
+        classes: Diffusers class names (missing ones are skipped); subclasses match too.
+        block_lists: in the order the forward runs them.
+        token_inputs: block arguments with a token axis.
+        text_args: text-side block arguments; never routed.
+        refuse: the class cannot be routed as TREAD: why (``apply_tread`` raises it).
+        refuse_arguments: model forward arguments that make routing wrong when given: name -> why.
+        frame_tokens: ``(transformer, forward arguments) -> tokens of one latent frame`` (video; for
+            ``keep_first_frame``).
+        check: more forward checks, ``(router, forward arguments, routes)``; raise ``ValueError`` to refuse.
+        route_check: ``(router, routes)`` checks of the routes themselves.
+        text_length: ``(transformer, forward arguments) -> text tokens``, for joint layouts in blocks without a text
+            argument.
+        video: a video family (README table).
+    """
+
+    name: str
+    classes: tuple[str, ...]
+    block_lists: tuple[BlockList, ...] = ()
+    token_inputs: Mapping[str, TokenInput] = field(default_factory=dict)
+    text_args: tuple[str, ...] = ("encoder_hidden_states",)
+    refuse: str | None = None
+    refuse_arguments: Mapping[str, str] = field(default_factory=dict)
+    frame_tokens: Callable | None = None
+    check: Callable | None = None
+    route_check: Callable | None = None
+    text_length: Callable = _forward_text_length
+    video: bool = False
+
+    def installed_classes(self) -> list[type]:
+        return [getattr(diffusers, name) for name in self.classes if hasattr(diffusers, name)]
+
+    def check_routes(self, router, routes: list[dict]) -> None:
+        if self.route_check is not None:
+            self.route_check(router, routes)
+
+    def check_forward(self, router, arguments: dict, routes: list[dict]) -> None:
+        for name, reason in self.refuse_arguments.items():
+            if arguments.get(name) is not None:
+                raise ValueError(
+                    f"TREAD routing does not support `{name}` on {self.name}: {reason} Route without it, or disable "
+                    "routing (router.enabled = False / eval mode)."
+                )
+        if self.check is not None:
+            self.check(router, arguments, routes)
+
+    def check_tokens(self, router, arguments: dict, num_image: int, num_text: int) -> None:
+        """Never guess an axis: a 3D+ block tensor that nobody declared but has the image-token count (or text +
+        image) along axis 1 may be a per-token input the router does not know; refuse."""
+        declared = set(self.token_inputs) | set(self.text_args) | {"hidden_states"}
+        for block_list in self.block_lists:
+            declared |= set(block_list.token_inputs or {})
+        for name, value in arguments.items():
+            values = value if isinstance(value, (tuple, list)) else (value,)
+            for item in values:
+                if name in declared or not isinstance(item, torch.Tensor) or item.ndim < 3:
+                    continue
+                if item.shape[1] in (num_image, num_image + num_text):
+                    raise ValueError(
+                        f"TREAD routing on {self.name}: block argument `{name}` of shape {tuple(item.shape)} has "
+                        f"{item.shape[1]} rows along axis 1, which matches the {num_image} image tokens (text: "
+                        f"{num_text}); it is ambiguous whether it is per token, so routing refuses. Use a resolution "
+                        "whose token count differs from this size, or disable routing."
+                    )
+
+
+# --- family code: what a line cannot say ------------------------------------------------------------------------------
+
+
+def _joint_mask_check(router, arguments: dict, routes: list[dict]) -> None:
+    for key in ("joint_attention_kwargs", "attention_kwargs"):
+        if "attention_mask" in (arguments.get(key) or {}):
+            raise ValueError(
+                f"TREAD routing does not support an `attention_mask` in `{key}` (it spans the image tokens, which a "
+                "route removes, and reaches the attention processor unchanged); pass no mask or disable routing."
+            )
+
+
+def _sd3_check(router, arguments: dict, routes: list[dict]) -> None:
+    _joint_mask_check(router, arguments, routes)
+    skipped = set(arguments.get("skip_layers") or ())
+    for route in routes:
+        inside = skipped & set(range(route["start_layer_idx"], route["end_layer_idx"] + 1))
+        if inside:
+            raise ValueError(
+                f"skip_layers {sorted(inside)} lie inside the route {route}: skip-layer guidance removes blocks of a "
+                "route (its first or last block carries the gather and the scatter); route other blocks or skip none."
+            )
+
+
+def _wan_frame_tokens(transformer, arguments: dict) -> int:
+    _, _, _, height, width = arguments["hidden_states"].shape
+    _, p_h, p_w = transformer.config.patch_size
+    return (height // p_h) * (width // p_w)
+
+
+def _ltx_frame_tokens(transformer, arguments: dict) -> int:
+    if arguments.get("height") is None or arguments.get("width") is None:
+        raise ValueError("keep_first_frame on LTX-Video needs the forward's `height` and `width` (latent grid).")
+    return int(arguments["height"]) * int(arguments["width"])
+
+
+def _hunyuan_video_check(router, arguments: dict, routes: list[dict]) -> None:
+    if router.transformer.config.image_condition_type == "token_replace" and not router.keep_first_frame:
+        raise ValueError(
+            "HunyuanVideo I2V (image_condition_type='token_replace') modulates the first latent frame's tokens "
+            "differently and finds them as the first `first_frame_num_tokens` tokens; route with "
+            "apply_tread(..., keep_first_frame=True) so that they stay, in place, in every route."
+        )
+
+
+def _hunyuan_frame_tokens(transformer, arguments: dict) -> int:
+    _, _, _, height, width = arguments["hidden_states"].shape
+    patch = transformer.config.patch_size
+    return (height // patch) * (width // patch)
+
+
+_CONTROLNET = "ControlNet residuals are added to every image token between blocks, also inside a route."
+_SHARED_ROPE_JOINT = {"image_rotary_emb": TokenInput(axes=(0,), layout="text_image", shared=True, rope_view=True)}
+
+
+# --- the registry -----------------------------------------------------------------------------------------------------
+
+FAMILIES: tuple[Family, ...] = (
+    Family(
+        # BasicTransformerBlock(hidden_states, attention_mask, encoder_hidden_states, ...) -> hidden_states; text via
+        # cross-attention; the model turns a (B, N) image mask into a key bias (B, 1, N); a 3D mask is passed as is.
+        name="PixArt-alpha / Sigma",
+        classes=("PixArtTransformer2DModel",),
+        block_lists=(BlockList("transformer_blocks"),),
+        token_inputs={"attention_mask": TokenInput(axes=(1, 2), broadcast=True)},
+        text_args=("encoder_hidden_states", "encoder_attention_mask"),
+    ),
+    Family(
+        # JointTransformerBlock(hidden_states, encoder_hidden_states, temb, ...) -> (text, image); positions added
+        # once at the patch embedding; SD3.5's image self-attention (attn2) sees the kept tokens.
+        name="Stable Diffusion 3 / 3.5",
+        classes=("SD3Transformer2DModel",),
+        block_lists=(BlockList("transformer_blocks", output=1),),
+        refuse_arguments={"block_controlnet_hidden_states": _CONTROLNET},
+        check=_sd3_check,
+    ),
+    Family(
+        # Double- then single-stream blocks, both (hidden_states, encoder_hidden_states, temb, image_rotary_emb)
+        # -> (text, image); one RoPE table over [txt_ids; img_ids] shared by the batch.
+        name="Flux.1",
+        classes=("FluxTransformer2DModel",),
+        block_lists=(
+            BlockList("transformer_blocks", output=1),
+            BlockList("single_transformer_blocks", output=1),
+        ),
+        token_inputs=_SHARED_ROPE_JOINT,
+        refuse_arguments={"controlnet_block_samples": _CONTROLNET, "controlnet_single_block_samples": _CONTROLNET},
+        check=_joint_mask_check,
+    ),
+    Family(
+        # As Flux.1, but the model concatenates [text; image] before the single-stream blocks, whose
+        # hidden_states is then joint; a (B, T + N) attention mask in the same order reaches every block.
+        name="Chroma",
+        classes=("ChromaTransformer2DModel",),
+        block_lists=(
+            BlockList("transformer_blocks", output=1),
+            BlockList("single_transformer_blocks", joint="text_image"),
+        ),
+        token_inputs={**_SHARED_ROPE_JOINT, "attention_mask": TokenInput(axes=(1,), layout="text_image")},
+        refuse_arguments={"controlnet_block_samples": _CONTROLNET, "controlnet_single_block_samples": _CONTROLNET},
+        check=_joint_mask_check,
+    ),
+    Family(
+        # CogView4TransformerBlock(hidden_states, encoder_hidden_states, temb, image_rotary_emb, attention_mask, ...)
+        # -> (image, text); RoPE over the image tokens only (N, D), applied with sequence_dim=2; attention_mask is the
+        # text mask (B, T): the processor builds the joint mask from the two streams' lengths.
+        name="CogView4",
+        classes=("CogView4Transformer2DModel",),
+        block_lists=(BlockList("transformer_blocks", output=0),),
+        token_inputs={"image_rotary_emb": TokenInput(axes=(0,), shared=True, rope_view=True)},
+        text_args=("encoder_hidden_states", "attention_mask"),
+        check=_joint_mask_check,
+    ),
+    Family(
+        # WanTransformerBlock(hidden_states, encoder_hidden_states, temb, rotary_emb) -> hidden_states; text (and the
+        # CLIP image of 2.1 I2V, whose latent is concatenated on the channels) via cross-attention. RoPE (1, N, 1, D);
+        # temb (B, 6, D), or per token (B, N, 6, D) in Wan 2.2 TI2V.
+        name="Wan 2.1 / 2.2",
+        classes=("WanTransformer3DModel",),
+        block_lists=(BlockList("blocks"),),
+        token_inputs={"rotary_emb": TokenInput(axes=(1,)), "temb": TokenInput(axes=(1,), when_ndim=4)},
+        frame_tokens=_wan_frame_tokens,
+        video=True,
+    ),
+    Family(
+        # LTXVideoTransformerBlock(hidden_states, encoder_hidden_states, temb, image_rotary_emb,
+        # encoder_attention_mask) -> hidden_states; RoPE per sample (B, N, D); temb (B, 1 or N, 6D).
+        name="LTX-Video",
+        classes=("LTXVideoTransformer3DModel",),
+        block_lists=(BlockList("transformer_blocks"),),
+        token_inputs={"image_rotary_emb": TokenInput(axes=(1,)), "temb": TokenInput(axes=(1,), broadcast=True)},
+        text_args=("encoder_hidden_states", "encoder_attention_mask"),
+        frame_tokens=_ltx_frame_tokens,
+        video=True,
+    ),
+    Family(
+        # As Wan; temb (B, 6, D), or (B, 6, N, D) under diffusion forcing; a block-causal mask (1, 1, N, N) when
+        # num_frame_per_block > 1.
+        name="SkyReels-V2",
+        classes=("SkyReelsV2Transformer3DModel",),
+        block_lists=(BlockList("blocks"),),
+        token_inputs={
+            "rotary_emb": TokenInput(axes=(1,)),
+            "temb": TokenInput(axes=(2,), when_ndim=4),
+            "attention_mask": TokenInput(axes=(2, 3)),
+        },
+        frame_tokens=_wan_frame_tokens,
+        video=True,
+    ),
+    Family(
+        # Double- then single-stream blocks (hidden_states, encoder_hidden_states, temb, attention_mask, RoPE, ...)
+        # -> (image, text); RoPE over the image tokens (N, D), shared, applied with sequence_dim=1; the joint mask
+        # (B, 1, 1, N + T) is in [image; text] order. I2V "token_replace" modulates the first frame's tokens apart.
+        name="HunyuanVideo",
+        classes=("HunyuanVideoTransformer3DModel",),
+        block_lists=(
+            BlockList("transformer_blocks", output=0),
+            BlockList("single_transformer_blocks", output=0),
+        ),
+        token_inputs={
+            "freqs_cis": TokenInput(axes=(0,), shared=True, rope_view=True),
+            "image_rotary_emb": TokenInput(axes=(0,), shared=True, rope_view=True),
+            "attention_mask": TokenInput(axes=(3,), layout="image_text"),
+        },
+        check=_hunyuan_video_check,
+        frame_tokens=_hunyuan_frame_tokens,
+        video=True,
+    ),
+    Family(
+        # CogVideoXBlock(hidden_states, encoder_hidden_states, temb, image_rotary_emb, ...) -> (image, text); the
+        # text and video tokens are split after the joint patch embedding; RoPE (1.5) over the video tokens (N, D),
+        # shared, applied with sequence_dim=2 (1.0 adds positions once).
+        name="CogVideoX",
+        classes=("CogVideoXTransformer3DModel",),
+        block_lists=(BlockList("transformer_blocks", output=0),),
+        token_inputs={"image_rotary_emb": TokenInput(axes=(0,), shared=True, rope_view=True)},
+        video=True,
+    ),
+    Family(
+        # MochiTransformerBlock(hidden_states, encoder_hidden_states, temb, encoder_attention_mask, image_rotary_emb)
+        # -> (image, text); RoPE (N, heads, D / 2) shared, broadcast against (B, N, heads, D / 2): per-sample rows
+        # (B, K, heads, D / 2) broadcast the same way.
+        name="Mochi",
+        classes=("MochiTransformer3DModel",),
+        block_lists=(BlockList("transformer_blocks", output=0),),
+        token_inputs={"image_rotary_emb": TokenInput(axes=(0,), shared=True)},
+        text_args=("encoder_hidden_states", "encoder_attention_mask"),
+        video=True,
+    ),
+    # --- refused ---
+    Family(
+        name="Sana",
+        classes=("SanaTransformer2DModel",),
+        refuse="its Mix-FFN applies a depthwise convolution over the full (height, width) token grid in every block; "
+        "a routed subset has no grid.",
+    ),
+    Family(
+        name="SanaVideo",
+        classes=("SanaVideoTransformer3DModel",),
+        refuse="its Mix-FFN applies a convolution over the full (frames, height, width) token grid in every block; "
+        "a routed subset has no grid.",
+        video=True,
+    ),
+    Family(
+        name="Lumina2",
+        classes=("Lumina2Transformer2DModel",),
+        refuse="its main layers run per-sample packed [text_i; image; padding] sequences of different lengths; the "
+        "image tokens have no fixed position to route by shape.",
+    ),
+    Family(
+        name="Z-Image",
+        classes=("ZImageTransformer2DModel",),
+        refuse="its main layers run per-sample packed [image; text; padding] sequences; the image tokens have no "
+        "fixed position to route by shape.",
+    ),
+    Family(
+        name="Wan-VACE",
+        classes=("WanVACETransformer3DModel",),
+        refuse="VACE control hints are added to the video tokens between blocks, also inside a route.",
+        video=True,
+    ),
+)
+
+
+def family_for(transformer) -> Family:
+    """The registry line of ``transformer``'s class (the most specific match); refused classes raise their reason."""
+    matches = []
+    for family in FAMILIES:
+        for model_class in family.installed_classes():
+            if isinstance(transformer, model_class):
+                matches.append((len(type(transformer).__mro__) - type(transformer).__mro__.index(model_class), family))
+    if not matches:
+        routable = [name for family in FAMILIES if family.refuse is None for name in family.classes]
+        raise TypeError(
+            f"TREAD routing supports {', '.join(routable)} (and their subclasses, where the installed Diffusers has "
+            f"them); got {type(transformer).__name__}. For DiT use diffusers_tread.TreadTransformer2DModel."
+        )
+    family = max(matches, key=lambda match: match[0])[1]  # the class nearest to the instance's
+    if family.refuse is not None:
+        raise TypeError(f"TREAD routing cannot route {type(transformer).__name__} ({family.name}): {family.refuse}")
+    return family

@@ -1,0 +1,875 @@
+"""The TREAD router on every family of its registry (diffusers_tread/models/families.py), on tiny random configs.
+
+A family here is a ``Case``: its tiny model, its inputs, and a hand-written gather of its per-token block inputs for
+one sample (independent of the router's ``TokenInput`` lines). Every config has an image-token count that differs from
+every other size in it (batch 3, text 5, widths 16/32, heads 2, head dim 8, 6 modulation chunks), so a wrong axis
+cannot pass by coincidence. Adding a family: a registry line plus a ``Case`` here.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import diffusers
+import pytest
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+
+from diffusers_tread import apply_tread
+from diffusers_tread.models import families
+from diffusers_tread.models.router import attached_router
+
+BATCH, TEXT = 3, 5
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _grid_ids(frames: int, rows: int, cols: int) -> torch.Tensor:
+    f, r, c = torch.meshgrid(torch.arange(frames), torch.arange(rows), torch.arange(cols), indexing="ij")
+    return torch.stack([f, r, c], dim=-1).reshape(-1, 3).float()
+
+
+# --- the families' tiny configs and hand-written per-sample gathers ---------------------------------------------------
+
+
+@dataclass
+class Case:
+    name: str
+    model_class: str
+    config: dict
+    inputs: Callable[[torch.Generator, int], dict]
+    num_image: int
+    route: dict
+    gather: dict[str, Callable] = field(default_factory=dict)  # name -> (value of one sample, kept, N, T) -> rows
+    text_args: tuple[str, ...] = ("encoder_hidden_states",)
+    keep_first_frame: bool = False
+    # inputs the stock model's checkpointed forward drops (Chroma's single blocks get no attention_mask there)
+    not_checkpointed: tuple[str, ...] = ()
+
+    def make(self, seed: int = 0):
+        torch.manual_seed(seed)
+        return getattr(diffusers, self.model_class)(**self.config)
+
+    def make_inputs(self, seed: int = 0, batch_size: int = BATCH) -> dict:
+        return self.inputs(torch.Generator().manual_seed(seed), batch_size)
+
+
+def _joint_rows(kept, num_text):  # text-first shared table: all text rows, then the kept image rows
+    return torch.cat([torch.arange(num_text), kept + num_text])
+
+
+def _pixart_inputs(g, b):
+    return dict(
+        hidden_states=torch.randn(b, 4, 6, 10, generator=g),  # patch 2: 3 x 5 = 15 tokens
+        encoder_hidden_states=torch.randn(b, TEXT, 12, generator=g),
+        timestep=torch.randint(0, 1000, (b,), generator=g),
+        attention_mask=torch.rand(b, 15, 15, generator=g) > 0.2,  # a full (query, key) image mask, N x N
+    )
+
+
+def _pixart_mask(value, kept, n, t):
+    value = value[:, kept] if value.shape[1] == n else value
+    return value[:, :, kept]
+
+
+def _sd3_inputs(g, b):
+    return dict(
+        hidden_states=torch.randn(b, 4, 6, 10, generator=g),
+        encoder_hidden_states=torch.randn(b, TEXT, 12, generator=g),
+        pooled_projections=torch.randn(b, 10, generator=g),
+        timestep=torch.randint(0, 1000, (b,), generator=g),
+    )
+
+
+def _flux_inputs(g, b):
+    return dict(
+        hidden_states=torch.randn(b, 15, 4, generator=g),  # 3 x 5 grid
+        encoder_hidden_states=torch.randn(b, TEXT, 12, generator=g),
+        pooled_projections=torch.randn(b, 10, generator=g),
+        timestep=torch.rand(b, generator=g),
+        img_ids=_grid_ids(1, 3, 5),
+        txt_ids=torch.zeros(TEXT, 3),
+    )
+
+
+def _wan_inputs(frames, per_token_timestep=False, image=False, in_channels=4):
+    def make(g, b):
+        inputs = dict(
+            hidden_states=torch.randn(b, in_channels, frames, 6, 8, generator=g),  # patch (1, 2, 2): 3 x 4 per frame
+            encoder_hidden_states=torch.randn(b, TEXT, 12, generator=g),
+            timestep=torch.randint(0, 1000, (b,), generator=g),
+        )
+        if per_token_timestep:  # Wan 2.2 TI2V: the first (conditioning) frame at t = 0, the rest at t
+            timestep = inputs["timestep"][:, None].repeat(1, frames * 12)
+            timestep[:, :12] = 0
+            inputs["timestep"] = timestep
+        if image:  # Wan 2.1 I2V: CLIP image tokens; the image latent is concatenated on the channels
+            inputs["encoder_hidden_states_image"] = torch.randn(b, 4, 12, generator=g)
+        return inputs
+
+    return make
+
+
+_WAN = dict(
+    patch_size=(1, 2, 2),
+    num_attention_heads=2,
+    attention_head_dim=8,
+    in_channels=4,
+    out_channels=4,
+    text_dim=12,
+    freq_dim=8,
+    ffn_dim=32,
+    num_layers=6,
+    rope_max_seq_len=32,
+)
+_WAN_GATHER = {
+    "rotary_emb": lambda v, kept, n, t: tuple(table[:, kept] for table in v),
+    "temb": lambda v, kept, n, t: v[:, kept] if v.ndim == 4 else v,
+}
+
+
+def _ltx_inputs(per_token_timestep=False):
+    def make(g, b):
+        inputs = dict(
+            hidden_states=torch.randn(b, 21, 4, generator=g),  # 3 frames x 7 tokens, packed
+            encoder_hidden_states=torch.randn(b, TEXT, 12, generator=g),
+            timestep=torch.randint(0, 1000, (b,), generator=g),
+            encoder_attention_mask=torch.ones(b, TEXT),
+            num_frames=3,
+            height=1,
+            width=7,
+            video_coords=_grid_ids(3, 1, 7).T[None].expand(b, -1, -1).contiguous(),  # (B, 3, N) frame/row/col
+        )
+        if per_token_timestep:
+            inputs["timestep"] = torch.randint(0, 1000, (b, 21), generator=g)
+        return inputs
+
+    return make
+
+
+_LTX = dict(
+    in_channels=4,
+    out_channels=4,
+    num_attention_heads=2,
+    attention_head_dim=8,
+    cross_attention_dim=16,
+    num_layers=6,
+    caption_channels=12,
+)
+_LTX_GATHER = {
+    "image_rotary_emb": lambda v, kept, n, t: tuple(table[:, kept] for table in v),
+    "temb": lambda v, kept, n, t: v[:, kept] if v.shape[1] == n else v,
+}
+
+ROUTE = {"start_layer_idx": 1, "end_layer_idx": 4, "selection_ratio": 0.5}
+
+CASES = [
+    Case(
+        "pixart",
+        "PixArtTransformer2DModel",
+        dict(
+            num_attention_heads=2,
+            attention_head_dim=8,
+            in_channels=4,
+            out_channels=8,
+            num_layers=6,
+            cross_attention_dim=16,
+            sample_size=6,
+            patch_size=2,
+            caption_channels=12,
+            use_additional_conditions=False,
+        ),
+        _pixart_inputs,
+        15,
+        ROUTE,
+        gather={"attention_mask": _pixart_mask},
+        text_args=("encoder_hidden_states", "encoder_attention_mask"),
+    ),
+    Case(
+        "sd3",
+        "SD3Transformer2DModel",
+        dict(
+            sample_size=8,
+            patch_size=2,
+            in_channels=4,
+            num_layers=6,
+            attention_head_dim=8,
+            num_attention_heads=2,
+            joint_attention_dim=12,
+            caption_projection_dim=16,
+            pooled_projection_dim=10,
+            out_channels=4,
+            pos_embed_max_size=10,
+            dual_attention_layers=(0, 1, 2),
+            qk_norm="rms_norm",
+        ),
+        _sd3_inputs,
+        15,
+        ROUTE,
+    ),
+    Case(
+        "flux",
+        "FluxTransformer2DModel",
+        dict(
+            patch_size=1,
+            in_channels=4,
+            num_layers=2,
+            num_single_layers=4,
+            attention_head_dim=8,
+            num_attention_heads=2,
+            joint_attention_dim=12,
+            pooled_projection_dim=10,
+            axes_dims_rope=(2, 2, 4),
+        ),
+        _flux_inputs,
+        15,
+        ROUTE,  # double block 1 .. single block 2
+        gather={"image_rotary_emb": lambda v, kept, n, t: tuple(table[_joint_rows(kept, t)] for table in v)},
+    ),
+    Case("wan_t2v", "WanTransformer3DModel", _WAN, _wan_inputs(frames=2), 24, ROUTE, gather=_WAN_GATHER),
+    Case("wan_one_frame", "WanTransformer3DModel", _WAN, _wan_inputs(frames=1), 12, ROUTE, gather=_WAN_GATHER),
+    Case(
+        "wan_i2v",
+        "WanTransformer3DModel",
+        {**_WAN, "in_channels": 8, "image_dim": 12, "added_kv_proj_dim": 16},
+        _wan_inputs(frames=2, image=True, in_channels=8),
+        24,
+        ROUTE,
+        gather=_WAN_GATHER,
+    ),
+    Case(
+        "wan_ti2v",
+        "WanTransformer3DModel",
+        _WAN,
+        _wan_inputs(frames=3, per_token_timestep=True),
+        36,
+        ROUTE,
+        gather=_WAN_GATHER,
+        keep_first_frame=True,
+    ),
+    Case("ltx", "LTXVideoTransformer3DModel", _LTX, _ltx_inputs(), 21, ROUTE, gather=_LTX_GATHER),
+    Case(
+        "ltx_per_token_timestep",
+        "LTXVideoTransformer3DModel",
+        _LTX,
+        _ltx_inputs(per_token_timestep=True),
+        21,
+        ROUTE,
+        gather=_LTX_GATHER,
+        text_args=("encoder_hidden_states", "encoder_attention_mask"),
+    ),
+]
+
+
+def _flux_like_inputs(g, b, mask=False):
+    inputs = _flux_inputs(g, b)
+    del inputs["pooled_projections"]
+    if mask:  # Chroma: a (B, T + N) mask, text first; the last text token of sample 0 is padding
+        inputs["attention_mask"] = torch.ones(b, TEXT + 15)
+        inputs["attention_mask"][0, TEXT - 1] = 0
+    return inputs
+
+
+def _video_inputs(channels_first=True, frames=2, text_dim=12, **extra):
+    def make(g, b):
+        shape = (b, 4, frames, 6, 10) if channels_first else (b, frames, 4, 6, 10)
+        inputs = dict(
+            hidden_states=torch.randn(*shape, generator=g),  # patch 2: 3 x 5 tokens per frame
+            encoder_hidden_states=torch.randn(b, TEXT, text_dim, generator=g),
+            timestep=torch.randint(1, 1000, (b,), generator=g),
+        )
+        for name, make_value in extra.items():
+            inputs[name] = make_value(g, b)
+        return inputs
+
+    return make
+
+
+def _text_mask(g, b):
+    mask = torch.ones(b, TEXT)
+    mask[0, -2:] = 0
+    return mask
+
+
+_SHARED_ROWS = lambda v, kept, n, t: tuple(table[kept] for table in v)  # noqa: E731
+_SKYREELS = {**_WAN, "num_frame_per_block": 2}
+_HUNYUAN_VIDEO = dict(
+    in_channels=4,
+    out_channels=4,
+    num_attention_heads=2,
+    attention_head_dim=8,
+    num_layers=2,
+    num_single_layers=4,
+    num_refiner_layers=1,
+    patch_size=2,
+    patch_size_t=1,
+    guidance_embeds=False,
+    text_embed_dim=12,
+    pooled_projection_dim=8,
+    rope_axes_dim=(2, 2, 4),
+)
+_HUNYUAN_GATHER = {
+    "freqs_cis": _SHARED_ROWS,
+    "image_rotary_emb": _SHARED_ROWS,
+    "attention_mask": lambda v, kept, n, t: v[..., torch.cat([kept, n + torch.arange(t)])],
+}
+_HUNYUAN_INPUTS = _video_inputs(
+    encoder_attention_mask=_text_mask, pooled_projections=lambda g, b: torch.randn(b, 8, generator=g)
+)
+
+CASES += [
+    Case(
+        "chroma",
+        "ChromaTransformer2DModel",
+        dict(
+            patch_size=1,
+            in_channels=4,
+            num_layers=2,
+            num_single_layers=4,
+            attention_head_dim=8,
+            num_attention_heads=2,
+            joint_attention_dim=12,
+            axes_dims_rope=(2, 2, 4),
+            approximator_num_channels=8,
+            approximator_hidden_dim=16,
+            approximator_layers=1,
+        ),
+        lambda g, b: _flux_like_inputs(g, b, mask=True),
+        15,
+        ROUTE,  # double block 1 .. single block 2 (a joint [text; image] stream)
+        not_checkpointed=("attention_mask",),
+        gather={
+            "image_rotary_emb": lambda v, kept, n, t: tuple(table[_joint_rows(kept, t)] for table in v),
+            "attention_mask": lambda v, kept, n, t: v[:, _joint_rows(kept, t)],
+        },
+    ),
+    Case(
+        "cogview4",
+        "CogView4Transformer2DModel",
+        dict(
+            patch_size=2,
+            in_channels=4,
+            out_channels=4,
+            num_layers=6,
+            attention_head_dim=8,
+            num_attention_heads=2,
+            text_embed_dim=12,
+            time_embed_dim=8,
+            condition_dim=4,
+            pos_embed_max_size=16,
+            sample_size=8,
+            rope_axes_dim=(4, 4),
+        ),
+        lambda g, b: dict(
+            hidden_states=torch.randn(b, 4, 6, 10, generator=g),
+            encoder_hidden_states=torch.randn(b, TEXT, 12, generator=g),
+            timestep=torch.randint(0, 1000, (b,), generator=g),
+            original_size=torch.tensor([[48.0, 80.0]] * b),
+            target_size=torch.tensor([[48.0, 80.0]] * b),
+            crop_coords=torch.zeros(b, 2),
+        ),
+        15,
+        ROUTE,
+        gather={"image_rotary_emb": _SHARED_ROWS},
+        text_args=("encoder_hidden_states", "attention_mask"),
+    ),
+    Case(
+        "skyreels_v2_diffusion_forcing",
+        "SkyReelsV2Transformer3DModel",
+        _SKYREELS,
+        lambda g, b: dict(
+            hidden_states=torch.randn(b, 4, 4, 6, 8, generator=g),  # 4 frames x 3 x 4 = 48 tokens, 2 frames a block
+            encoder_hidden_states=torch.randn(b, TEXT, 12, generator=g),
+            timestep=torch.randint(0, 1000, (b, 4), generator=g),  # one timestep per frame
+            enable_diffusion_forcing=True,
+        ),
+        48,
+        ROUTE,
+        gather={
+            "rotary_emb": lambda v, kept, n, t: tuple(table[:, kept] for table in v),
+            "temb": lambda v, kept, n, t: v[:, :, kept] if v.ndim == 4 else v,
+            "attention_mask": lambda v, kept, n, t: v[:, :, kept][:, :, :, kept],
+        },
+    ),
+    Case(
+        "hunyuan_video",
+        "HunyuanVideoTransformer3DModel",
+        _HUNYUAN_VIDEO,
+        _HUNYUAN_INPUTS,
+        30,
+        ROUTE,
+        gather=_HUNYUAN_GATHER,
+        text_args=("encoder_hidden_states",),
+    ),
+    Case(
+        "hunyuan_video_i2v_token_replace",
+        "HunyuanVideoTransformer3DModel",
+        {**_HUNYUAN_VIDEO, "image_condition_type": "token_replace"},
+        _HUNYUAN_INPUTS,
+        30,
+        ROUTE,
+        gather=_HUNYUAN_GATHER,
+        keep_first_frame=True,
+    ),
+    Case(
+        "cogvideox_1_5",
+        "CogVideoXTransformer3DModel",
+        dict(
+            num_attention_heads=2,
+            attention_head_dim=8,
+            in_channels=4,
+            out_channels=4,
+            time_embed_dim=8,
+            text_embed_dim=12,
+            num_layers=6,
+            sample_width=10,
+            sample_height=6,
+            sample_frames=5,
+            patch_size=2,
+            max_text_seq_length=TEXT,
+            use_rotary_positional_embeddings=True,
+        ),
+        _video_inputs(
+            channels_first=False,
+            image_rotary_emb=lambda g, b: (torch.randn(30, 8, generator=g), torch.randn(30, 8, generator=g)),
+        ),
+        30,
+        ROUTE,
+        gather={"image_rotary_emb": _SHARED_ROWS},
+    ),
+    Case(
+        "mochi",
+        "MochiTransformer3DModel",
+        dict(
+            patch_size=2,
+            num_attention_heads=2,
+            attention_head_dim=8,
+            num_layers=6,
+            pooled_projection_dim=8,
+            in_channels=4,
+            text_embed_dim=16,  # its caption pooler has 8 heads
+            time_embed_dim=4,
+            max_sequence_length=TEXT,
+        ),
+        _video_inputs(text_dim=16, encoder_attention_mask=_text_mask),
+        30,
+        ROUTE,
+        gather={
+            "image_rotary_emb": lambda v, kept, n, t: v[kept] if torch.is_tensor(v) else _SHARED_ROWS(v, kept, n, t)
+        },
+        text_args=("encoder_hidden_states", "encoder_attention_mask"),
+    ),
+]
+CASES = [case for case in CASES if hasattr(diffusers, case.model_class)]  # a class the installed Diffusers lacks
+IDS = [case.name for case in CASES]
+
+
+def pair(case: Case):
+    model, stock = case.make(), case.make()
+    stock.load_state_dict(model.state_dict())
+    return model, stock
+
+
+def route_of(case: Case, model, **kwargs):
+    return apply_tread(model, [case.route], keep_first_frame=case.keep_first_frame, **kwargs)
+
+
+def bound(block, args, kwargs) -> dict:
+    return dict(inspect.signature(block.forward).bind(*args, **kwargs).arguments)
+
+
+def image_of(router, index, output):
+    position = router._block_list[index].output
+    hidden = output if position is None else output[position]
+    return hidden[:, TEXT:] if router._block_list[index].joint else hidden  # the joint layouts here are text-first
+
+
+def text_of(router, index, output):
+    if router._block_list[index].joint:
+        return output[:, :TEXT]
+    position = router._block_list[index].output
+    return None if position is None else output[1 - position]
+
+
+class Recorder:
+    """Hooks that see each block's inputs before the router (``prepend``) and its output after it."""
+
+    def __init__(self, router):
+        self.inputs, self.outputs, self.after_router = {}, {}, {}
+        for index, block in enumerate(router.blocks):
+            block.register_forward_pre_hook(self._pre(index), with_kwargs=True, prepend=True)
+            block.register_forward_pre_hook(self._after(index), with_kwargs=True)
+            block.register_forward_hook(self._post(index))
+
+    def _pre(self, index):
+        def hook(block, args, kwargs):
+            self.inputs.setdefault(index, bound(block, args, kwargs))
+
+        return hook
+
+    def _after(self, index):
+        def hook(block, args, kwargs):
+            self.after_router.setdefault(index, bound(block, args, kwargs))
+
+        return hook
+
+    def _post(self, index):
+        def hook(block, args, output):
+            self.outputs.setdefault(index, output)
+
+        return hook
+
+
+def one_sample(value, b):
+    if isinstance(value, (tuple, list)):
+        return type(value)(one_sample(item, b) for item in value)
+    if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == BATCH:
+        return value[b : b + 1]
+    return value
+
+
+def reference(case, router, recorder, b, kept):
+    """Sample ``b`` alone through the route's stock blocks, its kept rows of every per-token input gathered by hand,
+    the result scattered back into its pre-route state."""
+    route = router.routes[0]
+    start, end = route["start_layer_idx"], route["end_layer_idx"]
+    pre_route = recorder.inputs[start]["hidden_states"][b : b + 1]
+    text = None
+    if router._block_list[start].joint:
+        text, pre_route = pre_route[:, :TEXT], pre_route[:, TEXT:]
+    hidden = pre_route[:, kept]
+    with torch.no_grad():
+        for index in range(start, end + 1):
+            kwargs = {name: one_sample(value, b) for name, value in recorder.inputs[index].items()}
+            for name, gather in case.gather.items():
+                if kwargs.get(name) is not None:
+                    kwargs[name] = gather(kwargs[name], kept, case.num_image, TEXT)
+            kwargs["hidden_states"] = hidden
+            if text is not None and router._block_list[index].joint:
+                kwargs["hidden_states"] = torch.cat([text, hidden], dim=1)
+            elif text is not None and "encoder_hidden_states" in kwargs:
+                kwargs["encoder_hidden_states"] = text
+            output = router.blocks[index](**kwargs)
+            hidden, text = image_of(router, index, output), text_of(router, index, output)
+    expected = pre_route.clone()
+    expected[:, kept] = hidden
+    return expected, pre_route
+
+
+def routed_forward(case, model, router):
+    recorder = Recorder(router)
+    model(**case.make_inputs())
+    return recorder, router.route_masks[0]
+
+
+# --- eval mode and ratio 0 are the stock model -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_eval_and_ratio_zero_equal_the_stock_model_bit_for_bit(case):
+    model, stock = pair(case)
+    router = route_of(case, model)
+    inputs = case.make_inputs()
+    with torch.no_grad():
+        assert torch.equal(model.eval()(**inputs).sample, stock.eval()(**inputs).sample)
+        assert router.route_masks is None
+        model.train(), stock.train()
+        routed = model(**inputs).sample
+        assert router.route_masks[0].any() and not torch.allclose(routed, stock(**inputs).sample)
+        router.selection_ratio = 0.0
+        assert torch.equal(model(**inputs).sample, stock(**inputs).sample)
+        assert not router.route_masks[0].any()
+
+
+# --- a routed sample equals the same sample alone through a hand-written reference -------------------------------------
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_a_routed_sample_equals_the_sample_alone_through_a_reference(case):
+    model = case.make().train()
+    router = route_of(case, model, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        recorder, mask = routed_forward(case, model, router)
+    end = router.routes[0]["end_layer_idx"]
+    routed = image_of(router, end, recorder.outputs[end])
+    assert routed.shape[1] == case.num_image
+    assert not (mask == mask[0]).all(), "subsets are drawn per sample"
+    for b in range(BATCH):
+        kept = (~mask[b]).nonzero().squeeze(1)
+        expected, pre_route = reference(case, router, recorder, b, kept)
+        assert torch.equal(routed[b][mask[b]], pre_route[0][mask[b]])  # bypassed: the pre-route state, exactly
+        torch.testing.assert_close(routed[b : b + 1], expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_bypassed_tokens_re_enter_with_pre_route_state_plus_input_in_v1_mode(case):
+    model = case.make().train()
+    router = route_of(
+        case, model, generator=torch.Generator().manual_seed(2), route_reinsertion="pre_route_plus_input"
+    )
+    with torch.no_grad():
+        recorder, mask = routed_forward(case, model, router)
+    start, end = router.routes[0]["start_layer_idx"], router.routes[0]["end_layer_idx"]
+    routed = image_of(router, end, recorder.outputs[end])
+    expected = recorder.inputs[start]["hidden_states"] + recorder.inputs[0]["hidden_states"]  # routes start unjoint
+    assert torch.equal(routed[mask], expected[mask])
+    assert mask.any(1).all()
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_text_is_never_routed_and_routed_blocks_see_the_kept_tokens(case):
+    model = case.make().train()
+    router = route_of(case, model)
+    with torch.no_grad():
+        recorder, mask = routed_forward(case, model, router)
+    kept = case.num_image - int(mask[0].sum())
+    assert kept < case.num_image
+    route = router.routes[0]
+    for index in range(router.num_blocks):
+        before, after = recorder.inputs[index], recorder.after_router[index]
+        for name in case.text_args:
+            if before.get(name) is not None:
+                assert after[name] is before[name], f"block {index}: {name} was changed"
+        inside = route["start_layer_idx"] <= index <= route["end_layer_idx"]
+        expected = kept if inside else case.num_image
+        joint = router._block_list[index].joint
+        assert after["hidden_states"].shape[1] == expected + (TEXT if joint else 0), index
+
+
+# --- positions computed from ids: the kept tokens' rotary rows are those of the kept ids -------------------------------
+
+
+def test_flux_kept_rotary_rows_equal_rows_recomputed_from_the_kept_ids():
+    case = next(c for c in CASES if c.name == "flux")
+    model = case.make().train()
+    router = route_of(case, model, generator=torch.Generator().manual_seed(3))
+    inputs = case.make_inputs()
+    recorder = Recorder(router)
+    with torch.no_grad():
+        model(**inputs)
+    (mask,) = router.route_masks
+    for index in range(router.routes[0]["start_layer_idx"], router.routes[0]["end_layer_idx"] + 1):
+        cos, sin = recorder.after_router[index]["image_rotary_emb"]
+        for b in range(BATCH):
+            kept = (~mask[b]).nonzero().squeeze(1)
+            ids = torch.cat([inputs["txt_ids"], inputs["img_ids"][kept]])
+            expected_cos, expected_sin = model.pos_embed(ids)
+            assert torch.equal(cos.rows[b], expected_cos) and torch.equal(sin.rows[b], expected_sin)
+
+
+@pytest.mark.parametrize("name", ["ltx", "ltx_per_token_timestep"])
+def test_ltx_kept_rotary_rows_equal_rows_recomputed_from_the_kept_coordinates(name):
+    case = next(c for c in CASES if c.name == name)
+    model = case.make().train()
+    router = route_of(case, model, generator=torch.Generator().manual_seed(3))
+    inputs = case.make_inputs()
+    recorder = Recorder(router)
+    with torch.no_grad():
+        model(**inputs)
+    (mask,) = router.route_masks
+    cos, sin = recorder.after_router[router.routes[0]["start_layer_idx"]]["image_rotary_emb"]
+    for b in range(BATCH):
+        kept = (~mask[b]).nonzero().squeeze(1)
+        coords = inputs["video_coords"][b : b + 1, :, kept]
+        expected_cos, expected_sin = model.rope(inputs["hidden_states"][:1, kept], video_coords=coords)
+        torch.testing.assert_close(cos[b : b + 1], expected_cos, rtol=0, atol=1e-6)
+        torch.testing.assert_close(sin[b : b + 1], expected_sin, rtol=0, atol=1e-6)
+
+
+# --- image-to-video conditioning frame, one-frame video ---------------------------------------------------------------
+
+
+def test_wan_ti2v_first_frame_stays_in_every_route():
+    case = next(c for c in CASES if c.name == "wan_ti2v")
+    model = case.make().train()
+    router = route_of(case, model, generator=torch.Generator().manual_seed(4))
+    router.selection_ratio = 0.75
+    model(**case.make_inputs())
+    (mask,) = router.route_masks
+    assert not mask[:, :12].any()  # the 3 x 4 tokens of the conditioning frame never bypass
+    assert (mask[:, 12:].sum(1) == int(24 * 0.75)).all()  # the ratio applies to the other frames' tokens
+    with pytest.raises(ValueError, match="no conditioning frame"):
+        apply_tread(next(c for c in CASES if c.name == "flux").make(), keep_first_frame=True)
+
+
+# --- gradient checkpointing, LoRA ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_checkpointing_gives_the_same_gradients(case):
+    plain, checkpointed = pair(case)
+    plain.train(), checkpointed.train()
+    checkpointed.enable_gradient_checkpointing()
+    routers = [route_of(case, m, generator=torch.Generator().manual_seed(5)) for m in (plain, checkpointed)]
+    inputs = {k: v for k, v in case.make_inputs().items() if k not in case.not_checkpointed}
+    outputs = [m(**inputs).sample for m in (plain, checkpointed)]
+    for output in outputs:
+        output.square().mean().backward()
+    assert torch.equal(routers[0].route_masks[0], routers[1].route_masks[0])
+    torch.testing.assert_close(outputs[1], outputs[0])
+    grads = dict(plain.named_parameters())
+    for name, parameter in checkpointed.named_parameters():
+        if parameter.grad is not None or grads[name].grad is not None:
+            torch.testing.assert_close(parameter.grad, grads[name].grad, msg=name)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_lora_parameters_get_gradients_under_routing(case):
+    model = case.make().train()
+    model.requires_grad_(False)
+    config = LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_k", "to_v"], init_lora_weights=False)
+    if hasattr(model, "add_adapter"):
+        model.add_adapter(config)
+    else:
+        inject_adapter_in_model(config, model)
+    router = route_of(case, model)
+    model(**case.make_inputs()).sample.square().mean().backward()
+    assert router.route_masks is not None
+    lora = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    assert lora and all(p.grad is not None and p.grad.any() for p in lora.values())
+
+
+# --- torch.compile(fullgraph=True): a shared-RoPE family (Flux) and a batched-RoPE family (Wan) ------------------------
+
+
+@pytest.mark.parametrize("name", ["flux", "wan_ti2v"])
+def test_routed_forward_compiles_with_fullgraph(name):
+    """Dynamo traces the whole routed forward, hooks included, without a graph break (``fullgraph=True``). The
+    ``eager`` backend runs the captured graph op by op: the check is the capture, and it keeps the test at seconds on
+    a loaded CPU (inductor's code generation would take minutes)."""
+    torch._dynamo.reset()
+    case = next(c for c in CASES if c.name == name)
+    model = case.make().train()
+    router = route_of(case, model)  # generator=None: the global RNG (a torch.Generator argument breaks the graph)
+    inputs = case.make_inputs()
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        torch.manual_seed(7)
+        out = compiled(**inputs).sample
+        masks = router.route_masks
+        torch.manual_seed(7)
+        expected = model(**inputs).sample
+    assert masks is not None and torch.equal(masks[0], router.route_masks[0])
+    torch.testing.assert_close(out, expected)
+    torch._dynamo.reset()
+
+
+# --- refusals, skipped classes ----------------------------------------------------------------------------------------
+
+REFUSED = [family for family in families.FAMILIES if family.refuse is not None and family.installed_classes()]
+
+
+@pytest.mark.parametrize("family", REFUSED, ids=[f.name for f in REFUSED])
+def test_refused_classes_name_their_reason(family):
+    for model_class in family.installed_classes():
+        model = model_class.__new__(model_class)  # the refusal comes before anything touches the model
+        with pytest.raises(TypeError, match="cannot route") as error:
+            apply_tread(model)
+        assert family.refuse in str(error.value)
+
+
+def test_a_class_missing_from_diffusers_is_skipped():
+    family = families.Family(name="future", classes=("NoSuchTransformer3DModel",))
+    assert family.installed_classes() == []
+    with pytest.raises(TypeError, match="TREAD routing supports PixArtTransformer2DModel"):
+        apply_tread(torch.nn.Linear(2, 2))
+
+
+def _case(name):
+    return next(c for c in CASES if c.name == name)
+
+
+@pytest.mark.parametrize(
+    "name, extra, match",
+    [
+        ("flux", {"controlnet_block_samples": [torch.zeros(BATCH, 15, 16)]}, "ControlNet"),
+        ("flux", {"joint_attention_kwargs": {"attention_mask": torch.ones(BATCH, 1, 1, 20)}}, "attention_mask"),
+        ("sd3", {"block_controlnet_hidden_states": [torch.zeros(BATCH, 15, 16)]}, "ControlNet"),
+        ("sd3", {"skip_layers": [2]}, "skip_layers"),  # inside the route 1..4
+    ],
+)
+def test_forward_arguments_routing_cannot_honour_raise(name, extra, match):
+    case = _case(name)
+    model = case.make().train()
+    router = route_of(case, model)
+    with pytest.raises(ValueError, match=match):
+        model(**case.make_inputs(), **extra)
+    assert router._open == {} and router._active_routes is None  # the failed forward left no state behind
+
+
+def test_context_parallelism_is_refused():
+    case = _case("wan_t2v")
+    model = case.make().train()
+    route_of(case, model)
+    model._parallel_config = object()  # what enable_parallelism records
+    with pytest.raises(ValueError, match="parallelism"):
+        model(**case.make_inputs())
+
+
+def test_an_ambiguous_shape_is_refused():
+    """A block tensor that no line declares, with the image-token count along axis 1, may be per token: refuse.
+    Here Wan's line without its ``temb`` entry, on a video of exactly 6 tokens, where ``temb`` is (batch, 6, dim)."""
+    import dataclasses
+
+    case = _case("wan_t2v")
+    model = case.make().train()
+    router = route_of(case, model)
+    inputs = case.make_inputs()
+    inputs["hidden_states"] = inputs["hidden_states"][:, :, :1, :4, :6]  # 1 x 2 x 3 = 6 tokens
+    model(
+        **inputs
+    )  # the real line declares temb: (batch, 6, dim) is per chunk by its ndim, (batch, N, 6, dim) per token
+    router.family = dataclasses.replace(router.family, token_inputs={"rotary_emb": families.TokenInput()})
+    with pytest.raises(ValueError, match="ambiguous"):
+        model(**inputs)
+
+
+def test_wrong_token_axis_size_is_refused_not_guessed():
+    case = _case("ltx_per_token_timestep")
+    model = case.make().train()
+    route_of(case, model)
+    inputs = case.make_inputs()
+    inputs["video_coords"] = inputs["video_coords"][:, :, :20]  # RoPE rows for 20 of the 21 tokens
+    with pytest.raises((ValueError, RuntimeError)):
+        model(**inputs)
+
+
+def test_every_routable_family_has_a_case_or_is_not_installed():
+    tested = {case.model_class for case in CASES}
+    for family in families.FAMILIES:
+        if family.refuse is None:
+            for model_class in family.installed_classes():
+                assert model_class.__name__ in tested, f"{family.name}: add a Case"
+
+
+def test_deepcopy_keeps_a_working_router():
+    import copy
+
+    case = _case("wan_t2v")
+    model = case.make().train()
+    router = route_of(case, model)
+    copied = copy.deepcopy(model)
+    assert attached_router(copied) is not router
+    copied(**case.make_inputs())
+    assert attached_router(copied).route_masks is not None and router.route_masks is None
+
+
+def test_hunyuan_video_token_replace_i2v_needs_keep_first_frame():
+    case = _case("hunyuan_video_i2v_token_replace")
+    model = case.make().train()
+    apply_tread(model, [case.route])
+    with pytest.raises(ValueError, match="keep_first_frame=True"):
+        model(**case.make_inputs())
+    model = case.make().train()
+    router = route_of(case, model)
+    router.selection_ratio = 0.75
+    model(**case.make_inputs())
+    assert not router.route_masks[0][:, :15].any()  # the first frame's 3 x 5 tokens stay in the route
