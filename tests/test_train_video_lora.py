@@ -195,15 +195,16 @@ def test_metadata_problems_are_named(tmp_path):
 
 
 @pytest.mark.parametrize("family", ["wan", "ltx"])
-def test_video_lora_trains_checkpoints_and_resumes_exactly(tmp_path, assets, family):
-    """3 steps straight, and 2 steps + a resume from checkpoint-2 to 3, end with the same LoRA weights and losses
-    (clip windows, crops, flips, VAE samples, noise and timesteps included); the straight run's validation videos are
-    mp4 files, the card says how to load the adapters, and the saved file changes the base pipeline's videos."""
+def test_video_lora_trains_checkpoints_and_resumes_exactly(tmp_path, assets, family, caplog):
+    """3 routed steps straight, and 2 steps + a resume from checkpoint-2 to 3, end with the same LoRA weights and
+    losses (clip windows, crops, flips, VAE samples, noise, timesteps and routed subsets included); the straight run's
+    validation videos are mp4 files, the card shows the routes and how to load the adapters, and the saved file
+    changes the base pipeline's videos."""
     import diffusers
     from diffusers.utils import export_to_video  # noqa: F401 (the card's snippet uses it)
 
     common = [f"--pretrained_model_name_or_path={assets[family]}", f"--train_data_dir={assets['clips']}",
-              "--num_frames=5", "--routes=none", "--random_flip", "--checkpointing_steps=2",
+              "--num_frames=5", "--routes=1:2:0.5", "--random_flip", "--checkpointing_steps=2",
               *(["--cache_latents"] if family == "ltx" else [])]  # fmt: skip
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run(*common, f"--output_dir={straight}", "--max_train_steps=3",
@@ -216,11 +217,21 @@ def test_video_lora_trains_checkpoints_and_resumes_exactly(tmp_path, assets, fam
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=0, msg=key)
     assert losses(resumed) == losses(straight) and len(losses(straight)) == 3
+    # 5 frames -> 2 latent frames; Wan: 4x4 latents in 2x2 patches, 8 tokens; LTX: 8x8 latents, 1x1 patches, 128
+    tokens = {"wan": 8, "ltx": 128}[family]
+    assert f"route 0 (blocks 1..2): {tokens // 2} of {tokens} image tokens bypassed per sample" in caplog.text
+    rows = [line.split(",") for line in (straight / "loss_history.csv").read_text().splitlines()]
+    assert [row[3] for row in rows] == ["0.5000"] * 3
     assert (straight / "validation" / "step_0000002_0.mp4").is_file()
     video = list(imageio_ffmpeg.read_frames(str(straight / "validation" / "final_0.mp4")))
     assert len(video) - 1 == 5  # the metadata, then 5 frames
     card = (straight / "README.md").read_text()
     assert "export_to_video(video" in card and "velocity target, 5-frame clips" in card
+    assert (
+        '"start_layer_idx": 1' in card
+        and f"pipe = {json.loads((Path(assets[family]) / 'model_index.json').read_text())['_class_name']}.from_pretrained"
+        in card
+    )
 
     pipe_class = getattr(diffusers, json.loads((Path(assets[family]) / "model_index.json").read_text())["_class_name"])
     pipe = pipe_class.from_pretrained(assets[family])
@@ -238,7 +249,8 @@ def test_video_lora_trains_checkpoints_and_resumes_exactly(tmp_path, assets, fam
 
 
 def test_one_frame_clips_and_images_train_a_video_model(tmp_path, assets):
-    """--num_frames 1: a one-frame clip (a still gif), images and the first frame of longer clips train Wan."""
+    """--num_frames 1: a one-frame clip (a still gif), images and windows of longer clips train Wan, routed (one
+    latent frame: 4 tokens, 2 bypass)."""
     folder = tmp_path / "mixed"
     build_clips(folder, count=2, num_frames=3)
     write_clip(folder / "still.gif", clip_frames(2, 1))
@@ -250,9 +262,11 @@ def test_one_frame_clips_and_images_train_a_video_model(tmp_path, assets):
     assert read_video(folder / "still.gif", 1, 32).shape == (3, 1, 32, 32)
     out = tmp_path / "out"
     run(f"--pretrained_model_name_or_path={assets['wan']}", f"--train_data_dir={folder}", "--num_frames=1",
-        "--routes=none", f"--output_dir={out}", "--max_train_steps=2", "--checkpointing_steps=100",
+        "--routes=1:2:0.5", f"--output_dir={out}", "--max_train_steps=2", "--checkpointing_steps=100",
         "--validation_prompt=a red square")  # fmt: skip
     assert len(losses(out)) == 2 and lora(out)
+    rows = [line.split(",") for line in (out / "loss_history.csv").read_text().splitlines()]
+    assert [row[3] for row in rows] == ["0.5000"] * 2
     assert len(list(imageio_ffmpeg.read_frames(str(out / "validation" / "final_0.mp4")))) - 1 == 1
 
 
