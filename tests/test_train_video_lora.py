@@ -346,3 +346,12 @@ def test_the_loss_is_read_back_and_stop_signals_checked_only_at_sync_steps(tmp_p
     assert [row.split(",")[0] for row in (tmp_path / "out" / "loss_history.csv").read_text().splitlines()] == [
         "1", "2", "3"
     ]  # fmt: skip
+
+
+def test_lora_rank_is_the_option_and_rank_its_alias():
+    """One name with train_tread.py (--lora_rank); Diffusers' examples' --rank still works."""
+    script = load_module(SCRIPT)
+    base = ["--pretrained_model_name_or_path=org/model", "--train_data_dir=clips"]
+    assert script.parse_args([*base, "--lora_rank=8"]).lora_rank == 8
+    assert script.parse_args([*base, "--rank=16"]).lora_rank == 16
+    assert script.parse_args(base).lora_rank == 4
