@@ -6,18 +6,23 @@ small functions a training loop calls, no loop of its own.
   until `LossLog.flush`), an optimizer that updates all parameters in a few kernels, and nothing that breaks a compiled
   graph inside the model's blocks.
 - The ``--routes`` parser. Checkpoints, the output folder and stop signals are in `diffusers_tread.checkpointing`.
+- `RunState`: what a script's stages share (arguments, accelerator, dtype, generator, clock, Hub repo, uploads), in
+  one object, so that a stage takes the run and its own inputs.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
 import os
 import sys
+import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -256,3 +261,36 @@ def main_with_messages(main: Callable[[], object]) -> None:
             raise
         print(f"error: {type(error).__name__}: {error}\n(set TREAD_TRACEBACK=1 to see where)", file=sys.stderr)
         raise SystemExit(1) from None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The run's state, shared by a script's stages
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class RunState:
+    """What the stages of a training script share, in one object, so that each stage takes the run and its own
+    inputs rather than a dozen positional arguments. A script subclasses it for its own data (e.g. the LoRA script's
+    model family, caption embeddings and VAE)."""
+
+    args: argparse.Namespace
+    argv: list[str]  # the command line, for the model card (redacted there)
+    accelerator: Any  # accelerate.Accelerator
+    weight_dtype: torch.dtype = torch.float32  # the frozen weights' dtype under --mixed_precision
+    repo_id: str | None = None  # the Hub repo when pushing (on the main process), else None
+    # time.time() at the start; a resumed run moves it back by the seconds before its checkpoint, so that elapsed
+    # time (loss_history.csv, the card) continues
+    started: float = dataclasses.field(default_factory=time.time)
+    generator: torch.Generator | None = None  # this process's training randomness (carried by checkpoints)
+    uploads: Any = None  # hub.CheckpointUploads, when checkpoints are pushed
+    global_step: int = 0
+    total_batch_size: int = 0  # per device x processes x accumulation
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    def elapsed(self) -> float:
+        """Seconds since the run started (including the time before a resumed checkpoint)."""
+        return time.time() - self.started

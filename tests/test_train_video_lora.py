@@ -355,3 +355,20 @@ def test_lora_rank_is_the_option_and_rank_its_alias():
     assert script.parse_args([*base, "--lora_rank=8"]).lora_rank == 8
     assert script.parse_args([*base, "--rank=16"]).lora_rank == 16
     assert script.parse_args(base).lora_rank == 4
+
+
+def test_stages_take_the_run_state_and_a_few_arguments():
+    """The stages share one `RunState` (the script's `LoraRun`) instead of a dozen positional arguments each."""
+    import inspect
+
+    from diffusers_tread.training_utils import RunState
+
+    script = load_module(SCRIPT)
+    assert issubclass(script.LoraRun, RunState)
+    stages = {
+        name: fn for name, fn in vars(script).items() if inspect.isfunction(fn) and fn.__module__ == script.__name__
+    }
+    for name, fn in stages.items():
+        assert len(inspect.signature(fn).parameters) <= 5, name
+    for name in ("text_embeddings", "build_dataset", "batch_loss", "final_validation", "save_model_card"):
+        assert next(iter(inspect.signature(stages[name]).parameters)) == "run", name

@@ -16,7 +16,8 @@ from its `model_index.json`), LoRA adapters (PEFT) on the transformer, and TREAD
         --resolution 480 --lora_rank 32 --routes none --validation_prompt "a red fox running" --output_dir fox-wan
 
 The story, top to bottom: `parse_args`, then `main()`, which runs the stages and holds the training loop; each stage
-is a function defined below `main` (or in the library), in the order it runs: `start_run` (accelerator, seed, output
+is a function defined below `main` (or in the library) that takes the run's state (`LoraRun`, the library's
+`RunState` plus this script's data) and its own inputs, in the order it runs: `start_run` (accelerator, seed, output
 folder, Hub repo), `resolve_model_spec` (which model, from `model_index.json`) -> `load_captions`, `text_embeddings`
 (every caption encoded ONCE, after which the text encoders are freed), `load_vae`, `build_dataset` (optionally VAE
 latents cached) -> `build_transformer`, `add_routing`, `register_lora_checkpoint_hooks` (transformer + LoRA, TREAD
@@ -46,7 +47,7 @@ import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import diffusers
 import numpy as np
@@ -116,6 +117,7 @@ from diffusers_tread.t2i_training import (
 )
 from diffusers_tread.training_utils import (
     LossLog,
+    RunState,
     main_with_messages,
     make_lr_scheduler,
     make_optimizer,
@@ -320,44 +322,43 @@ def main(argv: list[str] | None = None) -> None:
     # 1. Accelerator, logging, seed, output folder and Hub repo, then the model: its family decides the rest.
     accelerator, repo_id = start_run(args, push_to_hub=args.push_to_hub and not args.precompute_only)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    spec = resolve_model_spec(args)
+    run = LoraRun(args, argv, accelerator, weight_dtype, repo_id, started)
+    run.spec = resolve_model_spec(args)
 
     # 2. Data, and every caption's text embedding, computed once (or read from --precomputed_embeddings_dir).
-    captions = load_captions(args, spec)
-    table, validation_prompt_kwargs = text_embeddings(args, spec, accelerator, weight_dtype, captions.unique)
+    run.captions = load_captions(args, run.spec)
+    text_embeddings(run)
     if args.precompute_only:
         logger.info("--precompute_only: done.")
         accelerator.end_training()
         return
-    vae = load_vae(args, spec, accelerator)
-    vae_temporal, vae_scale_factor = vae_compression(spec, vae)
-    check_num_frames(args, spec, vae_temporal)
+    run.vae = load_vae(run)
+    vae_temporal, run.vae_scale_factor = vae_compression(run.spec, run.vae)
+    check_num_frames(args, run.spec, vae_temporal)
     args.vae_temporal_compression = vae_temporal  # read by LTX's model call (its RoPE scale)
-    dataset = build_dataset(args, accelerator, spec, captions, vae)
+    run.dataset = build_dataset(run)
 
     # 3. Transformer, LoRA, TREAD routing, and the checkpoint hooks that save the adapters with the training generator.
-    transformer, lora_parameters = build_transformer(args, spec, accelerator, weight_dtype)
+    transformer, lora_parameters = build_transformer(run)
     # One generator per process draws all training randomness (noise, timesteps, VAE samples, routed subsets), so a
     # checkpoint can carry it and a resumed run draws exactly what the uninterrupted run would have.
-    train_generator = torch.Generator(device=accelerator.device).manual_seed(
+    run.generator = torch.Generator(device=accelerator.device).manual_seed(
         process_seed(args.seed, accelerator.process_index)  # no two (seed, process) pairs share a stream
     )
-    router, routes = add_routing(args, transformer, train_generator)
+    add_routing(run, transformer)
     transformer.train()
-    register_lora_checkpoint_hooks(accelerator, args, spec, train_generator)
+    register_lora_checkpoint_hooks(run)
 
     # 4. Optimizer, data loader, LR schedule (all through `accelerator.prepare`), noise scheduler, trackers.
-    transformer, optimizer, train_dataloader, lr_scheduler = prepare_optimization(
-        args, accelerator, transformer, lora_parameters, dataset
-    )
+    transformer, optimizer, train_dataloader, lr_scheduler = prepare_optimization(run, transformer, lora_parameters)
     num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
     num_train_epochs = math.ceil(args.max_train_steps / num_update_steps_per_epoch)
     latent_frames = (args.num_frames - 1) // vae_temporal + 1
-    num_tokens = num_image_tokens(spec, unwrap(transformer).config, latent_frames, args.resolution // vae_scale_factor)
-    noise_scheduler = load_noise_scheduler(args, spec, num_tokens)
-    total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-    start_logging(args, accelerator, spec, lora_parameters, routes, dataset, captions, num_tokens, num_train_epochs,
-                  total_batch_size)  # fmt: skip
+    latent_size = args.resolution // run.vae_scale_factor
+    num_tokens = num_image_tokens(run.spec, unwrap(transformer).config, latent_frames, latent_size)
+    noise_scheduler = load_noise_scheduler(run, num_tokens)
+    run.total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    start_logging(run, lora_parameters, num_tokens, num_train_epochs)
 
     # 5. Resume (the main process picks the checkpoint; a finished run only says so).
     resume = resume_from_checkpoint(
@@ -367,30 +368,30 @@ def main(argv: list[str] | None = None) -> None:
     if resume.finished:
         accelerator.end_training()
         return
-    global_step, first_epoch, resume_step = resume.global_step, resume.first_epoch, resume.skip_batches
-    started -= resume.seconds_before  # the elapsed-time column of loss_history.csv continues from the checkpoint
-    uploads = hub.CheckpointUploads(repo_id, args.hub_token) if args.push_to_hub and args.push_checkpoints else None
+    run.global_step, first_epoch, resume_step = resume.global_step, resume.first_epoch, resume.skip_batches
+    run.started -= resume.seconds_before  # the elapsed-time column of loss_history.csv continues from the checkpoint
+    if args.push_to_hub and args.push_checkpoints:
+        run.uploads = hub.CheckpointUploads(repo_id, args.hub_token)
 
     # 6. Training loop.
     stop = install_stop_handlers()
     progress_bar = tqdm(
-        range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
-    )
-    loss_log = Path(args.output_dir, LOSS_HISTORY)
+        range(args.max_train_steps), initial=run.global_step, desc="Steps",
+        disable=not accelerator.is_local_main_process,
+    )  # fmt: skip
     step_started, last_loss, routing_reported = time.time(), float("nan"), False
-    skipped_images = 0  # unreadable images dropped by --bad_images skip
+    skipped = 0  # unreadable images (clips) dropped by --bad_images skip
     # The loss and the routes' bypassed fractions stay on the device until a sync step reads them back (`flush_log`).
     step_loss, pending = torch.zeros((), device=accelerator.device), PendingLog()
-    for epoch in range(first_epoch, num_train_epochs if global_step < args.max_train_steps else first_epoch):
+    for epoch in range(first_epoch, num_train_epochs if run.global_step < args.max_train_steps else first_epoch):
         train_dataloader.set_epoch(epoch)
         loader = train_dataloader
         if epoch == first_epoch and resume_step:
             loader = accelerator.skip_first_batches(train_dataloader, resume_step)
         for batch in loader:
-            skipped_images += int(batch["num_skipped"])
+            skipped += int(batch["num_skipped"])
             with accelerator.accumulate(transformer):
-                loss = batch_loss(args, spec, accelerator, transformer, vae, noise_scheduler, table, batch,
-                                  train_generator, weight_dtype, vae_scale_factor)  # fmt: skip
+                loss = batch_loss(run, transformer, noise_scheduler, batch)
                 # the logged loss: averaged over accumulation micro-steps (and processes, at the flush)
                 step_loss += loss.detach() / args.gradient_accumulation_steps
                 accelerator.backward(loss)
@@ -402,67 +403,81 @@ def main(argv: list[str] | None = None) -> None:
 
             if not accelerator.sync_gradients:
                 continue
-            global_step += 1
+            run.global_step += 1
+            step = run.global_step
             progress_bar.update(1)
-            pending.add(global_step, step_loss, route_fractions(router), time.time() - started)
+            pending.add(step, step_loss, route_fractions(run.router), run.elapsed())
             step_loss = torch.zeros_like(step_loss)
             if not routing_reported:  # the routes' token counts, once (one host sync)
-                routing_reported = report_routing(router)
+                routing_reported = report_routing(run.router)
             step_time = time.time() - step_started
             step_started = time.time()
-            log_step(accelerator, lr_scheduler, global_step, step_time, skipped_images)
+            log_step(accelerator, lr_scheduler, step, step_time, skipped)
 
-            checkpoint_due = global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps
-            validation_now = validation_due(args, args.validation_steps, global_step, global_step)
+            checkpoint_due = step % args.checkpointing_steps == 0 or step == args.max_train_steps
+            validation_now = validation_due(args, args.validation_steps, step, step)
             # the same on every process (the stop check below is an all-reduce)
-            sync_due = global_step % args.logging_steps == 0 or checkpoint_due or validation_now
+            sync_due = step % args.logging_steps == 0 or checkpoint_due or validation_now
             # Processes agree on a stop with an all-reduce (a host sync): only at the steps that sync anyway.
             stop_due = sync_due and stop_requested(accelerator, stop)
             if sync_due:  # before any checkpoint: none is written after a non-finite loss
-                last_loss = flush_log(accelerator, args, pending, loss_log, progress_bar, lr_scheduler, last_loss)
+                last_loss = flush_log(run, pending, progress_bar, lr_scheduler, last_loss)
             if checkpoint_due or stop_due:
-                save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit, uploads)
+                save_checkpoint(accelerator, args.output_dir, step, args.checkpoints_total_limit, run.uploads)
             if stop_due:
                 logger.info(
-                    f"Stopped by signal {stop['signal']} at step {global_step} after saving a checkpoint; continue "
+                    f"Stopped by signal {stop['signal']} at step {step} after saving a checkpoint; continue "
                     "with --resume_from_checkpoint latest."
                 )
                 restore_stop_handlers(stop)
                 accelerator.end_training()
                 return
             if accelerator.is_main_process and validation_now:
-                log_validation(accelerator, spec, args, unwrap(transformer), vae, validation_prompt_kwargs,
-                               weight_dtype, global_step, f"step_{global_step:07d}")  # fmt: skip
-            if global_step >= args.max_train_steps:
+                log_validation(run, unwrap(transformer))
+            if step >= args.max_train_steps:
                 break
-        if accelerator.is_main_process and validation_due(args, args.validation_epochs, epoch + 1, global_step):
-            log_validation(accelerator, spec, args, unwrap(transformer), vae, validation_prompt_kwargs,
-                           weight_dtype, global_step, f"step_{global_step:07d}")  # fmt: skip
+        if accelerator.is_main_process and validation_due(args, args.validation_epochs, epoch + 1, run.global_step):
+            log_validation(run, unwrap(transformer))
 
     # 7. Save the LoRA weights, check that they load into a fresh base pipeline, sample, write the card, push. The
     # files are staged and moved into --output_dir at the end (`final_output`): a kill never leaves half of them.
-    last_loss = flush_log(accelerator, args, pending, loss_log, progress_bar, lr_scheduler, last_loss)
+    last_loss = flush_log(run, pending, progress_bar, lr_scheduler, last_loss)
     restore_stop_handlers(stop)
-    if skipped_images:
-        logger.warning(f"Skipped {skipped_images} unreadable images of the {captions.source} (--bad_images skip).")
-    if uploads is not None:  # the checkpoints' uploads finish (or are reported) before the final one
-        uploads.wait()
-        logger.info(uploads.report())
+    if skipped:
+        kind = "clips" if run.spec.is_video else "images"
+        logger.warning(f"Skipped {skipped} unreadable {kind} of the {run.captions.source} (--bad_images skip).")
+    if run.uploads is not None:  # the checkpoints' uploads finish (or are reported) before the final one
+        run.uploads.wait()
+        logger.info(run.uploads.report())
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        with final_output(args.output_dir, global_step) as staging:
-            save_final_lora(spec, args, staging, unwrap(transformer), router)
+        with final_output(args.output_dir, run.global_step) as staging:
+            save_final_lora(run, staging, unwrap(transformer))
             images = None
             if args.validation_prompt:
                 # the training transformer and optimizer go before a fresh base transformer is loaded
                 transformer, optimizer = accelerator.free_memory(transformer, optimizer)
-                images = final_validation(accelerator, spec, args, staging, vae, validation_prompt_kwargs,
-                                          weight_dtype, global_step)  # fmt: skip
-            save_model_card(staging, args, argv, spec, repo_id, images, routes, global_step, total_batch_size,
-                            time.time() - started, last_loss, len(dataset))  # fmt: skip
+                images = final_validation(run, staging)
+            save_model_card(run, staging, images, last_loss)
         if args.push_to_hub:
             hub.upload_final_output(args.output_dir, repo_id, args.hub_token)  # a failure says how to retry
     accelerator.end_training()
+
+
+class LoraRun(RunState):
+    """The library's `RunState` (arguments, accelerator, dtype, Hub repo, clock, generator, uploads, step) and what
+    this script's stages add to it, in the order they fill it in (plain attributes, not dataclass fields: a script
+    loaded as a file is no importable module for `dataclasses`)."""
+
+    spec: ModelSpec | None = None  # the model family (stage 1)
+    captions: Captions | None = None  # the data and its distinct captions (stage 2a)
+    table: dict[str, torch.Tensor] | None = None  # every distinct caption's embeddings (stage 2b)
+    prompt_kwargs: dict[str, torch.Tensor] | None = None  # the validation prompt's, or None (stage 2b)
+    vae: Any = None  # frozen (stage 2c)
+    vae_scale_factor: int = 8  # pixels per latent, per side (stage 2c)
+    dataset: Any = None  # the training examples (stage 2d)
+    router: Any = None  # the TREAD router, or None (stage 3b)
+    routes: Any = None  # the resolved routes (stage 3b)
 
 
 def resolve_model_spec(args) -> ModelSpec:
@@ -531,11 +546,13 @@ def load_captions(args, spec: ModelSpec) -> Captions:
     return Captions(images, unique_captions, caption_indices, source)
 
 
-def text_embeddings(args, spec: ModelSpec, accelerator, weight_dtype, unique_captions: list[str]):
+def text_embeddings(run: LoraRun) -> None:
     """Stage 2b: every distinct caption's embedding (and the validation prompt's), read from
     --precomputed_embeddings_dir when it holds them for this model and these captions, else computed with the text
     encoders (which are freed afterwards) and written there. The main process goes first, so the other processes read
-    what it wrote. Returns the embeddings table and the validation prompt's keyword arguments (or None)."""
+    what it wrote. Sets ``run.table`` and ``run.prompt_kwargs`` (the validation prompt's keyword arguments, or
+    None)."""
+    args, spec, accelerator, unique_captions = run.args, run.spec, run.accelerator, run.captions.unique
     fingerprint = embeddings_fingerprint(
         model=args.pretrained_model_name_or_path,
         revision=args.revision,
@@ -556,9 +573,7 @@ def text_embeddings(args, spec: ModelSpec, accelerator, weight_dtype, unique_cap
                 )
         need_captions = table is None
         if need_captions or (args.validation_prompt and validation_prompt_kwargs is None):
-            computed, validation_prompt_kwargs = compute_embeddings(
-                spec, args, unique_captions if need_captions else [], accelerator, weight_dtype
-            )
+            computed, validation_prompt_kwargs = compute_embeddings(run, unique_captions if need_captions else [])
             if need_captions:
                 table = computed
                 if args.precomputed_embeddings_dir and accelerator.is_main_process:
@@ -571,12 +586,13 @@ def text_embeddings(args, spec: ModelSpec, accelerator, weight_dtype, unique_cap
                     )
                     logger.info(f"Wrote the embeddings to {args.precomputed_embeddings_dir}")
     accelerator.wait_for_everyone()
-    return table, validation_prompt_kwargs
+    run.table, run.prompt_kwargs = table, validation_prompt_kwargs
 
 
-def load_vae(args, spec: ModelSpec, accelerator):
+def load_vae(run: LoraRun):
     """Stage 2c: the pipeline's VAE (its class from model_index.json: AutoencoderKL, AutoencoderKLWan,
     AutoencoderKLLTXVideo), frozen, in fp32 on the device (the SD3/SDXL VAEs overflow in fp16)."""
+    args, spec, accelerator = run.args, run.spec, run.accelerator
     vae_class = getattr(diffusers, spec.model_index["vae"][1])
     vae = vae_class.from_pretrained(
         spec.path, subfolder="vae", revision=args.revision, variant=args.variant
@@ -596,10 +612,11 @@ def check_num_frames(args, spec: ModelSpec, vae_temporal: int) -> None:
         )
 
 
-def build_dataset(args, accelerator, spec: ModelSpec, captions: Captions, vae):
+def build_dataset(run: LoraRun):
     """Stage 2d: the training examples: resized, cropped and flipped images (clips of --num_frames frames) with their
     caption rows, or with --cache_latents every item's VAE posterior, encoded once now (unreadable images and clips
     are skipped with --bad_images skip); the VAE then moves to the CPU unless validation needs it."""
+    args, accelerator, spec, captions, vae = run.args, run.accelerator, run.spec, run.captions, run.vae
     if spec.is_video:
         dataset = CaptionedVideoDataset(
             captions.images,
@@ -648,10 +665,11 @@ def build_dataset(args, accelerator, spec: ModelSpec, captions: Captions, vae):
     return CachedLatentDataset(torch.cat(parameters), kept_captions)
 
 
-def build_transformer(args, spec: ModelSpec, accelerator, weight_dtype):
+def build_transformer(run: LoraRun):
     """Stage 3a: the base transformer, frozen, in the mixed-precision dtype on the device, with gradient checkpointing
     (--gradient_checkpointing) and LoRA adapters (--lora_rank, --lora_alpha, --lora_dropout, --lora_target_modules), which
     train in fp32. Returns the transformer and its trainable (LoRA) parameters."""
+    args, spec, accelerator, weight_dtype = run.args, run.spec, run.accelerator, run.weight_dtype
     transformer = spec.transformer_class.from_pretrained(
         spec.path, subfolder="transformer", revision=args.revision, variant=args.variant
     )
@@ -674,22 +692,25 @@ def build_transformer(args, spec: ModelSpec, accelerator, weight_dtype):
     return transformer, [p for p in transformer.parameters() if p.requires_grad]
 
 
-def add_routing(args, transformer, generator: torch.Generator):
+def add_routing(run: LoraRun, transformer) -> None:
     """Stage 3b: TREAD routing hooks on the transformer's blocks (--routes, --route_reinsertion), drawing the routed
-    subsets from ``generator``; none with --routes none. Returns the router (or None) and the resolved routes."""
+    subsets from ``run.generator``; none with --routes none. Sets ``run.router`` (or None) and ``run.routes``, the
+    resolved routes."""
+    args = run.args
     router, routes = None, args.routes
     if routes:
         router = apply_tread(  # validates the routes
-            transformer, routes=routes, generator=generator, route_reinsertion=args.route_reinsertion
+            transformer, routes=routes, generator=run.generator, route_reinsertion=args.route_reinsertion
         )
         routes = getattr(router, "routes", routes)
-    return router, routes
+    run.router, run.routes = router, routes
 
 
-def register_lora_checkpoint_hooks(accelerator, args, spec: ModelSpec, train_generator: torch.Generator) -> None:
+def register_lora_checkpoint_hooks(run: LoraRun) -> None:
     """Stage 3c: the checkpoint save/load hooks, i.e. how `accelerator.save_state`/`load_state` write and read the
     weights: only the adapters (never the frozen base weights), in Diffusers' LoRA format; the library's hooks also
     carry every process's training generator."""
+    accelerator, args, spec = run.accelerator, run.args, run.spec
 
     def save_weights(models, folder):  # only the adapters, never the frozen base weights
         for model in models:
@@ -704,14 +725,15 @@ def register_lora_checkpoint_hooks(accelerator, args, spec: ModelSpec, train_gen
             if accelerator.mixed_precision in ("fp16", "bf16"):
                 cast_training_params(model, dtype=torch.float32)
 
-    register_checkpoint_hooks(accelerator, train_generator, args.seed, save_weights, load_weights)
+    register_checkpoint_hooks(accelerator, run.generator, args.seed, save_weights, load_weights)
 
 
-def prepare_optimization(args, accelerator, transformer, lora_parameters: list, dataset):
+def prepare_optimization(run: LoraRun, transformer, lora_parameters: list):
     """Stage 4: AdamW on the LoRA parameters (--scale_lr multiplies the LR by batch x accumulation x processes), the
     shuffled data loader (`collate_examples` drops and counts the unreadable images of --bad_images skip), the LR
     schedule and --max_train_steps from --num_train_epochs when not given; all through `accelerator.prepare`.
     Returns the prepared transformer, optimizer, data loader and LR scheduler."""
+    args, accelerator, dataset = run.args, run.accelerator, run.dataset
     if args.scale_lr:
         args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
     optimizer = make_optimizer(
@@ -726,10 +748,11 @@ def prepare_optimization(args, accelerator, transformer, lora_parameters: list, 
     return accelerator.prepare(transformer, optimizer, train_dataloader, lr_scheduler)
 
 
-def load_noise_scheduler(args, spec: ModelSpec, num_tokens: int):
+def load_noise_scheduler(run: LoraRun, num_tokens: int):
     """Stage 4: the training-time noise schedule (`t2i_training.training_noise_scheduler`): flow matching (SD3, Flux:
     the pipeline's scheduler; Wan, LTX: at --flow_shift, else the family's shift for ``num_tokens`` tokens, from the
     pipeline's scheduler config, `t2i_training.training_flow_shift`) or DDPM (PixArt)."""
+    args, spec = run.args, run.spec
     shift = args.flow_shift
     if shift is None and spec.is_video:
         scheduler_class = getattr(diffusers, spec.model_index["scheduler"][1])
@@ -740,11 +763,10 @@ def load_noise_scheduler(args, spec: ModelSpec, num_tokens: int):
     return training_noise_scheduler(spec, shift)
 
 
-def start_logging(
-    args, accelerator, spec: ModelSpec, lora_parameters, routes, dataset, captions: Captions, num_tokens: int,
-    num_train_epochs: int, total_batch_size: int,
-) -> None:  # fmt: skip
+def start_logging(run: LoraRun, lora_parameters: list, num_tokens: int, num_train_epochs: int) -> None:
     """Stage 4, end: start the trackers with the arguments (less the Hub token) and log the run's size."""
+    args, accelerator, spec, routes, dataset = run.args, run.accelerator, run.spec, run.routes, run.dataset
+    captions, total_batch_size = run.captions, run.total_batch_size
     if accelerator.is_main_process:
         config = {k: v for k, v in vars(args).items() if k != "hub_token"}
         config = {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v) for k, v in config.items()}
@@ -760,15 +782,20 @@ def start_logging(
     )
 
 
-def batch_loss(
-    args, spec: ModelSpec, accelerator, transformer, vae, noise_scheduler, table: dict, batch,
-    generator: torch.Generator, weight_dtype, vae_scale_factor: int,
-) -> torch.Tensor:  # fmt: skip
+def batch_loss(run: LoraRun, transformer, noise_scheduler, batch) -> torch.Tensor:
     """Stage 6, one micro-step's loss, on the device (no host sync): the clean latents (a sample of the cached
     posterior, or of the frozen VAE's encoding of the images or clips, normalised as the pipeline does), the batch's
     caption embeddings from the table, and the family's loss (`t2i_training.training_loss`) with routing on. All draws
-    come from ``generator``, in this order (posterior sample, then the loss's timesteps, noise and routes). A
+    come from ``run.generator``, in this order (posterior sample, then the loss's timesteps, noise and routes). A
     non-finite loss is caught when the log is read back (`flush_log`), before any checkpoint after it."""
+    args, spec, accelerator, vae, table, generator = (
+        run.args,
+        run.spec,
+        run.accelerator,
+        run.vae,
+        run.table,
+        run.generator,
+    )
     with torch.no_grad():
         if "latent_parameters" in batch:
             posterior = DiagonalGaussianDistribution(batch["latent_parameters"].to(accelerator.device))
@@ -778,7 +805,7 @@ def batch_loss(
     indices = batch["caption_index"].cpu()
     embeds = {key: value[indices] for key, value in table.items()}
     return training_loss(
-        spec, transformer, noise_scheduler, x0, embeds, args, generator, weight_dtype, vae_scale_factor
+        spec, transformer, noise_scheduler, x0, embeds, args, generator, run.weight_dtype, run.vae_scale_factor
     )
 
 
@@ -835,11 +862,12 @@ class PendingLog(LossLog):
         ]
 
 
-def flush_log(accelerator, args, pending: PendingLog, loss_log: Path, progress_bar, lr_scheduler, last_loss: float):
+def flush_log(run: LoraRun, pending: PendingLog, progress_bar, lr_scheduler, last_loss: float) -> float:
     """Stage 6, at a sync step (every --logging_steps, and before a checkpoint or validation): read the pending
     losses and routing back (one host sync), fail on a non-finite loss, show and log them, and append their rows to
     loss_history.csv (step, loss, seconds since the run started, the routes' bypassed fractions). Returns the last
     loss read (``last_loss`` if none was pending)."""
+    accelerator, args, loss_log = run.accelerator, run.args, Path(run.args.output_dir, LOSS_HISTORY)
     try:
         rows = pending.flush(gather=accelerator.gather)
     except FloatingPointError as error:
@@ -866,34 +894,37 @@ def validation_due(args, every: int | None, count: int, step: int) -> bool:
     return bool(args.validation_prompt and every and count % every == 0 and step < args.max_train_steps)
 
 
-def save_final_lora(spec: ModelSpec, args, staging, transformer, router) -> None:
+def save_final_lora(run: LoraRun, staging, transformer) -> None:
     """Stage 7 (main process): the routing hooks come off and the adapters are written to ``staging`` in Diffusers'
     LoRA format (pytorch_lora_weights.safetensors)."""
+    spec, args, router = run.spec, run.args, run.router
     if router is not None:
         router.remove()
     lora_file = save_lora(spec, staging, transformer)
     logger.info(f"Saved the LoRA weights to {Path(args.output_dir, lora_file.name)}")
 
 
-def final_validation(accelerator, spec: ModelSpec, args, staging, vae, prompt_kwargs, weight_dtype, step) -> list:
+def final_validation(run: LoraRun, staging) -> list:
     """Stage 7 (main process, with --validation_prompt): a fresh base transformer in a pipeline, the saved LoRA file
     loaded exactly as users will load it, and the validation images (videos) sampled with every token (eval mode),
     saved under ``staging``/validation and logged to the trackers. Returns the images (the videos' first frames), for
     the model card's widget."""
+    accelerator, spec, args, weight_dtype = run.accelerator, run.spec, run.args, run.weight_dtype
     free_memory()
     base = spec.transformer_class.from_pretrained(
         spec.path, subfolder="transformer", revision=args.revision, variant=args.variant, dtype=weight_dtype
     ).to(accelerator.device)
-    pipeline = validation_pipeline(spec, args, base, vae, weight_dtype)
+    pipeline = validation_pipeline(run, base)
     load_lora(pipeline, staging)  # the saved file, exactly as users will load it
     pipeline.transformer.eval()
-    samples = generate(spec, pipeline, args, prompt_kwargs, accelerator.device, weight_dtype)
+    samples = generate(run, pipeline)
     del pipeline
-    return save_and_log_samples(accelerator, args, samples, Path(staging, "validation"), "final", step, "test")
+    return save_and_log_samples(run, samples, Path(staging, "validation"), "final", "test")
 
 
-def compute_embeddings(spec: ModelSpec, args, unique_captions: list[str], accelerator, weight_dtype):
+def compute_embeddings(run: LoraRun, unique_captions: list[str]):
     """Encode every distinct caption (and the validation prompt) once; the text encoders are freed afterwards."""
+    spec, args, accelerator, weight_dtype = run.spec, run.args, run.accelerator, run.weight_dtype
     logger.info(f"Encoding {len(unique_captions)} distinct captions with {', '.join(spec.text_components)}")
     pipeline = spec.pipeline_class.from_pretrained(
         spec.path, transformer=None, vae=None, variant=args.variant, dtype=weight_dtype
@@ -917,8 +948,9 @@ def compute_embeddings(spec: ModelSpec, args, unique_captions: list[str], accele
     return table, validation
 
 
-def validation_pipeline(spec: ModelSpec, args, transformer, vae, weight_dtype):
+def validation_pipeline(run: LoraRun, transformer):
     """The base pipeline around the training transformer, without text encoders (prompts come precomputed)."""
+    spec, args, vae, weight_dtype = run.spec, run.args, run.vae, run.weight_dtype
     no_text = {name: None for name in spec.text_components}
     pipeline = spec.pipeline_class.from_pretrained(
         spec.path, transformer=transformer, vae=vae, variant=args.variant, dtype=weight_dtype, **no_text
@@ -927,10 +959,17 @@ def validation_pipeline(spec: ModelSpec, args, transformer, vae, weight_dtype):
     return pipeline
 
 
-def generate(spec: ModelSpec, pipeline, args, prompt_kwargs: dict, device, weight_dtype) -> list:
+def generate(run: LoraRun, pipeline) -> list:
     """--num_validation_images images (PIL) or videos (``(F, H, W, 3)`` arrays in [0, 1], --num_frames frames) of the
     validation prompt, one per call with seeds seed, seed + 1, ... (a batch of precomputed prompt embeddings is not
     expanded the same way by every pipeline), with all tokens (eval mode)."""
+    spec, args, prompt_kwargs, device, weight_dtype = (
+        run.spec,
+        run.args,
+        run.prompt_kwargs,
+        run.device,
+        run.weight_dtype,
+    )
     kwargs = {key: value.to(device) for key, value in prompt_kwargs.items()}
     kwargs |= dict(
         height=args.resolution, width=args.resolution, num_inference_steps=args.validation_num_inference_steps
@@ -955,10 +994,11 @@ def generate(spec: ModelSpec, pipeline, args, prompt_kwargs: dict, device, weigh
     return samples
 
 
-def save_and_log_samples(accelerator, args, samples, folder: Path, name: str, step: int, tag: str) -> list:
+def save_and_log_samples(run: LoraRun, samples: list, folder: Path, name: str, tag: str) -> list:
     """Write ``folder``/``name``_<i>.png (images) or ``name``_<i>.mp4 (videos, at --fps, with Diffusers'
     `export_to_video`), and log them to TensorBoard (a video as its frames) and wandb under ``tag``. Returns the
     images, or the videos' first frames."""
+    accelerator, args, step = run.accelerator, run.args, run.global_step
     folder.mkdir(parents=True, exist_ok=True)
     is_video = bool(samples) and not isinstance(samples[0], Image.Image)
     files = []
@@ -988,24 +1028,26 @@ def save_and_log_samples(accelerator, args, samples, folder: Path, name: str, st
     return samples
 
 
-def log_validation(accelerator, spec, args, transformer, vae, prompt_kwargs, weight_dtype, step, name) -> list:
+def log_validation(run: LoraRun, transformer) -> list:
+    """Stage 6 (main process): the validation images (videos) of the training transformer at this step, in eval
+    mode, saved under --output_dir/validation as step_<step>_<i> and logged to the trackers."""
     transformer.eval()  # every token through every block: routing is training-only
-    pipeline = validation_pipeline(spec, args, transformer, vae, weight_dtype)
-    samples = generate(spec, pipeline, args, prompt_kwargs, accelerator.device, weight_dtype)
-    folder = Path(args.output_dir, "validation")
-    images = save_and_log_samples(accelerator, args, samples, folder, name, step, "validation")
-    logger.info(f"Validation {'videos' if spec.is_video else 'images'} at step {step}: {folder}/{name}_*")
+    pipeline = validation_pipeline(run, transformer)
+    samples = generate(run, pipeline)
+    folder, name = Path(run.args.output_dir, "validation"), f"step_{run.global_step:07d}"
+    images = save_and_log_samples(run, samples, folder, name, "validation")
+    kind = "videos" if run.spec.is_video else "images"
+    logger.info(f"Validation {kind} at step {run.global_step}: {folder}/{name}_*")
     del pipeline
     free_memory()
     transformer.train()
     return images
 
 
-def save_model_card(
-    folder, args, argv, spec, repo_id, images, routes, steps, total_batch_size, seconds, final_loss, num_examples
-) -> None:
+def save_model_card(run: LoraRun, folder, images: list | None, final_loss: float) -> None:
     """``folder``/README.md, rendered by `diffusers_tread.hub` from model_cards/tread_t2i_lora.md: Diffusers' LoRA card
     metadata (base model, widget of the final validation images, tags), how to load the adapters, the training."""
+    args, spec, routes = run.args, run.spec, run.routes
     hardware = (
         f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}"
         if torch.cuda.is_available()
@@ -1024,25 +1066,25 @@ def save_model_card(
         rank=args.lora_rank,
         lora_alpha=args.lora_alpha,
         target_modules=args.lora_target_modules,
-        repo_id=repo_id or args.output_dir,
+        repo_id=run.repo_id or args.output_dir,
         diffusers_loader=hasattr(spec.pipeline_class, "load_lora_weights"),  # as `load_lora` decides
         prompt=args.validation_prompt,
         routes=json.dumps(routes),
         objective=f"{loss}, on all tokens",
         dataset=args.dataset_name or Path(args.train_data_dir).name,
-        num_examples=num_examples,
+        num_examples=len(run.dataset),
         resolution=args.resolution,
-        steps=steps,
-        global_batch_size=total_batch_size,
+        steps=run.global_step,
+        global_batch_size=run.total_batch_size,
         batch_size_per_device=args.train_batch_size,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         learning_rate=args.learning_rate,
         lr_scheduler=args.lr_scheduler,
         mixed_precision=args.mixed_precision or "no",
         hardware=hardware,
-        training_time=f"{seconds / 60:.1f} min",
+        training_time=f"{run.elapsed() / 60:.1f} min",
         final_loss=f"{final_loss:.4f}",
-        command=hub.launch_command("training/train_tread_t2i_lora.py", argv, [args.hub_token]),
+        command=hub.launch_command("training/train_tread_t2i_lora.py", run.argv, [args.hub_token]),
     )
     hub.save_lora_model_card(folder, info, images)
 
