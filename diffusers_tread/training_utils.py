@@ -6,6 +6,8 @@ small functions a training loop calls, no loop of its own.
   until `LossLog.flush`), an optimizer that updates all parameters in a few kernels, and nothing that breaks a compiled
   graph inside the model's blocks.
 - The ``--routes`` parser. Checkpoints, the output folder and stop signals are in `diffusers_tread.checkpointing`.
+- The command-line options both scripts share (`add_optimization_arguments`, `add_run_arguments`,
+  `check_step_intervals`).
 - `RunState`: what a script's stages share (arguments, accelerator, dtype, generator, clock, Hub repo, uploads), in
   one object, so that a stage takes the run and its own inputs.
 """
@@ -294,3 +296,82 @@ class RunState:
     def elapsed(self) -> float:
         """Seconds since the run started (including the time before a resumed checkpoint)."""
         return time.time() - self.started
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The command-line options both training scripts share
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def add_optimization_arguments(
+    parser: argparse.ArgumentParser,
+    *,
+    train_batch_size: int,
+    num_train_epochs: int,
+    learning_rate: float | None,
+    adam_weight_decay: float,
+    learning_rate_help: str | None = None,
+    adam_weight_decay_help: str | None = None,
+) -> None:
+    """The optimisation options of both training scripts (seed, batch, steps, LR schedule, AdamW, clipping, precision),
+    as Diffusers' training examples name them; the defaults that differ between the scripts are arguments."""
+    group = parser.add_argument_group("optimisation")
+    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--train_batch_size", type=int, default=train_batch_size, help="per device")
+    group.add_argument("--num_train_epochs", type=int, default=num_train_epochs)
+    group.add_argument("--max_train_steps", type=int, default=None, help="overrides --num_train_epochs")
+    group.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    group.add_argument("--gradient_checkpointing", action="store_true")
+    group.add_argument("--learning_rate", type=float, default=learning_rate, help=learning_rate_help)
+    group.add_argument("--scale_lr", action="store_true", help="multiply the LR by batch x accumulation x processes")
+    group.add_argument(
+        "--lr_scheduler",
+        default="constant",
+        help="linear, cosine, cosine_with_restarts, polynomial, constant, constant_with_warmup",
+    )
+    group.add_argument("--lr_warmup_steps", type=int, default=0)
+    group.add_argument("--adam_beta1", type=float, default=0.9)
+    group.add_argument("--adam_beta2", type=float, default=0.999)
+    group.add_argument("--adam_weight_decay", type=float, default=adam_weight_decay, help=adam_weight_decay_help)
+    group.add_argument("--adam_epsilon", type=float, default=1e-8)
+    group.add_argument("--max_grad_norm", type=float, default=1.0)
+    group.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None)
+    group.add_argument("--allow_tf32", action="store_true")
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, *, output_dir: str, tracker_project_name: str) -> None:
+    """The run-folder, checkpoint, logging and Hub options of both training scripts (what `start_run`,
+    `diffusers_tread.checkpointing` and `diffusers_tread.hub` read); check them with `check_step_intervals` and
+    `checkpointing.check_run_arguments` after parsing."""
+    group = parser.add_argument_group("run folder, checkpoints, logging, Hub")
+    group.add_argument("--output_dir", default=output_dir)
+    group.add_argument(
+        "--overwrite_output_dir",
+        action="store_true",
+        help="delete the checkpoints and outputs of an earlier run in --output_dir (otherwise such a folder is refused)",
+    )
+    group.add_argument("--checkpointing_steps", type=int, default=500)
+    group.add_argument("--checkpoints_total_limit", type=int, default=None)
+    group.add_argument("--resume_from_checkpoint", default=None, help='a checkpoint folder or "latest"')
+    group.add_argument("--report_to", default="tensorboard", help='tensorboard, wandb, all or "none"')
+    group.add_argument(
+        "--logging_steps",
+        type=int,
+        default=10,
+        help="read the loss back from the device every N steps (one host sync each; it stays on the device between), "
+        "and look for stop signals then",
+    )
+    group.add_argument("--logging_dir", default="logs")
+    group.add_argument("--tracker_project_name", default=tracker_project_name)
+    group.add_argument("--push_to_hub", action="store_true")
+    group.add_argument("--push_checkpoints", action="store_true", help="also upload checkpoints, in the background")
+    group.add_argument("--hub_model_id", default=None)
+    group.add_argument("--hub_token", default=None, help="default (safer): HF_TOKEN or the `hf auth login` token")
+    group.add_argument("--hub_private_repo", action="store_true")
+
+
+def check_step_intervals(parser: argparse.ArgumentParser, args: argparse.Namespace, names: Iterable[str]) -> None:
+    """``parser.error`` for a step interval below 1 (``--logging_steps 0`` would never log, and divide by zero)."""
+    for name in names:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1 (it is a step interval)")

@@ -118,6 +118,9 @@ from diffusers_tread.t2i_training import (
 from diffusers_tread.training_utils import (
     LossLog,
     RunState,
+    add_optimization_arguments,
+    add_run_arguments,
+    check_step_intervals,
     main_with_messages,
     make_lr_scheduler,
     make_optimizer,
@@ -243,63 +246,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "token-count rule)",
     )
     parser.add_argument("--guidance_scale", type=float, default=3.5, help="Flux's guidance embedding while training")
-    # Optimisation
-    parser.add_argument("--output_dir", default="tread-t2i-lora")
-    parser.add_argument(
-        "--overwrite_output_dir",
-        action="store_true",
-        help="delete the checkpoints and outputs of an earlier run in --output_dir (otherwise such a folder is refused)",
+    # Optimisation, the run folder, checkpoints, logging and the Hub: the options both training scripts share
+    add_optimization_arguments(
+        parser, train_batch_size=4, num_train_epochs=1, learning_rate=1e-4, adam_weight_decay=1e-4
     )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--train_batch_size", type=int, default=4, help="per device")
-    parser.add_argument("--num_train_epochs", type=int, default=1)
-    parser.add_argument("--max_train_steps", type=int, default=None, help="overrides --num_train_epochs")
-    parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    parser.add_argument("--gradient_checkpointing", action="store_true")
-    parser.add_argument("--learning_rate", type=float, default=1e-4)
-    parser.add_argument("--scale_lr", action="store_true", help="multiply the LR by batch x accumulation x processes")
-    parser.add_argument(
-        "--lr_scheduler",
-        default="constant",
-        help="linear, cosine, cosine_with_restarts, polynomial, constant, constant_with_warmup",
-    )
-    parser.add_argument("--lr_warmup_steps", type=int, default=0)
-    parser.add_argument("--adam_beta1", type=float, default=0.9)
-    parser.add_argument("--adam_beta2", type=float, default=0.999)
-    parser.add_argument("--adam_weight_decay", type=float, default=1e-4)
-    parser.add_argument("--adam_epsilon", type=float, default=1e-8)
-    parser.add_argument("--max_grad_norm", type=float, default=1.0)
-    parser.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None)
-    parser.add_argument("--allow_tf32", action="store_true")
-    # Checkpoints, validation, logging, Hub
-    parser.add_argument(
-        "--logging_steps",
-        type=int,
-        default=10,
-        help="read the loss back from the device (and check for stop signals) every this many steps",
-    )
-    parser.add_argument("--checkpointing_steps", type=int, default=500)
-    parser.add_argument("--checkpoints_total_limit", type=int, default=None)
-    parser.add_argument("--resume_from_checkpoint", default=None, help='a checkpoint folder or "latest"')
+    add_run_arguments(parser, output_dir="tread-t2i-lora", tracker_project_name="train_tread_t2i_lora")
+    # Validation
     parser.add_argument("--validation_prompt", default=None)
     parser.add_argument("--num_validation_images", type=int, default=4, help="images (videos) per validation")
     parser.add_argument("--validation_steps", type=int, default=None, help="validate every this many steps")
     parser.add_argument("--validation_epochs", type=int, default=None, help="validate every this many epochs")
     parser.add_argument("--validation_num_inference_steps", type=int, default=25)
     parser.add_argument("--validation_guidance_scale", type=float, default=None, help="default: the pipeline's")
-    parser.add_argument("--report_to", default="tensorboard", help='tensorboard, wandb, all or "none"')
-    parser.add_argument("--logging_dir", default="logs")
-    parser.add_argument("--tracker_project_name", default="train_tread_t2i_lora")
-    parser.add_argument("--push_to_hub", action="store_true")
-    parser.add_argument("--push_checkpoints", action="store_true", help="also upload checkpoints, in the background")
-    parser.add_argument("--hub_model_id", default=None)
-    parser.add_argument("--hub_token", default=None, help="default (safer): HF_TOKEN or the `hf auth login` token")
-    parser.add_argument("--hub_private_repo", action="store_true")
     args = parser.parse_args(argv)
 
-    for name in ("checkpointing_steps", "validation_steps", "validation_epochs", "logging_steps"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            parser.error(f"--{name} must be at least 1 (it is a step interval)")
+    check_step_intervals(
+        parser, args, ("checkpointing_steps", "validation_steps", "validation_epochs", "logging_steps")
+    )
     if (args.dataset_name is None) == (args.train_data_dir is None):
         parser.error("give exactly one of --dataset_name and --train_data_dir")
     if args.precompute_only and not args.precomputed_embeddings_dir:
