@@ -143,6 +143,19 @@ class LossLog:
         return rows
 
 
+def flush_loss_log(pending: LossLog, gather=None, output_dir: str | os.PathLike = ".") -> list[tuple[int, float]]:
+    """`LossLog.flush`, with what to do about a non-finite loss in its message: a script flushes before every
+    checkpoint, so the last checkpoint in ``output_dir`` predates the divergence."""
+    try:
+        return pending.flush(gather=gather)
+    except FloatingPointError as error:
+        raise FloatingPointError(
+            f"{error} The last checkpoint in {output_dir} is untouched (none is saved after a non-finite "
+            "loss); resume from it with a lower --learning_rate, --max_grad_norm, or bf16 instead of fp16 "
+            "(--mixed_precision bf16)."
+        ) from None
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------------------------------

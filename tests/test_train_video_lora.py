@@ -372,3 +372,24 @@ def test_stages_take_the_run_state_and_a_few_arguments():
         assert len(inspect.signature(fn).parameters) <= 5, name
     for name in ("text_embeddings", "build_dataset", "batch_loss", "final_validation", "save_model_card"):
         assert next(iter(inspect.signature(stages[name]).parameters)) == "run", name
+
+
+def test_a_non_finite_loss_stops_at_the_next_sync_step_before_any_checkpoint(tmp_path, assets, monkeypatch):
+    """The loss is checked where it is read back: a NaN at step 3 stops the run at step 4 (--logging_steps 2) naming
+    step 3, and the checkpoint of step 4 is never written (the flush comes first)."""
+    script = load_module(SCRIPT)
+    calls = []
+    loss = script.training_loss
+
+    def nan_at_step_3(*args, **kwargs):
+        calls.append(1)
+        value = loss(*args, **kwargs)
+        return value * float("nan") if len(calls) == 3 else value
+
+    monkeypatch.setattr(script, "training_loss", nan_at_step_3)
+    out = tmp_path / "out"
+    with pytest.raises(FloatingPointError, match=r"Loss is nan at step 3\..*untouched.*--learning_rate"):
+        script.main([*TINY, f"--pretrained_model_name_or_path={assets['wan']}", f"--train_data_dir={assets['clips']}",
+                     "--num_frames=1", "--routes=none", f"--output_dir={out}", "--max_train_steps=6",
+                     "--logging_steps=2", "--checkpointing_steps=2"])  # fmt: skip
+    assert len(calls) == 4 and sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]

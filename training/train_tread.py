@@ -88,6 +88,7 @@ from diffusers_tread.training_utils import (
     add_run_arguments,
     check_step_intervals,
     drop_class_labels,
+    flush_loss_log,
     main_with_messages,
     make_lr_scheduler,
     make_optimizer,
@@ -684,14 +685,7 @@ def flush_losses(
 ) -> list[tuple[int, float]]:
     """Stage 6: read the pending losses back (one host sync), fail on a non-finite one, show, log and append them to
     loss_history.csv (step, loss, seconds since the run started). Returns the (step, loss) rows read."""
-    try:
-        rows = pending.flush(gather=accelerator.gather)
-    except FloatingPointError as error:
-        raise FloatingPointError(
-            f"{error} The last checkpoint in {args.output_dir} is untouched (none is saved after a non-finite "
-            "loss); resume from it with a lower --learning_rate, --max_grad_norm, or bf16 instead of fp16 "
-            "(--mixed_precision bf16)."
-        ) from None
+    rows = flush_loss_log(pending, accelerator.gather, args.output_dir)
     if not rows:
         return rows
     postfix = dict(loss=f"{rows[-1][1]:.4f}", lr=lr_scheduler.get_last_lr()[0], it_s=f"{steps_per_s:.2f}")

@@ -121,6 +121,7 @@ from diffusers_tread.training_utils import (
     add_optimization_arguments,
     add_run_arguments,
     check_step_intervals,
+    flush_loss_log,
     main_with_messages,
     make_lr_scheduler,
     make_optimizer,
@@ -831,13 +832,7 @@ def flush_log(run: LoraRun, pending: PendingLog, progress_bar, lr_scheduler, las
     loss_history.csv (step, loss, seconds since the run started, the routes' bypassed fractions). Returns the last
     loss read (``last_loss`` if none was pending)."""
     accelerator, args, loss_log = run.accelerator, run.args, Path(run.args.output_dir, LOSS_HISTORY)
-    try:
-        rows = pending.flush(gather=accelerator.gather)
-    except FloatingPointError as error:
-        raise FloatingPointError(
-            f"{error} The last checkpoint in {args.output_dir} is untouched (none is saved after a non-finite loss); "
-            "resume from it with a lower --learning_rate, or bf16 instead of fp16."
-        ) from None
+    rows = flush_loss_log(pending, accelerator.gather, args.output_dir)
     if not rows:
         return last_loss
     progress_bar.set_postfix(loss=f"{rows[-1][1]:.4f}", lr=lr_scheduler.get_last_lr()[0])
