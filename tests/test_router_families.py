@@ -53,6 +53,10 @@ class Case:
     keep_first_frame: bool = False
     # inputs the stock model's checkpointed forward drops (Chroma's single blocks get no attention_mask there)
     not_checkpointed: tuple[str, ...] = ()
+    # text tokens the blocks see (AuraFlow adds 8 register tokens, HiDream concatenates T5 and two Llama layers)
+    joint_text: int = TEXT
+    # the next block's text stream from this block's text output and the model's input to the next block
+    next_text: Callable | None = None
 
     def make(self, seed: int = 0):
         torch.manual_seed(seed)
@@ -468,6 +472,314 @@ CASES += [
         text_args=("encoder_hidden_states", "encoder_attention_mask"),
     ),
 ]
+
+
+def _qwen_inputs(edit=False):
+    def make(g, b):
+        shapes = [(1, 3, 5), (1, 3, 2)] if edit else [(1, 3, 5)]  # Edit: the reference image's tokens follow
+        n = sum(f * h * w for f, h, w in shapes)
+        return dict(
+            hidden_states=torch.randn(b, n, 16, generator=g),
+            encoder_hidden_states=torch.randn(b, TEXT, 12, generator=g),
+            encoder_hidden_states_mask=torch.ones(b, TEXT),
+            timestep=torch.rand(b, generator=g),
+            img_shapes=[shapes] * b,
+        )
+
+    return make
+
+
+_QWEN = dict(
+    patch_size=2,
+    in_channels=16,
+    out_channels=4,
+    num_layers=6,
+    attention_head_dim=8,
+    num_attention_heads=2,
+    joint_attention_dim=12,
+    axes_dims_rope=(2, 2, 4),
+)
+_QWEN_GATHER = {
+    "image_rotary_emb": lambda v, kept, n, t: (v[0][kept], v[1]),
+    "modulate_index": lambda v, kept, n, t: v[:, kept],
+}
+
+CASES += [
+    Case(
+        "flux2",
+        "Flux2Transformer2DModel",
+        dict(
+            patch_size=1,
+            in_channels=4,
+            num_layers=2,
+            num_single_layers=4,
+            attention_head_dim=8,
+            num_attention_heads=2,
+            joint_attention_dim=12,
+            timestep_guidance_channels=8,
+            mlp_ratio=2.0,
+            axes_dims_rope=(2, 2, 2, 2),
+            guidance_embeds=False,
+        ),
+        lambda g, b: dict(
+            hidden_states=torch.randn(b, 15, 4, generator=g),
+            encoder_hidden_states=torch.randn(b, TEXT, 12, generator=g),
+            timestep=torch.rand(b, generator=g),
+            img_ids=torch.cat([torch.zeros(15, 1), _grid_ids(1, 3, 5)], dim=1),
+            txt_ids=torch.zeros(TEXT, 4),
+        ),
+        15,
+        ROUTE,
+        gather={"image_rotary_emb": lambda v, kept, n, t: tuple(table[_joint_rows(kept, t)] for table in v)},
+    ),
+    Case(
+        "auraflow",
+        "AuraFlowTransformer2DModel",
+        dict(
+            sample_size=6,
+            patch_size=2,
+            in_channels=4,
+            num_mmdit_layers=2,
+            num_single_dit_layers=4,
+            attention_head_dim=8,
+            num_attention_heads=2,
+            joint_attention_dim=12,
+            caption_projection_dim=16,
+            out_channels=4,
+            pos_embed_max_size=64,
+        ),
+        lambda g, b: dict(
+            hidden_states=torch.randn(b, 4, 6, 10, generator=g),
+            encoder_hidden_states=torch.randn(b, TEXT, 12, generator=g),
+            timestep=torch.rand(b, generator=g),
+        ),
+        15,
+        ROUTE,  # joint block 1 .. single block 2
+        joint_text=TEXT + 8,  # AuraFlow prepends 8 register tokens to the text
+    ),
+    Case(
+        "qwenimage",
+        "QwenImageTransformer2DModel",
+        _QWEN,
+        _qwen_inputs(),
+        15,
+        ROUTE,
+        gather=_QWEN_GATHER,
+        text_args=("encoder_hidden_states", "encoder_hidden_states_mask"),
+    ),
+    Case(
+        "qwenimage_edit_zero_cond_t",
+        "QwenImageTransformer2DModel",
+        {**_QWEN, "zero_cond_t": True},
+        _qwen_inputs(edit=True),
+        21,
+        ROUTE,
+        gather=_QWEN_GATHER,
+        text_args=("encoder_hidden_states", "encoder_hidden_states_mask"),
+    ),
+]
+
+
+def _allegro_inputs(g, b):
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed_allegro
+
+    *freqs, grid_t, grid_h, grid_w = get_3d_rotary_pos_embed_allegro(
+        embed_dim=12, crops_coords=((0, 0), (4, 5)), grid_size=(4, 5), temporal_size=2
+    )
+    positions = torch.cartesian_prod(grid_t.long(), grid_h.long(), grid_w.long()).T.reshape(3, 1, -1)
+    freqs, positions = tuple(freqs), tuple(positions)  # (t, h, w) tables; 3 x (1, N) positions, as the pipeline
+    return dict(
+        hidden_states=torch.randn(b, 4, 2, 8, 10, generator=g),  # 2 frames x 4 x 5 (no table of BATCH rows)
+        encoder_hidden_states=torch.randn(b, TEXT, 12, generator=g),
+        timestep=torch.randint(0, 1000, (b,), generator=g),
+        encoder_attention_mask=_text_mask(g, b),
+        image_rotary_emb=(freqs, positions),
+    )
+
+
+def _cosmos_inputs(per_frame_timestep=False):
+    def make(g, b):
+        inputs = dict(
+            hidden_states=torch.randn(b, 4, 2, 6, 10, generator=g),
+            timestep=torch.rand(b, generator=g),
+            encoder_hidden_states=torch.randn(b, TEXT, 12, generator=g),
+        )
+        if per_frame_timestep:
+            inputs["timestep"] = torch.rand(b, 1, 2, 1, 1, generator=g)
+        return inputs
+
+    return make
+
+
+_COSMOS = dict(
+    in_channels=4,
+    out_channels=4,
+    num_attention_heads=2,
+    attention_head_dim=12,
+    num_layers=6,
+    text_embed_dim=12,
+    adaln_lora_dim=4,
+    max_size=(4, 16, 16),
+    patch_size=(1, 2, 2),
+    encoder_hidden_states_channels=12,
+    concat_padding_mask=False,  # the padding-mask resize needs torchvision
+)
+_COSMOS_GATHER = {
+    "image_rotary_emb": _SHARED_ROWS,
+    "extra_pos_emb": lambda v, kept, n, t: v[:, kept],
+    "temb": lambda v, kept, n, t: v[:, kept] if v.ndim == 3 else v,
+    "embedded_timestep": lambda v, kept, n, t: v[:, kept] if v.ndim == 3 else v,
+}
+
+CASES += [
+    Case(
+        "allegro",
+        "AllegroTransformer3DModel",
+        dict(
+            patch_size=2,
+            patch_size_t=1,
+            num_attention_heads=2,
+            attention_head_dim=12,  # its RoPE splits a head into (t, h, w) thirds
+            in_channels=4,
+            out_channels=4,
+            num_layers=6,
+            cross_attention_dim=24,
+            sample_height=8,
+            sample_width=10,
+            sample_frames=2,
+            caption_channels=12,
+        ),
+        _allegro_inputs,
+        40,
+        ROUTE,
+        gather={
+            "image_rotary_emb": lambda v, kept, n, t: (v[0], tuple(p[:, kept] for p in v[1])),
+            "attention_mask": lambda v, kept, n, t: v[:, :, kept],
+        },
+        text_args=("encoder_hidden_states", "encoder_attention_mask"),
+    ),
+    Case(
+        "cosmos",
+        "CosmosTransformer3DModel",
+        _COSMOS,
+        _cosmos_inputs(),
+        30,
+        ROUTE,
+        gather=_COSMOS_GATHER,
+        text_args=("encoder_hidden_states", "attention_mask"),
+    ),
+    Case(
+        "cosmos_per_frame_timestep",
+        "CosmosTransformer3DModel",
+        _COSMOS,
+        _cosmos_inputs(per_frame_timestep=True),
+        30,
+        ROUTE,
+        gather=_COSMOS_GATHER,
+        text_args=("encoder_hidden_states", "attention_mask"),
+    ),
+    Case(
+        "hunyuanimage_2_1",
+        "HunyuanImageTransformer2DModel",
+        dict(
+            in_channels=4,
+            out_channels=4,
+            num_attention_heads=2,
+            attention_head_dim=8,
+            num_layers=2,
+            num_single_layers=4,
+            num_refiner_layers=1,
+            patch_size=(1, 1),
+            text_embed_dim=12,
+            rope_axes_dim=(4, 4),
+        ),
+        lambda g, b: dict(
+            hidden_states=torch.randn(b, 4, 3, 5, generator=g),
+            timestep=torch.rand(b, generator=g) * 1000,
+            encoder_hidden_states=torch.randn(b, TEXT, 12, generator=g),
+            encoder_attention_mask=_text_mask(g, b),
+        ),
+        15,
+        ROUTE,
+        gather={
+            "image_rotary_emb": _SHARED_ROWS,
+            "attention_mask": lambda v, kept, n, t: v[..., torch.cat([kept, n + torch.arange(t)])],
+        },
+    ),
+]
+
+CASES += [
+    Case(
+        "hidream",
+        "HiDreamImageTransformer2DModel",
+        dict(
+            patch_size=2,
+            in_channels=4,
+            out_channels=4,
+            num_layers=6,
+            num_single_layers=2,
+            attention_head_dim=8,
+            num_attention_heads=2,
+            caption_channels=[12, 12],
+            text_emb_dim=10,
+            num_routed_experts=2,
+            num_activated_experts=1,
+            axes_dims_rope=(2, 2, 4),
+            max_resolution=(16, 16),
+            llama_layers=list(range(8)),
+        ),
+        lambda g, b: dict(
+            hidden_states=torch.randn(b, 4, 6, 10, generator=g),  # training pads it to 8 x 8 = 64 (masked) tokens
+            timesteps=torch.randint(0, 1000, (b,), generator=g),
+            encoder_hidden_states_t5=torch.randn(b, TEXT, 12, generator=g),
+            encoder_hidden_states_llama3=torch.randn(8, b, TEXT, 12, generator=g),
+            pooled_embeds=torch.randn(b, 10, generator=g),
+        ),
+        64,
+        ROUTE,  # double-stream blocks 1..4
+        gather={
+            "image_rotary_emb": lambda v, kept, n, t: v[:, torch.cat([kept, n + torch.arange(t)])],
+            "hidden_states_masks": lambda v, kept, n, t: v[:, kept],
+        },
+        joint_text=3 * TEXT,
+        # the model keeps the [t5; llama(-1)] part of a block's text output and appends the next llama layer
+        next_text=lambda text, given: torch.cat([text[:, : 2 * TEXT], given[:, 2 * TEXT :]], dim=1),
+    ),
+]
+
+CASES += [
+    Case(
+        "hunyuan_video_1_5_i2v",
+        "HunyuanVideo15Transformer3DModel",
+        dict(
+            in_channels=9,  # latent 4 + conditioning latent 4 + mask 1, concatenated on the channels
+            out_channels=4,
+            num_attention_heads=2,
+            attention_head_dim=8,
+            num_layers=6,
+            num_refiner_layers=1,
+            patch_size=1,
+            text_embed_dim=12,
+            text_embed_2_dim=12,
+            image_embed_dim=12,
+            rope_axes_dim=(2, 2, 4),
+        ),
+        lambda g, b: dict(
+            hidden_states=torch.randn(b, 9, 2, 3, 5, generator=g),  # 2 frames x 3 x 5 = 30 tokens
+            timestep=torch.rand(b, generator=g) * 1000,
+            encoder_hidden_states=torch.randn(b, TEXT, 12, generator=g),
+            encoder_attention_mask=_text_mask(g, b),
+            encoder_hidden_states_2=torch.randn(b, 4, 12, generator=g),
+            encoder_attention_mask_2=torch.ones(b, 4),
+            image_embeds=torch.randn(b, 4, 12, generator=g),
+        ),
+        30,
+        ROUTE,
+        gather={"freqs_cis": _SHARED_ROWS},
+        text_args=("encoder_hidden_states", "attention_mask"),
+        joint_text=TEXT + 4 + 4,  # the blocks see [image embeds; byT5; MLLM] text tokens
+    ),
+]
 CASES = [case for case in CASES if hasattr(diffusers, case.model_class)]  # a class the installed Diffusers lacks
 IDS = [case.name for case in CASES]
 
@@ -486,15 +798,15 @@ def bound(block, args, kwargs) -> dict:
     return dict(inspect.signature(block.forward).bind(*args, **kwargs).arguments)
 
 
-def image_of(router, index, output):
+def image_of(router, index, output, num_text=TEXT):
     position = router._block_list[index].output
     hidden = output if position is None else output[position]
-    return hidden[:, TEXT:] if router._block_list[index].joint else hidden  # the joint layouts here are text-first
+    return hidden[:, num_text:] if router._block_list[index].joint else hidden  # the joint layouts here: text first
 
 
-def text_of(router, index, output):
+def text_of(router, index, output, num_text=TEXT):
     if router._block_list[index].joint:
-        return output[:, :TEXT]
+        return output[:, :num_text]
     position = router._block_list[index].output
     return None if position is None else output[1 - position]
 
@@ -533,6 +845,8 @@ def one_sample(value, b):
         return type(value)(one_sample(item, b) for item in value)
     if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == BATCH:
         return value[b : b + 1]
+    if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == 2 * BATCH:
+        return value[b::BATCH]  # Qwen's zero_cond_t stacks [temb(t); temb(0)] on the batch axis
     return value
 
 
@@ -544,21 +858,23 @@ def reference(case, router, recorder, b, kept):
     pre_route = recorder.inputs[start]["hidden_states"][b : b + 1]
     text = None
     if router._block_list[start].joint:
-        text, pre_route = pre_route[:, :TEXT], pre_route[:, TEXT:]
+        text, pre_route = pre_route[:, : case.joint_text], pre_route[:, case.joint_text :]
     hidden = pre_route[:, kept]
     with torch.no_grad():
         for index in range(start, end + 1):
             kwargs = {name: one_sample(value, b) for name, value in recorder.inputs[index].items()}
             for name, gather in case.gather.items():
                 if kwargs.get(name) is not None:
-                    kwargs[name] = gather(kwargs[name], kept, case.num_image, TEXT)
+                    kwargs[name] = gather(kwargs[name], kept, case.num_image, case.joint_text)
             kwargs["hidden_states"] = hidden
             if text is not None and router._block_list[index].joint:
                 kwargs["hidden_states"] = torch.cat([text, hidden], dim=1)
             elif text is not None and "encoder_hidden_states" in kwargs:
-                kwargs["encoder_hidden_states"] = text
+                given = kwargs["encoder_hidden_states"]
+                kwargs["encoder_hidden_states"] = text if case.next_text is None else case.next_text(text, given)
             output = router.blocks[index](**kwargs)
-            hidden, text = image_of(router, index, output), text_of(router, index, output)
+            hidden = image_of(router, index, output, case.joint_text)
+            text = text_of(router, index, output, case.joint_text)
     expected = pre_route.clone()
     expected[:, kept] = hidden
     return expected, pre_route
@@ -599,7 +915,7 @@ def test_a_routed_sample_equals_the_sample_alone_through_a_reference(case):
     with torch.no_grad():
         recorder, mask = routed_forward(case, model, router)
     end = router.routes[0]["end_layer_idx"]
-    routed = image_of(router, end, recorder.outputs[end])
+    routed = image_of(router, end, recorder.outputs[end], case.joint_text)
     assert routed.shape[1] == case.num_image
     assert not (mask == mask[0]).all(), "subsets are drawn per sample"
     for b in range(BATCH):
@@ -618,7 +934,7 @@ def test_bypassed_tokens_re_enter_with_pre_route_state_plus_input_in_v1_mode(cas
     with torch.no_grad():
         recorder, mask = routed_forward(case, model, router)
     start, end = router.routes[0]["start_layer_idx"], router.routes[0]["end_layer_idx"]
-    routed = image_of(router, end, recorder.outputs[end])
+    routed = image_of(router, end, recorder.outputs[end], case.joint_text)
     expected = recorder.inputs[start]["hidden_states"] + recorder.inputs[0]["hidden_states"]  # routes start unjoint
     assert torch.equal(routed[mask], expected[mask])
     assert mask.any(1).all()
@@ -638,10 +954,11 @@ def test_text_is_never_routed_and_routed_blocks_see_the_kept_tokens(case):
         for name in case.text_args:
             if before.get(name) is not None:
                 assert after[name] is before[name], f"block {index}: {name} was changed"
-        inside = route["start_layer_idx"] <= index <= route["end_layer_idx"]
-        expected = kept if inside else case.num_image
-        joint = router._block_list[index].joint
-        assert after["hidden_states"].shape[1] == expected + (TEXT if joint else 0), index
+        if route["start_layer_idx"] <= index <= route["end_layer_idx"]:
+            joint = router._block_list[index].joint
+            assert after["hidden_states"].shape[1] == kept + (case.joint_text if joint else 0), index
+        else:
+            assert after["hidden_states"] is before["hidden_states"], index  # outside a route: untouched
 
 
 # --- positions computed from ids: the kept tokens' rotary rows are those of the kept ids -------------------------------
@@ -862,6 +1179,12 @@ def test_deepcopy_keeps_a_working_router():
     assert attached_router(copied).route_masks is not None and router.route_masks is None
 
 
+def test_hidream_routes_must_end_in_the_double_stream_blocks():
+    model = _case("hidream").make()
+    with pytest.raises(ValueError, match="must end inside the double-stream blocks"):
+        apply_tread(model, [{"start_layer_idx": 4, "end_layer_idx": 6, "selection_ratio": 0.5}])
+
+
 def test_hunyuan_video_token_replace_i2v_needs_keep_first_frame():
     case = _case("hunyuan_video_i2v_token_replace")
     model = case.make().train()
@@ -873,3 +1196,16 @@ def test_hunyuan_video_token_replace_i2v_needs_keep_first_frame():
     router.selection_ratio = 0.75
     model(**case.make_inputs())
     assert not router.route_masks[0][:, :15].any()  # the first frame's 3 x 5 tokens stay in the route
+
+
+def test_the_readme_table_lists_every_family_of_the_registry():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme[readme.index("### Supported transformer families") :]
+    for family in families.FAMILIES:
+        assert f"| {family.name} |" in table, family.name
+        for name in family.classes:
+            assert f"`{name}`" in table, name
+    for case in CASES:
+        assert f"`{case.name}`" in table, case.name

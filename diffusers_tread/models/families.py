@@ -15,7 +15,7 @@ survey these lines started from.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import diffusers
 import torch
@@ -49,6 +49,15 @@ class _PerSampleRows:
             f"A TREAD-routed block indexed a per-sample rotary table (batch, seq, dim) with {key!r}; only Diffusers' "
             "apply_rotary_emb broadcasting is supported. Use the model's default attention processor."
         )
+
+    def unsqueeze(self, dim: int) -> torch.Tensor:
+        """Qwen-Image's complex ``apply_rotary_emb_qwen`` broadcasts ``freqs.unsqueeze(1)`` against
+        ``(batch, seq, heads, dim)``: the per-sample rows as ``(batch, seq, 1, dim)``."""
+        if dim != 1:
+            raise TypeError(
+                f"A TREAD-routed block called unsqueeze({dim}) on a per-sample rotary table; only 1 is known."
+            )
+        return self.rows[:, :, None, :]
 
     def __repr__(self) -> str:
         return f"_PerSampleRows{tuple(self.rows.shape)}"
@@ -89,6 +98,8 @@ class TokenInput:
         when_ndim: a token axis only when the tensor has this many dims (Wan's ``temb``: ``(B, N, 6, D)`` per token in
             Wan 2.2 TI2V, ``(B, 6, D)`` otherwise); other shapes pass unchanged.
         broadcast: size 1 along an axis means one value for every token (LTX's ``temb`` ``(B, 1, 6D)``): unchanged.
+        elements: for a tuple argument, the elements that carry the token axis (Qwen-Image's RoPE is
+            ``(image_freqs, text_freqs)``); None: every element.
 
     A tuple or list (``(cos, sin)``) is gathered element by element. A size along an axis that is neither the
     layout's length nor (with ``broadcast``) 1 raises: the router never guesses an axis.
@@ -100,10 +111,17 @@ class TokenInput:
     rope_view: bool = False
     when_ndim: int | None = None
     broadcast: bool = False
+    elements: tuple[int, ...] | None = None
 
     def gather(self, name: str, value, kept: torch.LongTensor, num_image: int, num_text: int):
         if isinstance(value, (tuple, list)):
-            return type(value)(self.gather(name, item, kept, num_image, num_text) for item in value)
+            inner = self if self.elements is None else replace(self, elements=None)
+            return type(value)(
+                inner.gather(name, item, kept, num_image, num_text)
+                if self.elements is None or position in self.elements
+                else item
+                for position, item in enumerate(value)
+            )
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"TREAD routing: block argument `{name}` should be a tensor, got {type(value).__name__}.")
         if self.when_ndim is not None and value.ndim != self.when_ndim:
@@ -279,6 +297,31 @@ def _hunyuan_frame_tokens(transformer, arguments: dict) -> int:
     return (height // patch) * (width // patch)
 
 
+def _flux2_check(router, arguments: dict, routes: list[dict]) -> None:
+    _joint_mask_check(router, arguments, routes)
+    if arguments.get("kv_cache_mode") is not None or arguments.get("kv_cache") is not None:
+        raise ValueError(
+            "TREAD routing does not support Flux.2's KV cache (kv_cache / kv_cache_mode): it stores and reuses the "
+            "keys and values of every token of the reference images, which a route would cut; route without it."
+        )
+
+
+def _auraflow_text_length(transformer, arguments: dict) -> int:
+    return _forward_text_length(transformer, arguments) + transformer.register_tokens.shape[1]
+
+
+def _hidream_route_check(router, routes: list[dict]) -> None:
+    num_double = len(router.transformer.double_stream_blocks)
+    for route in routes:
+        if route["end_layer_idx"] >= num_double:
+            raise ValueError(
+                f"HiDream: the route {route} reaches the single-stream blocks (indices {num_double} and up); HiDream's "
+                "forward records the image-token count after the double-stream blocks in Python and slices the joint "
+                "sequence by it, so a route must end inside the double-stream blocks (end_layer_idx < "
+                f"{num_double})."
+            )
+
+
 _CONTROLNET = "ControlNet residuals are added to every image token between blocks, also inside a route."
 _SHARED_ROPE_JOINT = {"image_rotary_emb": TokenInput(axes=(0,), layout="text_image", shared=True, rope_view=True)}
 
@@ -342,10 +385,80 @@ FAMILIES: tuple[Family, ...] = (
         check=_joint_mask_check,
     ),
     Family(
+        # As Chroma without a mask: double-stream blocks -> (text, image), then single-stream blocks over the joint
+        # [text; image] stream; one RoPE table over [txt_ids; img_ids] shared by the batch.
+        name="Flux.2",
+        classes=("Flux2Transformer2DModel",),
+        block_lists=(
+            BlockList("transformer_blocks", output=1),
+            BlockList("single_transformer_blocks", joint="text_image"),
+        ),
+        token_inputs=_SHARED_ROPE_JOINT,
+        check=_flux2_check,
+    ),
+    Family(
+        # AuraFlowJointTransformerBlock(hidden_states, encoder_hidden_states, temb) -> (text, image), then
+        # AuraFlowSingleTransformerBlock over [registers + text; image]; positions added once (learned).
+        name="AuraFlow",
+        classes=("AuraFlowTransformer2DModel",),
+        block_lists=(
+            BlockList("joint_transformer_blocks", output=1),
+            BlockList("single_transformer_blocks", joint="text_image"),
+        ),
+        text_length=_auraflow_text_length,
+        check=_joint_mask_check,
+    ),
+    Family(
+        # QwenImageTransformerBlock(hidden_states, encoder_hidden_states, encoder_hidden_states_mask, temb,
+        # image_rotary_emb, ..., modulate_index) -> (text, image); RoPE (image_freqs (N, D/2), text_freqs (T, D/2)),
+        # complex, shared; Edit's zero_cond_t modulates reference-image tokens by a per-token modulate_index (B, N).
+        name="Qwen-Image / Qwen-Image-Edit",
+        classes=("QwenImageTransformer2DModel",),
+        block_lists=(BlockList("transformer_blocks", output=1),),
+        token_inputs={
+            "image_rotary_emb": TokenInput(axes=(0,), shared=True, rope_view=True, elements=(0,)),
+            "modulate_index": TokenInput(axes=(1,)),
+        },
+        text_args=("encoder_hidden_states", "encoder_hidden_states_mask"),
+        refuse_arguments={"controlnet_block_samples": _CONTROLNET},
+        check=_joint_mask_check,
+    ),
+    Family(
+        # As HunyuanVideo, for images: double- then single-stream blocks -> (image, text); RoPE (N, D) shared; the
+        # joint mask (B, 1, 1, N + T) in [image; text] order; its checkpointed calls pass keyword arguments.
+        name="HunyuanImage 2.1",
+        classes=("HunyuanImageTransformer2DModel",),
+        block_lists=(
+            BlockList("transformer_blocks", output=0),
+            BlockList("single_transformer_blocks", output=0),
+        ),
+        token_inputs={
+            "image_rotary_emb": TokenInput(axes=(0,), shared=True, rope_view=True),
+            "attention_mask": TokenInput(axes=(3,), layout="image_text"),
+        },
+    ),
+    Family(
+        # HiDreamImageTransformerBlock(hidden_states, hidden_states_masks, encoder_hidden_states, temb,
+        # image_rotary_emb) -> (image, text); RoPE per sample (B, N + T, 1, D/2, 2, 2) over [img_ids; txt_ids]; the
+        # image mask (B, N) (training pads the image to max_resolution and masks the padding); MoE feed-forward
+        # gates per token. Routes must end inside the double-stream blocks (see _hidream_route_check).
+        name="HiDream-I1",
+        classes=("HiDreamImageTransformer2DModel",),
+        block_lists=(
+            BlockList("double_stream_blocks", output=0),
+            BlockList("single_stream_blocks"),
+        ),
+        token_inputs={
+            "image_rotary_emb": TokenInput(axes=(1,), layout="image_text"),
+            "hidden_states_masks": TokenInput(axes=(1,)),
+        },
+        route_check=_hidream_route_check,
+    ),
+    Family(
         # WanTransformerBlock(hidden_states, encoder_hidden_states, temb, rotary_emb) -> hidden_states; text (and the
         # CLIP image of 2.1 I2V, whose latent is concatenated on the channels) via cross-attention. RoPE (1, N, 1, D);
         # temb (B, 6, D), or per token (B, N, 6, D) in Wan 2.2 TI2V.
-        name="Wan 2.1 / 2.2",
+        name="Wan 2.1 / 2.2 (T2V, I2V, TI2V)",
         classes=("WanTransformer3DModel",),
         block_lists=(BlockList("blocks"),),
         token_inputs={"rotary_emb": TokenInput(axes=(1,)), "temb": TokenInput(axes=(1,), when_ndim=4)},
@@ -397,6 +510,18 @@ FAMILIES: tuple[Family, ...] = (
         video=True,
     ),
     Family(
+        # HunyuanVideo15TransformerBlock(hidden_states, encoder_hidden_states, temb, attention_mask, freqs_cis)
+        # -> (image, text); RoPE (N, D) shared, applied with sequence_dim=1; attention_mask is the text mask (B, T),
+        # which the processor pads on the image side by the streams' lengths. I2V conditions through the channels and
+        # the text stream (image_embeds), not through tokens of the video sequence.
+        name="HunyuanVideo 1.5",
+        classes=("HunyuanVideo15Transformer3DModel",),
+        block_lists=(BlockList("transformer_blocks", output=0),),
+        token_inputs={"freqs_cis": TokenInput(axes=(0,), shared=True, rope_view=True)},
+        text_args=("encoder_hidden_states", "attention_mask"),
+        video=True,
+    ),
+    Family(
         # CogVideoXBlock(hidden_states, encoder_hidden_states, temb, image_rotary_emb, ...) -> (image, text); the
         # text and video tokens are split after the joint patch embedding; RoPE (1.5) over the video tokens (N, D),
         # shared, applied with sequence_dim=2 (1.0 adds positions once).
@@ -415,6 +540,39 @@ FAMILIES: tuple[Family, ...] = (
         block_lists=(BlockList("transformer_blocks", output=0),),
         token_inputs={"image_rotary_emb": TokenInput(axes=(0,), shared=True)},
         text_args=("encoder_hidden_states", "encoder_attention_mask"),
+        video=True,
+    ),
+    Family(
+        # AllegroTransformerBlock(hidden_states, encoder_hidden_states, temb, attention_mask, encoder_attention_mask,
+        # image_rotary_emb) -> hidden_states; RoPE is ((t, h, w) cos/sin tables over coordinates, (t, h, w) positions
+        # (1, N) per token): the positions follow the kept tokens; the video mask is a key bias (B, 1, N).
+        name="Allegro",
+        classes=("AllegroTransformer3DModel",),
+        block_lists=(BlockList("transformer_blocks"),),
+        token_inputs={
+            "image_rotary_emb": TokenInput(axes=(1,), elements=(1,)),
+            "attention_mask": TokenInput(axes=(1, 2), broadcast=True),
+        },
+        text_args=("encoder_hidden_states", "encoder_attention_mask"),
+        video=True,
+    ),
+    Family(
+        # CosmosTransformerBlock(hidden_states, encoder_hidden_states, embedded_timestep, temb, image_rotary_emb,
+        # extra_pos_emb, attention_mask, controlnet_residual, ...) -> hidden_states; RoPE (N, D) shared
+        # (sequence_dim=2); a learnable extra positional embedding (B, N, D) added in every block; the timestep
+        # embeddings (B, D), or per frame expanded to (B, N, D); attention_mask is the text mask.
+        name="Cosmos",
+        classes=("CosmosTransformer3DModel",),
+        block_lists=(BlockList("transformer_blocks"),),
+        token_inputs={
+            "image_rotary_emb": TokenInput(axes=(0,), shared=True, rope_view=True),
+            "extra_pos_emb": TokenInput(axes=(1,)),
+            "temb": TokenInput(axes=(1,), when_ndim=3),
+            "embedded_timestep": TokenInput(axes=(1,), when_ndim=3),
+        },
+        text_args=("encoder_hidden_states", "attention_mask"),
+        refuse_arguments={"block_controlnet_hidden_states": _CONTROLNET},
+        frame_tokens=_wan_frame_tokens,
         video=True,
     ),
     # --- refused ---

@@ -69,13 +69,13 @@ class _HooksSuspended:
     """Calls a block with the router's block hooks switched off (used inside the checkpointed call, whose
     recomputation in backward must not redraw or re-scatter)."""
 
-    def __init__(self, router: TreadRouter, block: torch.nn.Module):
-        self.router, self.block = router, block
+    def __init__(self, router: TreadRouter, block: torch.nn.Module, kwargs: dict | None = None):
+        self.router, self.block, self.kwargs = router, block, kwargs or {}
 
-    def __call__(self, *args, **kwargs):
+    def __call__(self, *args):
         self.router._suspended += 1
         try:
-            return self.block(*args, **kwargs)
+            return self.block(*args, **self.kwargs)
         finally:
             self.router._suspended -= 1
 
@@ -355,15 +355,16 @@ class TreadRouter:
         return self._route_output(index, output)
 
     def _checkpointed_block(self, checkpoint: Callable, block, *args, **kwargs):
-        """Stands in for ``transformer._gradient_checkpointing_func`` during a routed forward (keyword arguments
-        pass through: some models call their blocks with them)."""
+        """Stands in for ``transformer._gradient_checkpointing_func`` during a routed forward. Keyword arguments
+        (HunyuanImage calls its blocks with some) pass through, bound to the block, since Diffusers' own
+        checkpointing function takes positional ones only."""
         index = self._block_index.get(block)
         if index is not None:
             self._remember_input_tokens(index, args, kwargs)
         if index not in self._route_of_block:
-            return checkpoint(block, *args, **kwargs)
+            return checkpoint(partial(block, **kwargs) if kwargs else block, *args)
         args, kwargs = self._route_inputs(index, args, kwargs)
-        output = checkpoint(_HooksSuspended(self, block), *args, **kwargs)
+        output = checkpoint(_HooksSuspended(self, block, kwargs), *args)
         routed = self._route_output(index, output)
         return output if routed is None else routed
 
