@@ -359,14 +359,15 @@ def num_image_tokens(spec: ModelSpec, config, latent_frames: int, latent_size: i
 
 
 def training_flow_shift(spec: ModelSpec, scheduler_config: dict, num_tokens: int) -> float | None:
-    """The timestep shift a video family trains with, from its pipeline's scheduler: sigma -> shift * sigma / (1 +
-    (shift - 1) * sigma), SD3's resolution-dependent shift (Esser et al. 2024, Sec. 5.3.2), which moves training
-    towards high noise as the token count grows. Wan: the scheduler's ``flow_shift`` (Diffusers' Wan docs: 3.0 at
-    480p, 5.0 at 720p; the Wan report, arXiv 2503.20314, trains with rectified flow); LTX-Video: the pipeline's own
-    token-count rule (``use_dynamic_shifting``: mu interpolated between ``base_shift`` at ``base_image_seq_len`` tokens
-    and ``max_shift`` at ``max_image_seq_len``, shift = e^mu, as `LTXPipeline` samples; the LTX-Video paper, arXiv
-    2501.00103, shifts its timesteps by the token count), else its static ``shift``. None for the image families,
-    whose training scheduler carries its shift already (Diffusers' SD3/Flux examples)."""
+    """The timestep shift a video family trains with: sigma -> shift * sigma / (1 + (shift - 1) * sigma), SD3's
+    resolution-dependent shift (Esser et al. 2024, arXiv 2403.03206, Sec. 5.3.2: more tokens need more noise), at the
+    value the family's pipeline samples with, read from its scheduler config. Wan (rectified flow, Wan report arXiv
+    2503.20314): the scheduler's ``flow_shift`` (Diffusers' Wan docs: 3.0 for 480p, 5.0 for 720p). LTX-Video (arXiv
+    2501.00103): its pipeline's token-count rule where the scheduler has ``use_dynamic_shifting`` (mu linear from
+    ``base_shift`` at ``base_image_seq_len`` tokens to ``max_shift`` at ``max_image_seq_len``, shift = e^mu, as
+    `LTXPipeline` computes it for sampling), else its static ``shift``. Applying the sampling shift to training is
+    this library's choice, as in Diffusers' SD3 examples (whose training sigmas are the scheduler's shifted ones).
+    None for the image families, whose training scheduler carries its shift already."""
     if not spec.is_video:
         return None
     if spec.family == "ltx" and scheduler_config.get("use_dynamic_shifting"):

@@ -263,11 +263,16 @@ def test_one_frame_clips_and_images_train_a_video_model(tmp_path, assets):
     out = tmp_path / "out"
     run(f"--pretrained_model_name_or_path={assets['wan']}", f"--train_data_dir={folder}", "--num_frames=1",
         "--routes=1:2:0.5", f"--output_dir={out}", "--max_train_steps=2", "--checkpointing_steps=100",
-        "--validation_prompt=a red square")  # fmt: skip
+        "--validation_prompt=a red square", "--report_to=tensorboard")  # fmt: skip
     assert len(losses(out)) == 2 and lora(out)
     rows = [line.split(",") for line in (out / "loss_history.csv").read_text().splitlines()]
     assert [row[3] for row in rows] == ["0.5000"] * 2
     assert len(list(imageio_ffmpeg.read_frames(str(out / "validation" / "final_0.mp4")))) - 1 == 1
+    # the final validation video reached TensorBoard (as its frames), beside the loss
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "logs" / "train_tread_t2i_lora"), size_guidance={"images": 0}).Reload()
+    assert "test/video_0" in events.Tags()["images"] and "loss" in events.Tags()["scalars"]
 
 
 def test_unreadable_clips_stop_naming_the_file_or_are_skipped(tmp_path, assets, caplog):
