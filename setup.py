@@ -18,7 +18,8 @@ install_requires = [
 ]
 extras = {
     # imageio-ffmpeg ships FFmpeg in its wheel: it decodes the training clips (mp4, webm, gif) of the LoRA script, and
-    # with imageio it is what Diffusers' export_to_video writes the validation videos with.
+    # with imageio it is what Diffusers' export_to_video writes the validation videos with. ftfy: the Wan and
+    # SkyReels-V2 pipelines clean prompts with it (SkyReels-V2's fails without it in Diffusers 0.42).
     "train": [
         "datasets>=3.0",
         "transformers>=4.45",
@@ -27,6 +28,7 @@ extras = {
         "matplotlib",
         "imageio>=2.31",
         "imageio-ffmpeg>=0.5",
+        "ftfy",
     ],
     # The Gradio demo (spaces/tread-dit); the Space itself gets gradio from its sdk_version.
     "demo": ["gradio>=6,<7"],

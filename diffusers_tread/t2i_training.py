@@ -19,6 +19,7 @@ Routing itself is `diffusers_tread.models.tread_t2i.apply_tread`. The options of
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 from pathlib import Path
@@ -54,19 +55,24 @@ FAMILIES = {
     # latents the transformer takes as a packed sequence, with RoPE scaled by the frame rate.
     "WanTransformer3DModel": "wan",
     "LTXVideoTransformer3DModel": "ltx",
+    # SkyReels-V2 text-to-video: Wan's architecture, text encoder and VAE (trained here as Wan, without diffusion
+    # forcing: one timestep per sample).
+    "SkyReelsV2Transformer3DModel": "skyreels_v2",
 }
-VIDEO_FAMILIES = ("wan", "ltx")
+VIDEO_FAMILIES = ("wan", "ltx", "skyreels_v2")
+WAN_LIKE = ("wan", "skyreels_v2")  # the same model call, prompt encoding and latents
 # The video pipelines a family trains with: text-to-video only (the image-to-video pipelines share the transformer
 # class but need an image condition this script does not build).
-VIDEO_PIPELINES = {"wan": ("WanPipeline",), "ltx": ("LTXPipeline",)}
+VIDEO_PIPELINES = {"wan": ("WanPipeline",), "ltx": ("LTXPipeline",), "skyreels_v2": ("SkyReelsV2Pipeline",)}
 # The frame rate a family's videos are written (and LTX's RoPE scaled) at: Wan 2.1 generates 16 fps (its model card),
-# LTX-Video 24/25 fps (its pipeline's `frame_rate` default, 25).
-DEFAULT_FPS = {"wan": 16, "ltx": 25}
+# LTX-Video 24/25 fps (its pipeline's `frame_rate` default, 25), SkyReels-V2 24 fps (its model cards).
+DEFAULT_FPS = {"wan": 16, "ltx": 25, "skyreels_v2": 24}
 DEFAULT_TARGET_MODULES = {
     "pixart": ["to_k", "to_q", "to_v", "to_out.0"],  # self- and cross-attention (attn1, attn2)
     "sd3": ["to_k", "to_q", "to_v", "to_out.0", "add_k_proj", "add_q_proj", "add_v_proj", "to_add_out"],
     "flux": ["to_k", "to_q", "to_v", "to_out.0", "add_k_proj", "add_q_proj", "add_v_proj", "to_add_out"],
     "wan": ["to_k", "to_q", "to_v", "to_out.0"],  # self- and cross-attention (attn1, attn2) of every block
+    "skyreels_v2": ["to_k", "to_q", "to_v", "to_out.0"],
     "ltx": ["to_k", "to_q", "to_v", "to_out.0"],
 }
 # The pipelines' own defaults (PixArt-Alpha was trained with 120 T5 tokens, Sigma with 300); 77 for SD3 as in
@@ -78,6 +84,7 @@ DEFAULT_MAX_SEQUENCE_LENGTH = {
     "sd3": 77,
     "flux": 512,
     "wan": 512,
+    "skyreels_v2": 512,
     "ltx": 128,
 }
 
@@ -109,6 +116,11 @@ class ModelSpec:
             raise ValueError(
                 f"{path}: {self.pipeline_class_name} is not a text-to-video pipeline this script trains; for the "
                 f"{transformer_class} it supports {', '.join(VIDEO_PIPELINES[self.family])}."
+            )
+        if self.family == "skyreels_v2" and importlib.util.find_spec("ftfy") is None:
+            raise ValueError(
+                f"{path}: SkyReelsV2Pipeline's prompt encoding calls ftfy (Diffusers 0.42 imports it only when it is "
+                "installed, but calls it always): pip install ftfy (it is in diffusers-tread's train extra)."
             )
         second = model_index.get("transformer_2")
         if isinstance(second, (list, tuple)) and second and second[0] is not None:
@@ -213,7 +225,7 @@ def encode_prompts(spec: ModelSpec, pipeline, prompts: list[str], max_sequence_l
                 prompts, None, device=device, max_sequence_length=max_sequence_length
             )
             out = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
-        elif spec.family == "wan":  # UMT5 states, zero-padded to max_sequence_length; the negative prompt is ""
+        elif spec.family in WAN_LIKE:  # UMT5 states, zero-padded to max_sequence_length; the negative prompt is ""
             embeds, negative_embeds = pipeline.encode_prompt(
                 prompts, None, do_classifier_free_guidance=negative, max_sequence_length=max_sequence_length,
                 device=device,
@@ -318,7 +330,7 @@ def normalize_latents(spec: ModelSpec, vae, sample: torch.Tensor) -> torch.Tenso
     """A VAE posterior sample as the transformer's latents, as each pipeline maps them (the inverse of what it does
     before decoding): Wan, per channel ``(z - latents_mean) / latents_std`` (config lists); LTX,
     ``(z - latents_mean) * scaling_factor / latents_std`` (the VAE's buffers); the image families, `vae_latents`."""
-    if spec.family == "wan":
+    if spec.family in WAN_LIKE:
         shape = (1, -1) + (1,) * (sample.ndim - 2)
         mean = torch.tensor(vae.config.latents_mean, device=sample.device, dtype=sample.dtype).view(shape)
         std = torch.tensor(vae.config.latents_std, device=sample.device, dtype=sample.dtype).view(shape)
@@ -334,7 +346,7 @@ def normalize_latents(spec: ModelSpec, vae, sample: torch.Tensor) -> torch.Tenso
 def vae_compression(spec: ModelSpec, vae) -> tuple[int, int]:
     """How many frames and pixels (per side) one latent covers: ``(temporal, spatial)``; (1, 2^(levels - 1)) for the
     image VAEs. A clip of F frames has ``(F - 1) // temporal + 1`` latent frames (the first frame alone, then groups)."""
-    if spec.family == "wan":
+    if spec.family in WAN_LIKE:
         return 2 ** sum(vae.config.temperal_downsample), 2 ** len(vae.config.temperal_downsample)
     if spec.family == "ltx":
         return vae.temporal_compression_ratio, vae.spatial_compression_ratio
@@ -345,7 +357,7 @@ def patch_sizes(spec: ModelSpec, config) -> tuple[int, int]:
     """The transformer's ``(temporal, spatial)`` patch size in latents (Flux packs 2x2 latents per token)."""
     if spec.family == "flux":
         return 1, 2
-    if spec.family == "wan":
+    if spec.family in WAN_LIKE:
         return config.patch_size[0], config.patch_size[1]
     if spec.family == "ltx":
         return config.patch_size_t, config.patch_size
@@ -428,7 +440,7 @@ def model_prediction(spec: ModelSpec, transformer, noisy, timesteps, embeds, opt
             pooled_projections=embeds["pooled_prompt_embeds"],
             return_dict=False,
         )[0]
-    if spec.family == "wan":  # (B, C, F, H, W) in and out; patches and 3D RoPE inside the model
+    if spec.family in WAN_LIKE:  # (B, C, F, H, W) in and out; patches and 3D RoPE inside the model
         return transformer(
             hidden_states=noisy, timestep=timesteps, encoder_hidden_states=embeds["prompt_embeds"], return_dict=False
         )[0]

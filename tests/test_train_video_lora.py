@@ -36,21 +36,25 @@ TINY = [
 # --- tiny components ------------------------------------------------------------------------------------------------
 
 
-def build_wan(folder):
-    """Wan 2.1 text-to-video: 3x(1+4k)x32x32 clips <-> 4x(1+k)x4x4 latents (4x temporal, 8x spatial), 2x2 patches."""
-    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+def build_wan(folder, skyreels=False):
+    """Wan 2.1 text-to-video: 3x(1+4k)x32x32 clips <-> 4x(1+k)x4x4 latents (4x temporal, 8x spatial), 2x2 patches;
+    with ``skyreels``, SkyReels-V2's text-to-video pipeline around the same parts."""
+    import diffusers
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler
 
     torch.manual_seed(0)
     vae = AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
                            temperal_downsample=[False, True, True], latents_mean=[0.1, -0.1, 0.2, 0.0],
                            latents_std=[2.0, 1.5, 1.0, 0.5])  # fmt: skip
-    transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+    transformer_class = diffusers.SkyReelsV2Transformer3DModel if skyreels else diffusers.WanTransformer3DModel
+    transformer = transformer_class(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
                                         in_channels=4, out_channels=4, text_dim=32, freq_dim=32, ffn_dim=32,
                                         num_layers=4, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
                                         rope_max_seq_len=32)  # fmt: skip
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
-    pipe = WanPipeline(tokenizer=t5_tokenizer(), text_encoder=t5_encoder(), vae=vae, transformer=transformer,
-                       scheduler=scheduler)  # fmt: skip
+    pipe_class = diffusers.SkyReelsV2Pipeline if skyreels else diffusers.WanPipeline
+    pipe = pipe_class(tokenizer=t5_tokenizer(), text_encoder=t5_encoder(), vae=vae, transformer=transformer,
+                      scheduler=scheduler)  # fmt: skip
     pipe.save_pretrained(folder)
     return folder
 
@@ -129,7 +133,8 @@ def build_clips(folder, count=4, num_frames=9):
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("t2v")
-    return {"wan": build_wan(root / "wan"), "ltx": build_ltx(root / "ltx"), "clips": build_clips(root / "clips")}
+    return {"wan": build_wan(root / "wan"), "ltx": build_ltx(root / "ltx"), "clips": build_clips(root / "clips"),
+            "skyreels_v2": build_wan(root / "skyreels_v2", skyreels=True)}  # fmt: skip
 
 
 def run(*args, monkeypatch=None, patches=()):
@@ -194,7 +199,7 @@ def test_metadata_problems_are_named(tmp_path):
 # --- training -------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("family", ["wan", "ltx"])
+@pytest.mark.parametrize("family", ["wan", "ltx", "skyreels_v2"])
 def test_video_lora_trains_checkpoints_and_resumes_exactly(tmp_path, assets, family, caplog):
     """3 routed steps straight, and 2 steps + a resume from checkpoint-2 to 3, end with the same LoRA weights and
     losses (clip windows, crops, flips, VAE samples, noise, timesteps and routed subsets included); the straight run's
@@ -218,7 +223,7 @@ def test_video_lora_trains_checkpoints_and_resumes_exactly(tmp_path, assets, fam
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=0, msg=key)
     assert losses(resumed) == losses(straight) and len(losses(straight)) == 3
     # 5 frames -> 2 latent frames; Wan: 4x4 latents in 2x2 patches, 8 tokens; LTX: 8x8 latents, 1x1 patches, 128
-    tokens = {"wan": 8, "ltx": 128}[family]
+    tokens = {"wan": 8, "skyreels_v2": 8, "ltx": 128}[family]
     assert f"route 0 (blocks 1..2): {tokens // 2} of {tokens} image tokens bypassed per sample" in caplog.text
     rows = [line.split(",") for line in (straight / "loss_history.csv").read_text().splitlines()]
     assert [row[3] for row in rows] == ["0.5000"] * 3
@@ -398,3 +403,15 @@ def test_a_non_finite_loss_stops_at_the_next_sync_step_before_any_checkpoint(tmp
                      "--num_frames=1", "--routes=none", f"--output_dir={out}", "--max_train_steps=6",
                      "--logging_steps=2", "--checkpointing_steps=2"])  # fmt: skip
     assert len(calls) == 4 and sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
+
+
+def test_skyreels_without_ftfy_is_refused_with_the_fix(assets, monkeypatch):
+    import importlib.util
+
+    from diffusers_tread.t2i_training import resolve_model
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ftfy" else find_spec(name, *a))
+    with pytest.raises(ValueError, match="pip install ftfy"):
+        resolve_model(str(assets["skyreels_v2"]))
+    assert resolve_model(str(assets["wan"])).family == "wan"  # Wan's pipeline works without it

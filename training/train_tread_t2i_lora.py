@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """LoRA text-to-image and text-to-video fine-tuning with TREAD token routing (Krause et al., arXiv 2501.04765) for
-PixArt, SD3, Flux, Wan 2.1/2.2 (text-to-video) and LTX-Video.
+PixArt, SD3, Flux, Wan 2.1/2.2 (text-to-video), SkyReels-V2 (text-to-video) and LTX-Video.
 
 In the style of Diffusers' `train_dreambooth_lora_sd3.py` / `train_text_to_image_lora.py`: an image-caption data set (an
 `imagefolder` with a `metadata.jsonl`, a local `datasets` folder, or a Hub data set) or, for a video pipeline, a folder
@@ -13,7 +13,7 @@ from its `model_index.json`), LoRA adapters (PEFT) on the transformer, and TREAD
         --resolution 512 --lora_rank 16 --routes paper --validation_prompt "a photo of a red fox" --output_dir fox-lora
     accelerate launch training/train_tread_t2i_lora.py \
         --pretrained_model_name_or_path Wan-AI/Wan2.1-T2V-1.3B-Diffusers --train_data_dir my-clips --num_frames 33 \
-        --resolution 480 --lora_rank 32 --routes none --validation_prompt "a red fox running" --output_dir fox-wan
+        --resolution 480 --lora_rank 32 --routes paper --validation_prompt "a red fox running" --output_dir fox-wan
 
 The story, top to bottom: `parse_args`, then `main()`, which runs the stages and holds the training loop; each stage
 is a function defined below `main` (or in the library) that takes the run's state (`LoraRun`, the library's
@@ -143,7 +143,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--pretrained_model_name_or_path",
         required=True,
         help="a Diffusers pipeline folder or Hub id (PixArt-Alpha/Sigma, Stable Diffusion 3, Flux, Wan 2.1/2.2 "
-        "text-to-video, LTX-Video)",
+        "text-to-video, SkyReels-V2 text-to-video, LTX-Video)",
     )
     parser.add_argument("--revision", default=None)
     parser.add_argument("--variant", default=None, help='e.g. "fp16"')
@@ -461,7 +461,7 @@ def resolve_model_spec(args) -> ModelSpec:
     if args.precondition_outputs is None:  # SD3/Flux: Diffusers' SD3 examples; Wan/LTX: the velocity target
         args.precondition_outputs = int(spec.family in ("sd3", "flux"))
     if spec.is_video:
-        args.num_frames = args.num_frames or {"wan": 17, "ltx": 25}[spec.family]
+        args.num_frames = args.num_frames or {"wan": 17, "skyreels_v2": 17, "ltx": 25}[spec.family]
         args.fps = args.fps or DEFAULT_FPS[spec.family]
         if args.dataset_name is not None:
             raise ValueError(
