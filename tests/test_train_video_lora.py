@@ -415,3 +415,22 @@ def test_skyreels_without_ftfy_is_refused_with_the_fix(assets, monkeypatch):
     with pytest.raises(ValueError, match="pip install ftfy"):
         resolve_model(str(assets["skyreels_v2"]))
     assert resolve_model(str(assets["wan"])).family == "wan"  # Wan's pipeline works without it
+
+
+def test_two_processes_agree_on_the_sync_steps(tmp_path, assets, accelerate_config):
+    """Under `accelerate launch` with 2 processes the flushes (a gather) and stop checks (an all-reduce) run at the
+    same steps on both, validation only on the main one: the run ends, with every step's loss averaged over both."""
+    import os
+    import subprocess
+
+    out = tmp_path / "out"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = ["accelerate", "launch", "--config_file", accelerate_config, "--num_processes", "2", str(SCRIPT), *TINY,
+               f"--pretrained_model_name_or_path={assets['wan']}", f"--train_data_dir={assets['clips']}",
+               "--num_frames=1", "--routes=1:2:0.5", f"--output_dir={out}", "--max_train_steps=3", "--logging_steps=5",
+               "--checkpointing_steps=100", "--validation_prompt=a red square", "--validation_steps=2"]  # fmt: skip
+    result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    assert len(losses(out)) == 3 and lora(out)
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3"]
+    assert (out / "validation" / "step_0000002_0.mp4").is_file()  # step 2 synced for validation (on both processes)
