@@ -31,3 +31,14 @@ def test_scripts_take_the_shared_options_from_the_library(name, monkeypatch, tmp
     with pytest.raises(SystemExit):
         script.parse_args([*SCRIPTS[name], f"--output_dir={tmp_path / 'out'}", "--logging_steps=0"])
     assert "--logging_steps must be at least 1 (it is a step interval)" in capsys.readouterr().err
+
+
+def test_train_tread_final_stages_take_the_run_state():
+    """train_tread.py's final stages read the run (args, argv, repo, steps, batch size, clock) from one `RunState`
+    instead of 11 and 14 positional arguments."""
+    import inspect
+
+    script = load_module(REPO / "training" / "train_tread.py")
+    for name in ("save_final_pipeline", "save_model_card"):
+        parameters = list(inspect.signature(getattr(script, name)).parameters)
+        assert parameters[0] == "run" and len(parameters) <= 6, (name, parameters)

@@ -84,6 +84,7 @@ from diffusers_tread.objectives import OBJECTIVES, get_objective
 from diffusers_tread.routing import ROUTE_REINSERTION_MODES, resolve_routes
 from diffusers_tread.training_utils import (
     LossLog,
+    RunState,
     add_optimization_arguments,
     add_run_arguments,
     check_step_intervals,
@@ -412,19 +413,10 @@ def main(argv: list[str] | None = None) -> None:
         logger.info(uploads.report())
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_final_pipeline(
-            args,
-            argv,
-            repo_id,
-            unwrapped,
-            ema_model,
-            objective,
-            data,
-            total_batch_size,
-            global_step,
-            started,
-            last_loss,
-        )
+        # what the final stages read about the run, in one object (the library's RunState)
+        run = RunState(args, argv, accelerator, repo_id=repo_id, started=started, global_step=global_step,
+                       total_batch_size=total_batch_size)  # fmt: skip
+        save_final_pipeline(run, unwrapped, ema_model, objective, data, last_loss)
         if args.push_to_hub:
             hub.upload_final_output(args.output_dir, repo_id, args.hub_token)  # a failure says how to retry
     accelerator.end_training()
@@ -698,13 +690,12 @@ def flush_losses(
     return rows
 
 
-def save_final_pipeline(
-    args, argv, repo_id, model, ema_model, objective, data: TrainingData, total_batch_size, steps, started, last_loss
-) -> None:
+def save_final_pipeline(run: RunState, model, ema_model, objective, data: TrainingData, last_loss: float) -> None:
     """Stage 7 (main process): the `TreadDiTPipeline` with the EMA weights and routing on (the config keeps the
     routes it was trained with), a sample grid, the loss plot and the model card; with --lora_rank the adapters in
     Diffusers' LoRA format beside the unchanged base pipeline. The files are staged and moved into --output_dir at the
     end (`final_output`): a kill never leaves new weights beside an old model_index.json."""
+    args = run.args
     if ema_model is not None:
         ema_model.store(model.parameters())
         ema_model.copy_to(model.parameters())
@@ -712,29 +703,14 @@ def save_final_pipeline(
     pipeline = TreadDiTPipeline(
         transformer=model, vae=data.vae, scheduler=objective.make_scheduler(), id2label=data.id2label
     )
-    with final_output(args.output_dir, steps) as staging:
+    with final_output(args.output_dir, run.global_step) as staging:
         save_sample_grid(pipeline, args, data.id2label, Path(staging, "samples", "final_grid.png"))
         if args.lora_rank:
             model.save_lora_adapter(staging)
             model.unload_lora()
         pipeline.save_pretrained(staging)
         plot_loss(Path(args.output_dir, LOSS_HISTORY), Path(staging, "samples", "loss.png"))
-        save_model_card(
-            staging,
-            args,
-            argv,
-            repo_id,
-            model,
-            objective,
-            data.description,
-            len(data.dataset),
-            data.num_classes,
-            total_batch_size,
-            steps,
-            time.time() - started,
-            last_loss,
-            data.vae is not None or args.latents_dir,
-        )
+        save_model_card(run, staging, model, objective, data, last_loss)
     logger.info(f"Saved the pipeline to {args.output_dir}; samples in {Path(args.output_dir, 'samples')}")
     if ema_model is not None:
         ema_model.restore(model.parameters())
@@ -872,24 +848,13 @@ def plot_loss(loss_log: Path, path: Path) -> None:
     plt.close(fig)
 
 
-def save_model_card(
-    folder,
-    args,
-    argv,
-    repo_id,
-    model,
-    objective,
-    dataset,
-    num_examples,
-    num_classes,
-    global_batch_size,
-    steps,
-    seconds,
-    final_loss,
-    latent_space,
-) -> None:
+def save_model_card(run: RunState, folder, model, objective, data: TrainingData, final_loss: float) -> None:
     """Write ``folder``/README.md (rendered by `diffusers_tread.hub` from model_cards/tread_dit.md) and
     tread_card.json."""
+    args, argv, repo_id = run.args, run.argv, run.repo_id
+    dataset, num_examples, num_classes = data.description, len(data.dataset), data.num_classes
+    global_batch_size, steps, seconds = run.total_batch_size, run.global_step, run.elapsed()
+    latent_space = data.vae is not None or args.latents_dir
     base_model = args.pretrained_model_name_or_path
     base_model = base_model if base_model and not Path(base_model).exists() else None
     card_data = ModelCardData(
