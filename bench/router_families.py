@@ -276,6 +276,54 @@ def families() -> dict:
                 pooled_projections=_r(B, 32),
             ),
         ),
+        "hunyuan_video_1_5": (
+            "HunyuanVideo15Transformer3DModel",
+            dict(
+                in_channels=9,
+                out_channels=4,
+                num_layers=8,
+                num_refiner_layers=1,
+                patch_size=1,
+                text_embed_dim=32,
+                text_embed_2_dim=32,
+                image_embed_dim=32,
+                rope_axes_dim=(4, 4, 8),
+                **heads,
+            ),
+            lambda: dict(
+                hidden_states=_r(B, 9, 4, 8, 8),
+                timestep=torch.rand(B) * 1000,
+                encoder_hidden_states=_r(B, T, 32),
+                encoder_attention_mask=torch.ones(B, T),
+                encoder_hidden_states_2=_r(B, 8, 32),
+                encoder_attention_mask_2=torch.ones(B, 8),
+                image_embeds=_r(B, 8, 32),
+            ),
+        ),
+        "kandinsky5": (
+            "Kandinsky5Transformer3DModel",
+            dict(
+                in_visual_dim=4,
+                in_text_dim=32,
+                in_text_dim2=32,
+                time_dim=32,
+                out_visual_dim=4,
+                patch_size=(1, 2, 2),
+                model_dim=W,
+                ff_dim=4 * W,
+                num_text_blocks=1,
+                num_visual_blocks=8,
+                axes_dims=(4, 4, 8),
+            ),
+            lambda: dict(
+                hidden_states=_r(B, 4, 16, 16, 4),
+                encoder_hidden_states=_r(B, T, 32),
+                timestep=torch.rand(B) * 1000,
+                pooled_projections=_r(B, 32),
+                visual_rope_pos=[torch.arange(4), torch.arange(8), torch.arange(8)],
+                text_rope_pos=torch.arange(T),
+            ),
+        ),
         "cogvideox": (
             "CogVideoXTransformer3DModel",
             dict(
@@ -374,7 +422,8 @@ def run_family(name: str, spec, repeats: int) -> dict:
     torch.manual_seed(0)
     model = getattr(diffusers, class_name)(**config).train()
     model.requires_grad_(False)
-    lora = LoraConfig(r=8, lora_alpha=8, target_modules=["to_q", "to_k", "to_v"], init_lora_weights=False)
+    targets = ["to_query", "to_key", "to_value"] if name == "kandinsky5" else ["to_q", "to_k", "to_v"]
+    lora = LoraConfig(r=8, lora_alpha=8, target_modules=targets, init_lora_weights=False)
     model.add_adapter(lora) if hasattr(model, "add_adapter") else inject_adapter_in_model(lora, model)
     router = apply_tread(model, [ROUTE], generator=torch.Generator().manual_seed(0))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -428,6 +477,10 @@ def main() -> None:
             flush=True,
         )
     if args.json is not None:
+        if args.json.exists():  # a run of some families updates their rows and keeps the others
+            measured = {row["family"] for row in rows}
+            rows = [row for row in json.loads(args.json.read_text())["rows"] if row["family"] not in measured] + rows
+            rows.sort(key=lambda row: list(specs).index(row["family"]))
         meta = {"torch": torch.__version__, "diffusers": diffusers.__version__, "machine": platform.machine(),
                 "threads": args.threads, "repeats": args.repeats, "batch": B, "text_tokens": T, "width": W,
                 "route": ROUTE}  # fmt: skip

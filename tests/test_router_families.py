@@ -58,9 +58,19 @@ class Case:
     # the next block's text stream from this block's text output and the model's input to the next block
     next_text: Callable | None = None
 
+    lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v")
+    # zero-initialised gates (Kandinsky 5's modulation) make every block the identity: give them random values
+    randomize_zero_init: bool = False
+
     def make(self, seed: int = 0):
         torch.manual_seed(seed)
-        return getattr(diffusers, self.model_class)(**self.config)
+        model = getattr(diffusers, self.model_class)(**self.config)
+        if self.randomize_zero_init:
+            with torch.no_grad():
+                for parameter in model.parameters():
+                    if not parameter.any():
+                        parameter.normal_(0.0, 0.1)
+        return model
 
     def make_inputs(self, seed: int = 0, batch_size: int = BATCH) -> dict:
         return self.inputs(torch.Generator().manual_seed(seed), batch_size)
@@ -140,20 +150,21 @@ _WAN_GATHER = {
 }
 
 
-def _ltx_inputs(per_token_timestep=False):
+def _ltx_inputs(per_token_timestep=False, frames=3):
     def make(g, b):
+        n = frames * 7
         inputs = dict(
-            hidden_states=torch.randn(b, 21, 4, generator=g),  # 3 frames x 7 tokens, packed
+            hidden_states=torch.randn(b, n, 4, generator=g),  # frames x 7 tokens, packed
             encoder_hidden_states=torch.randn(b, TEXT, 12, generator=g),
             timestep=torch.randint(0, 1000, (b,), generator=g),
             encoder_attention_mask=torch.ones(b, TEXT),
-            num_frames=3,
+            num_frames=frames,
             height=1,
             width=7,
-            video_coords=_grid_ids(3, 1, 7).T[None].expand(b, -1, -1).contiguous(),  # (B, 3, N) frame/row/col
+            video_coords=_grid_ids(frames, 1, 7).T[None].expand(b, -1, -1).contiguous(),  # (B, 3, N) frame/row/col
         )
         if per_token_timestep:
-            inputs["timestep"] = torch.randint(0, 1000, (b, 21), generator=g)
+            inputs["timestep"] = torch.randint(0, 1000, (b, n), generator=g)
         return inputs
 
     return make
@@ -260,6 +271,7 @@ CASES = [
         keep_first_frame=True,
     ),
     Case("ltx", "LTXVideoTransformer3DModel", _LTX, _ltx_inputs(), 21, ROUTE, gather=_LTX_GATHER),
+    Case("ltx_one_frame", "LTXVideoTransformer3DModel", _LTX, _ltx_inputs(frames=1), 7, ROUTE, gather=_LTX_GATHER),
     Case(
         "ltx_per_token_timestep",
         "LTXVideoTransformer3DModel",
@@ -780,6 +792,53 @@ CASES += [
         joint_text=TEXT + 4 + 4,  # the blocks see [image embeds; byT5; MLLM] text tokens
     ),
 ]
+
+CASES += [
+    Case(
+        "chroma_route_in_single_blocks",
+        "ChromaTransformer2DModel",
+        next(case for case in CASES if case.name == "chroma").config,
+        lambda g, b: _flux_like_inputs(g, b, mask=True),
+        15,
+        {"start_layer_idx": 3, "end_layer_idx": 5, "selection_ratio": 0.5},  # starts and ends in the joint list
+        gather=next(case for case in CASES if case.name == "chroma").gather,
+        not_checkpointed=("attention_mask",),
+    ),
+]
+
+CASES += [
+    Case(
+        "kandinsky5",
+        "Kandinsky5Transformer3DModel",
+        dict(
+            in_visual_dim=4,
+            in_text_dim=12,
+            in_text_dim2=10,
+            time_dim=16,
+            out_visual_dim=4,
+            patch_size=(1, 2, 2),
+            model_dim=16,
+            ff_dim=32,
+            num_text_blocks=1,
+            num_visual_blocks=6,
+            axes_dims=(2, 2, 4),
+        ),
+        lambda g, b: dict(
+            hidden_states=torch.randn(b, 2, 6, 10, 4, generator=g),  # (B, frames, H, W, C): 2 x 3 x 5 tokens
+            encoder_hidden_states=torch.randn(b, TEXT, 12, generator=g),
+            timestep=torch.rand(b, generator=g) * 1000,
+            pooled_projections=torch.randn(b, 10, generator=g),
+            visual_rope_pos=[torch.arange(2), torch.arange(3), torch.arange(5)],
+            text_rope_pos=torch.arange(TEXT),
+        ),
+        30,
+        ROUTE,
+        gather={"rope": lambda v, kept, n, t: v[:, kept]},
+        text_args=("text_embed",),
+        lora_targets=("to_query", "to_key", "to_value"),
+        randomize_zero_init=True,
+    ),
+]
 CASES = [case for case in CASES if hasattr(diffusers, case.model_class)]  # a class the installed Diffusers lacks
 IDS = [case.name for case in CASES]
 
@@ -855,7 +914,8 @@ def reference(case, router, recorder, b, kept):
     the result scattered back into its pre-route state."""
     route = router.routes[0]
     start, end = route["start_layer_idx"], route["end_layer_idx"]
-    pre_route = recorder.inputs[start]["hidden_states"][b : b + 1]
+    hidden_name = router._block_list[start].hidden
+    pre_route = recorder.inputs[start][hidden_name][b : b + 1]
     text = None
     if router._block_list[start].joint:
         text, pre_route = pre_route[:, : case.joint_text], pre_route[:, case.joint_text :]
@@ -866,9 +926,9 @@ def reference(case, router, recorder, b, kept):
             for name, gather in case.gather.items():
                 if kwargs.get(name) is not None:
                     kwargs[name] = gather(kwargs[name], kept, case.num_image, case.joint_text)
-            kwargs["hidden_states"] = hidden
+            kwargs[hidden_name] = hidden
             if text is not None and router._block_list[index].joint:
-                kwargs["hidden_states"] = torch.cat([text, hidden], dim=1)
+                kwargs[hidden_name] = torch.cat([text, hidden], dim=1)
             elif text is not None and "encoder_hidden_states" in kwargs:
                 given = kwargs["encoder_hidden_states"]
                 kwargs["encoder_hidden_states"] = text if case.next_text is None else case.next_text(text, given)
@@ -922,6 +982,7 @@ def test_a_routed_sample_equals_the_sample_alone_through_a_reference(case):
         kept = (~mask[b]).nonzero().squeeze(1)
         expected, pre_route = reference(case, router, recorder, b, kept)
         assert torch.equal(routed[b][mask[b]], pre_route[0][mask[b]])  # bypassed: the pre-route state, exactly
+        assert not torch.allclose(routed[b][~mask[b]], pre_route[0][~mask[b]])  # the route's blocks did something
         torch.testing.assert_close(routed[b : b + 1], expected, rtol=1e-5, atol=1e-5)
 
 
@@ -935,7 +996,11 @@ def test_bypassed_tokens_re_enter_with_pre_route_state_plus_input_in_v1_mode(cas
         recorder, mask = routed_forward(case, model, router)
     start, end = router.routes[0]["start_layer_idx"], router.routes[0]["end_layer_idx"]
     routed = image_of(router, end, recorder.outputs[end], case.joint_text)
-    expected = recorder.inputs[start]["hidden_states"] + recorder.inputs[0]["hidden_states"]  # routes start unjoint
+    hidden_name = router._block_list[start].hidden
+    pre_route = recorder.inputs[start][hidden_name]
+    if router._block_list[start].joint:  # a route starting in a joint [text; image] list: its image part
+        pre_route = pre_route[:, case.joint_text :]
+    expected = pre_route + recorder.inputs[0][router._block_list[0].hidden]
     assert torch.equal(routed[mask], expected[mask])
     assert mask.any(1).all()
 
@@ -956,9 +1021,11 @@ def test_text_is_never_routed_and_routed_blocks_see_the_kept_tokens(case):
                 assert after[name] is before[name], f"block {index}: {name} was changed"
         if route["start_layer_idx"] <= index <= route["end_layer_idx"]:
             joint = router._block_list[index].joint
-            assert after["hidden_states"].shape[1] == kept + (case.joint_text if joint else 0), index
+            hidden = router._block_list[index].hidden
+            assert after[hidden].shape[1] == kept + (case.joint_text if joint else 0), index
         else:
-            assert after["hidden_states"] is before["hidden_states"], index  # outside a route: untouched
+            hidden = router._block_list[index].hidden
+            assert after[hidden] is before[hidden], index  # outside a route: untouched
 
 
 # --- positions computed from ids: the kept tokens' rotary rows are those of the kept ids -------------------------------
@@ -1042,7 +1109,7 @@ def test_checkpointing_gives_the_same_gradients(case):
 def test_lora_parameters_get_gradients_under_routing(case):
     model = case.make().train()
     model.requires_grad_(False)
-    config = LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_k", "to_v"], init_lora_weights=False)
+    config = LoraConfig(r=2, lora_alpha=2, target_modules=list(case.lora_targets), init_lora_weights=False)
     if hasattr(model, "add_adapter"):
         model.add_adapter(config)
     else:
@@ -1075,6 +1142,30 @@ def test_routed_forward_compiles_with_fullgraph(name):
         torch.manual_seed(7)
         expected = model(**inputs).sample
     assert masks is not None and torch.equal(masks[0], router.route_masks[0])
+    torch.testing.assert_close(out, expected)
+    torch._dynamo.reset()
+
+
+def test_flux_blocks_compiled_one_by_one_route():
+    """``block.compile(fullgraph=True)`` on every block (the regional compilation Diffusers recommends): the router's
+    hooks and the per-sample RoPE rows trace without a graph break, and the output equals the eager routed one."""
+    torch._dynamo.reset()
+    case = _case("flux")
+    model = case.make().train()
+    router = route_of(case, model)
+    blocks = router.blocks
+    for block in blocks:
+        block.compile(fullgraph=True, backend="eager")
+    inputs = case.make_inputs()
+    with torch.no_grad():
+        torch.manual_seed(7)
+        out = model(**inputs).sample
+        masks = router.route_masks
+        for block in blocks:
+            block._compiled_call_impl = None  # back to eager
+        torch.manual_seed(7)
+        expected = model(**inputs).sample
+    assert torch.equal(masks[0], router.route_masks[0]) and masks[0].any()
     torch.testing.assert_close(out, expected)
     torch._dynamo.reset()
 
@@ -1177,6 +1268,30 @@ def test_deepcopy_keeps_a_working_router():
     assert attached_router(copied) is not router
     copied(**case.make_inputs())
     assert attached_router(copied).route_masks is not None and router.route_masks is None
+
+
+def test_cosmos_routes_with_text_and_image_context_as_a_tuple():
+    """Cosmos with an image context passes (text, image context) as a tuple; a family without joint layouts never
+    needs the text length (the router used to read it from encoder_hidden_states and failed on the tuple)."""
+    case = _case("cosmos")
+    config = {**case.config, "img_context_dim_in": 12, "img_context_num_tokens": 4, "img_context_dim_out": 24}
+    torch.manual_seed(0)
+    model = diffusers.CosmosTransformer3DModel(**config).train()
+    router = route_of(case, model)
+    inputs = case.make_inputs()
+    inputs["encoder_hidden_states"] = (inputs["encoder_hidden_states"], torch.randn(BATCH, 4, 12))
+    model(**inputs)
+    assert router.route_masks is not None
+
+
+def test_ltx_keep_first_frame_keeps_the_conditioning_frame_in_every_route():
+    case = _case("ltx_per_token_timestep")
+    model = case.make().train()
+    router = apply_tread(model, [case.route], keep_first_frame=True)
+    router.selection_ratio = 0.75
+    model(**case.make_inputs())
+    assert not router.route_masks[0][:, :7].any()  # height x width = 1 x 7 tokens a latent frame
+    assert (router.route_masks[0][:, 7:].sum(1) == int(14 * 0.75)).all()
 
 
 def test_hidream_routes_must_end_in_the_double_stream_blocks():

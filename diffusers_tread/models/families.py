@@ -160,12 +160,14 @@ class BlockList:
         joint: ``hidden_states`` here is a joint sequence, ``"text_image"`` or ``"image_text"`` (the model
             concatenated the streams before this list); None: image tokens only.
         token_inputs: per-token arguments of this list, if they differ from the family's.
+        hidden: the name of the blocks' token-stream argument.
     """
 
     name: str
     output: int | None = None
     joint: str | None = None
     token_inputs: Mapping[str, TokenInput] | None = None
+    hidden: str = "hidden_states"
 
 
 def _forward_text_length(transformer, arguments: dict) -> int:
@@ -209,6 +211,14 @@ class Family:
     text_length: Callable = _forward_text_length
     video: bool = False
 
+    @property
+    def uses_text_length(self) -> bool:
+        """Whether a joint layout (a joint block list or a text+image per-token input) needs the text length."""
+        inputs = [self.token_inputs] + [block_list.token_inputs or {} for block_list in self.block_lists]
+        return any(block_list.joint for block_list in self.block_lists) or any(
+            spec.layout != "image" for specs in inputs for spec in specs.values()
+        )
+
     def installed_classes(self) -> list[type]:
         return [getattr(diffusers, name) for name in self.classes if hasattr(diffusers, name)]
 
@@ -229,9 +239,9 @@ class Family:
     def check_tokens(self, router, arguments: dict, num_image: int, num_text: int) -> None:
         """Never guess an axis: a 3D+ block tensor that nobody declared but has the image-token count (or text +
         image) along axis 1 may be a per-token input the router does not know; refuse."""
-        declared = set(self.token_inputs) | set(self.text_args) | {"hidden_states"}
+        declared = set(self.token_inputs) | set(self.text_args)
         for block_list in self.block_lists:
-            declared |= set(block_list.token_inputs or {})
+            declared |= set(block_list.token_inputs or {}) | {block_list.hidden}
         for name, value in arguments.items():
             values = value if isinstance(value, (tuple, list)) else (value,)
             for item in values:
@@ -573,6 +583,20 @@ FAMILIES: tuple[Family, ...] = (
         text_args=("encoder_hidden_states", "attention_mask"),
         refuse_arguments={"block_controlnet_hidden_states": _CONTROLNET},
         frame_tokens=_wan_frame_tokens,
+        video=True,
+    ),
+    Family(
+        # Kandinsky5TransformerDecoderBlock(visual_embed, text_embed, time_embed, rope, sparse_params) -> visual_embed;
+        # text via cross-attention (the text blocks run before, unrouted); RoPE per sample (B, N, 1, D/2, 2, 2).
+        # NABLA sparse attention (sparse_params) builds its block mask over the full token grid: refused.
+        name="Kandinsky 5",
+        classes=("Kandinsky5Transformer3DModel",),
+        block_lists=(BlockList("visual_transformer_blocks", hidden="visual_embed"),),
+        token_inputs={"rope": TokenInput(axes=(1,))},
+        text_args=("text_embed",),
+        refuse_arguments={
+            "sparse_params": "NABLA sparse attention masks blocks of the full token grid, which a route removes."
+        },
         video=True,
     ),
     # --- refused ---

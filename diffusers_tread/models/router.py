@@ -242,6 +242,8 @@ class TreadRouter:
 
     def _text_length(self, arguments: dict) -> int:
         """Text tokens of the joint layouts: the block's text stream if it has one, else the model's text input."""
+        if not self.family.uses_text_length:
+            return 0  # no joint layout: nothing is indexed by the text length (Cosmos may pass text as a tuple)
         for name in self.family.text_args:
             value = arguments.get(name)
             if isinstance(value, torch.Tensor) and value.ndim == 3:
@@ -301,12 +303,13 @@ class TreadRouter:
         updates = {}
         if index == route["start_layer_idx"]:
             num_text = self._text_length(arguments)
-            text, image = self._split_joint(index, arguments["hidden_states"], num_text)
+            hidden_name = self._block_list[index].hidden
+            text, image = self._split_joint(index, arguments[hidden_name], num_text)
             batch_size, num_image = image.shape[:2]
             self.family.check_tokens(self, arguments, num_image, num_text)
             kept = self._draw(batch_size, num_image, route["selection_ratio"], image.device)
             self._open[position] = dict(kept=kept, reinsert_into=image, num_image=num_image, num_text=num_text)
-            updates["hidden_states"] = self._join(index, text, routing.gather_tokens(image, kept))
+            updates[hidden_name] = self._join(index, text, routing.gather_tokens(image, kept))
         updates.update(self._gathered_inputs(index, arguments, self._open[position]))
         args, kwargs = list(args), dict(kwargs)
         for name, value in updates.items():
@@ -339,7 +342,8 @@ class TreadRouter:
     def _remember_input_tokens(self, index: int, args: tuple, kwargs: dict) -> None:
         if index == 0 and self._active_routes is not None and self.route_reinsertion == "pre_route_plus_input":
             arguments = _bind(self._names[0], args, kwargs)
-            _, self._input_tokens = self._split_joint(0, arguments["hidden_states"], self._text_length(arguments))
+            tokens = arguments[self._block_list[0].hidden]
+            _, self._input_tokens = self._split_joint(0, tokens, self._text_length(arguments))
 
     def _block_pre_hook(self, index, block, args, kwargs):
         if self._suspended or self._active_routes is None:
