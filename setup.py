@@ -17,7 +17,19 @@ install_requires = [
     "Pillow",
 ]
 extras = {
-    "train": ["datasets>=3.0", "transformers>=4.45", "scikit-learn>=1.3", "tensorboard", "matplotlib"],
+    # imageio-ffmpeg ships FFmpeg in its wheel: it decodes the training clips (mp4, webm, gif) of the LoRA script, and
+    # with imageio it is what Diffusers' export_to_video writes the validation videos with. ftfy: the Wan and
+    # SkyReels-V2 pipelines clean prompts with it (SkyReels-V2's fails without it in Diffusers 0.42).
+    "train": [
+        "datasets>=3.0",
+        "transformers>=4.45",
+        "scikit-learn>=1.3",
+        "tensorboard",
+        "matplotlib",
+        "imageio>=2.31",
+        "imageio-ffmpeg>=0.5",
+        "ftfy",
+    ],
     # The Gradio demo (spaces/tread-dit); the Space itself gets gradio from its sdk_version.
     "demo": ["gradio>=6,<7"],
     # Diffusers' own DiT test files import these; bench/diffusers_suite/run.py runs them against our classes.

@@ -1,28 +1,32 @@
-"""Text-to-image LoRA fine-tuning with TREAD routing (arXiv 2501.04765) for Diffusers' PixArt, SD3 and Flux pipelines.
+"""Text-to-image and text-to-video LoRA fine-tuning with TREAD routing (arXiv 2501.04765) for Diffusers' PixArt, SD3,
+Flux, Wan 2.1/2.2 (text-to-video) and LTX-Video pipelines.
 
 What `training/train_tread_t2i_lora.py` runs, as a library (the script adds arguments, data, the accelerator and the
 loop; `bench/t2i_lora_step.py` times the same step):
 
 * the supported model families and what tells them apart (`FAMILIES`, `ModelSpec`, read from ``model_index.json``);
-* each pipeline's own prompt encoding (`encode_prompts`);
+* each pipeline's own prompt encoding (`encode_prompts`) and latent normalisation (`normalize_latents`);
+* each flow-matching family's training timestep shift (`training_flow_shift`, `training_noise_scheduler`);
 * one training step's model call and loss (`model_prediction`, `training_loss`): the plain diffusion loss on all image
-  tokens, routed or not;
+  (or video) tokens, routed or not;
 * LoRA adapters on the transformer, saved and loaded in Diffusers' format (`add_lora`, `save_lora`, `load_lora`).
 
 Routing itself is `diffusers_tread.models.tread_t2i.apply_tread`. The options of `model_prediction` and
 `training_loss` are read from any object with the script's argument names (an ``argparse.Namespace``):
-``weighting_scheme``, ``logit_mean``, ``logit_std``, ``mode_scale``, ``precondition_outputs`` (SD3/Flux) and
-``guidance_scale`` (Flux).
+``weighting_scheme``, ``logit_mean``, ``logit_std``, ``mode_scale``, ``precondition_outputs`` (flow matching),
+``guidance_scale`` (Flux) and ``fps`` (LTX's RoPE scale).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import math
 from pathlib import Path
 
 import diffusers
 import torch
-from diffusers import DiffusionPipeline, FluxPipeline
+from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, FluxPipeline, LTXPipeline
 from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE, LoraBaseMixin
 from diffusers.loaders.peft import PeftAdapterMixin
 from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
@@ -46,15 +50,43 @@ FAMILIES = {
     "PixArtTransformer2DModel": "pixart",
     "SD3Transformer2DModel": "sd3",
     "FluxTransformer2DModel": "flux",
+    # Video: rectified flow on (B, C, F, H, W) latents. Wan 2.1/2.2 text-to-video: UMT5, a per-channel normalised
+    # causal 3D VAE (4x temporal, 8x spatial), 3D RoPE; LTX-Video: T5, a 1:192 VAE (8x temporal, 32x spatial) whose
+    # latents the transformer takes as a packed sequence, with RoPE scaled by the frame rate.
+    "WanTransformer3DModel": "wan",
+    "LTXVideoTransformer3DModel": "ltx",
+    # SkyReels-V2 text-to-video: Wan's architecture, text encoder and VAE (trained here as Wan, without diffusion
+    # forcing: one timestep per sample).
+    "SkyReelsV2Transformer3DModel": "skyreels_v2",
 }
+VIDEO_FAMILIES = ("wan", "ltx", "skyreels_v2")
+WAN_LIKE = ("wan", "skyreels_v2")  # the same model call, prompt encoding and latents
+# The video pipelines a family trains with: text-to-video only (the image-to-video pipelines share the transformer
+# class but need an image condition this script does not build).
+VIDEO_PIPELINES = {"wan": ("WanPipeline",), "ltx": ("LTXPipeline",), "skyreels_v2": ("SkyReelsV2Pipeline",)}
+# The frame rate a family's videos are written (and LTX's RoPE scaled) at: Wan 2.1 generates 16 fps (its model card),
+# LTX-Video 24/25 fps (its pipeline's `frame_rate` default, 25), SkyReels-V2 24 fps (its model cards).
+DEFAULT_FPS = {"wan": 16, "ltx": 25, "skyreels_v2": 24}
 DEFAULT_TARGET_MODULES = {
     "pixart": ["to_k", "to_q", "to_v", "to_out.0"],  # self- and cross-attention (attn1, attn2)
     "sd3": ["to_k", "to_q", "to_v", "to_out.0", "add_k_proj", "add_q_proj", "add_v_proj", "to_add_out"],
     "flux": ["to_k", "to_q", "to_v", "to_out.0", "add_k_proj", "add_q_proj", "add_v_proj", "to_add_out"],
+    "wan": ["to_k", "to_q", "to_v", "to_out.0"],  # self- and cross-attention (attn1, attn2) of every block
+    "skyreels_v2": ["to_k", "to_q", "to_v", "to_out.0"],
+    "ltx": ["to_k", "to_q", "to_v", "to_out.0"],
 }
 # The pipelines' own defaults (PixArt-Alpha was trained with 120 T5 tokens, Sigma with 300); 77 for SD3 as in
 # Diffusers' SD3 LoRA examples (the CLIP length; T5 may take more).
-DEFAULT_MAX_SEQUENCE_LENGTH = {"PixArtAlphaPipeline": 120, "PixArtSigmaPipeline": 300, "sd3": 77, "flux": 512}
+# Wan: 512 UMT5 tokens, LTX: 128 T5 tokens (their pipelines' `__call__` defaults).
+DEFAULT_MAX_SEQUENCE_LENGTH = {
+    "PixArtAlphaPipeline": 120,
+    "PixArtSigmaPipeline": 300,
+    "sd3": 77,
+    "flux": 512,
+    "wan": 512,
+    "skyreels_v2": 512,
+    "ltx": 128,
+}
 
 
 class ModelSpec:
@@ -80,6 +112,22 @@ class ModelSpec:
         if self.pipeline_class is None or not issubclass(self.pipeline_class, DiffusionPipeline):
             raise ValueError(f"{path}: unknown pipeline class {self.pipeline_class_name!r} in model_index.json.")
         self.transformer_class = getattr(diffusers, transformer_class)
+        if self.is_video and self.pipeline_class_name not in VIDEO_PIPELINES[self.family]:
+            raise ValueError(
+                f"{path}: {self.pipeline_class_name} is not a text-to-video pipeline this script trains; for the "
+                f"{transformer_class} it supports {', '.join(VIDEO_PIPELINES[self.family])}."
+            )
+        if self.family == "skyreels_v2" and importlib.util.find_spec("ftfy") is None:
+            raise ValueError(
+                f"{path}: SkyReelsV2Pipeline's prompt encoding calls ftfy (Diffusers 0.42 imports it only when it is "
+                "installed, but calls it always): pip install ftfy (it is in diffusers-tread's train extra)."
+            )
+        second = model_index.get("transformer_2")
+        if isinstance(second, (list, tuple)) and second and second[0] is not None:
+            raise ValueError(
+                f"{path}: a two-expert pipeline (transformer and transformer_2, Wan 2.2 A14B) is not supported: its "
+                "experts split the noise levels, and one LoRA trained on `transformer` alone would see all of them."
+            )
         # Every component from transformers (text encoders, tokenizers): loaded to encode captions, then freed.
         self.text_components = [
             name
@@ -89,7 +137,11 @@ class ModelSpec:
 
     @property
     def flow_matching(self) -> bool:
-        return self.family in ("sd3", "flux")
+        return self.family in ("sd3", "flux", *VIDEO_FAMILIES)
+
+    @property
+    def is_video(self) -> bool:
+        return self.family in VIDEO_FAMILIES
 
     def default_max_sequence_length(self) -> int:
         return DEFAULT_MAX_SEQUENCE_LENGTH.get(self.pipeline_class_name) or DEFAULT_MAX_SEQUENCE_LENGTH.get(
@@ -168,11 +220,27 @@ def encode_prompts(spec: ModelSpec, pipeline, prompts: list[str], max_sequence_l
             out = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
             if negative:
                 out |= {"negative_prompt_embeds": negative_embeds, "negative_pooled_prompt_embeds": negative_pooled}
-        else:  # flux: guidance-distilled, no negative prompt; text_ids are the same (zeros) for every prompt
+        elif spec.family == "flux":  # guidance-distilled, no negative prompt; text_ids are zeros for every prompt
             embeds, pooled, _ = pipeline.encode_prompt(
                 prompts, None, device=device, max_sequence_length=max_sequence_length
             )
             out = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+        elif spec.family in WAN_LIKE:  # UMT5 states, zero-padded to max_sequence_length; the negative prompt is ""
+            embeds, negative_embeds = pipeline.encode_prompt(
+                prompts, None, do_classifier_free_guidance=negative, max_sequence_length=max_sequence_length,
+                device=device,
+            )  # fmt: skip
+            out = {"prompt_embeds": embeds}
+            if negative:
+                out["negative_prompt_embeds"] = negative_embeds
+        else:  # ltx: T5 states and their attention mask
+            embeds, mask, negative_embeds, negative_mask = pipeline.encode_prompt(
+                prompts, None, do_classifier_free_guidance=negative, max_sequence_length=max_sequence_length,
+                device=device,
+            )  # fmt: skip
+            out = {"prompt_embeds": embeds, "prompt_attention_mask": mask}
+            if negative:
+                out |= {"negative_prompt_embeds": negative_embeds, "negative_prompt_attention_mask": negative_mask}
     return {key: value.detach() for key, value in out.items()}
 
 
@@ -253,13 +321,93 @@ def load_lora(pipeline, folder: str) -> None:
 
 
 def vae_latents(vae_config, sample: torch.Tensor) -> torch.Tensor:
+    """An image VAE's sample as the transformer's latents: ``(sample - shift_factor) * scaling_factor``."""
     shift = getattr(vae_config, "shift_factor", None) or 0.0
     return (sample - shift) * vae_config.scaling_factor
 
 
+def normalize_latents(spec: ModelSpec, vae, sample: torch.Tensor) -> torch.Tensor:
+    """A VAE posterior sample as the transformer's latents, as each pipeline maps them (the inverse of what it does
+    before decoding): Wan, per channel ``(z - latents_mean) / latents_std`` (config lists); LTX,
+    ``(z - latents_mean) * scaling_factor / latents_std`` (the VAE's buffers); the image families, `vae_latents`."""
+    if spec.family in WAN_LIKE:
+        shape = (1, -1) + (1,) * (sample.ndim - 2)
+        mean = torch.tensor(vae.config.latents_mean, device=sample.device, dtype=sample.dtype).view(shape)
+        std = torch.tensor(vae.config.latents_std, device=sample.device, dtype=sample.dtype).view(shape)
+        return (sample - mean) / std
+    if spec.family == "ltx":
+        shape = (1, -1) + (1,) * (sample.ndim - 2)
+        mean = vae.latents_mean.to(sample.device, sample.dtype).view(shape)
+        std = vae.latents_std.to(sample.device, sample.dtype).view(shape)
+        return (sample - mean) * vae.config.scaling_factor / std
+    return vae_latents(vae.config, sample)
+
+
+def vae_compression(spec: ModelSpec, vae) -> tuple[int, int]:
+    """How many frames and pixels (per side) one latent covers: ``(temporal, spatial)``; (1, 2^(levels - 1)) for the
+    image VAEs. A clip of F frames has ``(F - 1) // temporal + 1`` latent frames (the first frame alone, then groups)."""
+    if spec.family in WAN_LIKE:
+        return 2 ** sum(vae.config.temperal_downsample), 2 ** len(vae.config.temperal_downsample)
+    if spec.family == "ltx":
+        return vae.temporal_compression_ratio, vae.spatial_compression_ratio
+    return 1, 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def patch_sizes(spec: ModelSpec, config) -> tuple[int, int]:
+    """The transformer's ``(temporal, spatial)`` patch size in latents (Flux packs 2x2 latents per token)."""
+    if spec.family == "flux":
+        return 1, 2
+    if spec.family in WAN_LIKE:
+        return config.patch_size[0], config.patch_size[1]
+    if spec.family == "ltx":
+        return config.patch_size_t, config.patch_size
+    return 1, config.patch_size
+
+
+def num_image_tokens(spec: ModelSpec, config, latent_frames: int, latent_size: int) -> int:
+    """Image (video) tokens per sample: what routing splits."""
+    temporal, spatial = patch_sizes(spec, config)
+    return (latent_frames // temporal) * (latent_size // spatial) ** 2
+
+
+def training_flow_shift(spec: ModelSpec, scheduler_config: dict, num_tokens: int) -> float | None:
+    """The timestep shift a video family trains with: sigma -> shift * sigma / (1 + (shift - 1) * sigma), SD3's
+    resolution-dependent shift (Esser et al. 2024, arXiv 2403.03206, Sec. 5.3.2: more tokens need more noise), at the
+    value the family's pipeline samples with, read from its scheduler config. Wan (rectified flow, Wan report arXiv
+    2503.20314): the scheduler's ``flow_shift`` (Diffusers' Wan docs: 3.0 for 480p, 5.0 for 720p). LTX-Video (arXiv
+    2501.00103): its pipeline's token-count rule where the scheduler has ``use_dynamic_shifting`` (mu linear from
+    ``base_shift`` at ``base_image_seq_len`` tokens to ``max_shift`` at ``max_image_seq_len``, shift = e^mu, as
+    `LTXPipeline` computes it for sampling), else its static ``shift``. Applying the sampling shift to training is
+    this library's choice, as in Diffusers' SD3 examples (whose training sigmas are the scheduler's shifted ones).
+    None for the image families, whose training scheduler carries its shift already."""
+    if not spec.is_video:
+        return None
+    if spec.family == "ltx" and scheduler_config.get("use_dynamic_shifting"):
+        slope = (scheduler_config["max_shift"] - scheduler_config["base_shift"]) / (
+            scheduler_config["max_image_seq_len"] - scheduler_config["base_image_seq_len"]
+        )
+        mu = scheduler_config["base_shift"] + slope * (num_tokens - scheduler_config["base_image_seq_len"])
+        return math.exp(mu)
+    return float(scheduler_config.get("flow_shift") or scheduler_config.get("shift") or 1.0)
+
+
+def training_noise_scheduler(spec: ModelSpec, shift: float | None = None):
+    """The training-time noise schedule (`set_timesteps` is never called on it, so it keeps its 1000 training
+    timesteps and sigmas): a video family's flow matching at ``shift`` (`training_flow_shift`); SD3/Flux, the
+    pipeline's own FlowMatchEulerDiscreteScheduler; PixArt, its DDPM schedule."""
+    from diffusers import DDPMScheduler
+
+    if spec.is_video:
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift or 1.0)
+    if spec.flow_matching:
+        return FlowMatchEulerDiscreteScheduler.from_pretrained(spec.path, subfolder="scheduler")
+    return DDPMScheduler.from_pretrained(spec.path, subfolder="scheduler")
+
+
 def model_prediction(spec: ModelSpec, transformer, noisy, timesteps, embeds, options, weight_dtype, vae_scale_factor):
-    """The transformer's output for `noisy` latents `(B, C, H, W)`, as `(B, C, H, W)` (PixArt: the epsilon/v half of
-    a learned-sigma output)."""
+    """The transformer's output for `noisy` latents `(B, C, H, W)` (video: `(B, C, F, H, W)`), in the same shape
+    (PixArt: the epsilon/v half of a learned-sigma output). LTX reads ``options.vae_temporal_compression`` and
+    ``options.fps`` for its RoPE scale."""
     noisy = noisy.to(weight_dtype)
     embeds = {
         key: value.to(noisy.device, weight_dtype if value.is_floating_point() else value.dtype)
@@ -292,6 +440,30 @@ def model_prediction(spec: ModelSpec, transformer, noisy, timesteps, embeds, opt
             pooled_projections=embeds["pooled_prompt_embeds"],
             return_dict=False,
         )[0]
+    if spec.family in WAN_LIKE:  # (B, C, F, H, W) in and out; patches and 3D RoPE inside the model
+        return transformer(
+            hidden_states=noisy, timestep=timesteps, encoder_hidden_states=embeds["prompt_embeds"], return_dict=False
+        )[0]
+    if spec.family == "ltx":  # a packed token sequence, RoPE over (frame, row, column) scaled as LTXPipeline does
+        config = unwrap(transformer).config
+        batch, channels, frames, height, width = noisy.shape
+        packed = LTXPipeline._pack_latents(noisy, config.patch_size, config.patch_size_t)
+        output = transformer(
+            hidden_states=packed,
+            encoder_hidden_states=embeds["prompt_embeds"],
+            timestep=timesteps,
+            encoder_attention_mask=embeds["prompt_attention_mask"],
+            num_frames=frames,
+            height=height,
+            width=width,
+            rope_interpolation_scale=(
+                options.vae_temporal_compression / options.fps,
+                vae_scale_factor,
+                vae_scale_factor,
+            ),
+            return_dict=False,
+        )[0]
+        return LTXPipeline._unpack_latents(output, frames, height, width, config.patch_size, config.patch_size_t)
     # flux: 2x2 patches packed into tokens, RoPE ids for image and text tokens, guidance as an input
     batch, channels, height, width = noisy.shape
     packed = FluxPipeline._pack_latents(noisy, batch, channels, height, width)
@@ -327,8 +499,10 @@ def training_loss(spec, transformer, noise_scheduler, x0, embeds, options, gener
     "no additional losses"): routing only changes which blocks a token passes through; every token, bypassed or not,
     leaves the final layer with a prediction, so every token has a target and the loss is the one dense fine-tuning
     uses. (v1's adapted loss, kept-token denoising plus an MAE term on the bypassed tokens, is `--tread_loss adapted`
-    of the class-conditional script.) PixArt: MSE to epsilon (or v, per its scheduler); SD3/Flux: rectified flow with
-    Diffusers' SD3 timestep densities and loss weightings.
+    of the class-conditional script.) PixArt: MSE to epsilon (or v, per its scheduler); SD3/Flux/Wan/LTX: rectified
+    flow with Diffusers' SD3 timestep densities and loss weightings (`compute_density_for_timestep_sampling`,
+    `compute_loss_weighting_for_sd3`) over the scheduler's shifted sigmas, to the velocity ``noise - x0`` or, with
+    ``options.precondition_outputs``, to ``x0``.
     """
     batch = x0.shape[0]
     noise = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0.device)
@@ -344,7 +518,8 @@ def training_loss(spec, transformer, noise_scheduler, x0, embeds, options, gener
         )
         indices = (u * noise_scheduler.config.num_train_timesteps).long().clamp(max=len(noise_scheduler.timesteps) - 1)
         timesteps = noise_scheduler.timesteps[indices.cpu()].to(x0.device)
-        sigmas = noise_scheduler.sigmas[indices.cpu()].to(x0.device, torch.float32).view(batch, 1, 1, 1)
+        sigmas = noise_scheduler.sigmas[indices.cpu()].to(x0.device, torch.float32)
+        sigmas = sigmas.view(batch, *[1] * (x0.ndim - 1))
         noisy = (1.0 - sigmas) * x0 + sigmas * noise
         prediction = model_prediction(
             spec, transformer, noisy, timesteps, embeds, options, weight_dtype, vae_scale_factor

@@ -5,8 +5,9 @@ small functions a training loop calls, no loop of its own.
   `LossLog`), written to keep the accelerator busy: no host synchronisation inside it (the loss stays on the device
   until `LossLog.flush`), an optimizer that updates all parameters in a few kernels, and nothing that breaks a compiled
   graph inside the model's blocks.
-- The command line: the ``--routes`` parser (`parse_routes`), the checks on the options both scripts share
-  (`check_run_arguments`), and `main_with_messages` (the failures we explain end as one message, not a traceback).
+- The command line: the ``--routes`` parser (`parse_routes`), the options both scripts share
+  (`add_optimization_arguments`, `add_run_arguments`) and their checks (`check_run_arguments`,
+  `check_step_intervals`), and `main_with_messages` (the failures we explain end as one message, not a traceback).
 - The prelude both scripts share: `start_run` (accelerator, logging, seed, output folder, Hub repo),
   `make_train_dataloader`, `train_steps_for` (``--max_train_steps`` or the epochs' worth) and `make_lr_scheduler`;
   `RunState`, what a run's stages share.
@@ -151,6 +152,19 @@ class LossLog:
             if not math.isfinite(value):
                 raise FloatingPointError(f"Loss is {value} at step {step}.")
         return rows
+
+
+def flush_loss_log(pending: LossLog, gather=None, output_dir: str | os.PathLike = ".") -> list[tuple[int, float]]:
+    """`LossLog.flush`, with what to do about a non-finite loss in its message: a script flushes before every
+    checkpoint, so the last checkpoint in ``output_dir`` predates the divergence."""
+    try:
+        return pending.flush(gather=gather)
+    except FloatingPointError as error:
+        raise FloatingPointError(
+            f"{error} The last checkpoint in {output_dir} is untouched (none is saved after a non-finite "
+            "loss); resume from it with a lower --learning_rate, --max_grad_norm, or bf16 instead of fp16 "
+            "(--mixed_precision bf16)."
+        ) from None
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -315,8 +329,8 @@ class RunState:
     ``args`` and ``argv`` (the parsed and the given command line), the ``accelerator`` and Hub ``repo_id`` of
     `start_run`, the clock (``started``: ``time.time()`` at the start, moved back by the time a resumed checkpoint had
     already run), the training ``generator`` (every training draw; checkpoints carry it), the mixed-precision
-    ``weight_dtype`` of frozen parts, the background checkpoint ``uploads`` (``--push_checkpoints``) and the script's
-    ``data``.
+    ``weight_dtype`` of frozen parts, the background checkpoint ``uploads`` (``--push_checkpoints``), the optimization
+    step reached (``global_step``) and the script's ``data``. A script may subclass it for what only its stages share.
     """
 
     args: argparse.Namespace
@@ -327,7 +341,12 @@ class RunState:
     generator: torch.Generator | None = None
     weight_dtype: torch.dtype = torch.float32
     uploads: Any = None  # a diffusers_tread.hub.CheckpointUploads
+    global_step: int = 0
     data: Any = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
 
     @property
     def elapsed(self) -> float:
@@ -434,3 +453,82 @@ def main_with_messages(main: Callable[[], object]) -> None:
         message = redact_tokens(f"error: {type(error).__name__}: {error}")
         print(f"{message}\n({where}; set TREAD_TRACEBACK=1 to see the traceback)", file=sys.stderr)
         raise SystemExit(1) from None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The command-line options both training scripts share
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def add_optimization_arguments(
+    parser: argparse.ArgumentParser,
+    *,
+    train_batch_size: int,
+    num_train_epochs: int,
+    learning_rate: float | None,
+    adam_weight_decay: float,
+    learning_rate_help: str | None = None,
+    adam_weight_decay_help: str | None = None,
+) -> None:
+    """The optimisation options of both training scripts (seed, batch, steps, LR schedule, AdamW, clipping, precision),
+    as Diffusers' training examples name them; the defaults that differ between the scripts are arguments."""
+    group = parser.add_argument_group("optimisation")
+    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--train_batch_size", type=int, default=train_batch_size, help="per device")
+    group.add_argument("--num_train_epochs", type=int, default=num_train_epochs)
+    group.add_argument("--max_train_steps", type=int, default=None, help="overrides --num_train_epochs")
+    group.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    group.add_argument("--gradient_checkpointing", action="store_true")
+    group.add_argument("--learning_rate", type=float, default=learning_rate, help=learning_rate_help)
+    group.add_argument("--scale_lr", action="store_true", help="multiply the LR by batch x accumulation x processes")
+    group.add_argument(
+        "--lr_scheduler",
+        default="constant",
+        help="linear, cosine, cosine_with_restarts, polynomial, constant, constant_with_warmup",
+    )
+    group.add_argument("--lr_warmup_steps", type=int, default=0)
+    group.add_argument("--adam_beta1", type=float, default=0.9)
+    group.add_argument("--adam_beta2", type=float, default=0.999)
+    group.add_argument("--adam_weight_decay", type=float, default=adam_weight_decay, help=adam_weight_decay_help)
+    group.add_argument("--adam_epsilon", type=float, default=1e-8)
+    group.add_argument("--max_grad_norm", type=float, default=1.0)
+    group.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None)
+    group.add_argument("--allow_tf32", action="store_true")
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, *, output_dir: str, tracker_project_name: str) -> None:
+    """The run-folder, checkpoint, logging and Hub options of both training scripts (what `start_run`,
+    `diffusers_tread.checkpointing` and `diffusers_tread.hub` read); check them with `check_step_intervals` and
+    `check_run_arguments` after parsing."""
+    group = parser.add_argument_group("run folder, checkpoints, logging, Hub")
+    group.add_argument("--output_dir", default=output_dir)
+    group.add_argument(
+        "--overwrite_output_dir",
+        action="store_true",
+        help="delete the checkpoints and outputs of an earlier run in --output_dir (otherwise such a folder is refused)",
+    )
+    group.add_argument("--checkpointing_steps", type=int, default=500)
+    group.add_argument("--checkpoints_total_limit", type=int, default=None)
+    group.add_argument("--resume_from_checkpoint", default=None, help='a checkpoint folder or "latest"')
+    group.add_argument("--report_to", default="tensorboard", help='tensorboard, wandb, all or "none"')
+    group.add_argument(
+        "--logging_steps",
+        type=int,
+        default=10,
+        help="read the loss back from the device every N steps (one host sync each; it stays on the device between), "
+        "and look for stop signals then",
+    )
+    group.add_argument("--logging_dir", default="logs")
+    group.add_argument("--tracker_project_name", default=tracker_project_name)
+    group.add_argument("--push_to_hub", action="store_true")
+    group.add_argument("--push_checkpoints", action="store_true", help="also upload checkpoints, in the background")
+    group.add_argument("--hub_model_id", default=None)
+    group.add_argument("--hub_token", default=None, help="default (safer): HF_TOKEN or the `hf auth login` token")
+    group.add_argument("--hub_private_repo", action="store_true")
+
+
+def check_step_intervals(parser: argparse.ArgumentParser, args: argparse.Namespace, names: Iterable[str]) -> None:
+    """``parser.error`` for a step interval below 1 (``--logging_steps 0`` would never log, and divide by zero)."""
+    for name in names:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1 (it is a step interval)")

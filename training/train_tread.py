@@ -105,8 +105,12 @@ from diffusers_tread.training_utils import (
     ArgumentParser,
     LossLog,
     RunState,
+    add_optimization_arguments,
+    add_run_arguments,
     check_run_arguments,
+    check_step_intervals,
     drop_class_labels,
+    flush_loss_log,
     main_with_messages,
     make_lr_scheduler,
     make_optimizer,
@@ -235,34 +239,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--latents_dir", default=None, help="precomputed latents from training/extract_latents.py")
     parser.add_argument("--cache_dir", default=None)
     parser.add_argument("--dataloader_num_workers", type=int, default=0)
-    # Optimisation
-    parser.add_argument("--output_dir", default="tread-digits")
-    parser.add_argument(
-        "--overwrite_output_dir",
-        action="store_true",
-        help="delete the checkpoints and outputs of an earlier run in --output_dir (otherwise such a folder is refused)",
-    )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--train_batch_size", type=int, default=64, help="per device")
-    parser.add_argument("--num_train_epochs", type=int, default=100)
-    parser.add_argument("--max_train_steps", type=int, default=None, help="overrides --num_train_epochs")
-    parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    parser.add_argument("--gradient_checkpointing", action="store_true")
-    parser.add_argument("--learning_rate", type=float, default=None, help="default 1e-4 (DiT); 5e-4 for the digits")
-    parser.add_argument("--scale_lr", action="store_true", help="multiply the LR by batch x accumulation x processes")
-    parser.add_argument(
-        "--lr_scheduler",
-        default="constant",
-        help="linear, cosine, cosine_with_restarts, polynomial, constant, constant_with_warmup",
-    )
-    parser.add_argument("--lr_warmup_steps", type=int, default=0)
-    parser.add_argument("--adam_beta1", type=float, default=0.9)
-    parser.add_argument("--adam_beta2", type=float, default=0.999)
-    parser.add_argument("--adam_weight_decay", type=float, default=0.0, help="DiT uses 0")
-    parser.add_argument("--adam_epsilon", type=float, default=1e-8)
-    parser.add_argument("--max_grad_norm", type=float, default=1.0)
-    parser.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None)
-    parser.add_argument("--allow_tf32", action="store_true")
+    # Optimisation, the run folder, checkpoints, logging and the Hub: the options both training scripts share
+    add_optimization_arguments(
+        parser, train_batch_size=64, num_train_epochs=100, learning_rate=None, adam_weight_decay=0.0,
+        learning_rate_help="default 1e-4 (DiT); 5e-4 for the digits", adam_weight_decay_help="DiT uses 0",
+    )  # fmt: skip
+    add_run_arguments(parser, output_dir="tread-digits", tracker_project_name="train_tread")
     parser.add_argument(
         "--compile",
         action="store_true",
@@ -281,10 +263,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ema_decay", type=float, default=0.9999)
     parser.add_argument("--ema_warmup", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--ema_power", type=float, default=0.75)
-    # Checkpoints, validation, logging
-    parser.add_argument("--checkpointing_steps", type=int, default=500)
-    parser.add_argument("--checkpoints_total_limit", type=int, default=None)
-    parser.add_argument("--resume_from_checkpoint", default=None, help='a checkpoint path or "latest"')
+    # Validation
     parser.add_argument("--validation_steps", type=int, default=500)
     parser.add_argument(
         "--validation_class_labels", default=None, help="comma-separated ids or names (default: the first 10 classes)"
@@ -292,20 +271,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num_validation_images", type=int, default=8, help="per class")
     parser.add_argument("--validation_num_inference_steps", type=int, default=50)
     parser.add_argument("--validation_guidance_scale", type=float, default=2.0)
-    parser.add_argument("--report_to", default="tensorboard", help='tensorboard, wandb, all or "none"')
-    parser.add_argument(
-        "--logging_steps",
-        type=int,
-        default=10,
-        help="read the loss back from the device every N steps (one host sync each; it stays on the device between)",
-    )
-    parser.add_argument("--logging_dir", default="logs")
-    parser.add_argument("--tracker_project_name", default="train_tread")
-    parser.add_argument("--push_to_hub", action="store_true")
-    parser.add_argument("--push_checkpoints", action="store_true", help="also upload checkpoints, in the background")
-    parser.add_argument("--hub_model_id", default=None)
-    parser.add_argument("--hub_token", default=None, help="default (safer): HF_TOKEN or the `hf auth login` token")
-    parser.add_argument("--hub_private_repo", action="store_true")
     args = parser.parse_args(argv)
 
     if args.pretrained_model_name_or_path and args.model_config is not None:
@@ -348,9 +313,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--repa_loss_weight must be > 0 and --repa_projector_dim at least 1")
     if args.lora_rank is not None and not args.pretrained_model_name_or_path:
         parser.error("--lora_rank fine-tunes a checkpoint: give --pretrained_model_name_or_path")
-    for name in ("logging_steps", "checkpointing_steps", "validation_steps"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be at least 1 (it is a step interval)")
+    check_step_intervals(parser, args, ("logging_steps", "checkpointing_steps", "validation_steps"))
     if args.num_validation_images < 1:  # the validation grids and the final sample grid have one column per image
         parser.error("--num_validation_images must be at least 1 (images per class in the sample grids)")
     try:  # before training, not at the first validation
@@ -851,14 +814,7 @@ def flush_losses(
     """Stage 6: read the pending losses back (one host sync), fail on a non-finite one, show, log and append them to
     loss_history.csv (step, loss, seconds since the run started). Returns the (step, loss) rows read."""
     args, accelerator = run.args, run.accelerator
-    try:
-        rows = pending.flush(gather=accelerator.gather)
-    except FloatingPointError as error:
-        raise FloatingPointError(
-            f"{error} The last checkpoint in {args.output_dir} is untouched (none is saved after a non-finite "
-            "loss); resume from it with a lower --learning_rate, --max_grad_norm, or bf16 instead of fp16 "
-            "(--mixed_precision bf16)."
-        ) from None
+    rows = flush_loss_log(pending, accelerator.gather, args.output_dir)
     if not rows:
         return rows
     postfix = dict(loss=f"{rows[-1][1]:.4f}", lr=lr_scheduler.get_last_lr()[0], it_s=f"{steps_per_s:.2f}")

@@ -1,5 +1,5 @@
-"""Training data: scikit-learn's digits, `datasets` image and image-caption datasets, VAE latent shards and caption
-embedding caches; one path for both training scripts.
+"""Training data: scikit-learn's digits, `datasets` image and image-caption datasets, captioned video clips, VAE
+latent shards and caption embedding caches; one path for both training scripts.
 
 Not imported by ``import diffusers_tread``: the training-only dependencies (``datasets``, ``scikit-learn``) are
 imported inside the functions that need them.
@@ -28,11 +28,13 @@ from .images import (
     seeded_generator,
 )
 from .latents import LatentShardDataset, check_latents_match, check_latents_options, load_latents_metadata
+from .videos import CaptionedVideoDataset, load_captioned_videos, read_video
 
 __all__ = [
     "BAD_IMAGES_HELP",
     "BAD_IMAGE_POLICIES",
     "CachedLatentDataset",
+    "CaptionedVideoDataset",
     "CaptionedImageDataset",
     "LatentShardDataset",
     "caption_table",
@@ -42,6 +44,7 @@ __all__ = [
     "embeddings_fingerprint",
     "first_readable_example",
     "load_captioned_images",
+    "load_captioned_videos",
     "load_digits",
     "load_image_dataset",
     "load_latents_metadata",
@@ -49,6 +52,7 @@ __all__ = [
     "open_image",
     "preprocess_image",
     "read_image",
+    "read_video",
     "resolve_dataset",
     "save_precomputed_embeddings",
     "seeded_generator",
