@@ -113,4 +113,3 @@ def test_fetch_lora_state_dict_names_a_release_without_the_reader(monkeypatch):
     monkeypatch.delattr(lora_base, "_fetch_state_dict")
     with pytest.raises(ImportError, match="supported release"):
         compat.fetch_lora_state_dict({})
-
