@@ -6,18 +6,19 @@ import inspect
 import json
 import re
 import sys
+import warnings
 
 import diffusers
 import pytest
 import torch
 from conftest import REPO, load_module, tiny_tread
-from diffusers import AutoencoderKL, DiffusionPipeline, DiTTransformer2DModel
+from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, DiTTransformer2DModel
 from diffusers.configuration_utils import ConfigMixin
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from packaging.specifiers import SpecifierSet
 from peft import LoraConfig
 
-from diffusers_tread import TreadDiTPipeline, TreadSSM2DModel, compat
+from diffusers_tread import TreadDiTPipeline, TreadSSM2DModel, TreadTransformer2DModel, compat
 
 
 def test_installed_diffusers_is_a_release_setup_py_allows():
@@ -113,3 +114,12 @@ def test_fetch_lora_state_dict_names_a_release_without_the_reader(monkeypatch):
     monkeypatch.delattr(lora_base, "_fetch_state_dict")
     with pytest.raises(ImportError, match="supported release"):
         compat.fetch_lora_state_dict({})
+
+
+def test_dtype_kwarg_is_the_one_the_release_reads_without_a_warning(tmp_path):
+    TreadDiTPipeline(transformer=tiny_tread(), vae=None, scheduler=DDIMScheduler()).save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # a pipeline's torch_dtype= is deprecated from 0.40
+        pipe = TreadDiTPipeline.from_pretrained(tmp_path, **compat.dtype_kwarg(torch.float64))
+        model = TreadTransformer2DModel.from_pretrained(tmp_path / "transformer", **compat.dtype_kwarg(torch.float64))
+    assert {parameter.dtype for parameter in [*pipe.transformer.parameters(), *model.parameters()]} == {torch.float64}

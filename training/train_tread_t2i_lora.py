@@ -53,9 +53,6 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from diffusers_tread import hub
-
-# The library's crash-safe run folder (checkpoints, final save, resume, stop signals), shared with train_tread.py, so
-# that both scripts behave the same way.
 from diffusers_tread.checkpointing import (
     LOSS_HISTORY,
     check_run_arguments,
@@ -68,6 +65,10 @@ from diffusers_tread.checkpointing import (
     save_checkpoint,
     stop_requested,
 )
+
+# The library's crash-safe run folder (checkpoints, final save, resume, stop signals), shared with train_tread.py, so
+# that both scripts behave the same way.
+from diffusers_tread.compat import dtype_kwarg
 from diffusers_tread.data import (
     BAD_IMAGE_POLICIES,
     BAD_IMAGES_HELP,
@@ -718,7 +719,7 @@ def final_validation(accelerator, spec: ModelSpec, args, staging, vae, prompt_kw
     under ``staging``/validation and logged to TensorBoard. Returns the images (for the model card's widget)."""
     free_memory()
     base = spec.transformer_class.from_pretrained(
-        spec.path, subfolder="transformer", revision=args.revision, variant=args.variant, dtype=weight_dtype
+        spec.path, subfolder="transformer", revision=args.revision, variant=args.variant, **dtype_kwarg(weight_dtype)
     ).to(accelerator.device)
     pipeline = validation_pipeline(spec, args, base, vae, weight_dtype)
     load_lora(pipeline, staging)  # the saved file, exactly as users will load it
@@ -733,7 +734,7 @@ def compute_embeddings(spec: ModelSpec, args, unique_captions: list[str], accele
     """Encode every distinct caption (and the validation prompt) once; the text encoders are freed afterwards."""
     logger.info(f"Encoding {len(unique_captions)} distinct captions with {', '.join(spec.text_components)}")
     pipeline = spec.pipeline_class.from_pretrained(
-        spec.path, transformer=None, vae=None, variant=args.variant, dtype=weight_dtype
+        spec.path, transformer=None, vae=None, variant=args.variant, **dtype_kwarg(weight_dtype)
     )
     pipeline.to(accelerator.device)
     pipeline.set_progress_bar_config(disable=True)
@@ -764,7 +765,7 @@ def validation_pipeline(spec: ModelSpec, args, transformer, vae, weight_dtype):
     """The base pipeline around the training transformer, without text encoders (prompts come precomputed)."""
     no_text = {name: None for name in spec.text_components}
     pipeline = spec.pipeline_class.from_pretrained(
-        spec.path, transformer=transformer, vae=vae, variant=args.variant, dtype=weight_dtype, **no_text
+        spec.path, transformer=transformer, vae=vae, variant=args.variant, **dtype_kwarg(weight_dtype), **no_text
     )
     pipeline.set_progress_bar_config(disable=True)
     return pipeline

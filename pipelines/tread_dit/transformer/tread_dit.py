@@ -67,6 +67,8 @@ from torch import nn
 #   `fetch_lora_state_dict` wraps it. On 0.35-0.39 it also refuses to look for the file in a local folder when offline
 #   (``HF_HUB_OFFLINE=1`` or ``local_files_only=True``) unless ``weight_name`` is given; 0.40 onward look, and the
 #   wrapper names Diffusers' standard LoRA file there for the older releases.
+# - ``from_pretrained(dtype=)``: 0.40 onward; ``torch_dtype=`` is read by every release and deprecated from 0.40.
+#   `dtype_kwarg` gives the one the release reads without a warning (public API, renamed).
 # - LoRA metadata arguments (``save_lora_weights(transformer_lora_adapter_metadata=)``,
 #   ``write_lora_layers(lora_adapter_metadata=)``, ``load_lora_adapter(metadata=)``): 0.34 onward; used directly.
 # - ``pipelines.pipeline_loading_utils.LOADABLE_CLASSES`` (the loader's registry of component libraries): every
@@ -77,6 +79,11 @@ from torch import nn
 DIFFUSERS_RELEASE = Version(diffusers.__version__).release
 # DiffusionPipeline._get_signature_types resolves string annotations and `X | Y` unions (0.37 onward).
 RESOLVES_PIPELINE_ANNOTATIONS = DIFFUSERS_RELEASE >= (0, 37)
+
+
+def dtype_kwarg(dtype: torch.dtype | None) -> dict[str, torch.dtype | None]:
+    """The ``from_pretrained`` keyword for a weight dtype: ``dtype=`` from Diffusers 0.40, ``torch_dtype=`` before."""
+    return {"dtype" if DIFFUSERS_RELEASE >= (0, 40) else "torch_dtype": dtype}
 
 
 def pipeline_signature_types(pipeline_class: type) -> dict[str, tuple[Any, ...]]:
