@@ -25,6 +25,9 @@ def test_installed_diffusers_is_a_release_setup_py_allows():
     spec = re.search(r'"diffusers([^"]+)"', (REPO / "setup.py").read_text()).group(1)
     assert diffusers.__version__ in SpecifierSet(spec), f"Diffusers {diffusers.__version__} is outside {spec}"
     assert SpecifierSet(spec).contains("0.35.2") and not SpecifierSet(spec).contains("0.34.0")
+    # .ci/run's second leg tests the floor: a release setup.py allows, of the floor's minor release
+    floor = re.search(r"^bash \.ci/diffusers-leg (\S+)$", (REPO / ".ci" / "run").read_text(), re.MULTILINE).group(1)
+    assert floor in SpecifierSet(spec) and floor.split(".")[:2] == ["0", "35"]
 
 
 def _config_mixin_with_dduf_entries(monkeypatch):
