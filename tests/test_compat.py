@@ -126,3 +126,13 @@ def test_dtype_kwarg_is_the_one_the_release_reads_without_a_warning(tmp_path):
         pipe = TreadDiTPipeline.from_pretrained(tmp_path, **compat.dtype_kwarg(torch.float64))
         model = TreadTransformer2DModel.from_pretrained(tmp_path / "transformer", **compat.dtype_kwarg(torch.float64))
     assert {parameter.dtype for parameter in [*pipe.transformer.parameters(), *model.parameters()]} == {torch.float64}
+
+
+def test_a_family_the_release_lacks_is_none_and_refused_with_a_message():
+    assert compat.diffusers_class("DiTPipeline") is diffusers.DiTPipeline
+    assert compat.diffusers_class("Flux9Transformer2DModel") is None  # a family of a future release
+    from diffusers_tread.t2i_training import ModelSpec
+
+    index = {"_class_name": "Flux9Pipeline", "transformer": ["diffusers", "FluxTransformer2DModel"]}
+    with pytest.raises(ValueError, match="unknown pipeline class 'Flux9Pipeline'.*a newer release may have it"):
+        ModelSpec("base", index)

@@ -75,10 +75,24 @@ from torch import nn
 #   release 0.30-0.42; `register_loadable_library`.
 # - ``ModelMixin._gradient_checkpointing_func``: 0.33 onward; used directly (`models/`).
 # - Flux's single-stream blocks taking separate image and text streams: 0.35 onward; the router relies on it.
+# - Model families arrive in later releases (e.g. Flux.2, Z-Image from 0.36): `diffusers_class` returns ``None`` for one
+#   the installed release lacks, so callers refuse it with a message and tests skip it.
 
 DIFFUSERS_RELEASE = Version(diffusers.__version__).release
 # DiffusionPipeline._get_signature_types resolves string annotations and `X | Y` unions (0.37 onward).
 RESOLVES_PIPELINE_ANNOTATIONS = DIFFUSERS_RELEASE >= (0, 37)
+
+
+def diffusers_class(name: str) -> type | None:
+    """``diffusers.<name>`` (a pipeline or model class), or ``None`` where the installed release lacks it."""
+    try:
+        return getattr(diffusers, name)
+    except (
+        AttributeError,
+        ImportError,
+        RuntimeError,
+    ):  # lazy modules raise ImportError/RuntimeError on a failed import
+        return None
 
 
 def dtype_kwarg(dtype: torch.dtype | None) -> dict[str, torch.dtype | None]:
