@@ -16,6 +16,7 @@ install_requires = [
     "accelerate>=1.1",
     "peft>=0.17",
     "numpy",
+    "packaging",  # diffusers_tread/compat.py compares Diffusers versions
     "Pillow",
 ]
 extras = {
