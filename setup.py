@@ -1,9 +1,11 @@
 from setuptools import find_packages, setup
 
-# Diffusers is pinned to the minor release the registration hack (diffusers_tread/__init__.py) is tested on.
+# Diffusers: 0.35 is the floor (models.attention.AttentionMixin, which the DiT model subclasses, first ships in 0.35);
+# the cap lets the next minor release (0.43) in untested: the private API the package touches is named, with the
+# releases it serves, in diffusers_tread/compat.py, and .ci/run tests the floor (0.35.2) and the newest release.
 install_requires = [
     "torch>=2.5",  # torch.serialization.safe_globals (checkpoint conversion)
-    "diffusers>=0.42.1,<0.43",
+    "diffusers>=0.35,<0.44",
     "huggingface-hub>=1.0",
     "safetensors>=0.4",
     # 1.1.0 is the first release whose load_accelerator_state (Accelerator.load_state, i.e. --resume_from_checkpoint)
@@ -14,6 +16,7 @@ install_requires = [
     "accelerate>=1.1",
     "peft>=0.17",
     "numpy",
+    "packaging",  # diffusers_tread/compat.py compares Diffusers versions
     "Pillow",
 ]
 extras = {
@@ -47,6 +50,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
+    # Python 3.10 resolves Diffusers 0.35-0.41; Diffusers 0.42 itself requires Python >= 3.11.
     python_requires=">=3.10",
     # model_cards/ and spaces/ travel with the wheel as data packages (hub.py finds them there, or in a checkout).
     packages=find_packages(include=["diffusers_tread", "diffusers_tread.*"])

@@ -4,15 +4,17 @@ Importing this package registers it with Diffusers' pipeline loader, so that ``s
 transformer as ``["diffusers_tread", "TreadTransformer2DModel"]`` (or ``"TreadSSM2DModel"``) and
 ``TreadDiTPipeline.from_pretrained`` resolves it from a local folder and from the Hub alike. Diffusers only downloads
 components whose library it knows (``LOADABLE_CLASSES``) and, since 0.42, only resolves libraries that are already
-imported; hence the in-place registration and the eager imports below. This relies on a Diffusers internal: the
-tested range is pinned in setup.py and ``tests/test_pipeline_tread_dit.py`` simulates a Hub download to catch a
-change (``test_hub_simulation_catches_the_unregistered_library_trap``).
+imported; hence the in-place registration and the eager imports below. This relies on a Diffusers internal
+(`compat.register_loadable_library`; supported releases in setup.py, tested ones in .ci/run), and
+``tests/test_pipeline_tread_dit.py`` simulates a Hub download to catch a change
+(``test_hub_simulation_catches_the_unregistered_library_trap``).
 """
 
 from diffusers import ModelMixin  # noqa: F401  (the loader looks up `diffusers_tread.ModelMixin`)
-from diffusers.pipelines import pipeline_loading_utils as _loading_utils
 
-_loading_utils.LOADABLE_CLASSES.setdefault("diffusers_tread", {"ModelMixin": ["save_pretrained", "from_pretrained"]})
+from .compat import register_loadable_library
+
+register_loadable_library(__name__)
 
 from . import routing  # noqa: E402
 from .models import (  # noqa: E402

@@ -34,6 +34,7 @@ from peft import LoraConfig, inject_adapter_in_model
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import safe_open
 
+from .compat import diffusers_class
 from .routing import paper_routes, validate_routes
 
 # The LoraConfig fields a saved file's metadata gives back when it is loaded into a PixArt transformer.
@@ -108,10 +109,17 @@ class ModelSpec:
             )
         self.transformer_class_name = transformer_class
         self.family = FAMILIES[transformer_class]
-        self.pipeline_class = getattr(diffusers, self.pipeline_class_name, None)
+        self.pipeline_class = diffusers_class(self.pipeline_class_name)
         if self.pipeline_class is None or not issubclass(self.pipeline_class, DiffusionPipeline):
-            raise ValueError(f"{path}: unknown pipeline class {self.pipeline_class_name!r} in model_index.json.")
-        self.transformer_class = getattr(diffusers, transformer_class)
+            raise ValueError(
+                f"{path}: unknown pipeline class {self.pipeline_class_name!r} in model_index.json (not in the "
+                f"installed Diffusers {diffusers.__version__}; a newer release may have it)."
+            )
+        self.transformer_class = diffusers_class(transformer_class)
+        if self.transformer_class is None:
+            raise ValueError(
+                f"{path}: the installed Diffusers {diffusers.__version__} has no {transformer_class}; upgrade Diffusers."
+            )
         if self.is_video and self.pipeline_class_name not in VIDEO_PIPELINES[self.family]:
             raise ValueError(
                 f"{path}: {self.pipeline_class_name} is not a text-to-video pipeline this script trains; for the "

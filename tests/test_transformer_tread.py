@@ -225,6 +225,20 @@ def test_training_fuses_qkv_and_matches_separate_projections():
         torch.testing.assert_close(fused_grads[name], param.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_training_with_layerwise_casting_runs_the_casting_projections():
+    """Diffusers' `enable_layerwise_casting` stores weights in fp16 and casts them to fp32 in each layer's (replaced)
+    forward; the fused q/k/v matmul reads weights directly, so it must leave such layers to their own forward."""
+    model, reference = tiny_tread().train(), tiny_tread().train()
+    model.enable_layerwise_casting(storage_dtype=torch.float16, compute_dtype=torch.float32)
+    stored = model.state_dict()
+    assert stored["transformer_blocks.0.attn1.to_q.weight"].dtype == torch.float16
+    reference.load_state_dict({key: value.float() for key, value in stored.items()})  # the same weights, in fp32
+    x, t, y = tiny_inputs(batch_size=4, model=model)
+    output = model(x, t, y).sample
+    output.square().mean().backward()
+    torch.testing.assert_close(output, reference(x, t, y).sample, rtol=0, atol=1e-5)
+
+
 def test_gradient_checkpointing_is_applied_to_the_top_model_only():
     model = tiny_tread()
     model.enable_gradient_checkpointing()

@@ -62,9 +62,6 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from diffusers_tread import hub
-
-# The library's crash-safe run folder (checkpoints, final save, resume, stop signals), shared with train_tread.py, so
-# that both scripts behave the same way.
 from diffusers_tread.checkpointing import (
     LOSS_HISTORY,
     final_output,
@@ -76,6 +73,10 @@ from diffusers_tread.checkpointing import (
     save_checkpoint,
     stop_requested,
 )
+
+# The library's crash-safe run folder (checkpoints, final save, resume, stop signals), shared with train_tread.py, so
+# that both scripts behave the same way.
+from diffusers_tread.compat import dtype_kwarg
 from diffusers_tread.data import (
     BAD_IMAGE_POLICIES,
     BAD_IMAGES_HELP,
@@ -879,7 +880,7 @@ def final_validation(run: LoraRun, staging) -> list:
     accelerator, spec, args, weight_dtype = run.accelerator, run.spec, run.args, run.weight_dtype
     free_memory()
     base = spec.transformer_class.from_pretrained(
-        spec.path, subfolder="transformer", revision=args.revision, variant=args.variant, dtype=weight_dtype
+        spec.path, subfolder="transformer", revision=args.revision, variant=args.variant, **dtype_kwarg(weight_dtype)
     ).to(accelerator.device)
     pipeline = validation_pipeline(run, base)
     load_lora(pipeline, staging)  # the saved file, exactly as users will load it
@@ -894,7 +895,7 @@ def compute_embeddings(run: LoraRun, unique_captions: list[str]):
     spec, args, accelerator, weight_dtype = run.spec, run.args, run.accelerator, run.weight_dtype
     logger.info(f"Encoding {len(unique_captions)} distinct captions with {', '.join(spec.text_components)}")
     pipeline = spec.pipeline_class.from_pretrained(
-        spec.path, transformer=None, vae=None, variant=args.variant, dtype=weight_dtype
+        spec.path, transformer=None, vae=None, variant=args.variant, **dtype_kwarg(weight_dtype)
     )
     pipeline.to(accelerator.device)
     pipeline.set_progress_bar_config(disable=True)
@@ -920,7 +921,7 @@ def validation_pipeline(run: LoraRun, transformer):
     spec, args, vae, weight_dtype = run.spec, run.args, run.vae, run.weight_dtype
     no_text = {name: None for name in spec.text_components}
     pipeline = spec.pipeline_class.from_pretrained(
-        spec.path, transformer=transformer, vae=vae, variant=args.variant, dtype=weight_dtype, **no_text
+        spec.path, transformer=transformer, vae=vae, variant=args.variant, **dtype_kwarg(weight_dtype), **no_text
     )
     pipeline.set_progress_bar_config(disable=True)
     return pipeline

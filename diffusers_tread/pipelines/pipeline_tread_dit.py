@@ -25,6 +25,7 @@ from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineO
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils.torch_utils import randn_tensor
 
+from .. import compat
 from ..models.transformer_tread import TreadTransformer2DModel
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -163,12 +164,16 @@ class TreadDiTPipeline(DiffusionPipeline):
             pipe.transformer = TreadTransformer2DModel.from_dit(pipe.transformer)
         return pipe
 
+    if not compat.RESOLVES_PIPELINE_ANNOTATIONS:  # Diffusers 0.35-0.36 (see compat.py)
+        _get_signature_types = classmethod(compat.pipeline_signature_types)
+
     @classmethod
-    def _dict_from_json_file(cls, json_file):
+    def _dict_from_json_file(cls, json_file, **kwargs):
         """Read a pushed repo's remote-code `model_index.json` (``["tread_dit", X]`` entries, for users without this
         package) as the library's own (``["diffusers_tread", X]``), so the installed package needs no
-        ``trust_remote_code``. The generated Hub copy of this class (not in `diffusers_tread`) reads it unchanged."""
-        config = super()._dict_from_json_file(json_file)
+        ``trust_remote_code``. The generated Hub copy of this class (not in `diffusers_tread`) reads it unchanged.
+        ``kwargs``: what the release's ``load_config`` passes (``dduf_entries=`` on 0.33-0.40, see compat.py)."""
+        config = super()._dict_from_json_file(json_file, **kwargs)
         if not cls.__module__.startswith("diffusers_tread."):
             return config
         if list(config.get("_class_name") or []) == ["tread_dit", "TreadDiTPipeline"]:
@@ -188,13 +193,11 @@ class TreadDiTPipeline(DiffusionPipeline):
         if not isinstance(pretrained_model_name_or_path_or_dict, dict) and kwargs.get("use_safetensors") is None:
             # The model's load_lora_adapter alone would read only a .bin here; the pipeline-level lora_state_dict of
             # Diffusers' pipelines (e.g. SD3LoraLoaderMixin) tries safetensors first, as done here.
-            from diffusers.loaders.lora_base import _fetch_state_dict
-
             kwargs.pop("use_safetensors", None)
             hub_keys = ("cache_dir", "proxies", "local_files_only", "token", "revision", "subfolder", "weight_name")
             hub_kwargs = {key: kwargs.pop(key, None) for key in hub_keys}
             hub_kwargs["force_download"] = kwargs.pop("force_download", False)
-            pretrained_model_name_or_path_or_dict, metadata = _fetch_state_dict(
+            pretrained_model_name_or_path_or_dict, metadata = compat.fetch_lora_state_dict(
                 pretrained_model_name_or_path_or_dict=pretrained_model_name_or_path_or_dict,
                 use_safetensors=True,
                 allow_pickle=True,

@@ -389,7 +389,7 @@ class TreadDiTBlock(BasicTransformerBlock):
         batch_size, num_tokens, dim = hidden_states.shape
         tokens = hidden_states.reshape(batch_size * num_tokens, dim)
         projections = (attn.to_q, attn.to_k, attn.to_v)
-        if self.training and torch.is_grad_enabled() and all(type(layer) is nn.Linear for layer in projections):
+        if self.training and torch.is_grad_enabled() and all(map(_is_plain_linear, projections)):
             # Training: one (3 * dim)-wide matmul for q, k and v, as DiT's fused `qkv` layer computes them (fewer ops
             # and launches forward and backward). Not bit-identical to three matmuls, so eval keeps those.
             weight = torch.cat([layer.weight for layer in projections])
@@ -413,6 +413,14 @@ class TreadDiTBlock(BasicTransformerBlock):
         for module in self.ff.net:
             tokens = _dropout(module, tokens) if isinstance(module, nn.Dropout) else module(tokens)
         return tokens.view(batch_size, num_tokens, -1)
+
+
+def _is_plain_linear(layer: nn.Module) -> bool:
+    """Whether ``layer.weight`` and ``layer.bias`` compute what calling ``layer`` does: an ``nn.Linear`` without hooks.
+    Diffusers' layerwise casting and group offloading and Accelerate's offloading replace ``forward`` on the instance
+    (e.g. casting fp8-stored weights to the compute dtype there); PyTorch's hooks live in the hook dicts."""
+    hooked = "forward" in vars(layer) or layer._forward_pre_hooks or layer._forward_hooks
+    return type(layer) is nn.Linear and not hooked
 
 
 def _dropout(dropout: nn.Dropout, hidden_states: torch.Tensor) -> torch.Tensor:
