@@ -1,9 +1,12 @@
 """A training run's folder, made safe against kills, power loss, full disks and reuse: both training scripts use it.
 
 - `check_output_dir` / `clear_output_dir`: a run never writes into a folder that holds another run, unless it
-  resumes it or the user asks for the folder to be cleared (``--overwrite_output_dir``).
+  resumes it or the user asks for the folder to be cleared (``--overwrite_output_dir``); `lock_run_folder`: the main
+  process holds an exclusive lock on the folder for the whole run, so two runs started at once (or one resumed twice at
+  once) never share it.
 - `save_checkpoint`: `checkpoint-<step>/` is written under a hidden name, fsync'ed, marked complete with a manifest of
-  its files and renamed into place; pruning never removes the last checkpoint that verifies, and a failure on any
+  its files (which must include every file a checkpoint needs: weights, optimizer, LR scheduler, RNG states) and
+  renamed into place; pruning never removes the last checkpoint that verifies, and a failure on any
   process stops every process with one message.
 - `find_checkpoint` / `resume_from_checkpoint`: ``latest`` is the newest checkpoint that verifies (the main process
   decides and tells the others), and a finished run is recognised (`finished_step`).
@@ -24,6 +27,10 @@ import os
 import re
 import shutil
 import signal
+import socket
+import sys
+import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +59,16 @@ RUN_FILES = (
     "pytorch_lora_weights.safetensors",
 )
 RUN_FOLDERS = ("samples", "validation", "transformer", "vae", "scheduler", _STAGING)
+RUN_LOCK = ".tread-run.lock"  # held (`filelock`) by the main process for the whole run
+RUN_LOCK_HOLDER = ".tread-run.lock.json"  # who holds it: process id, host, start time, script
+# Everything a run writes while it works and never as a result (staging folders, temporary files, its lock): the Hub
+# ignore list (`diffusers_tread.hub.HUB_IGNORE_PATTERNS`) includes every pattern, and `training/push_to_hub.py`
+# refuses a folder that holds one of the staging folders.
+STAGING_PATTERNS = (".incomplete-checkpoint-*", f"{_STAGING}*", "*.tmp", f"{RUN_LOCK}*")
+# The weights when a script does not declare its own (`register_checkpoint_hooks(weight_files=...)`), and what a
+# checkpoint written before checkpoints declared what they need must hold at least.
+DEFAULT_WEIGHT_FILES = ("*.safetensors",)
+_LEGACY_REQUIRED = ("*.safetensors", "optimizer.bin", "scheduler.bin", "random_states_0.pkl")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -160,6 +177,136 @@ def check_run_arguments(parser, args) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# One run per folder
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class RunFolderInUse(OSError):
+    """Another training run holds the output folder's lock."""
+
+
+_HELD_LOCKS: dict[str, object] = {}  # resolved folder -> the `filelock.FileLock` this process holds on it
+
+
+def _holder(folder: Path) -> dict | None:
+    try:
+        holder = json.loads((folder / RUN_LOCK_HOLDER).read_text())
+    except (OSError, ValueError):
+        return None
+    return holder if isinstance(holder, dict) else None
+
+
+def _describe_holder(holder: dict | None) -> str:
+    if not holder:
+        return "a process that has not yet written its name"
+    return (
+        f"process {holder.get('pid')} on {holder.get('host')}, {holder.get('script')}, started {holder.get('started')}"
+    )
+
+
+def lock_run_folder(output_dir: str | os.PathLike) -> None:
+    """Take the exclusive lock on ``output_dir`` for this run (main process), or raise `RunFolderInUse` naming the run
+    that holds it. Two runs in one folder would interleave ``loss_history.csv``, prune each other's checkpoints and
+    clean up each other's staging folders mid-save.
+
+    The lock is `filelock`'s (``flock`` on POSIX, ``msvcrt`` on Windows): the operating system releases it when the
+    holder dies, however it dies, so a killed run never blocks the folder. The holder writes its process id, host and
+    start time beside it (`RUN_LOCK_HOLDER`) and removes them on release (`unlock_run_folder`, also at exit); finding
+    them with the lock free means the previous holder was killed (SIGKILL, power loss), which is logged with its name.
+    """
+    import filelock
+
+    folder = Path(output_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    key = str(folder.resolve())
+    if key in _HELD_LOCKS:  # an earlier run of this process (a main() called in-process) that raised: it is over
+        unlock_run_folder(folder)
+    lock = filelock.FileLock(str(folder / RUN_LOCK), timeout=0)
+    try:
+        lock.acquire()
+    except filelock.Timeout:
+        raise RunFolderInUse(
+            f"--output_dir {folder} is in use by another training run ({_describe_holder(_holder(folder))}). Two runs "
+            "in one folder would mix their checkpoints and loss history: wait for that run to end (or stop it), or "
+            "choose another --output_dir."
+        ) from None
+    stale = _holder(folder)
+    if stale:
+        alive = ""
+        if stale.get("host") == socket.gethostname() and isinstance(stale.get("pid"), int):
+            alive = " (no such process now)" if not _process_exists(stale["pid"]) else " (that process id is reused)"
+        logger.warning(
+            f"{folder}: the previous run ({_describe_holder(stale)}{alive}) ended without releasing the folder's lock, "
+            "as a kill or a power loss leaves it; this run takes it over."
+        )
+    holder = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "script": Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python",
+    }
+    _write_durably(folder / RUN_LOCK_HOLDER, json.dumps(holder))
+    _HELD_LOCKS[key] = lock
+
+
+def unlock_run_folder(output_dir: str | os.PathLike) -> None:
+    """Release `lock_run_folder`'s lock (a no-op when this process does not hold it)."""
+    folder = Path(output_dir)
+    lock = _HELD_LOCKS.pop(str(folder.resolve()), None)
+    if lock is None:
+        return
+    (folder / RUN_LOCK_HOLDER).unlink(missing_ok=True)
+    lock.release()  # the lock file stays: deleting it would let a waiting opener lock an orphaned inode
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, but is another user's
+        return True
+    return True
+
+
+def hold_run_folder(accelerator, args) -> None:
+    """`start_run`'s part: on the main process take the folder's lock (`lock_run_folder`) and check again, under the
+    lock, that the folder holds no other run (two new runs started at once both passed `check_output_dir` at parse
+    time); every process raises the same error. The lock is released by ``accelerator.end_training()`` (every way out
+    of the scripts' ``main``) or at exit."""
+    import atexit
+
+    error = None
+    if accelerator.is_main_process:
+        try:
+            lock_run_folder(args.output_dir)
+            problem = check_output_dir(args.output_dir, bool(args.resume_from_checkpoint), args.overwrite_output_dir)
+            if problem:
+                unlock_run_folder(args.output_dir)
+                error = ValueError(problem)
+        except OSError as raised:
+            error = raised
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        message = [None if error is None else (type(error).__name__, str(error))]
+        broadcast_object_list(message)
+        if message[0] is not None and error is None:
+            error = (ValueError if message[0][0] == "ValueError" else RunFolderInUse)(message[0][1])
+    if error is not None:
+        raise error
+    if accelerator.is_main_process:
+        atexit.register(unlock_run_folder, args.output_dir)
+        end_training = accelerator.end_training
+
+        def end_training_and_unlock():
+            end_training()
+            unlock_run_folder(args.output_dir)
+
+        accelerator.end_training = end_training_and_unlock
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Checkpoints
 # ----------------------------------------------------------------------------------------------------------------------
 
@@ -190,9 +337,35 @@ def _manifest(folder: Path) -> dict[str, int]:
     }
 
 
+_WEIGHT_FILES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # accelerator -> its script's weight files
+
+
+def required_files(accelerator) -> list[str]:
+    """The files (`fnmatch` patterns, relative to the checkpoint) a checkpoint of this run must hold to resume it: the
+    weights its script declared (`register_checkpoint_hooks`), accelerate's optimizer and LR scheduler states (one per
+    prepared object), every process's RNG states and, with our hooks, every process's training generator."""
+    hooked = accelerator in _WEIGHT_FILES
+    optimizers = len(getattr(accelerator, "_optimizers", []))
+    schedulers = len(getattr(accelerator, "_schedulers", []))
+    files = list(_WEIGHT_FILES.get(accelerator, DEFAULT_WEIGHT_FILES))
+    files += ["optimizer.bin" if index == 0 else f"optimizer_{index}.bin" for index in range(optimizers)]
+    files += ["scheduler.bin" if index == 0 else f"scheduler_{index}.bin" for index in range(schedulers)]
+    for process in range(accelerator.num_processes):
+        files += [f"random_states_{process}.pkl", *([f"train_rng_{process}.pt"] if hooked else [])]
+    return files
+
+
+def missing_files(names: list[str], required: list[str]) -> list[str]:
+    """The patterns of ``required`` that no name in ``names`` matches."""
+    from fnmatch import fnmatch
+
+    return [pattern for pattern in required if not any(fnmatch(name, pattern) for name in names)]
+
+
 def verify_checkpoint(checkpoint: str | os.PathLike) -> str | None:
-    """Why ``checkpoint`` would not load (missing marker, a file missing or of another size than when it was saved,
-    an unreadable safetensors header), or None. Cheap: sizes and headers, no tensor is read."""
+    """Why ``checkpoint`` would not load (missing marker, a file it needs missing from its manifest, a file missing or
+    of another size than when it was saved, an unreadable safetensors header), or None. Cheap: sizes and headers, no
+    tensor is read."""
     from safetensors import safe_open
 
     folder = Path(checkpoint)
@@ -200,7 +373,16 @@ def verify_checkpoint(checkpoint: str | os.PathLike) -> str | None:
         marker = json.loads((folder / CHECKPOINT_COMPLETE).read_text())
     except (OSError, ValueError) as error:
         return f"no readable {CHECKPOINT_COMPLETE} ({error})"
-    for name, size in (marker.get("files") or {}).items():  # checkpoints of earlier versions have no manifest
+    if not isinstance(marker, dict):
+        return f"{CHECKPOINT_COMPLETE} is not a manifest"
+    files = marker.get("files")  # checkpoints of earlier versions have no manifest: what is on disk
+    names = list(files) if files else [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
+    missing = missing_files(names, marker.get("required") or list(_LEGACY_REQUIRED))
+    if missing:
+        return (
+            f"it lacks {', '.join(missing)} (a checkpoint needs its weights, optimizer, LR scheduler and RNG states)"
+        )
+    for name, size in (files or {}).items():
         path = folder / name
         if not path.is_file():
             return f"{name} is missing"
@@ -287,8 +469,14 @@ def save_checkpoint(
     saved = _everyone_succeeded(accelerator, error is None)
     if saved and accelerator.is_main_process:
         try:
+            files = _manifest(partial)
+            required = required_files(accelerator)
+            missing = missing_files(list(files), required)
+            if missing:  # never mark complete what cannot resume the run
+                raise OSError(f"{partial} lacks {', '.join(missing)} after saving")
             _write_durably(
-                partial / CHECKPOINT_COMPLETE, json.dumps({"step": global_step, "files": _manifest(partial)})
+                partial / CHECKPOINT_COMPLETE,
+                json.dumps({"step": global_step, "files": files, "required": required}),
             )
             _fsync(partial)
             if final.exists():  # the same step saved again after a resume
@@ -471,11 +659,14 @@ def register_checkpoint_hooks(
     seed: int,
     save_weights: Callable[[list, str], None],
     load_weights: Callable[[list, str], None],
+    weight_files: tuple[str, ...] = DEFAULT_WEIGHT_FILES,
 ) -> None:
     """Make `accelerator.save_state` / `load_state` write the models as Diffusers folders and carry ``generator``.
 
     ``save_weights(models, folder)`` runs on the main process and ``load_weights(models, folder)`` on every process,
-    with the unwrapped models; accelerate's own weight files are not written. Each process saves its generator state
+    with the unwrapped models; accelerate's own weight files are not written. ``weight_files``: the files
+    (`fnmatch` patterns) ``save_weights`` writes, which `save_checkpoint` requires before it marks a checkpoint
+    complete (`required_files`). Each process saves its generator state
     (`train_rng_<process>.pt`); a process that finds none (resuming on more processes) reseeds from (seed, process,
     step)."""
 
@@ -498,6 +689,7 @@ def register_checkpoint_hooks(
         models.clear()  # loaded here, in place (the optimizer keeps its parameters)
         load_weights(unwrapped, input_dir)
 
+    _WEIGHT_FILES[accelerator] = tuple(weight_files)
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
 

@@ -43,6 +43,7 @@ from huggingface_hub import (
     upload_folder,
 )
 
+from .checkpointing import STAGING_PATTERNS
 from .models import TreadSSM2DModel, model_class_for_config
 
 logger = logging.getLogger(__name__)
@@ -69,12 +70,12 @@ CARD_INFO_FILE = "tread_card.json"
 # written by a kill, per-step samples and validations, tracker logs, the loss history.
 HUB_IGNORE_PATTERNS = [
     "checkpoint-*",
-    ".incomplete-checkpoint-*",
     "step_*",
     "epoch_*",
     "validation/step_*",
     "logs/*",
     "*.csv",
+    *STAGING_PATTERNS,  # staging folders, temporary files and the run's lock (diffusers_tread.checkpointing)
 ]
 
 # The remote-code bundle is one module, generated from the pipeline's source (which imports the transformer, which

@@ -540,3 +540,32 @@ def test_a_checkpoint_that_cannot_be_resumed_ends_every_process_with_the_message
                                "--resume_from_checkpoint=checkpoint-9", check=False)  # fmt: skip
     assert result.returncode != 0
     assert result.stderr.count("checkpoint-9 is not a complete checkpoint") >= 2, result.stderr[-3000:]  # both ranks
+
+
+# --- issue #21: one run per folder, checkpoints that hold what they need, abandoned timelines, torn logs -------------
+
+
+def test_a_run_resumed_twice_at_once_is_refused_naming_the_running_one(tmp_path):
+    """A re-queued job started while the first still runs used to append to the same loss_history.csv (steps
+    1,2,1,2,3,4) and clean up the other's staging folder mid-save: the second is refused with the first's name."""
+    out = tmp_path / "out"
+    args = [*TINY, f"--output_dir={out}", "--max_train_steps=100000", "--checkpointing_steps=100000",
+            "--validation_steps=100000"]  # fmt: skip
+    log = (tmp_path / "first.log").open("w")
+    first = subprocess.Popen([sys.executable, str(SCRIPT), *args], env=ENV, cwd=REPO, stdout=log, stderr=log)
+    try:
+        history = out / "loss_history.csv"
+        deadline = time.time() + 120
+        while time.time() < deadline and (not history.exists() or len(history.read_text().splitlines()) < 2):
+            time.sleep(0.2)
+        second = subprocess.run([sys.executable, str(SCRIPT), *args, "--resume_from_checkpoint=latest"], env=ENV,
+                                cwd=REPO, capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert second.returncode == 1, second.stderr[-3000:]
+        assert f"is in use by another training run (process {first.pid} on " in second.stderr
+        assert "Traceback" not in second.stderr
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.wait(timeout=120)
+    assert first.returncode == 0, (tmp_path / "first.log").read_text()[-3000:]
+    steps = [int(row[0]) for row in csv.reader(history.open())]
+    assert steps == list(range(1, len(steps) + 1))  # one run's rows only

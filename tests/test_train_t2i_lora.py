@@ -441,3 +441,28 @@ def test_zero_intervals_and_abbreviated_options_are_refused(capsys):
     with pytest.raises(SystemExit):  # an abbreviation of --hub_token would escape the token's redaction
         script.parse_args([*base, "--hub_tok", "hf_secret"])
     assert "unrecognized arguments: --hub_tok" in capsys.readouterr().err
+
+
+# --- issue #21: the run folder's lock, checkpoints that hold what they need, resumes with changed settings ----------
+
+
+def test_a_folder_in_use_by_another_run_is_refused_naming_it(tmp_path, assets):
+    """The library's run-folder lock (taken in `start_run`) guards this script too: a second run into a folder that
+    a running job holds is refused before it writes anything, naming the holder."""
+    import sys
+
+    out = tmp_path / "out"
+    code = "import sys, time\nfrom diffusers_tread.checkpointing import lock_run_folder\n" \
+        "lock_run_folder(sys.argv[1])\nprint('locked', flush=True)\ntime.sleep(120)\n"  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    holder = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, env=env)
+    try:
+        assert holder.stdout.readline().strip() == b"locked"
+        with pytest.raises(OSError, match=rf"in use by another training run \(process {holder.pid} on "):
+            load_script().main([*TINY, f"--pretrained_model_name_or_path={assets['pixart']}",
+                                f"--train_data_dir={assets['images']}", f"--output_dir={out}", "--max_train_steps=1",
+                                "--resume_from_checkpoint=latest"])  # fmt: skip
+        assert sorted(p.name for p in out.iterdir()) == [".tread-run.lock", ".tread-run.lock.json"]
+    finally:
+        holder.kill()
+        holder.wait()

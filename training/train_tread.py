@@ -641,7 +641,9 @@ def register_weight_hooks(accelerator, args, train_generator: torch.Generator, e
             else:
                 loaded_into.load_state_dict(model_cls.from_pretrained(folder, subfolder="transformer").state_dict())
 
-    register_checkpoint_hooks(accelerator, train_generator, args.seed, save_weights, load_weights)
+    weights = "transformer_lora/pytorch_lora_weights.safetensors" if args.lora_rank else "transformer/*.safetensors"
+    weight_files = (weights, *(["transformer_ema/*.safetensors"] if ema_model is not None else []))
+    register_checkpoint_hooks(accelerator, train_generator, args.seed, save_weights, load_weights, weight_files)
 
 
 def prepare_optimization(args, accelerator, model, ema_model: EMAModel | None, data: TrainingData):

@@ -593,7 +593,8 @@ def register_lora_hooks(accelerator, args, spec: ModelSpec, train_generator: tor
             if accelerator.mixed_precision in ("fp16", "bf16"):
                 cast_training_params(model, dtype=torch.float32)
 
-    register_checkpoint_hooks(accelerator, train_generator, args.seed, save_weights, load_weights)
+    register_checkpoint_hooks(accelerator, train_generator, args.seed, save_weights, load_weights,
+                              weight_files=("pytorch_lora_weights.safetensors",))  # fmt: skip
 
 
 def prepare_optimization(args, accelerator, transformer, lora_parameters: list, dataset):
