@@ -422,6 +422,33 @@ def find_checkpoint(output_dir: str | os.PathLike, which: str) -> str | None:
     return which
 
 
+def unpushable(folder: str | os.PathLike) -> str | None:
+    """Why ``folder`` must not be pushed to the Hub (`training/push_to_hub.py`), or None: a checkpoint whose save was
+    interrupted (`.incomplete-checkpoint-<step>`, or a `checkpoint-<step>` that does not verify), or an output folder
+    holding the staging folder of an interrupted final save (its outputs are the previous ones, and the half-written
+    new ones would go up with them)."""
+    from fnmatch import fnmatch
+
+    folder = Path(folder)
+    if fnmatch(folder.name, ".incomplete-checkpoint-*"):
+        return (
+            f"{folder} is a checkpoint whose save was interrupted (no {CHECKPOINT_COMPLETE}): it may lack files or "
+            "hold half-written ones. Push a complete checkpoint-<step> folder, or the finished output folder."
+        )
+    if re.fullmatch(r"checkpoint-\d+", folder.name):
+        problem = verify_checkpoint(folder)
+        if problem is not None:
+            return f"{folder} is not a complete checkpoint ({problem}): push another checkpoint-<step> folder."
+    staging = sorted(path.name for path in folder.glob(f"{_STAGING}*") if path.is_dir())
+    if staging:
+        return (
+            f"{folder} holds {staging[0]}/, left by a final save that was interrupted: the outputs beside it are those "
+            "of the previous save. Finish the run (rerun it with --resume_from_checkpoint latest) and push then, or "
+            f"delete {folder / staging[0]} to push the previous outputs."
+        )
+    return None
+
+
 def remove_incomplete_checkpoints(output_dir: str | os.PathLike) -> None:
     """Delete the `.incomplete-checkpoint-*` folders that runs killed mid-save left behind (call at start, on the
     main process): they never load and would pile up with every preemption."""

@@ -569,3 +569,38 @@ def test_a_run_resumed_twice_at_once_is_refused_naming_the_running_one(tmp_path)
     assert first.returncode == 0, (tmp_path / "first.log").read_text()[-3000:]
     steps = [int(row[0]) for row in csv.reader(history.open())]
     assert steps == list(range(1, len(steps) + 1))  # one run's rows only
+
+
+def test_push_refuses_an_interrupted_final_save_and_incomplete_checkpoints(tmp_path, monkeypatch):
+    """A kill during a resumed run's final save leaves the old model_index.json beside `.incomplete-final/`, and the
+    push uploaded `.incomplete-final/transformer/...` with it; an `.incomplete-checkpoint-N` was pushed as a pipeline.
+    Both are refused with a message, and every staging folder is in the one ignore list."""
+    from conftest import load_module
+
+    script = load_script()
+    out = tmp_path / "out"
+    common = [*TINY, f"--output_dir={out}", "--validation_steps=100", "--checkpointing_steps=2"]
+    script.main([*common, "--max_train_steps=2"])
+    assert (out / "model_index.json").is_file()
+
+    def killed(*args, **kwargs):  # the new weights are staged, then the process dies
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(script, "plot_loss", killed)
+    with pytest.raises(KeyboardInterrupt):
+        script.main([*common, "--max_train_steps=4", "--resume_from_checkpoint=latest"])
+    assert (out / "model_index.json").is_file() and (out / ".incomplete-final" / "transformer").is_dir()
+    push = load_module(REPO / "training" / "push_to_hub.py")
+    with pytest.raises(ValueError, match=r"holds \.incomplete-final/, left by a final save that was interrupted"):
+        push.main([str(out), "--hub_model_id=u/m", f"--save_to={tmp_path / 'hub'}"])
+    assert not (tmp_path / "hub").exists()
+    assert any(fnmatch(".incomplete-final/transformer/config.json", p) for p in hub.HUB_IGNORE_PATTERNS)
+
+    (out / "checkpoint-4").rename(out / ".incomplete-checkpoint-4")
+    (out / ".incomplete-checkpoint-4" / "checkpoint_complete.json").unlink()  # as a kill mid-save leaves it
+    with pytest.raises(ValueError, match="checkpoint whose save was interrupted"):
+        push.main([str(out / ".incomplete-checkpoint-4"), "--hub_model_id=u/m", f"--save_to={tmp_path / 'hub'}"])
+    (out / "checkpoint-2" / "optimizer.bin").unlink()
+    with pytest.raises(ValueError, match="checkpoint-2 is not a complete checkpoint"):
+        push.main([str(out / "checkpoint-2"), "--hub_model_id=u/m", f"--save_to={tmp_path / 'hub'}"])
+    assert not (tmp_path / "hub").exists()
