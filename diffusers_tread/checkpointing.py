@@ -58,13 +58,15 @@ RUN_FILES = (
     "tread_card.json",
     "pytorch_lora_weights.safetensors",
 )
-RUN_FOLDERS = ("samples", "validation", "transformer", "vae", "scheduler", _STAGING)
+ABANDONED = "abandoned"  # where resuming an older checkpoint moves the newer ones (`set_aside_newer`)
+RUN_FOLDERS = ("samples", "validation", "transformer", "vae", "scheduler", _STAGING, ABANDONED)
 RUN_LOCK = ".tread-run.lock"  # held (`filelock`) by the main process for the whole run
 RUN_LOCK_HOLDER = ".tread-run.lock.json"  # who holds it: process id, host, start time, script
-# Everything a run writes while it works and never as a result (staging folders, temporary files, its lock): the Hub
+# Everything a run writes while it works and never as a result (staging folders, temporary files, its lock, the
+# abandoned timelines set aside by a resume from an older checkpoint): the Hub
 # ignore list (`diffusers_tread.hub.HUB_IGNORE_PATTERNS`) includes every pattern, and `training/push_to_hub.py`
 # refuses a folder that holds one of the staging folders.
-STAGING_PATTERNS = (".incomplete-checkpoint-*", f"{_STAGING}*", "*.tmp", f"{RUN_LOCK}*")
+STAGING_PATTERNS = (".incomplete-checkpoint-*", f"{_STAGING}*", "*.tmp", f"{RUN_LOCK}*", f"{ABANDONED}/*")
 # The weights when a script does not declare its own (`register_checkpoint_hooks(weight_files=...)`), and what a
 # checkpoint written before checkpoints declared what they need must hold at least.
 DEFAULT_WEIGHT_FILES = ("*.safetensors",)
@@ -121,6 +123,7 @@ def previous_run(output_dir: str | os.PathLike) -> list[str]:
         return []
     found = sorted(p.name for p in folder.glob("checkpoint-*") if p.is_dir())
     found += sorted(p.name for p in folder.glob(".incomplete-checkpoint-*"))
+    found += [ABANDONED] if (folder / ABANDONED).is_dir() else []
     return found + [name for name in RUN_FILES if (folder / name).is_file()]
 
 
@@ -577,7 +580,10 @@ def resume_from_checkpoint(
     found = [None, None, None]  # checkpoint, finished step, error: decided on the main process, told to the others
     if accelerator.is_main_process:
         try:
-            found = [find_checkpoint(output_dir, which), finished_step(output_dir), None]
+            checkpoint, finished = find_checkpoint(output_dir, which), finished_step(output_dir)
+            if checkpoint and which != "latest" and finished is not None and finished > checkpoint_step(checkpoint):
+                finished = None  # an explicit older checkpoint: the run goes back to it (`set_aside_newer`)
+            found = [checkpoint, finished, None]
         except ValueError as error:  # raised on every process below, so that none waits at the broadcast
             found[2] = str(error)
     if accelerator.num_processes > 1:
@@ -594,9 +600,11 @@ def resume_from_checkpoint(
             "nothing to do. Raise --max_train_steps to train further."
         )
         return ResumePoint(finished=True)
+    step = checkpoint_step(checkpoint)
+    if accelerator.is_main_process:
+        set_aside_newer(output_dir, step)
     logger.info(f"Resuming from {checkpoint}")
     accelerator.load_state(checkpoint)
-    step = checkpoint_step(checkpoint)
     seconds_before = 0.0
     if accelerator.is_main_process:
         kept = resume_loss_history(Path(output_dir, LOSS_HISTORY), step)
@@ -608,6 +616,46 @@ def resume_from_checkpoint(
         checkpoint=checkpoint,
         seconds_before=seconds_before,
     )
+
+
+def set_aside_newer(output_dir: str | os.PathLike, step: int) -> Path | None:
+    """Resuming from `checkpoint-<step>` while newer checkpoints exist abandons the run they belong to: move them (and,
+    if that run had finished, its final outputs, with a copy of its ``loss_history.csv``) into
+    ``abandoned/after-checkpoint-<step>-<time>/``, so that ``latest`` never resumes the abandoned run after a later
+    crash; nothing is deleted. Returns that folder, or None when nothing is newer. Main process."""
+    folder = Path(output_dir)
+    newer = sorted(
+        (path for path in folder.glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", path.name)),
+        key=checkpoint_step,
+    )
+    newer = [path for path in newer if checkpoint_step(path) > step]
+    finished = finished_step(folder)
+    outputs = []
+    if finished is not None and finished > step:
+        kept = {LOSS_HISTORY}
+        outputs = [folder / name for name in RUN_FILES if name not in kept and (folder / name).is_file()]
+        outputs += [
+            folder / name for name in RUN_FOLDERS if name not in (_STAGING, ABANDONED) and (folder / name).is_dir()
+        ]
+    if not newer and not outputs:
+        return None
+    target = folder / ABANDONED / f"after-checkpoint-{step}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+    target.mkdir(parents=True)
+    if (folder / LOSS_HISTORY).is_file():
+        shutil.copy2(folder / LOSS_HISTORY, target / LOSS_HISTORY)  # the abandoned run's rows, before the cut
+    # the finished marker first: a crash mid-move never leaves it beside moved outputs
+    for path in [*(p for p in outputs if p.name == TRAINING_COMPLETE), *newer, *outputs]:
+        if path.exists():
+            os.replace(path, target / path.name)
+    fsync_tree(target)
+    _fsync(folder)
+    moved = [path.name for path in [*newer, *outputs]]
+    logger.warning(
+        f"Resuming from checkpoint-{step} abandons the run that continued past it: moved {', '.join(moved)} to "
+        f"{target} (so that --resume_from_checkpoint latest never resumes it). Delete that folder once you no longer "
+        "need it."
+    )
+    return target
 
 
 def finished_step(output_dir: str | os.PathLike) -> int | None:

@@ -604,3 +604,24 @@ def test_push_refuses_an_interrupted_final_save_and_incomplete_checkpoints(tmp_p
     with pytest.raises(ValueError, match="checkpoint-2 is not a complete checkpoint"):
         push.main([str(out / "checkpoint-2"), "--hub_model_id=u/m", f"--save_to={tmp_path / 'hub'}"])
     assert not (tmp_path / "hub").exists()
+
+
+def test_resuming_an_older_checkpoint_sets_the_abandoned_timeline_aside(tmp_path, caplog):
+    """Resuming an explicit older checkpoint left the newer ones in place, so `latest` after a later crash resumed the
+    abandoned run: they are moved into abandoned/ (said in the log), with the finished outputs of that run."""
+    script = load_script()
+    out = tmp_path / "out"
+    common = [*TINY, f"--output_dir={out}", "--validation_steps=100", "--checkpointing_steps=2"]
+    script.main([*common, "--max_train_steps=4"])  # checkpoint-2, checkpoint-4, finished at 4
+    caplog.set_level("WARNING")
+    script.main([*common, "--max_train_steps=3", "--resume_from_checkpoint=checkpoint-2"])  # back to step 2
+    assert find_checkpoint(out, "latest") == str(out / "checkpoint-3")  # never the abandoned checkpoint-4
+    (aside,) = (out / "abandoned").iterdir()
+    assert aside.name.startswith("after-checkpoint-2-") and f"to {aside}" in caplog.text
+    assert sorted(p.name for p in aside.glob("checkpoint-*")) == ["checkpoint-4"]
+    assert json.loads((aside / "training_complete.json").read_text())["step"] == 4
+    assert [row[0] for row in csv.reader((aside / "loss_history.csv").open())] == ["1", "2", "3", "4"]
+    assert [row[0] for row in csv.reader((out / "loss_history.csv").open())] == ["1", "2", "3"]
+    assert json.loads((out / "training_complete.json").read_text())["step"] == 3
+    TreadDiTPipeline.from_pretrained(out)  # the new run's outputs
+    assert any(fnmatch(f"abandoned/{aside.name}/checkpoint-4/optimizer.bin", p) for p in hub.HUB_IGNORE_PATTERNS)
