@@ -697,14 +697,40 @@ def final_output(output_dir: str | os.PathLike, global_step: int) -> Iterator[Pa
     shutil.rmtree(staging)
 
 
+def _loss_row(line: str) -> list[str] | None:
+    """A ``step,loss,seconds`` row of ``loss_history.csv``, or None for a torn or unreadable line."""
+    fields = line.rstrip("\r\n").split(",")
+    if len(fields) != 3 or "\0" in line:
+        return None
+    try:
+        int(fields[0]), float(fields[1]), float(fields[2])
+    except ValueError:
+        return None
+    return fields
+
+
 def resume_loss_history(path: str | os.PathLike, step: int) -> list[list[str]]:
-    """Cut a ``loss_history.csv`` (rows starting ``step,loss,...``) back to the rows up to ``step``, the checkpoint a
-    run resumes from: the rows an interrupted run wrote after it would otherwise appear twice. Returns the kept rows."""
+    """Cut a ``loss_history.csv`` (rows ``step,loss,seconds``) back to the rows up to ``step``, the checkpoint a run
+    resumes from: the rows an interrupted run wrote after it would otherwise appear twice. A torn tail (NUL bytes or a
+    half-written row, as a power loss or a kill mid-write leaves; every complete row ends with a newline) and any
+    unreadable line are dropped with a warning. Returns the kept rows."""
     path = Path(path)
     if not path.is_file():
         return []
-    with path.open(newline="") as f:
-        rows = [row for row in csv.reader(f) if row and int(row[0]) <= step]
+    lines = path.read_bytes().decode("utf-8", errors="replace").splitlines(keepends=True)
+    rows, dropped = [], 0
+    for line in lines:
+        row = _loss_row(line) if line.endswith("\n") else None
+        if row is None:
+            dropped += line.strip("\0\r\n") != "" or "\0" in line
+            continue
+        if int(row[0]) <= step:
+            rows.append(row)
+    if dropped:
+        logger.warning(
+            f"{path}: dropped {dropped} torn or unreadable line(s) (a write cut short by a kill or a power loss); "
+            f"kept {len(rows)} rows up to step {step}."
+        )
     temporary = path.with_name(path.name + ".tmp")
     with temporary.open("w", newline="") as f:
         csv.writer(f).writerows(rows)

@@ -316,3 +316,17 @@ def test_one_run_per_folder_the_lock_names_its_holder_and_a_killed_holder_is_det
         hold_run_folder(Accelerator(cpu=True), args)
     lock_run_folder(tmp_path)  # and it let go of the lock
     unlock_run_folder(tmp_path)
+
+
+def test_a_torn_loss_history_is_cut_back_with_a_warning(tmp_path, caplog):
+    """Issue #21 item 5: a loss_history.csv ending in NUL bytes or a half-written row (a power loss) blocked the
+    resume with a traceback; the torn tail is dropped with a warning."""
+    history = tmp_path / "loss_history.csv"
+    for torn in (b"3,0.41", b"3,0.41,2.0\r\n" + b"\0" * 300, b"\0" * 4096):
+        history.write_bytes(b"1,0.500000,1.0\r\n2,0.450000,2.0\r\n" + torn)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            rows = checkpointing.resume_loss_history(history, 2)
+        assert rows == [["1", "0.500000", "1.0"], ["2", "0.450000", "2.0"]]
+        assert "dropped 1 torn or unreadable line(s)" in caplog.text
+        assert history.read_bytes() == b"1,0.500000,1.0\r\n2,0.450000,2.0\r\n"

@@ -625,3 +625,16 @@ def test_resuming_an_older_checkpoint_sets_the_abandoned_timeline_aside(tmp_path
     assert json.loads((out / "training_complete.json").read_text())["step"] == 3
     TreadDiTPipeline.from_pretrained(out)  # the new run's outputs
     assert any(fnmatch(f"abandoned/{aside.name}/checkpoint-4/optimizer.bin", p) for p in hub.HUB_IGNORE_PATTERNS)
+
+
+def test_a_torn_loss_history_does_not_block_the_resume(tmp_path, caplog):
+    script = load_script()
+    out = tmp_path / "out"
+    common = [*TINY, f"--output_dir={out}", "--validation_steps=100", "--checkpointing_steps=2"]
+    script.main([*common, "--max_train_steps=2"])
+    with (out / "loss_history.csv").open("ab") as f:  # a power loss while step 3's row was being written
+        f.write(b"3,0.4" + b"\0" * 512)
+    caplog.set_level("WARNING")
+    script.main([*common, "--max_train_steps=3", "--resume_from_checkpoint=latest"])
+    assert "dropped 1 torn or unreadable line(s)" in caplog.text
+    assert [row[0] for row in csv.reader((out / "loss_history.csv").open())] == ["1", "2", "3"]
