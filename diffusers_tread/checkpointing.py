@@ -32,7 +32,7 @@ import sys
 import time
 import weakref
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -70,6 +70,7 @@ STAGING_PATTERNS = (".incomplete-checkpoint-*", f"{_STAGING}*", "*.tmp", f"{RUN_
 # The weights when a script does not declare its own (`register_checkpoint_hooks(weight_files=...)`), and what a
 # checkpoint written before checkpoints declared what they need must hold at least.
 DEFAULT_WEIGHT_FILES = ("*.safetensors",)
+RUN_SETTINGS = "run_settings.json"  # in each checkpoint: the settings a resume must keep, and those it may change
 _LEGACY_REQUIRED = ("*.safetensors", "optimizer.bin", "scheduler.bin", "random_states_0.pkl")
 
 
@@ -341,6 +342,54 @@ def _manifest(folder: Path) -> dict[str, int]:
 
 
 _WEIGHT_FILES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # accelerator -> its script's weight files
+_SETTINGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # accelerator -> its run's settings
+
+
+def record_run_settings(accelerator, fixed: dict, changeable: dict) -> None:
+    """Record the run's settings (`run_settings`) in every checkpoint it saves (`RUN_SETTINGS`; call before
+    `resume_from_checkpoint`, which checks them against the checkpoint's before anything loads)."""
+    _SETTINGS[accelerator] = run_settings(fixed, changeable)
+
+
+def settings_note(changes: list[str]) -> str:
+    """The lines the model card's command gets for the settings changed on resumes (`ResumePoint.changes`)."""
+    return "".join(f"\n# resumed with a changed setting: {change}" for change in changes)
+
+
+def run_settings(fixed: dict, changeable: dict) -> dict:
+    """A run's settings as its checkpoints record them (`RUN_SETTINGS`, through `record_run_settings`):
+    ``fixed``, what a resume cannot change without breaking the run (objective, model, data, global batch: a
+    different value is refused), and ``changeable``, what it legitimately may (routes, learning rate, steps: a
+    different value is logged and recorded in ``changes``, which the model card shows). Keys are the options as the
+    user writes them (``--objective``); values must be JSON (tuples become lists)."""
+    return json.loads(json.dumps({"fixed": fixed, "changeable": changeable, "changes": []}, default=str))
+
+
+def _differs(old, new) -> str:
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = [key for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
+        shown = ", ".join(f"{key} {old.get(key)} then, {new.get(key)} now" for key in keys[:3])
+        return f"differs ({shown}{', ...' if len(keys) > 3 else ''})"
+    return f"was {old}; this run has {new}"
+
+
+def compare_run_settings(checkpoint: str, saved: dict, current: dict, step: int) -> tuple[str | None, list[str]]:
+    """Check a resume's settings against its checkpoint's: the one-line refusal for the first ``fixed`` setting that
+    differs (or None), and a line for each ``changeable`` one that does (``step <step>: <name> <old> -> <new>``)."""
+    for name, new in current["fixed"].items():
+        old = saved.get("fixed", {}).get(name, new)
+        if old != new:
+            return (
+                f"Cannot resume {checkpoint}: its {name} {_differs(old, new)}. Changing it would not continue that "
+                f"run: resume with the same {name}, or start a new run in another --output_dir.",
+                [],
+            )
+    changes = []
+    for name, new in current["changeable"].items():
+        old = saved.get("changeable", {}).get(name, new)
+        if old != new:
+            changes.append(f"step {step}: {name} {old} -> {new}")
+    return None, changes
 
 
 def required_files(accelerator) -> list[str]:
@@ -355,7 +404,7 @@ def required_files(accelerator) -> list[str]:
     files += ["scheduler.bin" if index == 0 else f"scheduler_{index}.bin" for index in range(schedulers)]
     for process in range(accelerator.num_processes):
         files += [f"random_states_{process}.pkl", *([f"train_rng_{process}.pt"] if hooked else [])]
-    return files
+    return files + ([RUN_SETTINGS] if accelerator in _SETTINGS else [])
 
 
 def missing_files(names: list[str], required: list[str]) -> list[str]:
@@ -548,7 +597,8 @@ def save_checkpoint(
 @dataclass
 class ResumePoint:
     """Where a run continues: the optimisation step, the epoch, how many batches of it to skip, and the seconds it had
-    trained (the last ``loss_history.csv`` row kept). ``finished``: the run had already finished; do nothing."""
+    trained (the last ``loss_history.csv`` row kept). ``finished``: the run had already finished; do nothing.
+    ``changes``: the changeable settings this run and the resumes before it changed (main process; for the card)."""
 
     global_step: int = 0
     first_epoch: int = 0
@@ -556,6 +606,7 @@ class ResumePoint:
     checkpoint: str | None = None
     seconds_before: float = 0.0
     finished: bool = False
+    changes: list[str] = field(default_factory=list)  # settings changed on resumes (`run_settings`)
 
 
 def resume_from_checkpoint(
@@ -584,6 +635,15 @@ def resume_from_checkpoint(
             if checkpoint and which != "latest" and finished is not None and finished > checkpoint_step(checkpoint):
                 finished = None  # an explicit older checkpoint: the run goes back to it (`set_aside_newer`)
             found = [checkpoint, finished, None]
+            current, saved_file = _SETTINGS.get(accelerator), Path(checkpoint or "", RUN_SETTINGS)
+            if checkpoint and current is not None and saved_file.is_file():
+                saved = json.loads(saved_file.read_text())
+                found[2], changes = compare_run_settings(checkpoint, saved, current, checkpoint_step(checkpoint))
+                for change in changes:
+                    logger.warning(
+                        f"Resuming {checkpoint} with a changed setting ({change}); the model card records it."
+                    )
+                current["changes"] = [*saved.get("changes", []), *changes]  # carried by the next checkpoints
         except ValueError as error:  # raised on every process below, so that none waits at the broadcast
             found[2] = str(error)
     if accelerator.num_processes > 1:
@@ -604,7 +664,14 @@ def resume_from_checkpoint(
     if accelerator.is_main_process:
         set_aside_newer(output_dir, step)
     logger.info(f"Resuming from {checkpoint}")
-    accelerator.load_state(checkpoint)
+    try:
+        accelerator.load_state(checkpoint)
+    except (RuntimeError, ValueError, OSError, KeyError) as error:  # e.g. a state dict of another model's shapes
+        first = " ".join(line.strip() for line in str(error).strip().splitlines()[:2])[:300]
+        raise ValueError(
+            f"{checkpoint} does not load into this run: {first}. Resume with the settings it was trained with (its "
+            f"{RUN_SETTINGS}, or the command in its run's model card), or start a new run in another --output_dir."
+        ) from error
     seconds_before = 0.0
     if accelerator.is_main_process:
         kept = resume_loss_history(Path(output_dir, LOSS_HISTORY), step)
@@ -615,6 +682,7 @@ def resume_from_checkpoint(
         skip_batches=(step % steps_per_epoch) * gradient_accumulation_steps,
         checkpoint=checkpoint,
         seconds_before=seconds_before,
+        changes=list((_SETTINGS.get(accelerator) or {}).get("changes", [])),
     )
 
 
@@ -698,19 +766,20 @@ def final_output(output_dir: str | os.PathLike, global_step: int) -> Iterator[Pa
 
 
 def _loss_row(line: str) -> list[str] | None:
-    """A ``step,loss,seconds`` row of ``loss_history.csv``, or None for a torn or unreadable line."""
+    """A ``step,loss,seconds[,...]`` row of ``loss_history.csv`` (numbers; the t2i script adds the routes' kept
+    fraction), or None for a torn or unreadable line."""
     fields = line.rstrip("\r\n").split(",")
-    if len(fields) != 3 or "\0" in line:
+    if len(fields) < 3 or "\0" in line:
         return None
     try:
-        int(fields[0]), float(fields[1]), float(fields[2])
+        int(fields[0]), [float(field) for field in fields[1:]]
     except ValueError:
         return None
     return fields
 
 
 def resume_loss_history(path: str | os.PathLike, step: int) -> list[list[str]]:
-    """Cut a ``loss_history.csv`` (rows ``step,loss,seconds``) back to the rows up to ``step``, the checkpoint a run
+    """Cut a ``loss_history.csv`` (rows ``step,loss,seconds[,...]``) back to the rows up to ``step``, the checkpoint a run
     resumes from: the rows an interrupted run wrote after it would otherwise appear twice. A torn tail (NUL bytes or a
     half-written row, as a power loss or a kill mid-write leaves; every complete row ends with a newline) and any
     unreadable line are dropped with a warning. Returns the kept rows."""
@@ -767,7 +836,7 @@ def register_checkpoint_hooks(
     ``save_weights(models, folder)`` runs on the main process and ``load_weights(models, folder)`` on every process,
     with the unwrapped models; accelerate's own weight files are not written. ``weight_files``: the files
     (`fnmatch` patterns) ``save_weights`` writes, which `save_checkpoint` requires before it marks a checkpoint
-    complete (`required_files`). Each process saves its generator state
+    complete (`required_files`); with `record_run_settings`, every checkpoint also holds the run's settings. Each process saves its generator state
     (`train_rng_<process>.pt`); a process that finds none (resuming on more processes) reseeds from (seed, process,
     step)."""
 
@@ -776,6 +845,8 @@ def register_checkpoint_hooks(
         torch.save(generator.get_state(), os.path.join(output_dir, f"train_rng_{accelerator.process_index}.pt"))
         if accelerator.is_main_process:
             save_weights([accelerator.unwrap_model(model) for model in models], output_dir)
+            if accelerator in _SETTINGS:
+                Path(output_dir, RUN_SETTINGS).write_text(json.dumps(_SETTINGS[accelerator], indent=1))
         weights.clear()  # the models are saved above, as Diffusers folders
 
     def load_hook(models, input_dir):

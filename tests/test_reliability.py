@@ -638,3 +638,53 @@ def test_a_torn_loss_history_does_not_block_the_resume(tmp_path, caplog):
     script.main([*common, "--max_train_steps=3", "--resume_from_checkpoint=latest"])
     assert "dropped 1 torn or unreadable line(s)" in caplog.text
     assert [row[0] for row in csv.reader((out / "loss_history.csv").open())] == ["1", "2", "3"]
+
+
+def test_a_resume_refuses_settings_that_break_the_run_and_records_the_legitimate_changes(tmp_path, caplog):
+    """`--objective edm` on a flow checkpoint continued silently (4 flow steps, 2 EDM steps, an EDM scheduler saved);
+    another --train_batch_size skipped batches at the new size; another --model_config printed a state-dict dump; a
+    LoRA run resumed without --lora_rank said it could not connect to the Hub. Each breaking change is one line
+    naming the old and new value; routes and learning rate may change, logged and recorded in the card."""
+    script = load_script()
+    out = tmp_path / "out"
+    common = [*TINY, f"--output_dir={out}", "--validation_steps=100", "--checkpointing_steps=2"]
+    script.main([*common, "--max_train_steps=2"])
+    resume = [*common, "--max_train_steps=4", "--resume_from_checkpoint=latest"]
+    config = json.loads((out / "checkpoint-2" / "transformer" / "config.json").read_text())
+    other_config = tmp_path / "other.json"
+    other_config.write_text(json.dumps({**config, "num_layers": config["num_layers"] + 2}))
+    for option, expected in (
+        ("--objective=edm", "its --objective was flow; this run has edm"),
+        ("--train_batch_size=8", "its global batch (--train_batch_size x processes x --gradient_accumulation_steps) "
+                                 "was 16; this run has 8"),
+        (f"--model_config={other_config}", f"this run has {other_config}"),
+    ):  # fmt: skip
+        with pytest.raises(ValueError) as error:
+            script.main([*resume, option])
+        message = str(error.value)
+        assert expected in message and "\n" not in message and "size mismatch" not in message, message
+    assert len((out / "loss_history.csv").read_text().splitlines()) == 2  # nothing trained
+    caplog.set_level("WARNING")
+    script.main([*resume, "--routes=1:3:0.25", "--learning_rate=1e-4"])
+    assert "--routes" in caplog.text and "--learning_rate 0.0005 -> 0.0001" in caplog.text
+    card = (out / "README.md").read_text()
+    assert "# resumed with a changed setting: step 2: --learning_rate 0.0005 -> 0.0001" in card
+    saved = json.loads((out / "checkpoint-4" / "run_settings.json").read_text())
+    assert saved["fixed"]["--objective"] == "flow" and len(saved["changes"]) == 3  # routes, rate, steps
+
+    # a LoRA run resumed without --lora_rank: one line, with or without recorded settings, never the Hub
+    lora = tmp_path / "lora"
+    lora_args = [*TINY, f"--output_dir={lora}", "--validation_steps=100", "--checkpointing_steps=2",
+                 f"--pretrained_model_name_or_path={out}", "--max_train_steps=2"]  # fmt: skip
+    script.main([*lora_args, "--lora_rank=4"])
+    with pytest.raises(ValueError, match="its --lora_rank was 4; this run has None"):
+        script.main([*lora_args[:-1], "--max_train_steps=4", "--resume_from_checkpoint=latest"])
+    checkpoint = lora / "checkpoint-2"
+    (checkpoint / "run_settings.json").unlink()  # as a checkpoint of an earlier version
+    marker = json.loads((checkpoint / "checkpoint_complete.json").read_text())
+    marker["files"].pop("run_settings.json")
+    marker["required"].remove("run_settings.json")
+    (checkpoint / "checkpoint_complete.json").write_text(json.dumps(marker))
+    with pytest.raises(ValueError, match="it is a LoRA run's checkpoint, resume it with its --lora_rank") as error:
+        script.main([*lora_args[:-1], "--max_train_steps=4", "--resume_from_checkpoint=latest"])
+    assert "connect" not in str(error.value)

@@ -62,10 +62,12 @@ from diffusers_tread.checkpointing import (
     final_output,
     install_stop_handlers,
     process_seed,
+    record_run_settings,
     register_checkpoint_hooks,
     restore_stop_handlers,
     resume_from_checkpoint,
     save_checkpoint,
+    settings_note,
     stop_requested,
 )
 from diffusers_tread.data import (
@@ -353,7 +355,9 @@ def main(argv: list[str] | None = None) -> None:
     unwrapped = accelerator.unwrap_model(model)
     start_logging(args, accelerator, unwrapped, data, num_train_epochs, total_batch_size)
 
-    # 5. Resume (the main process picks the checkpoint; a finished run only says so).
+    # 5. Resume (the main process picks the checkpoint, refuses settings that would not continue its run; a finished
+    # run only says so).
+    record_run_settings(accelerator, **resume_settings(args, unwrapped, data, total_batch_size))
     resume = resume_from_checkpoint(
         accelerator, args.output_dir, args.resume_from_checkpoint, num_update_steps_per_epoch,
         args.gradient_accumulation_steps, args.max_train_steps,
@@ -361,6 +365,7 @@ def main(argv: list[str] | None = None) -> None:
     if resume.finished:
         accelerator.end_training()
         return
+    args.changed_settings = resume.changes  # for the model card
     started -= resume.seconds_before  # the elapsed-time column continues from the checkpoint's row
     global_step, first_epoch, resume_step = resume.global_step, resume.first_epoch, resume.skip_batches
     loss_log = Path(args.output_dir, LOSS_HISTORY)
@@ -630,6 +635,10 @@ def register_weight_hooks(accelerator, args, train_generator: torch.Generator, e
                 saved_model.save_pretrained(os.path.join(folder, "transformer"))
 
     def load_weights(models, folder):  # in place, so the optimizer keeps its parameters
+        if not args.lora_rank and not os.path.isdir(os.path.join(folder, "transformer")):  # else: a Hub look-up
+            lora = os.path.isdir(os.path.join(folder, "transformer_lora"))
+            hint = ": it is a LoRA run's checkpoint, resume it with its --lora_rank" if lora else ""
+            raise ValueError(f"{folder} holds no transformer/ weights{hint}")
         if ema_model is not None:
             loaded_ema = EMAModel.from_pretrained(os.path.join(folder, "transformer_ema"), model_cls)
             ema_model.load_state_dict(loaded_ema.state_dict())
@@ -667,6 +676,37 @@ def prepare_optimization(args, accelerator, model, ema_model: EMAModel | None, d
     if ema_model is not None:
         ema_model.to(accelerator.device)
     return model, optimizer, train_dataloader, lr_scheduler
+
+
+def resume_settings(args, model, data: TrainingData, total_batch_size: int) -> dict:
+    """Stage 5: what every checkpoint records of the run (`record_run_settings`): a resume that changes a ``fixed``
+    setting (objective, model, data, global batch) is refused in one line; ``changeable`` ones are logged and shown
+    in the card."""
+    config = {
+        k: v for k, v in model.config.items() if not k.startswith("_") and k not in ("routes", "route_reinsertion")
+    }
+    pretrained = args.pretrained_model_name_or_path
+    fixed = {
+        "--objective": args.objective,
+        "--model_type": args.model_type,
+        "--pretrained_model_name_or_path" if pretrained else "--model_config": pretrained or args.model_config,
+        "model config": config,
+        "--lora_rank": args.lora_rank,
+        "--lora_alpha": args.lora_alpha if args.lora_rank else None,
+        "--lora_target_modules": args.lora_target_modules if args.lora_rank else None,
+        "--use_ema": bool(args.use_ema and not args.lora_rank),
+        "data": f"{data.description}, {len(data.dataset)} examples of {data.size}x{data.size}",
+        "global batch (--train_batch_size x processes x --gradient_accumulation_steps)": total_batch_size,
+    }
+    changeable = {
+        "--routes": model.config.routes,
+        "--learning_rate": args.learning_rate,
+        "--lr_scheduler": args.lr_scheduler,
+        "--max_train_steps": args.max_train_steps,
+        "--tread_loss": args.tread_loss,
+        "--seed": args.seed,
+    }
+    return dict(fixed=fixed, changeable=changeable)
 
 
 def start_logging(args, accelerator, model, data: TrainingData, num_train_epochs: int, total_batch_size: int) -> None:
@@ -988,7 +1028,8 @@ def save_model_card(
         example_labels=example_labels,
         num_inference_steps=args.validation_num_inference_steps,
         guidance_scale=args.validation_guidance_scale,
-        command=hub.launch_command("training/train_tread.py", argv, [args.hub_token]),
+        command=hub.launch_command("training/train_tread.py", argv, [args.hub_token])
+        + settings_note(getattr(args, "changed_settings", [])),
     )
     card: ModelCard = hub.save_model_card(folder, info, card_data)  # the template shipped with the package
     logger.info(f"Model card: {len(card.text)} characters")

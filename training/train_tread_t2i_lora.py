@@ -62,10 +62,12 @@ from diffusers_tread.checkpointing import (
     final_output,
     install_stop_handlers,
     process_seed,
+    record_run_settings,
     register_checkpoint_hooks,
     restore_stop_handlers,
     resume_from_checkpoint,
     save_checkpoint,
+    settings_note,
     stop_requested,
 )
 from diffusers_tread.data import (
@@ -307,7 +309,9 @@ def main(argv: list[str] | None = None) -> None:
     start_logging(args, accelerator, spec, unwrap(transformer), lora_parameters, routes, dataset, captions,
                   vae_scale_factor, num_train_epochs, total_batch_size)  # fmt: skip
 
-    # 5. Resume (the main process picks the checkpoint; a finished run only says so).
+    # 5. Resume (the main process picks the checkpoint, refuses settings that would not continue its run; a finished
+    # run only says so).
+    record_run_settings(accelerator, **resume_settings(args, routes, captions, dataset, total_batch_size))
     resume = resume_from_checkpoint(
         accelerator, args.output_dir, args.resume_from_checkpoint, num_update_steps_per_epoch,
         args.gradient_accumulation_steps, args.max_train_steps,
@@ -315,6 +319,7 @@ def main(argv: list[str] | None = None) -> None:
     if resume.finished:
         accelerator.end_training()
         return
+    args.changed_settings = resume.changes  # for the model card
     global_step, first_epoch, resume_step = resume.global_step, resume.first_epoch, resume.skip_batches
     started -= resume.seconds_before  # the elapsed-time column of loss_history.csv continues from the checkpoint
     uploads = hub.CheckpointUploads(repo_id, args.hub_token) if args.push_to_hub and args.push_checkpoints else None
@@ -597,6 +602,30 @@ def register_lora_hooks(accelerator, args, spec: ModelSpec, train_generator: tor
                               weight_files=("pytorch_lora_weights.safetensors",))  # fmt: skip
 
 
+def resume_settings(args, routes, captions, dataset, total_batch_size: int) -> dict:
+    """Stage 5: what every checkpoint records of the run (`record_run_settings`): a resume that changes a ``fixed``
+    setting (base model, adapters, data, global batch) is refused in one line; ``changeable`` ones are logged and
+    shown in the card."""
+    fixed = {
+        "--pretrained_model_name_or_path": args.pretrained_model_name_or_path,
+        "--revision": args.revision,
+        "--variant": args.variant,
+        "--rank": args.rank,
+        "--lora_alpha": args.lora_alpha,
+        "--lora_target_modules": args.lora_target_modules,
+        "data": f"{captions.source}, {len(dataset)} examples at {args.resolution}px, captions {args.caption_column}",
+        "global batch (--train_batch_size x processes x --gradient_accumulation_steps)": total_batch_size,
+    }
+    changeable = {
+        "--routes": routes,
+        "--learning_rate": args.learning_rate,
+        "--lr_scheduler": args.lr_scheduler,
+        "--max_train_steps": args.max_train_steps,
+        "--seed": args.seed,
+    }
+    return dict(fixed=fixed, changeable=changeable)
+
+
 def prepare_optimization(args, accelerator, transformer, lora_parameters: list, dataset):
     """Stage 4: AdamW on the LoRA parameters (--scale_lr multiplies the LR by batch x accumulation x processes), the
     shuffled data loader (`collate_examples` drops and counts the unreadable images of --bad_images skip), the LR
@@ -857,7 +886,8 @@ def save_model_card(
         hardware=hardware,
         training_time=f"{seconds / 60:.1f} min",
         final_loss=f"{final_loss:.4f}",
-        command=hub.launch_command("training/train_tread_t2i_lora.py", argv, [args.hub_token]),
+        command=hub.launch_command("training/train_tread_t2i_lora.py", argv, [args.hub_token])
+        + settings_note(getattr(args, "changed_settings", [])),
     )
     hub.save_lora_model_card(folder, info, images)
 
