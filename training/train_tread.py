@@ -199,6 +199,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="encode with a VAE posterior sample instead of its mean (as extract_latents.py)",
     )
     parser.add_argument("--latents_dir", default=None, help="precomputed latents from training/extract_latents.py")
+    parser.add_argument(
+        "--skip_latents_checksum",
+        action="store_true",
+        help="do not check the latent shards' SHA-256 at start (one read of every shard: ~1 s per GB on a local SSD)",
+    )
     parser.add_argument("--cache_dir", default=None)
     parser.add_argument("--dataloader_num_workers", type=int, default=0)
     # Optimisation
@@ -492,7 +497,8 @@ def load_training_data(args) -> TrainingData:
     (encoded by --vae in the loop, if given), or the built-in digits; checks --validation_class_labels now, not at
     the first validation."""
     if args.latents_dir:
-        dataset = LatentShardDataset(args.latents_dir, random_flip=args.random_flip, seed=args.seed)
+        dataset = LatentShardDataset(args.latents_dir, random_flip=args.random_flip, seed=args.seed,
+                                     verify_checksums=not args.skip_latents_checksum)  # fmt: skip
         id2label = dataset.id2label
         description = f"latents from {args.latents_dir}"
         vae = load_vae(
