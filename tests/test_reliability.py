@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO, SCRIPT, TINY, launch, load_script, transformer_weights
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from diffusers_tread import TreadDiTPipeline, TreadTransformer2DModel, hub
 from diffusers_tread.checkpointing import checkpoint_step, find_checkpoint
@@ -160,7 +160,10 @@ def test_latest_skips_incomplete_and_explicit_incomplete_is_refused(tmp_path):
     for step, complete in ((2, True), (4, True), (6, False)):
         folder = tmp_path / f"checkpoint-{step}"
         folder.mkdir()
-        if complete:
+        if complete:  # a marker without a manifest (earlier versions): the files on disk must be a checkpoint's
+            save_file({"w": torch.zeros(1)}, folder / "model.safetensors")
+            for name in ("optimizer.bin", "scheduler.bin", "random_states_0.pkl"):
+                (folder / name).write_bytes(b"x")
             (folder / "checkpoint_complete.json").write_text("{}")
     (tmp_path / "checkpoint-8-old").mkdir()
     assert find_checkpoint(str(tmp_path), "latest") == str(tmp_path / "checkpoint-4")
