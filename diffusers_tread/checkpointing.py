@@ -476,7 +476,7 @@ def find_checkpoint(output_dir: str | os.PathLike, which: str) -> str | None:
 
 def unpushable(folder: str | os.PathLike) -> str | None:
     """Why ``folder`` must not be pushed to the Hub (`training/push_to_hub.py`), or None: a checkpoint whose save was
-    interrupted (`.incomplete-checkpoint-<step>`, or a `checkpoint-<step>` that does not verify), or an output folder
+    interrupted (`.incomplete-checkpoint-<step>`), a marked `checkpoint-<step>` that does not verify, or an output folder
     holding the staging folder of an interrupted final save (its outputs are the previous ones, and the half-written
     new ones would go up with them)."""
     from fnmatch import fnmatch
@@ -487,8 +487,8 @@ def unpushable(folder: str | os.PathLike) -> str | None:
             f"{folder} is a checkpoint whose save was interrupted (no {CHECKPOINT_COMPLETE}): it may lack files or "
             "hold half-written ones. Push a complete checkpoint-<step> folder, or the finished output folder."
         )
-    if re.fullmatch(r"checkpoint-\d+", folder.name):
-        problem = verify_checkpoint(folder)
+    if re.fullmatch(r"checkpoint-\d+", folder.name) and (folder / CHECKPOINT_COMPLETE).is_file():
+        problem = verify_checkpoint(folder)  # (one without the marker is of a version before markers: pushed as is)
         if problem is not None:
             return f"{folder} is not a complete checkpoint ({problem}): push another checkpoint-<step> folder."
     staging = sorted(path.name for path in folder.glob(f"{_STAGING}*") if path.is_dir())
