@@ -113,7 +113,11 @@ def upload_folder(**kwargs):
         time.sleep(0.05)  # a slow network: the kill can land while it runs
         _maybe_die("upload")
         target = os.path.join(_hub, kwargs.get("path_in_repo") or "main")
-        shutil.copytree(kwargs["folder_path"], target, dirs_exist_ok=True)
+        try:
+            shutil.copytree(kwargs["folder_path"], target, dirs_exist_ok=True)
+        except Exception as error:  # e.g. the folder removed by another run: a failed upload, not a hang
+            future.set_exception(error)
+            return
         future.set_result(None)
 
     thread = threading.Thread(target=run, daemon=True)
@@ -241,7 +245,8 @@ def run_push_after_kill(args, site: Path, checkout: Path, workdir: str) -> dict:
         totals["killed"] += (killed.returncode == -9) + (killed_checkpoint.returncode == -9)
         for folder in (output_dir, fresh / ".incomplete-checkpoint-1"):
             target = Path(workdir, f"pushed-{round_index}-{folder.name}")
-            result = subprocess.run([*push, str(folder), "--hub_model_id=user/faults", f"--save_to={target}"],
+            objective = ["--objective=flow"] if folder.name.startswith(".") else []  # no finished run beside it
+            result = subprocess.run([*push, str(folder), "--hub_model_id=user/faults", f"--save_to={target}", *objective],
                                     env=_env(site, checkout, hub), cwd=checkout, capture_output=True, text=True,
                                     timeout=600)  # fmt: skip
             totals["pushes"] += 1
@@ -254,7 +259,9 @@ def run_push_after_kill(args, site: Path, checkout: Path, workdir: str) -> dict:
                 print(f"round {round_index}: pushed {folder.name} ({len(staged)} files from a staging folder)")
             else:
                 totals["refused"] += 1
-                print(f"round {round_index}: refused {folder.name}: {result.stderr.strip().splitlines()[-1][:200]}")
+                lines = result.stderr.strip().splitlines() or [""]
+                message = next((line for line in lines if line.startswith("error:")), lines[-1])
+                print(f"round {round_index}: refused {folder.name}: {message[:300]}")
     return totals
 
 
