@@ -342,3 +342,19 @@ def test_selection_ratio_schedule():
     assert ratios(500) is None  # the configured ratios
     assert ratios(975) == [0.25, 0.1]
     assert ratios(0, warmup=0, anneal=0) is None and scheduled_selection_ratios([], 0, 1000, 100) is None
+
+
+def test_a_damaged_latent_shard_is_named_before_training(tmp_path, digits_latents):
+    """Issue #21 item 4: a shard zeroed in place (same size) trained without a word, and a truncated one gave a
+    SafetensorError traceback without the file's name; training names the file in one message."""
+    script = load_script()
+    latents = tmp_path / "latents"
+    shutil.copytree(digits_latents, latents)
+    shard = sorted(latents.glob("latents-*.safetensors"))[0]
+    shard.write_bytes(b"\0" * shard.stat().st_size)
+    args = [*TINY, "--resolution=16", f"--output_dir={tmp_path / 'out'}", f"--latents_dir={latents}",
+            "--max_train_steps=1"]  # fmt: skip
+    with pytest.raises(ValueError, match=rf"The latent shard {shard} changed since extraction"):
+        script.main(args)
+    with pytest.raises(ValueError, match=rf"The latent shard {shard} does not load"):  # the checksum skipped
+        script.main([*args, "--skip_latents_checksum"])
