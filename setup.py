@@ -15,6 +15,7 @@ install_requires = [
     # every release through 1.15.0; the training scripts register none.)
     "accelerate>=1.1",
     "peft>=0.17",
+    "filelock>=3.8",  # the run folder's lock (diffusers_tread.checkpointing.lock_run_folder); huggingface-hub needs it too
     "numpy",
     "packaging",  # diffusers_tread/compat.py compares Diffusers versions
     "Pillow",

@@ -279,7 +279,8 @@ def start_run(args: argparse.Namespace, push_to_hub: bool | None = None):
     """The Accelerator of a training run and its folder, from the options both scripts share (``output_dir``,
     ``logging_dir``, ``gradient_accumulation_steps``, ``mixed_precision``, ``report_to``, ``seed``, ``allow_tf32``,
     ``overwrite_output_dir``, the ``hub_*`` options): a seedable sampler (the same data order on resume), Diffusers'
-    logging set-up of its examples, the global seed, the output folder (cleared with ``--overwrite_output_dir``) and,
+    logging set-up of its examples, the global seed, the output folder (locked for the run, cleared with
+    ``--overwrite_output_dir``) and,
     when pushing, the Hub repo. Returns ``(accelerator, repo_id)``; ``repo_id`` is None unless pushing, and on every
     process but the main one."""
     import diffusers
@@ -287,7 +288,7 @@ def start_run(args: argparse.Namespace, push_to_hub: bool | None = None):
     from accelerate.logging import get_logger
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 
-    from .checkpointing import clear_output_dir
+    from .checkpointing import clear_output_dir, hold_run_folder
     from .hub import uploads
 
     accelerator = Accelerator(
@@ -310,6 +311,7 @@ def start_run(args: argparse.Namespace, push_to_hub: bool | None = None):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     repo_id = None
+    hold_run_folder(accelerator, args)  # one run per folder: the main process locks it until the run ends
     if accelerator.is_main_process:
         if args.overwrite_output_dir:
             clear_output_dir(args.output_dir, args.logging_dir)

@@ -5,6 +5,8 @@ import argparse
 import json
 import logging
 import os
+import subprocess
+import sys
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -16,14 +18,19 @@ from safetensors.torch import save_file
 from diffusers_tread import checkpointing, hub
 from diffusers_tread.checkpointing import (
     CHECKPOINT_COMPLETE,
+    RUN_LOCK_HOLDER,
     TRAINING_COMPLETE,
+    RunFolderInUse,
     check_output_dir,
     clear_output_dir,
     final_output,
     find_checkpoint,
     finished_step,
+    hold_run_folder,
+    lock_run_folder,
     process_seed,
     save_checkpoint,
+    unlock_run_folder,
     verify_checkpoint,
 )
 from diffusers_tread.training_utils import check_run_arguments
@@ -65,15 +72,40 @@ def test_shared_option_checks_refuse_wandb_with_a_token_and_warn_about_the_optio
 
 
 def write_checkpoint(folder: Path, step: int) -> Path:
-    """A checkpoint as `save_checkpoint` leaves it: files, then the marker with their sizes."""
+    """A checkpoint as `save_checkpoint` leaves it: files, then the marker with their sizes and what it requires."""
     checkpoint = folder / f"checkpoint-{step}"
     (checkpoint / "transformer").mkdir(parents=True)
     save_file({"w": torch.full((4,), float(step))}, checkpoint / "transformer" / "model.safetensors")
     (checkpoint / "optimizer.bin").write_bytes(b"x" * 100)
+    for name in ("scheduler.bin", "random_states_0.pkl", "train_rng_0.pt"):
+        (checkpoint / name).write_bytes(b"x" * 10)
+    required = ["transformer/*.safetensors", "optimizer.bin", "scheduler.bin", "random_states_0.pkl", "train_rng_0.pt"]
     (checkpoint / CHECKPOINT_COMPLETE).write_text(
-        json.dumps({"step": step, "files": checkpointing._manifest(checkpoint)})
+        json.dumps({"step": step, "files": checkpointing._manifest(checkpoint), "required": required})
     )
     return checkpoint
+
+
+def test_a_checkpoint_without_weights_or_optimizer_is_never_accepted(tmp_path, accelerator_and_model, caplog):
+    """Issue #21: a `checkpoint-2` marked complete whose manifest lists only `random_states_0.pkl` and `scheduler.bin`
+    (what was left after another run's clean-up) was accepted by `latest`: the manifest must require what a
+    checkpoint needs, and `save_checkpoint` never marks such a folder complete."""
+    write_checkpoint(tmp_path, 1)
+    bare = tmp_path / "checkpoint-2"
+    bare.mkdir()
+    (bare / "random_states_0.pkl").write_bytes(b"x")
+    (bare / "scheduler.bin").write_bytes(b"x")
+    (bare / CHECKPOINT_COMPLETE).write_text(json.dumps({"step": 2, "files": checkpointing._manifest(bare)}))
+    assert "lacks *.safetensors, optimizer.bin" in verify_checkpoint(bare)
+    with caplog.at_level(logging.WARNING):
+        assert find_checkpoint(tmp_path, "latest") == str(tmp_path / "checkpoint-1")
+    assert "Skipping" in caplog.text and "checkpoint-2" in caplog.text
+    # a save whose weights hook wrote nothing fails and leaves checkpoint-1 the latest
+    accelerator, _ = accelerator_and_model
+    checkpointing._WEIGHT_FILES[accelerator] = ("transformer/*.safetensors",)
+    with pytest.raises(OSError, match="lacks transformer/\\*.safetensors"):
+        save_checkpoint(accelerator, tmp_path / "run", 3)
+    assert not (tmp_path / "run" / "checkpoint-3").exists()
 
 
 def test_latest_falls_back_past_checkpoints_that_do_not_verify(tmp_path, caplog):
@@ -243,3 +275,58 @@ def test_a_failed_final_upload_names_the_command_that_retries_it(tmp_path, monke
         RuntimeError, match=r"retry with `python training/push_to_hub.py .*pipe --hub_model_id user/x`"
     ):
         hub.upload_final_output(tmp_path / "pipe", "user/x")
+
+
+HOLD_LOCK = "import sys, time\nfrom diffusers_tread.checkpointing import lock_run_folder\n" \
+    "lock_run_folder(sys.argv[1])\nprint('locked', flush=True)\ntime.sleep(120)\n"  # fmt: skip
+
+
+def hold_lock_in_another_process(folder: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(Path(checkpointing.__file__).resolve().parents[1])}
+    process = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(folder)], stdout=subprocess.PIPE, env=env)
+    assert process.stdout.readline().strip() == b"locked"
+    return process
+
+
+def test_one_run_per_folder_the_lock_names_its_holder_and_a_killed_holder_is_detected(tmp_path, caplog):
+    """Issue #21 item 1: two runs in one folder (started at once, or a re-queued job resumed while the first still
+    runs) are refused with the holder's name; a holder killed by SIGKILL never blocks the folder, and is named."""
+    holder = hold_lock_in_another_process(tmp_path)
+    try:
+        with pytest.raises(RunFolderInUse, match=rf"in use by another training run \(process {holder.pid} on "):
+            lock_run_folder(tmp_path)
+        # what the scripts' start_run does: refused on every process before anything is written
+        args = argparse.Namespace(
+            output_dir=str(tmp_path), resume_from_checkpoint="latest", overwrite_output_dir=False
+        )
+        with pytest.raises(RunFolderInUse, match=str(holder.pid)):
+            hold_run_folder(Accelerator(cpu=True), args)
+    finally:
+        holder.kill()
+        holder.wait()
+    with caplog.at_level(logging.WARNING):
+        lock_run_folder(tmp_path)
+    assert f"process {holder.pid} on" in caplog.text and "no such process now" in caplog.text
+    unlock_run_folder(tmp_path)
+    assert not (tmp_path / RUN_LOCK_HOLDER).exists()
+    # two new runs started at once both pass the parse-time check; the second to take the lock finds the first's run
+    (tmp_path / "loss_history.csv").write_text("1,0.5,1.0\n")
+    args = argparse.Namespace(output_dir=str(tmp_path), resume_from_checkpoint=None, overwrite_output_dir=False)
+    with pytest.raises(ValueError, match="already holds a training run"):
+        hold_run_folder(Accelerator(cpu=True), args)
+    lock_run_folder(tmp_path)  # and it let go of the lock
+    unlock_run_folder(tmp_path)
+
+
+def test_a_torn_loss_history_is_cut_back_with_a_warning(tmp_path, caplog):
+    """Issue #21 item 5: a loss_history.csv ending in NUL bytes or a half-written row (a power loss) blocked the
+    resume with a traceback; the torn tail is dropped with a warning."""
+    history = tmp_path / "loss_history.csv"
+    for torn in (b"3,0.41", b"3,0.41,2.0\r\n" + b"\0" * 300, b"\0" * 4096):
+        history.write_bytes(b"1,0.500000,1.0\r\n2,0.450000,2.0\r\n" + torn)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            rows = checkpointing.resume_loss_history(history, 2)
+        assert rows == [["1", "0.500000", "1.0"], ["2", "0.450000", "2.0"]]
+        assert "dropped 1 torn or unreadable line(s)" in caplog.text
+        assert history.read_bytes() == b"1,0.500000,1.0\r\n2,0.450000,2.0\r\n"

@@ -632,3 +632,52 @@ def test_extraction_seed_drives_the_random_crops(image_folder, vae_dir, tmp_path
         pixels = torch.stack([images[i]["pixel_values"] for i in range(len(images))])
         expected = (_load_vae(vae_dir).encode(pixels).latent_dist.mean - 0.1) * 0.7
     torch.testing.assert_close(other, expected, rtol=0, atol=1e-5)
+
+
+# --- issue #21: stale and corrupt latents ---------------------------------------------------------------------------
+
+
+def test_changed_images_are_re_extracted_and_damaged_shards_are_named(
+    image_folder, vae_dir, accelerate_config, tmp_path
+):
+    """Re-running extraction after the images changed (same count) kept every old shard ("skipped 3 complete
+    shards"), so no latent row matched its image; a truncated shard gave a SafetensorError without the file's name,
+    and a shard zeroed in place trained without a word."""
+    folder, output_dir = tmp_path / "images", tmp_path / "latents"
+    shutil.copytree(image_folder, folder)
+    args = _folder_args(folder, vae_dir, output_dir, tmp_path / "cache")
+    run_extract(accelerate_config, *args)
+    first = json.loads((output_dir / METADATA_NAME).read_text())
+    assert len(first["source_sha256"]) == 64 and all(len(shard["sha256"]) == 64 for shard in first["shards"])
+    assert "skipped 3 complete shards" in run_extract(accelerate_config, *args)  # unchanged: kept
+
+    for path in sorted(folder.rglob("*.png")):  # new pictures under the same names and labels
+        with Image.open(path) as image:
+            size, mode = image.size, image.mode
+        _random_image(size, mode, seed=1000 + len(str(path))).save(path)
+    log = run_extract(accelerate_config, *args, f"--cache_dir={tmp_path / 'cache2'}")
+    assert "skipped 0 complete shards" in log and "images or labels changed" in log
+    second = json.loads((output_dir / METADATA_NAME).read_text())
+    assert second["source_sha256"] != first["source_sha256"]
+    images, _ = load_image_dataset(train_data_dir=str(folder), resolution=16, center_crop=True,
+                                   cache_dir=str(tmp_path / "cache3"))  # fmt: skip
+    vae = _load_vae(vae_dir)
+    latents = LatentShardDataset(str(output_dir), random_flip=False)
+    with torch.no_grad():
+        expected = (vae.encode(images[0]["pixel_values"][None]).latent_dist.mean[0] - 0.1) * 0.7
+    torch.testing.assert_close(latents[0]["latents"], expected, rtol=1e-4, atol=1e-5)
+
+    shard = output_dir / second["shards"][1]["file"]
+    size = shard.stat().st_size
+    shard.write_bytes(b"\0" * size)  # zeroed in place, same size
+    with pytest.raises(ValueError, match=rf"latent shard {shard} changed since extraction"):
+        LatentShardDataset(str(output_dir))
+    with pytest.raises(ValueError, match=rf"latent shard {shard} does not load"):  # without the checksum: named
+        LatentShardDataset(str(output_dir), verify_checksums=False)
+    log = run_extract(accelerate_config, *args, f"--cache_dir={tmp_path / 'cache2'}")  # redoes the damaged one
+    assert "skipped 2 complete shards" in log
+    shard.write_bytes(shard.read_bytes()[: size // 2])  # truncated
+    with pytest.raises(ValueError, match=rf"latent shard {shard} changed since extraction"):
+        LatentShardDataset(str(output_dir))
+    with pytest.raises(ValueError, match=rf"latent shard {shard} does not load"):
+        LatentShardDataset(str(output_dir), verify_checksums=False)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO, SCRIPT, TINY, launch, load_script, transformer_weights
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from diffusers_tread import TreadDiTPipeline, TreadTransformer2DModel, hub
 from diffusers_tread.checkpointing import checkpoint_step, find_checkpoint
@@ -160,7 +160,10 @@ def test_latest_skips_incomplete_and_explicit_incomplete_is_refused(tmp_path):
     for step, complete in ((2, True), (4, True), (6, False)):
         folder = tmp_path / f"checkpoint-{step}"
         folder.mkdir()
-        if complete:
+        if complete:  # a marker without a manifest (earlier versions): the files on disk must be a checkpoint's
+            save_file({"w": torch.zeros(1)}, folder / "model.safetensors")
+            for name in ("optimizer.bin", "scheduler.bin", "random_states_0.pkl"):
+                (folder / name).write_bytes(b"x")
             (folder / "checkpoint_complete.json").write_text("{}")
     (tmp_path / "checkpoint-8-old").mkdir()
     assert find_checkpoint(str(tmp_path), "latest") == str(tmp_path / "checkpoint-4")
@@ -544,3 +547,151 @@ def test_a_checkpoint_that_cannot_be_resumed_ends_every_process_with_the_message
                                "--resume_from_checkpoint=checkpoint-9", check=False)  # fmt: skip
     assert result.returncode != 0
     assert result.stderr.count("checkpoint-9 is not a complete checkpoint") >= 2, result.stderr[-3000:]  # both ranks
+
+
+# --- issue #21: one run per folder, checkpoints that hold what they need, abandoned timelines, torn logs -------------
+
+
+def test_a_run_resumed_twice_at_once_is_refused_naming_the_running_one(tmp_path):
+    """A re-queued job started while the first still runs used to append to the same loss_history.csv (steps
+    1,2,1,2,3,4) and clean up the other's staging folder mid-save: the second is refused with the first's name."""
+    out = tmp_path / "out"
+    args = [*TINY, f"--output_dir={out}", "--max_train_steps=100000", "--checkpointing_steps=100000",
+            "--validation_steps=100000"]  # fmt: skip
+    log = (tmp_path / "first.log").open("w")
+    first = subprocess.Popen([sys.executable, str(SCRIPT), *args], env=ENV, cwd=REPO, stdout=log, stderr=log)
+    try:
+        history = out / "loss_history.csv"
+        deadline = time.time() + 120
+        while time.time() < deadline and (not history.exists() or len(history.read_text().splitlines()) < 2):
+            time.sleep(0.2)
+        second = subprocess.run([sys.executable, str(SCRIPT), *args, "--resume_from_checkpoint=latest"], env=ENV,
+                                cwd=REPO, capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert second.returncode == 1, second.stderr[-3000:]
+        assert f"is in use by another training run (process {first.pid} on " in second.stderr
+        assert "Traceback" not in second.stderr
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.wait(timeout=120)
+    assert first.returncode == 0, (tmp_path / "first.log").read_text()[-3000:]
+    steps = [int(row[0]) for row in csv.reader(history.open())]
+    assert steps == list(range(1, len(steps) + 1))  # one run's rows only
+
+
+def test_push_refuses_an_interrupted_final_save_and_incomplete_checkpoints(tmp_path, monkeypatch):
+    """A kill during a resumed run's final save leaves the old model_index.json beside `.incomplete-final/`, and the
+    push uploaded `.incomplete-final/transformer/...` with it; an `.incomplete-checkpoint-N` was pushed as a pipeline.
+    Both are refused with a message, and every staging folder is in the one ignore list."""
+    from conftest import load_module
+
+    script = load_script()
+    out = tmp_path / "out"
+    common = [*TINY, f"--output_dir={out}", "--validation_steps=100", "--checkpointing_steps=2"]
+    script.main([*common, "--max_train_steps=2"])
+    assert (out / "model_index.json").is_file()
+
+    def killed(*args, **kwargs):  # the new weights are staged, then the process dies
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(script, "plot_loss", killed)
+    with pytest.raises(KeyboardInterrupt):
+        script.main([*common, "--max_train_steps=4", "--resume_from_checkpoint=latest"])
+    assert (out / "model_index.json").is_file() and (out / ".incomplete-final" / "transformer").is_dir()
+    push = load_module(REPO / "training" / "push_to_hub.py")
+    with pytest.raises(ValueError, match=r"holds \.incomplete-final/, left by a final save that was interrupted"):
+        push.main([str(out), "--hub_model_id=u/m", f"--save_to={tmp_path / 'hub'}"])
+    assert not (tmp_path / "hub").exists()
+    assert any(fnmatch(".incomplete-final/transformer/config.json", p) for p in hub.HUB_IGNORE_PATTERNS)
+
+    (out / "checkpoint-4").rename(out / ".incomplete-checkpoint-4")
+    (out / ".incomplete-checkpoint-4" / "checkpoint_complete.json").unlink()  # as a kill mid-save leaves it
+    with pytest.raises(ValueError, match="checkpoint whose save was interrupted"):
+        push.main([str(out / ".incomplete-checkpoint-4"), "--hub_model_id=u/m", f"--save_to={tmp_path / 'hub'}"])
+    (out / "checkpoint-2" / "optimizer.bin").unlink()
+    with pytest.raises(ValueError, match="checkpoint-2 is not a complete checkpoint"):
+        push.main([str(out / "checkpoint-2"), "--hub_model_id=u/m", f"--save_to={tmp_path / 'hub'}"])
+    assert not (tmp_path / "hub").exists()
+
+
+def test_resuming_an_older_checkpoint_sets_the_abandoned_timeline_aside(tmp_path, caplog):
+    """Resuming an explicit older checkpoint left the newer ones in place, so `latest` after a later crash resumed the
+    abandoned run: they are moved into abandoned/ (said in the log), with the finished outputs of that run."""
+    script = load_script()
+    out = tmp_path / "out"
+    common = [*TINY, f"--output_dir={out}", "--validation_steps=100", "--checkpointing_steps=2"]
+    script.main([*common, "--max_train_steps=4"])  # checkpoint-2, checkpoint-4, finished at 4
+    caplog.set_level("WARNING")
+    script.main([*common, "--max_train_steps=3", "--resume_from_checkpoint=checkpoint-2"])  # back to step 2
+    assert find_checkpoint(out, "latest") == str(out / "checkpoint-3")  # never the abandoned checkpoint-4
+    (aside,) = (out / "abandoned").iterdir()
+    assert aside.name.startswith("after-checkpoint-2-") and f"to {aside}" in caplog.text
+    assert sorted(p.name for p in aside.glob("checkpoint-*")) == ["checkpoint-4"]
+    assert json.loads((aside / "training_complete.json").read_text())["step"] == 4
+    assert [row[0] for row in csv.reader((aside / "loss_history.csv").open())] == ["1", "2", "3", "4"]
+    assert [row[0] for row in csv.reader((out / "loss_history.csv").open())] == ["1", "2", "3"]
+    assert json.loads((out / "training_complete.json").read_text())["step"] == 3
+    TreadDiTPipeline.from_pretrained(out)  # the new run's outputs
+    assert any(fnmatch(f"abandoned/{aside.name}/checkpoint-4/optimizer.bin", p) for p in hub.HUB_IGNORE_PATTERNS)
+
+
+def test_a_torn_loss_history_does_not_block_the_resume(tmp_path, caplog):
+    script = load_script()
+    out = tmp_path / "out"
+    common = [*TINY, f"--output_dir={out}", "--validation_steps=100", "--checkpointing_steps=2"]
+    script.main([*common, "--max_train_steps=2"])
+    with (out / "loss_history.csv").open("ab") as f:  # a power loss while step 3's row was being written
+        f.write(b"3,0.4" + b"\0" * 512)
+    caplog.set_level("WARNING")
+    script.main([*common, "--max_train_steps=3", "--resume_from_checkpoint=latest"])
+    assert "dropped 1 torn or unreadable line(s)" in caplog.text
+    assert [row[0] for row in csv.reader((out / "loss_history.csv").open())] == ["1", "2", "3"]
+
+
+def test_a_resume_refuses_settings_that_break_the_run_and_records_the_legitimate_changes(tmp_path, caplog):
+    """`--objective edm` on a flow checkpoint continued silently (4 flow steps, 2 EDM steps, an EDM scheduler saved);
+    another --train_batch_size skipped batches at the new size; another --model_config printed a state-dict dump; a
+    LoRA run resumed without --lora_rank said it could not connect to the Hub. Each breaking change is one line
+    naming the old and new value; routes and learning rate may change, logged and recorded in the card."""
+    script = load_script()
+    out = tmp_path / "out"
+    common = [*TINY, f"--output_dir={out}", "--validation_steps=100", "--checkpointing_steps=2"]
+    script.main([*common, "--max_train_steps=2"])
+    resume = [*common, "--max_train_steps=4", "--resume_from_checkpoint=latest"]
+    config = json.loads((out / "checkpoint-2" / "transformer" / "config.json").read_text())
+    other_config = tmp_path / "other.json"
+    other_config.write_text(json.dumps({**config, "num_layers": config["num_layers"] + 2}))
+    for option, expected in (
+        ("--objective=edm", "its --objective was flow; this run has edm"),
+        ("--train_batch_size=8", "its global batch (--train_batch_size x processes x --gradient_accumulation_steps) "
+                                 "was 16; this run has 8"),
+        (f"--model_config={other_config}", f"this run has {other_config}"),
+    ):  # fmt: skip
+        with pytest.raises(ValueError) as error:
+            script.main([*resume, option])
+        message = str(error.value)
+        assert expected in message and "\n" not in message and "size mismatch" not in message, message
+    assert len((out / "loss_history.csv").read_text().splitlines()) == 2  # nothing trained
+    caplog.set_level("WARNING")
+    script.main([*resume, "--routes=1:3:0.25", "--learning_rate=1e-4"])
+    assert "--routes" in caplog.text and "--learning_rate 0.0005 -> 0.0001" in caplog.text
+    card = (out / "README.md").read_text()
+    assert "# resumed with a changed setting: step 2: --learning_rate 0.0005 -> 0.0001" in card
+    saved = json.loads((out / "checkpoint-4" / "run_settings.json").read_text())
+    assert saved["fixed"]["--objective"] == "flow" and len(saved["changes"]) == 3  # routes, rate, steps
+
+    # a LoRA run resumed without --lora_rank: one line, with or without recorded settings, never the Hub
+    lora = tmp_path / "lora"
+    lora_args = [*TINY, f"--output_dir={lora}", "--validation_steps=100", "--checkpointing_steps=2",
+                 f"--pretrained_model_name_or_path={out}", "--max_train_steps=2"]  # fmt: skip
+    script.main([*lora_args, "--lora_rank=4"])
+    with pytest.raises(ValueError, match="its --lora_rank was 4; this run has None"):
+        script.main([*lora_args[:-1], "--max_train_steps=4", "--resume_from_checkpoint=latest"])
+    checkpoint = lora / "checkpoint-2"
+    (checkpoint / "run_settings.json").unlink()  # as a checkpoint of an earlier version
+    marker = json.loads((checkpoint / "checkpoint_complete.json").read_text())
+    marker["files"].pop("run_settings.json")
+    marker["required"].remove("run_settings.json")
+    (checkpoint / "checkpoint_complete.json").write_text(json.dumps(marker))
+    with pytest.raises(ValueError, match="it is a LoRA run's checkpoint, resume it with its --lora_rank") as error:
+        script.main([*lora_args[:-1], "--max_train_steps=4", "--resume_from_checkpoint=latest"])
+    assert "connect" not in str(error.value)

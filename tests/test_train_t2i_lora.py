@@ -442,3 +442,58 @@ def test_zero_intervals_and_abbreviated_options_are_refused(capsys):
     with pytest.raises(SystemExit):  # an abbreviation of --hub_token would escape the token's redaction
         script.parse_args([*base, "--hub_tok", "hf_secret"])
     assert "unrecognized arguments: --hub_tok" in capsys.readouterr().err
+
+
+# --- issue #21: the run folder's lock, checkpoints that hold what they need, resumes with changed settings ----------
+
+
+def test_a_folder_in_use_by_another_run_is_refused_naming_it(tmp_path, assets):
+    """The library's run-folder lock (taken in `start_run`) guards this script too: a second run into a folder that
+    a running job holds is refused before it writes anything, naming the holder."""
+    import sys
+
+    out = tmp_path / "out"
+    code = "import sys, time\nfrom diffusers_tread.checkpointing import lock_run_folder\n" \
+        "lock_run_folder(sys.argv[1])\nprint('locked', flush=True)\ntime.sleep(120)\n"  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    holder = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, env=env)
+    try:
+        assert holder.stdout.readline().strip() == b"locked"
+        with pytest.raises(OSError, match=rf"in use by another training run \(process {holder.pid} on "):
+            load_script().main([*TINY, f"--pretrained_model_name_or_path={assets['pixart']}",
+                                f"--train_data_dir={assets['images']}", f"--output_dir={out}", "--max_train_steps=1",
+                                "--resume_from_checkpoint=latest"])  # fmt: skip
+        assert sorted(p.name for p in out.iterdir()) == [".tread-run.lock", ".tread-run.lock.json"]
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_resume_refuses_breaking_changes_sets_aside_newer_checkpoints_and_reads_a_torn_history(
+    tmp_path, assets, caplog
+):
+    """The library's resume checks hold for this script: another --rank or global batch is refused in one line naming
+    old and new value (before anything loads); an explicit older checkpoint moves the newer one aside; a torn
+    loss_history.csv is cut with a warning; a changed learning rate is logged and recorded in the card."""
+    from diffusers_tread.checkpointing import find_checkpoint
+
+    out = tmp_path / "out"
+    common = [*TINY, f"--pretrained_model_name_or_path={assets['pixart']}", f"--train_data_dir={assets['images']}",
+              f"--output_dir={out}", "--routes=1:2:0.5", "--checkpointing_steps=1"]  # fmt: skip
+    run_in_process(*common, "--max_train_steps=2")
+    resume = [*common, "--max_train_steps=3", "--resume_from_checkpoint=latest"]
+    with pytest.raises(ValueError, match=r"its --rank was 4; this run has 8\. ") as error:
+        run_in_process(*resume, "--rank=8")
+    assert "\n" not in str(error.value)
+    with pytest.raises(ValueError, match=r"its global batch .* was 4; this run has 2\. "):
+        run_in_process(*resume, "--train_batch_size=2")
+    with (out / "loss_history.csv").open("ab") as f:
+        f.write(b"3,0.1" + b"\0" * 100)  # a power loss mid-row
+    caplog.set_level("WARNING")
+    run_in_process(*common, "--max_train_steps=2", "--resume_from_checkpoint=checkpoint-1", "--learning_rate=5e-3")
+    assert "dropped 1 torn or unreadable line(s)" in caplog.text and "--learning_rate 0.01 -> 0.005" in caplog.text
+    (aside,) = (out / "abandoned").iterdir()
+    assert sorted(p.name for p in aside.glob("checkpoint-*")) == ["checkpoint-2"]
+    assert find_checkpoint(out, "latest") == str(out / "checkpoint-2")  # the new run's
+    assert "resumed with a changed setting: step 1: --learning_rate 0.01 -> 0.005" in (out / "README.md").read_text()
+    assert [line.split(",")[0] for line in (out / "loss_history.csv").read_text().splitlines()] == ["1", "2"]

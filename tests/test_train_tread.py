@@ -378,3 +378,19 @@ def test_run_state_carries_what_the_stages_share():
     assert run.total_batch_size == 24 and run.generator is None and run.uploads is None
     run.started -= 30  # a resumed run's earlier time counts
     assert 90 <= run.elapsed < 100
+
+
+def test_a_damaged_latent_shard_is_named_before_training(tmp_path, digits_latents):
+    """Issue #21 item 4: a shard zeroed in place (same size) trained without a word, and a truncated one gave a
+    SafetensorError traceback without the file's name; training names the file in one message."""
+    script = load_script()
+    latents = tmp_path / "latents"
+    shutil.copytree(digits_latents, latents)
+    shard = sorted(latents.glob("latents-*.safetensors"))[0]
+    shard.write_bytes(b"\0" * shard.stat().st_size)
+    args = [*TINY, "--resolution=16", f"--output_dir={tmp_path / 'out'}", f"--latents_dir={latents}",
+            "--max_train_steps=1"]  # fmt: skip
+    with pytest.raises(ValueError, match=rf"The latent shard {shard} changed since extraction"):
+        script.main(args)
+    with pytest.raises(ValueError, match=rf"The latent shard {shard} does not load"):  # the checksum skipped
+        script.main([*args, "--skip_latents_checksum"])

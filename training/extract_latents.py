@@ -6,11 +6,14 @@
 
 Each process encodes its own interleaved slice of the shards (shard k goes to process k % num_processes). A shard is
 written to a temporary name and renamed when complete, with the extraction settings in its header: re-running the
-same command skips every complete shard and redoes the rest. The main process writes metadata.json last, once every
+same command skips every complete shard whose source images and labels are unchanged (`SourceFingerprint`: one
+read of its images, no encoding) and redoes the rest. The main process writes metadata.json last, once every
 shard exists; `diffusers_tread.data.LatentShardDataset` reads it. The format is described in
 `diffusers_tread/data/latents.py`.
 """
 
+import hashlib
+import json
 import logging
 import math
 import os
@@ -26,6 +29,8 @@ from tqdm.auto import tqdm
 from diffusers_tread.data import load_digits, load_image_dataset
 from diffusers_tread.data.latents import (
     METADATA_NAME,
+    SourceFingerprint,
+    file_sha256,
     posterior_generator,
     read_shard_settings,
     shard_file_name,
@@ -109,6 +114,23 @@ def parse_args(input_args=None):
     return args
 
 
+def recorded_shard_checksums(latents_dir: str) -> dict[str, str]:
+    """The shard file checksums of the directory's last complete extraction (its metadata.json), if any."""
+    try:
+        with open(os.path.join(latents_dir, METADATA_NAME)) as f:
+            return {shard["file"]: shard["sha256"] for shard in json.load(f)["shards"] if shard.get("sha256")}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def shard_source_fingerprint(loader) -> str:
+    """The `SourceFingerprint` of the images and labels ``loader`` gives (read and preprocessed, not encoded)."""
+    fingerprint = SourceFingerprint()
+    for batch in loader:
+        fingerprint.update(batch["pixel_values"], batch["class_labels"])
+    return fingerprint.hexdigest()
+
+
 def main(args):
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
     logging.basicConfig(
@@ -173,9 +195,12 @@ def main(args):
     num_shards = math.ceil(len(dataset) / args.shard_size)
     shard_names = [shard_file_name(index, num_shards) for index in range(num_shards)]
 
-    # metadata.json marks a complete, consistent directory: remove it until this run has finished.
+    # metadata.json marks a complete, consistent directory: remove it until this run has finished (after every
+    # process has read the shard checksums it recorded, which tell a shard damaged in place).
     os.makedirs(args.output_dir, exist_ok=True)
     metadata_path = os.path.join(args.output_dir, METADATA_NAME)
+    recorded = recorded_shard_checksums(args.output_dir)
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process and os.path.exists(metadata_path):
         os.remove(metadata_path)
     accelerator.wait_for_everyone()
@@ -194,16 +219,25 @@ def main(args):
     skipped = 0
     for shard_index in tqdm(my_shards, desc="Shards", disable=not accelerator.is_local_main_process):
         path = os.path.join(args.output_dir, shard_names[shard_index])
-        if read_shard_settings(path) == settings:
-            skipped += 1
-            continue
-
         indices = list(range(shard_index * args.shard_size, min((shard_index + 1) * args.shard_size, len(dataset))))
         loader = DataLoader(
             Subset(dataset, indices), batch_size=args.batch_size, num_workers=args.dataloader_num_workers
         )
+        # A shard with these settings is kept only if its source (images and labels) is the same (one read of its
+        # images, no encoding) and, when the last extraction recorded it, its file is byte-identical.
+        existing = read_shard_settings(path)
+        if existing is not None and {k: v for k, v in existing.items() if k != "source_sha256"} == settings:
+            if existing.get("source_sha256") == shard_source_fingerprint(loader) and recorded.get(
+                shard_names[shard_index], file_sha256(path)
+            ) == file_sha256(path):
+                skipped += 1
+                continue
+            logger.info(f"{path}: its images or labels changed since it was encoded, or it was damaged: redoing it.")
+
+        fingerprint = SourceFingerprint()
         latents, latents_flipped, class_labels, features, features_flipped = [], [], [], [], []
         for step, batch in enumerate(loader):
+            fingerprint.update(batch["pixel_values"], batch["class_labels"])
             batch_indices = indices[step * args.batch_size : (step + 1) * args.batch_size]
             latents.append(encode(batch["pixel_values"], batch_indices, flipped=False))
             if args.flip:
@@ -221,7 +255,7 @@ def main(args):
             tensors[FEATURES] = torch.cat(features)
         if features_flipped:
             tensors[FEATURES_FLIPPED] = torch.cat(features_flipped)
-        write_shard(path, tensors, settings)
+        write_shard(path, tensors, {**settings, "source_sha256": fingerprint.hexdigest()})
     logger.info(f"Process {accelerator.process_index}: skipped {skipped} complete shards.", main_process_only=False)
 
     # Once every process is done, the main process describes the directory.
@@ -229,11 +263,16 @@ def main(args):
     if accelerator.is_main_process:
         shards = []
         for name in shard_names:
-            with safe_open(os.path.join(args.output_dir, name), framework="pt") as shard:
+            shard_path = os.path.join(args.output_dir, name)
+            with safe_open(shard_path, framework="pt") as shard:
                 shape = shard.get_slice("latents").get_shape()
-            shards.append({"file": name, "num_samples": shape[0]})
+            source = read_shard_settings(shard_path)["source_sha256"]
+            shards.append({"file": name, "num_samples": shape[0], "sha256": file_sha256(shard_path),
+                           "source_sha256": source})  # fmt: skip
         metadata = {
             **settings,
+            # the source data's fingerprint: the images and labels every shard encodes (`SourceFingerprint`)
+            "source_sha256": hashlib.sha256("".join(shard["source_sha256"] for shard in shards).encode()).hexdigest(),
             "scaling_factor": scaling_factor,
             "shift_factor": shift_factor,
             "latent_channels": shape[1],

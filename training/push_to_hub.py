@@ -31,6 +31,7 @@ from pathlib import Path
 from huggingface_hub import EvalResult, ModelCard
 
 from diffusers_tread import hub
+from diffusers_tread.checkpointing import unpushable
 from diffusers_tread.training_utils import ArgumentParser, main_with_messages
 
 logger = logging.getLogger("push_to_hub")
@@ -131,6 +132,9 @@ def main(argv: list[str] | None = None) -> str:
     args = parse_args(argv)
     logging.basicConfig(format="%(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     folder = Path(args.folder)
+    problem = unpushable(folder)  # an interrupted save: a checkpoint without its marker, a staging folder
+    if problem:
+        raise ValueError(problem)
     eval_results = load_eval_results(args.eval_results)
     with tempfile.TemporaryDirectory(prefix="tread-push-") as workdir:
         info = None

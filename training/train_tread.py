@@ -62,10 +62,12 @@ from diffusers_tread.checkpointing import (
     final_output,
     install_stop_handlers,
     process_seed,
+    record_run_settings,
     register_checkpoint_hooks,
     restore_stop_handlers,
     resume_from_checkpoint,
     save_checkpoint,
+    settings_note,
     stop_requested,
 )
 from diffusers_tread.data import (
@@ -237,6 +239,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="encode with a VAE posterior sample instead of its mean (as extract_latents.py)",
     )
     parser.add_argument("--latents_dir", default=None, help="precomputed latents from training/extract_latents.py")
+    parser.add_argument(
+        "--skip_latents_checksum",
+        action="store_true",
+        help="do not check the latent shards' SHA-256 at start (one read of every shard: ~1 s per GB on a local SSD)",
+    )
     parser.add_argument("--cache_dir", default=None)
     parser.add_argument("--dataloader_num_workers", type=int, default=0)
     # Optimisation, the run folder, checkpoints, logging and the Hub: the options both training scripts share
@@ -372,7 +379,9 @@ def main(argv: list[str] | None = None) -> None:
     unwrapped = accelerator.unwrap_model(model)
     start_logging(run, unwrapped, num_train_epochs)
 
-    # 5. Resume (the main process picks the checkpoint; a finished run only says so).
+    # 5. Resume (the main process picks the checkpoint, refuses settings that would not continue its run; a finished
+    # run only says so).
+    record_run_settings(accelerator, **resume_settings(args, unwrapped, data, run.total_batch_size))
     resume = resume_from_checkpoint(
         accelerator, args.output_dir, args.resume_from_checkpoint, num_update_steps_per_epoch,
         args.gradient_accumulation_steps, args.max_train_steps,
@@ -380,6 +389,7 @@ def main(argv: list[str] | None = None) -> None:
     if resume.finished:
         accelerator.end_training()
         return
+    args.changed_settings = resume.changes  # for the model card
     run.started -= resume.seconds_before  # the elapsed-time column continues from the checkpoint's row
     global_step, first_epoch, resume_step = resume.global_step, resume.first_epoch, resume.skip_batches
     if args.push_to_hub and args.push_checkpoints:
@@ -502,6 +512,7 @@ def load_training_data(args) -> TrainingData:
             random_flip=args.random_flip,
             seed=args.seed,
             repa_features=bool(args.repa_encoder and load_latents_metadata(args.latents_dir).get("repa_encoder")),
+            verify_checksums=not args.skip_latents_checksum,
         )
         id2label = dataset.id2label
         description = f"latents from {args.latents_dir}"
@@ -665,6 +676,10 @@ def register_weight_hooks(accelerator, args, train_generator: torch.Generator, e
             raise ValueError(
                 f"{folder} was trained with REPA: resume with the --repa_* arguments it was trained with."
             )
+        if not args.lora_rank and not os.path.isdir(os.path.join(folder, "transformer")):  # else: a Hub look-up
+            lora = os.path.isdir(os.path.join(folder, "transformer_lora"))
+            hint = ": it is a LoRA run's checkpoint, resume it with its --lora_rank" if lora else ""
+            raise ValueError(f"{folder} holds no transformer/ weights{hint}")
         if ema_model is not None:
             loaded_ema = EMAModel.from_pretrained(os.path.join(folder, "transformer_ema"), model_cls)
             ema_model.load_state_dict(loaded_ema.state_dict())
@@ -683,7 +698,9 @@ def register_weight_hooks(accelerator, args, train_generator: torch.Generator, e
                 )
 
     accelerator.register_save_state_pre_hook(gather_weights)
-    register_checkpoint_hooks(accelerator, train_generator, args.seed, save_weights, load_weights)
+    weights = "transformer_lora/pytorch_lora_weights.safetensors" if args.lora_rank else "transformer/*.safetensors"
+    weight_files = (weights, *(["transformer_ema/*.safetensors"] if ema_model is not None else []))
+    register_checkpoint_hooks(accelerator, train_generator, args.seed, save_weights, load_weights, weight_files)
 
 
 def ema_config(ema_model: EMAModel) -> dict:
@@ -736,6 +753,40 @@ def prepare_optimization(
             "parameters need no sharding: launch without --use_fsdp (plain data parallelism)."
         )
     return model, optimizer, train_dataloader, lr_scheduler
+
+
+def resume_settings(args, model, data: TrainingData, total_batch_size: int) -> dict:
+    """Stage 5: what every checkpoint records of the run (`record_run_settings`): a resume that changes a ``fixed``
+    setting (objective, model, data, global batch) is refused in one line; ``changeable`` ones are logged and shown
+    in the card."""
+    config = {
+        k: v for k, v in model.config.items() if not k.startswith("_") and k not in ("routes", "route_reinsertion")
+    }
+    pretrained = args.pretrained_model_name_or_path
+    fixed = {
+        "--objective": args.objective,
+        "--model_type": args.model_type,
+        "--pretrained_model_name_or_path" if pretrained else "--model_config": pretrained or args.model_config,
+        "model config": config,
+        "--lora_rank": args.lora_rank,
+        "--lora_alpha": args.lora_alpha if args.lora_rank else None,
+        "--lora_target_modules": args.lora_target_modules if args.lora_rank else None,
+        "--use_ema": bool(args.use_ema and not args.lora_rank),
+        "--repa_encoder": args.repa_encoder,
+        "data": f"{data.description}, {len(data.dataset)} examples of {data.size}x{data.size}",
+        "global batch (--train_batch_size x processes x --gradient_accumulation_steps)": total_batch_size,
+    }
+    changeable = {
+        "--routes": model.config.routes,
+        "--learning_rate": args.learning_rate,
+        "--lr_scheduler": args.lr_scheduler,
+        "--max_train_steps": args.max_train_steps,
+        "--tread_loss": args.tread_loss,
+        "--seed": args.seed,
+        "--repa_layer": args.repa_layer,
+        "--repa_loss_weight": args.repa_loss_weight,
+    }
+    return dict(fixed=fixed, changeable=changeable)
 
 
 def start_logging(run: RunState, model, num_train_epochs: int) -> None:
@@ -1043,7 +1094,8 @@ def save_model_card(folder, run: RunState, model, objective, steps: int, final_l
         example_labels=example_labels,
         num_inference_steps=args.validation_num_inference_steps,
         guidance_scale=args.validation_guidance_scale,
-        command=hub.launch_command("training/train_tread.py", argv, [args.hub_token]),
+        command=hub.launch_command("training/train_tread.py", argv, [args.hub_token])
+        + settings_note(getattr(args, "changed_settings", [])),
     )
     card: ModelCard = hub.save_model_card(folder, info, card_data)  # the template shipped with the package
     logger.info(f"Model card: {len(card.text)} characters")

@@ -67,10 +67,12 @@ from diffusers_tread.checkpointing import (
     final_output,
     install_stop_handlers,
     process_seed,
+    record_run_settings,
     register_checkpoint_hooks,
     restore_stop_handlers,
     resume_from_checkpoint,
     save_checkpoint,
+    settings_note,
     stop_requested,
 )
 
@@ -333,7 +335,11 @@ def main(argv: list[str] | None = None) -> None:
     noise_scheduler = load_noise_scheduler(run, num_tokens)
     start_logging(run, lora_parameters, num_tokens, num_train_epochs)
 
-    # 5. Resume (the main process picks the checkpoint; a finished run only says so).
+    # 5. Resume (the main process picks the checkpoint, refuses settings that would not continue its run; a finished
+    # run only says so).
+    record_run_settings(
+        accelerator, **resume_settings(args, run.routes, run.captions, run.dataset, run.total_batch_size)
+    )
     resume = resume_from_checkpoint(
         accelerator, args.output_dir, args.resume_from_checkpoint, num_update_steps_per_epoch,
         args.gradient_accumulation_steps, args.max_train_steps,
@@ -341,6 +347,7 @@ def main(argv: list[str] | None = None) -> None:
     if resume.finished:
         accelerator.end_training()
         return
+    args.changed_settings = resume.changes  # for the model card
     run.global_step, first_epoch, resume_step = resume.global_step, resume.first_epoch, resume.skip_batches
     run.started -= resume.seconds_before  # the elapsed-time column of loss_history.csv continues from the checkpoint
     if args.push_to_hub and args.push_checkpoints:
@@ -698,7 +705,33 @@ def register_lora_checkpoint_hooks(run: LoraRun) -> None:
             if accelerator.mixed_precision in ("fp16", "bf16"):
                 cast_training_params(model, dtype=torch.float32)
 
-    register_checkpoint_hooks(accelerator, run.generator, args.seed, save_weights, load_weights)
+    weight_files = ("pytorch_lora_weights.safetensors",)
+    register_checkpoint_hooks(accelerator, run.generator, args.seed, save_weights, load_weights, weight_files)
+
+
+def resume_settings(args, routes, captions, dataset, total_batch_size: int) -> dict:
+    """Stage 5: what every checkpoint records of the run (`record_run_settings`): a resume that changes a ``fixed``
+    setting (base model, adapters, data, global batch) is refused in one line; ``changeable`` ones are logged and
+    shown in the card."""
+    fixed = {
+        "--pretrained_model_name_or_path": args.pretrained_model_name_or_path,
+        "--revision": args.revision,
+        "--variant": args.variant,
+        "--lora_rank": args.lora_rank,
+        "--lora_alpha": args.lora_alpha,
+        "--lora_target_modules": args.lora_target_modules,
+        "data": f"{captions.source}, {len(dataset)} examples at {args.resolution}px, captions {args.caption_column}",
+        "--num_frames": getattr(args, "num_frames", None),
+        "global batch (--train_batch_size x processes x --gradient_accumulation_steps)": total_batch_size,
+    }
+    changeable = {
+        "--routes": routes,
+        "--learning_rate": args.learning_rate,
+        "--lr_scheduler": args.lr_scheduler,
+        "--max_train_steps": args.max_train_steps,
+        "--seed": args.seed,
+    }
+    return dict(fixed=fixed, changeable=changeable)
 
 
 def prepare_optimization(run: LoraRun, transformer, lora_parameters: list):
@@ -1052,7 +1085,8 @@ def save_model_card(run: LoraRun, folder, images: list | None, final_loss: float
         hardware=hardware,
         training_time=f"{run.elapsed / 60:.1f} min",
         final_loss=f"{final_loss:.4f}",
-        command=hub.launch_command("training/train_tread_t2i_lora.py", run.argv, [args.hub_token]),
+        command=hub.launch_command("training/train_tread_t2i_lora.py", run.argv, [args.hub_token])
+        + settings_note(getattr(args, "changed_settings", [])),
     )
     hub.save_lora_model_card(folder, info, images)
 

@@ -8,11 +8,18 @@ frozen encoder's patch features for REPA (`diffusers_tread.repa`). Each shard's
 header records the extraction settings. A shard is written under a ``.tmp`` name and renamed when complete, so a
 file with the final name is never half-written. ``metadata.json`` is written last, once every shard exists, and is
 removed when an extraction starts: its presence means the directory is complete and consistent.
+
+Integrity: each shard's header also records a fingerprint of its source (SHA-256 of the preprocessed images and
+labels it encodes, `SourceFingerprint`), so re-extracting after the images changed redoes the shards whose source
+changed instead of keeping stale latents; ``metadata.json`` records each shard file's SHA-256, which
+`LatentShardDataset` checks when it opens the shards (one read of every shard at start: about a second per GB on a
+local SSD; ``verify_checksums=False`` skips it). Every shard error names the file.
 """
 
 from __future__ import annotations
 
 import bisect
+import hashlib
 import json
 import os
 from typing import Any
@@ -53,6 +60,34 @@ def read_shard_settings(path: str) -> dict[str, Any] | None:
             return json.loads(shard.metadata()["settings"])
     except Exception:  # missing, truncated, or not a shard: treat as absent
         return None
+
+
+class SourceFingerprint:
+    """The SHA-256 of what a shard encodes: the preprocessed images (float32, un-flipped) and their labels, in order.
+    Two extractions give the same fingerprint exactly when the shard would hold the same latents' sources."""
+
+    def __init__(self):
+        self._hash = hashlib.sha256()
+
+    def update(self, pixel_values: torch.Tensor, class_labels: torch.Tensor) -> None:
+        self._hash.update(pixel_values.detach().float().cpu().contiguous().numpy().tobytes())
+        self._hash.update(class_labels.detach().long().cpu().contiguous().numpy().tobytes())
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
+
+
+def file_sha256(path: str) -> str:
+    """The SHA-256 of a file's bytes (read in chunks)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _shard_error(path: str, error: Exception, latents_dir: str) -> ValueError:
+    return ValueError(
+        f"The latent shard {path} does not load ({type(error).__name__}: {error}); it is truncated or damaged: re-run "
+        f"training/extract_latents.py --output_dir {latents_dir}, which redoes it."
+    )
 
 
 def write_metadata(latents_dir: str, metadata: dict[str, Any]) -> None:
@@ -138,10 +173,18 @@ class LatentShardDataset(Dataset):
 
     Shards are memory-mapped and read one row per item, so a large dataset is not loaded into RAM. If flipped copies
     were stored and `random_flip` is set, an item is the flipped copy with p=0.5, drawn per (seed, epoch, item) so
-    that a resumed run reads exactly what an uninterrupted one would.
+    that a resumed run reads exactly what an uninterrupted one would. ``verify_checksums``: check every shard against
+    the SHA-256 that extraction recorded (one read of all shards; a shard changed in place is a ValueError naming it).
     """
 
-    def __init__(self, latents_dir: str, random_flip: bool = True, seed: int = 0, repa_features: bool = False):
+    def __init__(
+        self,
+        latents_dir: str,
+        random_flip: bool = True,
+        seed: int = 0,
+        repa_features: bool = False,
+        verify_checksums: bool = True,
+    ):
         self.seed, self.epoch = seed, 0
         self.repa_features = repa_features  # items also carry "repa_features", of the same (flipped or not) copy
         self.metadata: dict[str, Any] = load_latents_metadata(latents_dir)
@@ -151,9 +194,22 @@ class LatentShardDataset(Dataset):
         self.shard_paths = [os.path.join(latents_dir, shard["file"]) for shard in self.metadata["shards"]]
 
         labels = []
-        for shard_path in self.shard_paths:
-            with safe_open(shard_path, framework="pt") as shard:
-                labels.append(shard.get_tensor("class_labels"))
+        for shard_info, shard_path in zip(self.metadata["shards"], self.shard_paths, strict=True):
+            if not os.path.isfile(shard_path):
+                raise FileNotFoundError(
+                    f"The latent shard {shard_path} is missing: re-run training/extract_latents.py."
+                )
+            if verify_checksums and shard_info.get("sha256") and file_sha256(shard_path) != shard_info["sha256"]:
+                raise ValueError(
+                    f"The latent shard {shard_path} changed since extraction (its SHA-256 is not the one metadata.json "
+                    f"records): it is damaged or was overwritten. Re-run training/extract_latents.py --output_dir "
+                    f"{latents_dir}, which redoes it."
+                )
+            try:
+                with safe_open(shard_path, framework="pt") as shard:
+                    labels.append(shard.get_tensor("class_labels"))
+            except Exception as error:  # noqa: BLE001 - safetensors' errors do not name the file
+                raise _shard_error(shard_path, error, latents_dir) from error
         self.class_labels = torch.cat(labels)
         self.shard_starts = np.cumsum([0] + [len(shard_labels) for shard_labels in labels[:-1]]).tolist()
         if len(self.class_labels) != self.metadata["num_samples"]:
@@ -176,16 +232,20 @@ class LatentShardDataset(Dataset):
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} samples")
         shard_index = bisect.bisect_right(self.shard_starts, index) - 1
-        if shard_index not in self._shards:
-            self._shards[shard_index] = safe_open(self.shard_paths[shard_index], framework="pt")
         flip = self.random_flip and torch.rand((), generator=seeded_generator(self.seed, self.epoch, index)) < 0.5
         name = "latents_flipped" if flip else "latents"
         row = index - self.shard_starts[shard_index]
-        latents = self._shards[shard_index].get_slice(name)[row : row + 1][0]
-        item = {"latents": latents.float(), "class_labels": int(self.class_labels[index])}
-        if self.repa_features:
-            features = "repa_features_flipped" if flip else "repa_features"
-            item["repa_features"] = self._shards[shard_index].get_slice(features)[row : row + 1][0].float()
+        try:
+            if shard_index not in self._shards:
+                self._shards[shard_index] = safe_open(self.shard_paths[shard_index], framework="pt")
+            shard = self._shards[shard_index]
+            item = {"latents": shard.get_slice(name)[row : row + 1][0].float()}
+            if self.repa_features:
+                features = "repa_features_flipped" if flip else "repa_features"
+                item["repa_features"] = shard.get_slice(features)[row : row + 1][0].float()
+        except Exception as error:  # noqa: BLE001 - safetensors' errors do not name the file
+            raise _shard_error(self.shard_paths[shard_index], error, self.latents_dir) from error
+        item["class_labels"] = int(self.class_labels[index])
         return item
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, SpaceCard, add_space_variable, create_repo, upload_folder
 
+from ..checkpointing import STAGING_PATTERNS
 from .bundle import write_remote_code
 from .cards import ModelCardInfo, _shipped_folder, card_info_from_folder, load_model_card_info, save_model_card
 
@@ -27,12 +28,12 @@ SPACE_DIR = _shipped_folder("spaces") / "tread-dit"
 # written by a kill, per-step samples and validations, tracker logs, the loss history.
 HUB_IGNORE_PATTERNS = [
     "checkpoint-*",
-    ".incomplete-checkpoint-*",
     "step_*",
     "epoch_*",
     "validation/step_*",
     "logs/*",
     "*.csv",
+    *STAGING_PATTERNS,  # staging folders, temporary files and the run's lock (diffusers_tread.checkpointing)
 ]
 
 
