@@ -305,7 +305,9 @@ def check_precomputed_features(
         with safe_open(path, framework="pt") as f:
             settings = json.loads(f.metadata()["settings"])
             names = set(f.keys())
-        differs = sorted(key for key in set(settings) | {"repa_encoder"} if settings.get(key) != metadata.get(key))
+        # (a shard's own source fingerprint is not an extraction setting: `metadata.json` records the whole source's)
+        keys = (set(settings) - {"source_sha256"}) | {"repa_encoder"}
+        differs = sorted(key for key in keys if settings.get(key) != metadata.get(key))
         needed = {FEATURES, FEATURES_FLIPPED} if metadata.get("flip") else {FEATURES}
         if differs or not needed <= names:
             why = f"its settings differ in {differs}" if differs else f"it lacks {sorted(needed - names)}"

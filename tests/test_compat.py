@@ -2,23 +2,26 @@
 difference lies in an older release, with that release's call simulated. `.ci/run` runs this file on the floor
 (0.35.2) and on the newest release."""
 
+import importlib
 import inspect
 import json
 import re
+import shutil
 import sys
 import warnings
 
 import diffusers
 import pytest
 import torch
-from conftest import REPO, load_module, tiny_tread
+from conftest import REPO, tiny_tread
 from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, DiTTransformer2DModel
 from diffusers.configuration_utils import ConfigMixin
+from diffusers.models import ModelMixin
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from packaging.specifiers import SpecifierSet
 from peft import LoraConfig
 
-from diffusers_tread import TreadDiTPipeline, TreadSSM2DModel, TreadTransformer2DModel, compat
+from diffusers_tread import TreadDiTPipeline, TreadTransformer2DModel, compat
 
 
 def test_installed_diffusers_is_a_release_setup_py_allows():
@@ -48,16 +51,24 @@ def test_model_index_override_takes_the_dduf_entries_of_0_33_to_0_40(tmp_path, m
     config = TreadDiTPipeline._dict_from_json_file(tmp_path / "model_index.json", dduf_entries=None)
     assert config == {"_class_name": "TreadDiTPipeline", "transformer": ["diffusers_tread", "TreadTransformer2DModel"]}
 
-    bundle = load_module(REPO / "pipelines" / "tread_dit" / "tread_dit.py", name="tread_dit_bundle", register=True)
-    try:  # the committed remote-code copy carries the same override, and reads the file unchanged
+    # The committed remote-code copy carries the same override, and reads the file unchanged. Its root file imports
+    # its models from `.transformer.tread_dit`, so it is imported as a package, as Diffusers' module loader does.
+    package = tmp_path / "tread_dit_bundle"
+    shutil.copytree(REPO / "pipelines" / "tread_dit", package, ignore=shutil.ignore_patterns("*.md"))
+    for folder in (package, package / "transformer"):
+        (folder / "__init__.py").touch()
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        bundle = importlib.import_module("tread_dit_bundle.tread_dit")
         assert bundle.TreadDiTPipeline._dict_from_json_file(tmp_path / "model_index.json", dduf_entries=None) == index
     finally:
-        del sys.modules["tread_dit_bundle"]
+        for name in [name for name in sys.modules if name.split(".")[0] == "tread_dit_bundle"]:
+            del sys.modules[name]
 
 
 def test_pipeline_signature_types_resolve_the_init_annotations():
     expected = {
-        "transformer": (DiTTransformer2DModel, TreadSSM2DModel),
+        "transformer": (DiTTransformer2DModel, ModelMixin),
         "vae": (AutoencoderKL, type(None)),
         "scheduler": (KarrasDiffusionSchedulers,),
         "id2label": (dict[int, str], dict[str, str], type(None)),

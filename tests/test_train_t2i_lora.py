@@ -482,7 +482,7 @@ def test_resume_refuses_breaking_changes_sets_aside_newer_checkpoints_and_reads_
               f"--output_dir={out}", "--routes=1:2:0.5", "--checkpointing_steps=1"]  # fmt: skip
     run_in_process(*common, "--max_train_steps=2")
     resume = [*common, "--max_train_steps=3", "--resume_from_checkpoint=latest"]
-    with pytest.raises(ValueError, match=r"its --rank was 4; this run has 8\. ") as error:
+    with pytest.raises(ValueError, match=r"its --lora_rank was 4; this run has 8\. ") as error:
         run_in_process(*resume, "--rank=8")
     assert "\n" not in str(error.value)
     with pytest.raises(ValueError, match=r"its global batch .* was 4; this run has 2\. "):
