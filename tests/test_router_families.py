@@ -1031,8 +1031,27 @@ def test_text_is_never_routed_and_routed_blocks_see_the_kept_tokens(case):
 # --- positions computed from ids: the kept tokens' rotary rows are those of the kept ids -------------------------------
 
 
-def test_flux_kept_rotary_rows_equal_rows_recomputed_from_the_kept_ids():
-    case = next(c for c in CASES if c.name == "flux")
+def _flux_rows(model, inputs, kept):  # Flux.1 and Chroma: one table over [txt_ids; img_ids]
+    return model.pos_embed(torch.cat([inputs["txt_ids"], inputs["img_ids"][kept]]))
+
+
+def _flux2_rows(model, inputs, kept):  # Flux.2: the text and image tables computed apart, then joined text first
+    text, image = model.pos_embed(inputs["txt_ids"]), model.pos_embed(inputs["img_ids"][kept])
+    return tuple(torch.cat([t, i]) for t, i in zip(text, image, strict=True))
+
+
+_ROTARY_FROM_IDS = {
+    "flux": _flux_rows,
+    "chroma": _flux_rows,
+    "chroma_route_in_single_blocks": _flux_rows,
+    "flux2": _flux2_rows,
+}
+
+
+@pytest.mark.parametrize("name", [name for name in _ROTARY_FROM_IDS if name in IDS])
+def test_flux_kept_rotary_rows_equal_rows_recomputed_from_the_kept_ids(name):
+    """Flux.1, Chroma, Flux.2: every routed block's per-sample rotary rows are the model's RoPE of the kept ids."""
+    case = next(c for c in CASES if c.name == name)
     model = case.make().train()
     router = route_of(case, model, generator=torch.Generator().manual_seed(3))
     inputs = case.make_inputs()
@@ -1044,9 +1063,30 @@ def test_flux_kept_rotary_rows_equal_rows_recomputed_from_the_kept_ids():
         cos, sin = recorder.after_router[index]["image_rotary_emb"]
         for b in range(BATCH):
             kept = (~mask[b]).nonzero().squeeze(1)
-            ids = torch.cat([inputs["txt_ids"], inputs["img_ids"][kept]])
-            expected_cos, expected_sin = model.pos_embed(ids)
-            assert torch.equal(cos.rows[b], expected_cos) and torch.equal(sin.rows[b], expected_sin)
+            expected_cos, expected_sin = _ROTARY_FROM_IDS[name](model, inputs, kept)
+            assert torch.equal(cos.rows[b], expected_cos) and torch.equal(sin.rows[b], expected_sin), (index, b)
+
+
+def test_hidream_kept_rotary_rows_equal_rows_recomputed_from_the_kept_ids():
+    """HiDream builds its image ids inside the forward (a 3 x 5 patch grid padded to max_resolution's 8 x 8 = 64
+    rows of id 0) and a per-sample table over [img_ids; txt_ids]: the routed blocks' rows are the model's RoPE of
+    the kept image ids, written out here by hand, followed by the 15 text ids (all 0)."""
+    case = next(c for c in CASES if c.name == "hidream")
+    model = case.make().train()
+    router = route_of(case, model, generator=torch.Generator().manual_seed(3))
+    recorder = Recorder(router)
+    with torch.no_grad():
+        model(**case.make_inputs())
+    (mask,) = router.route_masks
+    img_ids = torch.zeros(64, 3)
+    img_ids[:15] = _grid_ids(1, 3, 5)
+    txt_ids = torch.zeros(case.joint_text, 3)
+    for index in range(router.routes[0]["start_layer_idx"], router.routes[0]["end_layer_idx"] + 1):
+        rows = recorder.after_router[index]["image_rotary_emb"]
+        for b in range(BATCH):
+            kept = (~mask[b]).nonzero().squeeze(1)
+            expected = model.pe_embedder(torch.cat([img_ids[kept], txt_ids])[None])
+            assert torch.equal(rows[b : b + 1], expected), (index, b)
 
 
 @pytest.mark.parametrize("name", ["ltx", "ltx_per_token_timestep"])
