@@ -486,9 +486,11 @@ CASES += [
 ]
 
 
-def _qwen_inputs(edit=False):
+def _qwen_inputs(edit=False, layered=False):
     def make(g, b):
         shapes = [(1, 3, 5), (1, 3, 2)] if edit else [(1, 3, 5)]  # Edit: the reference image's tokens follow
+        if layered:  # Layered: two output layers, then the condition image
+            shapes = [(1, 3, 5), (1, 3, 5), (1, 3, 2)]
         n = sum(f * h * w for f, h, w in shapes)
         return dict(
             hidden_states=torch.randn(b, n, 16, generator=g),
@@ -516,33 +518,53 @@ _QWEN_GATHER = {
     "modulate_index": lambda v, kept, n, t: v[:, kept],
 }
 
-CASES += [
-    Case(
-        "flux2",
-        "Flux2Transformer2DModel",
-        dict(
-            patch_size=1,
-            in_channels=4,
-            num_layers=2,
-            num_single_layers=4,
-            attention_head_dim=8,
-            num_attention_heads=2,
-            joint_attention_dim=12,
-            timestep_guidance_channels=8,
-            mlp_ratio=2.0,
-            axes_dims_rope=(2, 2, 2, 2),
-            guidance_embeds=False,
-        ),
-        lambda g, b: dict(
-            hidden_states=torch.randn(b, 15, 4, generator=g),
+_FLUX2 = dict(
+    patch_size=1,
+    in_channels=4,
+    num_layers=2,
+    num_single_layers=4,
+    attention_head_dim=8,
+    num_attention_heads=2,
+    joint_attention_dim=12,
+    timestep_guidance_channels=8,
+    mlp_ratio=2.0,
+    axes_dims_rope=(2, 2, 2, 2),
+    guidance_embeds=False,
+)
+_FLUX2_GATHER = {"image_rotary_emb": lambda v, kept, n, t: tuple(table[_joint_rows(kept, t)] for table in v)}
+
+
+def _flux2_ids(grid, time):  # Flux.2's (t, h, w, l) ids; Flux2Pipeline gives the reference images t = 10, 20, ...
+    ids = _grid_ids(1, *grid)
+    return torch.cat([torch.full((len(ids), 1), float(time)), ids[:, 1:], torch.zeros(len(ids), 1)], dim=1)
+
+
+def _flux2_inputs(references=()):  # the target's 3 x 5 tokens, then each reference image's (rows, cols) grid
+    def make(g, b):
+        grids = [(3, 5), *references]
+        ids = torch.cat([_flux2_ids(grid, 10 * i) for i, grid in enumerate(grids)])
+        return dict(
+            hidden_states=torch.randn(b, len(ids), 4, generator=g),
             encoder_hidden_states=torch.randn(b, TEXT, 12, generator=g),
             timestep=torch.rand(b, generator=g),
-            img_ids=torch.cat([torch.zeros(15, 1), _grid_ids(1, 3, 5)], dim=1),
+            img_ids=ids,
             txt_ids=torch.zeros(TEXT, 4),
-        ),
-        15,
+        )
+
+    return make
+
+
+CASES += [
+    Case("flux2", "Flux2Transformer2DModel", _FLUX2, _flux2_inputs(), 15, ROUTE, gather=_FLUX2_GATHER),
+    # two reference images (2 x 3 and 1 x 4 tokens) after the target's 15: they stay in every route
+    Case(
+        "flux2_edit",
+        "Flux2Transformer2DModel",
+        _FLUX2,
+        _flux2_inputs([(2, 3), (1, 4)]),
+        25,
         ROUTE,
-        gather={"image_rotary_emb": lambda v, kept, n, t: tuple(table[_joint_rows(kept, t)] for table in v)},
+        gather=_FLUX2_GATHER,
     ),
     Case(
         "auraflow",
@@ -585,6 +607,16 @@ CASES += [
         {**_QWEN, "zero_cond_t": True},
         _qwen_inputs(edit=True),
         21,
+        ROUTE,
+        gather=_QWEN_GATHER,
+        text_args=("encoder_hidden_states", "encoder_hidden_states_mask"),
+    ),
+    Case(
+        "qwenimage_layered",
+        "QwenImageTransformer2DModel",
+        {**_QWEN, "use_layer3d_rope": True},
+        _qwen_inputs(layered=True),
+        36,
         ROUTE,
         gather=_QWEN_GATHER,
         text_args=("encoder_hidden_states", "encoder_hidden_states_mask"),
@@ -1045,6 +1077,7 @@ _ROTARY_FROM_IDS = {
     "chroma": _flux_rows,
     "chroma_route_in_single_blocks": _flux_rows,
     "flux2": _flux2_rows,
+    "flux2_edit": _flux2_rows,
 }
 
 
@@ -1122,6 +1155,48 @@ def test_wan_ti2v_first_frame_stays_in_every_route():
     assert (mask[:, 12:].sum(1) == int(24 * 0.75)).all()  # the ratio applies to the other frames' tokens
     with pytest.raises(ValueError, match="no conditioning frame"):
         apply_tread(next(c for c in CASES if c.name == "flux").make(), keep_first_frame=True)
+
+
+# --- an edit model's reference-image tokens stay in every route unless route_reference_tokens=True ---------------------
+
+
+@pytest.mark.parametrize(
+    "name, num_target", [("flux2_edit", 15), ("qwenimage_edit_zero_cond_t", 15), ("qwenimage_layered", 30)]
+)
+def test_reference_image_tokens_stay_in_every_route(name, num_target):
+    case = _case(name)
+    model = case.make().train()
+    router = route_of(case, model, generator=torch.Generator().manual_seed(4))
+    router.selection_ratio = 0.75
+    with torch.no_grad():
+        model(**case.make_inputs())
+    (mask,) = router.route_masks
+    assert not mask[:, num_target:].any()  # the reference images' tokens never bypass
+    assert (mask[:, :num_target].sum(1) == int(num_target * 0.75)).all()  # the ratio applies to the target's
+    router.remove()
+    router = route_of(case, model, generator=torch.Generator().manual_seed(4), route_reference_tokens=True)
+    router.selection_ratio = 0.75
+    with torch.no_grad():
+        model(**case.make_inputs())
+    (mask,) = router.route_masks
+    assert mask[:, num_target:].any() and (mask.sum(1) == int(case.num_image * 0.75)).all()  # routed like the rest
+
+
+def test_reference_tokens_that_cannot_be_told_apart_are_refused():
+    flux2 = _case("flux2_edit")
+    inputs = flux2.make_inputs()
+    inputs["img_ids"] = inputs["img_ids"].flip(0)  # the reference images' ids before the target's
+    model = flux2.make().train()
+    route_of(flux2, model)
+    with pytest.raises(ValueError, match="do not have that order"):
+        model(**inputs)
+    qwen = _case("qwenimage_edit_zero_cond_t")
+    inputs = qwen.make_inputs()
+    inputs["img_shapes"] = [[(1, 3, 5), (1, 3, 2)], [(1, 3, 4), (1, 3, 3)], [(1, 3, 5), (1, 3, 2)]]
+    model = qwen.make().train()
+    route_of(qwen, model)
+    with pytest.raises(ValueError, match="different reference-image token counts"):
+        model(**inputs)
 
 
 # --- gradient checkpointing, LoRA ------------------------------------------------------------------------------------
