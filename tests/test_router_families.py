@@ -1261,6 +1261,31 @@ def test_routed_forward_compiles_with_fullgraph(name):
     torch._dynamo.reset()
 
 
+def test_flux2_compiles_with_the_reference_token_count_given():
+    """Flux.2 finds reference-image tokens by reading img_ids, which Dynamo cannot trace: a compiled forward asks
+    for ``router.reference_tokens`` (0 for text-to-image) and then compiles with fullgraph=True, references kept."""
+    torch._dynamo.reset()
+    for name, count in (("flux2", 0), ("flux2_edit", 10)):
+        case = _case(name)
+        model = case.make().train()
+        router = route_of(case, model)
+        compiled = torch.compile(model, fullgraph=True, backend="eager")
+        with torch.no_grad(), pytest.raises(Exception, match="router.reference_tokens"):
+            compiled(**case.make_inputs())
+        torch._dynamo.reset()
+        router.reference_tokens = count
+        with torch.no_grad():
+            torch.manual_seed(7)
+            out = compiled(**case.make_inputs()).sample
+            masks = router.route_masks
+            router.reference_tokens = None  # eager: found from img_ids, the same count
+            torch.manual_seed(7)
+            expected = model(**case.make_inputs()).sample
+        assert torch.equal(masks[0], router.route_masks[0]) and not masks[0][:, case.num_image - count :].any()
+        torch.testing.assert_close(out, expected)
+        torch._dynamo.reset()
+
+
 def test_flux_blocks_compiled_one_by_one_route():
     """``block.compile(fullgraph=True)`` on every block (the regional compilation Diffusers recommends): the router's
     hooks and the per-sample RoPE rows trace without a graph break, and the output equals the eager routed one."""

@@ -327,6 +327,12 @@ def _flux2_reference_tokens(transformer, arguments: dict) -> int:
     ids = arguments.get("img_ids")
     if not isinstance(ids, torch.Tensor):
         return 0
+    if torch.compiler.is_compiling():
+        raise ValueError(
+            "TREAD routing on Flux.2 under torch.compile: the router finds the reference-image tokens, which stay in "
+            "every route, by reading img_ids, which a compiled graph cannot do. Set router.reference_tokens to their "
+            "count (0 for text-to-image), or pass route_reference_tokens=True to route every image token alike."
+        )
     reference = (ids[0] if ids.ndim == 3 else ids)[:, 0] != 0
     count = int(reference.sum())  # a host read of the ids (a graph break under torch.compile)
     if count and (reference[0] or not reference[-count:].all()):

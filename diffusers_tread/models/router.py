@@ -105,6 +105,9 @@ class TreadRouter:
         enabled: routes run when ``transformer.training and enabled`` (default True), or when ``force`` is set.
         force: route in eval mode too (e.g. Sparse Guidance at sampling time).
         selection_ratio: per-call override of the routes' ratios: one value for all routes or one per route.
+        reference_tokens: how many reference-image tokens end the image sequence (see ``route_reference_tokens``);
+            None (default): found from the forward's inputs. Flux.2 finds them by reading ``img_ids``' values, which
+            ``torch.compile(fullgraph=True)`` cannot trace: set it there (0 for text-to-image).
         route_masks: the last forward's ``(batch, num_image_tokens)`` bool masks, True where a token bypassed the
             route (one per route); ``None`` if that forward did not route.
     """
@@ -142,6 +145,7 @@ class TreadRouter:
         self.enabled = True
         self.force = False
         self.selection_ratio: float | list[float] | None = None
+        self.reference_tokens: int | None = None
         self.route_masks: tuple[torch.BoolTensor, ...] | None = None
 
         # Keyed by index / by module (not id()), so that copy.deepcopy(transformer) yields a working routed copy.
@@ -277,6 +281,8 @@ class TreadRouter:
         """The trailing reference-image tokens that go through every route (0 with ``route_reference_tokens``)."""
         if self.route_reference_tokens or self.family.reference_tokens is None:
             return 0
+        if self.reference_tokens is not None:
+            return self.reference_tokens
         if self._reference_count is None:
             self._reference_count = self.family.reference_tokens(self.transformer, self._forward_arguments)
         return self._reference_count
