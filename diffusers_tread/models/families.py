@@ -355,7 +355,7 @@ def _qwen_reference_tokens(transformer, arguments: dict) -> int:
     layered = getattr(transformer.config, "use_layer3d_rope", False)
     counts = set()
     for sample in shapes:
-        sample = list(sample) if isinstance(sample, list) else [sample]
+        sample = list(sample) if isinstance(sample[0], (list, tuple)) else [sample]  # shapes, or one (f, h, w)
         references = sample[-1:] if layered else sample[1:]
         counts.add(sum(frames * rows * cols for frames, rows, cols in references))
     if len(counts) != 1:
