@@ -10,8 +10,12 @@ ratio (``torch.utils.flop_counter``, forward + backward, CPU attention included)
 overheads (norms, modulation, RoPE, the gather/scatter) a larger share than in real models, so the time ratio sits
 above the FLOP ratio; it says where routing pays at this size, not at 12B parameters.
 
+``--frames 1 5 9`` runs the video families whose inputs are a latent clip (``FRAME_FAMILIES``) once per latent frame
+count at the same 8 x 8 tokens a frame (64, 320, 576 tokens), to show how the ratio moves as the clip grows.
+
     python bench/router_families.py                        # every family, 3 repeats, 2 threads
     python bench/router_families.py --families flux wan --repeats 5 --json bench/results/router_families_cpu.json
+    python bench/router_families.py --families wan --frames 1 5 9 --json bench/results/router_frames_cpu.json
 """
 
 from __future__ import annotations
@@ -60,8 +64,9 @@ def _video(frames=4, channels=4):
     return _r(B, channels, frames, 16, 16)  # patch 2: 8 x 8 tokens a frame
 
 
-def families() -> dict:
-    """name -> (class name, config, inputs()) at the benchmark's width, depth and token counts."""
+def families(frames: int = 4) -> dict:
+    """name -> (class name, config, inputs()) at the benchmark's width, depth and token counts; ``frames``: the
+    latent frame count of the ``FRAME_FAMILIES``' clips."""
     heads = dict(num_attention_heads=HEADS, attention_head_dim=HEAD_DIM)
     flux_like = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=6, joint_attention_dim=32, **heads)
     image_ids = dict(img_ids=_ids(1, 16, 16), txt_ids=torch.zeros(T, 3))
@@ -238,12 +243,12 @@ def families() -> dict:
         "wan": (
             "WanTransformer3DModel",
             wan,
-            lambda: dict(hidden_states=_video(), encoder_hidden_states=_r(B, T, 32), timestep=_t()),
+            lambda: dict(hidden_states=_video(frames), encoder_hidden_states=_r(B, T, 32), timestep=_t()),
         ),
         "skyreels_v2": (
             "SkyReelsV2Transformer3DModel",
             wan,
-            lambda: dict(hidden_states=_video(), encoder_hidden_states=_r(B, T, 32), timestep=_t()),
+            lambda: dict(hidden_states=_video(frames), encoder_hidden_states=_r(B, T, 32), timestep=_t()),
         ),
         "ltx": (
             "LTXVideoTransformer3DModel",
@@ -269,7 +274,7 @@ def families() -> dict:
                 rope_axes_dim=(4, 4, 8),
             ),
             lambda: dict(
-                hidden_states=_video(),
+                hidden_states=_video(frames),
                 timestep=_t(),
                 encoder_hidden_states=_r(B, T, 32),
                 encoder_attention_mask=torch.ones(B, T),
@@ -360,7 +365,7 @@ def families() -> dict:
                 **heads,
             ),
             lambda: dict(
-                hidden_states=_video(),
+                hidden_states=_video(frames),
                 encoder_hidden_states=_r(B, T, 32),
                 timestep=_t(),
                 encoder_attention_mask=torch.ones(B, T),
@@ -381,9 +386,13 @@ def families() -> dict:
                 encoder_hidden_states_channels=32,
                 concat_padding_mask=False,
             ),
-            lambda: dict(hidden_states=_video(), timestep=torch.rand(B), encoder_hidden_states=_r(B, T, 32)),
+            lambda: dict(hidden_states=_video(frames), timestep=torch.rand(B), encoder_hidden_states=_r(B, T, 32)),
         ),
     }
+
+
+# the families whose inputs are a latent clip of ``frames`` frames (``_video``), for ``--frames``
+FRAME_FAMILIES = ("wan", "skyreels_v2", "hunyuan_video", "mochi")  # Cosmos: max_size allows 8 frames
 
 
 def _allegro_inputs():
@@ -456,34 +465,50 @@ def run_family(name: str, spec, repeats: int) -> dict:
     }
 
 
+def _row_key(row: dict) -> tuple[str, int | None]:
+    return row["family"], row.get("frames")
+
+
 def main() -> None:
     specs = {**families(), "allegro": ALLEGRO}
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--families", nargs="+", default=list(specs), choices=list(specs))
+    parser.add_argument("--families", nargs="+", default=None, choices=list(specs))
+    parser.add_argument("--frames", nargs="+", type=int, default=None, help="latent frame counts (video families)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
+    if args.frames is None:
+        names, frame_counts = args.families or list(specs), [None]
+    else:
+        names, frame_counts = args.families or ["wan"], args.frames
+        other = [name for name in names if name not in FRAME_FAMILIES]
+        if other or min(frame_counts) < 1:
+            parser.error(f"--frames takes counts >= 1 and the families {', '.join(FRAME_FAMILIES)}; got {other}.")
     torch.set_num_threads(args.threads)
     rows = []
-    print("| family | blocks | image tokens | FLOP ratio | wall ratio | CPU ratio | dense step (s) |")
-    print("|---|---|---|---|---|---|---|")
-    for name in args.families:
-        row = run_family(name, specs[name], args.repeats)
-        rows.append(row)
-        print(
-            f"| {name} | {row['blocks']} | {row['image_tokens']} | {row['flop_ratio']:.3f} | {row['wall_ratio']:.3f} "
-            f"| {row['cpu_ratio']:.3f} | {row['dense_wall_s']:.3f} |",
-            flush=True,
-        )
+    print("| family | frames | blocks | image tokens | FLOP ratio | wall ratio | CPU ratio | dense step (s) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name in names:
+        for frames in frame_counts:
+            spec = specs[name] if frames is None else families(frames)[name]
+            row = run_family(name, spec, args.repeats)
+            if frames is not None:
+                row["frames"] = frames
+            rows.append(row)
+            print(
+                f"| {name} | {frames or '-'} | {row['blocks']} | {row['image_tokens']} | {row['flop_ratio']:.3f} "
+                f"| {row['wall_ratio']:.3f} | {row['cpu_ratio']:.3f} | {row['dense_wall_s']:.3f} |",
+                flush=True,
+            )
     if args.json is not None:
-        if args.json.exists():  # a run of some families updates their rows and keeps the others
-            measured = {row["family"] for row in rows}
-            rows = [row for row in json.loads(args.json.read_text())["rows"] if row["family"] not in measured] + rows
-            rows.sort(key=lambda row: list(specs).index(row["family"]))
+        if args.json.exists():  # a run of some families (frame counts) updates their rows and keeps the others
+            measured = {_row_key(row) for row in rows}
+            rows = [row for row in json.loads(args.json.read_text())["rows"] if _row_key(row) not in measured] + rows
+            rows.sort(key=lambda row: (list(specs).index(row["family"]), row.get("frames") or 0))
         meta = {"torch": torch.__version__, "diffusers": diffusers.__version__, "machine": platform.machine(),
                 "threads": args.threads, "repeats": args.repeats, "batch": B, "text_tokens": T, "width": W,
-                "route": ROUTE}  # fmt: skip
+                "route": ROUTE, "frames": args.frames}  # fmt: skip
         args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
 
 

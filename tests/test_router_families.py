@@ -486,9 +486,11 @@ CASES += [
 ]
 
 
-def _qwen_inputs(edit=False):
+def _qwen_inputs(edit=False, layered=False):
     def make(g, b):
         shapes = [(1, 3, 5), (1, 3, 2)] if edit else [(1, 3, 5)]  # Edit: the reference image's tokens follow
+        if layered:  # Layered: two output layers, then the condition image
+            shapes = [(1, 3, 5), (1, 3, 5), (1, 3, 2)]
         n = sum(f * h * w for f, h, w in shapes)
         return dict(
             hidden_states=torch.randn(b, n, 16, generator=g),
@@ -516,33 +518,53 @@ _QWEN_GATHER = {
     "modulate_index": lambda v, kept, n, t: v[:, kept],
 }
 
-CASES += [
-    Case(
-        "flux2",
-        "Flux2Transformer2DModel",
-        dict(
-            patch_size=1,
-            in_channels=4,
-            num_layers=2,
-            num_single_layers=4,
-            attention_head_dim=8,
-            num_attention_heads=2,
-            joint_attention_dim=12,
-            timestep_guidance_channels=8,
-            mlp_ratio=2.0,
-            axes_dims_rope=(2, 2, 2, 2),
-            guidance_embeds=False,
-        ),
-        lambda g, b: dict(
-            hidden_states=torch.randn(b, 15, 4, generator=g),
+_FLUX2 = dict(
+    patch_size=1,
+    in_channels=4,
+    num_layers=2,
+    num_single_layers=4,
+    attention_head_dim=8,
+    num_attention_heads=2,
+    joint_attention_dim=12,
+    timestep_guidance_channels=8,
+    mlp_ratio=2.0,
+    axes_dims_rope=(2, 2, 2, 2),
+    guidance_embeds=False,
+)
+_FLUX2_GATHER = {"image_rotary_emb": lambda v, kept, n, t: tuple(table[_joint_rows(kept, t)] for table in v)}
+
+
+def _flux2_ids(grid, time):  # Flux.2's (t, h, w, l) ids; Flux2Pipeline gives the reference images t = 10, 20, ...
+    ids = _grid_ids(1, *grid)
+    return torch.cat([torch.full((len(ids), 1), float(time)), ids[:, 1:], torch.zeros(len(ids), 1)], dim=1)
+
+
+def _flux2_inputs(references=()):  # the target's 3 x 5 tokens, then each reference image's (rows, cols) grid
+    def make(g, b):
+        grids = [(3, 5), *references]
+        ids = torch.cat([_flux2_ids(grid, 10 * i) for i, grid in enumerate(grids)])
+        return dict(
+            hidden_states=torch.randn(b, len(ids), 4, generator=g),
             encoder_hidden_states=torch.randn(b, TEXT, 12, generator=g),
             timestep=torch.rand(b, generator=g),
-            img_ids=torch.cat([torch.zeros(15, 1), _grid_ids(1, 3, 5)], dim=1),
+            img_ids=ids,
             txt_ids=torch.zeros(TEXT, 4),
-        ),
-        15,
+        )
+
+    return make
+
+
+CASES += [
+    Case("flux2", "Flux2Transformer2DModel", _FLUX2, _flux2_inputs(), 15, ROUTE, gather=_FLUX2_GATHER),
+    # two reference images (2 x 3 and 1 x 4 tokens) after the target's 15: they stay in every route
+    Case(
+        "flux2_edit",
+        "Flux2Transformer2DModel",
+        _FLUX2,
+        _flux2_inputs([(2, 3), (1, 4)]),
+        25,
         ROUTE,
-        gather={"image_rotary_emb": lambda v, kept, n, t: tuple(table[_joint_rows(kept, t)] for table in v)},
+        gather=_FLUX2_GATHER,
     ),
     Case(
         "auraflow",
@@ -585,6 +607,16 @@ CASES += [
         {**_QWEN, "zero_cond_t": True},
         _qwen_inputs(edit=True),
         21,
+        ROUTE,
+        gather=_QWEN_GATHER,
+        text_args=("encoder_hidden_states", "encoder_hidden_states_mask"),
+    ),
+    Case(
+        "qwenimage_layered",
+        "QwenImageTransformer2DModel",
+        {**_QWEN, "use_layer3d_rope": True},
+        _qwen_inputs(layered=True),
+        36,
         ROUTE,
         gather=_QWEN_GATHER,
         text_args=("encoder_hidden_states", "encoder_hidden_states_mask"),
@@ -1031,8 +1063,28 @@ def test_text_is_never_routed_and_routed_blocks_see_the_kept_tokens(case):
 # --- positions computed from ids: the kept tokens' rotary rows are those of the kept ids -------------------------------
 
 
-def test_flux_kept_rotary_rows_equal_rows_recomputed_from_the_kept_ids():
-    case = next(c for c in CASES if c.name == "flux")
+def _flux_rows(model, inputs, kept):  # Flux.1 and Chroma: one table over [txt_ids; img_ids]
+    return model.pos_embed(torch.cat([inputs["txt_ids"], inputs["img_ids"][kept]]))
+
+
+def _flux2_rows(model, inputs, kept):  # Flux.2: the text and image tables computed apart, then joined text first
+    text, image = model.pos_embed(inputs["txt_ids"]), model.pos_embed(inputs["img_ids"][kept])
+    return tuple(torch.cat([t, i]) for t, i in zip(text, image, strict=True))
+
+
+_ROTARY_FROM_IDS = {
+    "flux": _flux_rows,
+    "chroma": _flux_rows,
+    "chroma_route_in_single_blocks": _flux_rows,
+    "flux2": _flux2_rows,
+    "flux2_edit": _flux2_rows,
+}
+
+
+@pytest.mark.parametrize("name", [name for name in _ROTARY_FROM_IDS if name in IDS])
+def test_flux_kept_rotary_rows_equal_rows_recomputed_from_the_kept_ids(name):
+    """Flux.1, Chroma, Flux.2: every routed block's per-sample rotary rows are the model's RoPE of the kept ids."""
+    case = next(c for c in CASES if c.name == name)
     model = case.make().train()
     router = route_of(case, model, generator=torch.Generator().manual_seed(3))
     inputs = case.make_inputs()
@@ -1044,9 +1096,30 @@ def test_flux_kept_rotary_rows_equal_rows_recomputed_from_the_kept_ids():
         cos, sin = recorder.after_router[index]["image_rotary_emb"]
         for b in range(BATCH):
             kept = (~mask[b]).nonzero().squeeze(1)
-            ids = torch.cat([inputs["txt_ids"], inputs["img_ids"][kept]])
-            expected_cos, expected_sin = model.pos_embed(ids)
-            assert torch.equal(cos.rows[b], expected_cos) and torch.equal(sin.rows[b], expected_sin)
+            expected_cos, expected_sin = _ROTARY_FROM_IDS[name](model, inputs, kept)
+            assert torch.equal(cos.rows[b], expected_cos) and torch.equal(sin.rows[b], expected_sin), (index, b)
+
+
+def test_hidream_kept_rotary_rows_equal_rows_recomputed_from_the_kept_ids():
+    """HiDream builds its image ids inside the forward (a 3 x 5 patch grid padded to max_resolution's 8 x 8 = 64
+    rows of id 0) and a per-sample table over [img_ids; txt_ids]: the routed blocks' rows are the model's RoPE of
+    the kept image ids, written out here by hand, followed by the 15 text ids (all 0)."""
+    case = next(c for c in CASES if c.name == "hidream")
+    model = case.make().train()
+    router = route_of(case, model, generator=torch.Generator().manual_seed(3))
+    recorder = Recorder(router)
+    with torch.no_grad():
+        model(**case.make_inputs())
+    (mask,) = router.route_masks
+    img_ids = torch.zeros(64, 3)
+    img_ids[:15] = _grid_ids(1, 3, 5)
+    txt_ids = torch.zeros(case.joint_text, 3)
+    for index in range(router.routes[0]["start_layer_idx"], router.routes[0]["end_layer_idx"] + 1):
+        rows = recorder.after_router[index]["image_rotary_emb"]
+        for b in range(BATCH):
+            kept = (~mask[b]).nonzero().squeeze(1)
+            expected = model.pe_embedder(torch.cat([img_ids[kept], txt_ids])[None])
+            assert torch.equal(rows[b : b + 1], expected), (index, b)
 
 
 @pytest.mark.parametrize("name", ["ltx", "ltx_per_token_timestep"])
@@ -1082,6 +1155,48 @@ def test_wan_ti2v_first_frame_stays_in_every_route():
     assert (mask[:, 12:].sum(1) == int(24 * 0.75)).all()  # the ratio applies to the other frames' tokens
     with pytest.raises(ValueError, match="no conditioning frame"):
         apply_tread(next(c for c in CASES if c.name == "flux").make(), keep_first_frame=True)
+
+
+# --- an edit model's reference-image tokens stay in every route unless route_reference_tokens=True ---------------------
+
+
+@pytest.mark.parametrize(
+    "name, num_target", [("flux2_edit", 15), ("qwenimage_edit_zero_cond_t", 15), ("qwenimage_layered", 30)]
+)
+def test_reference_image_tokens_stay_in_every_route(name, num_target):
+    case = _case(name)
+    model = case.make().train()
+    router = route_of(case, model, generator=torch.Generator().manual_seed(4))
+    router.selection_ratio = 0.75
+    with torch.no_grad():
+        model(**case.make_inputs())
+    (mask,) = router.route_masks
+    assert not mask[:, num_target:].any()  # the reference images' tokens never bypass
+    assert (mask[:, :num_target].sum(1) == int(num_target * 0.75)).all()  # the ratio applies to the target's
+    router.remove()
+    router = route_of(case, model, generator=torch.Generator().manual_seed(4), route_reference_tokens=True)
+    router.selection_ratio = 0.75
+    with torch.no_grad():
+        model(**case.make_inputs())
+    (mask,) = router.route_masks
+    assert mask[:, num_target:].any() and (mask.sum(1) == int(case.num_image * 0.75)).all()  # routed like the rest
+
+
+def test_reference_tokens_that_cannot_be_told_apart_are_refused():
+    flux2 = _case("flux2_edit")
+    inputs = flux2.make_inputs()
+    inputs["img_ids"] = inputs["img_ids"].flip(0)  # the reference images' ids before the target's
+    model = flux2.make().train()
+    route_of(flux2, model)
+    with pytest.raises(ValueError, match="do not have that order"):
+        model(**inputs)
+    qwen = _case("qwenimage_edit_zero_cond_t")
+    inputs = qwen.make_inputs()
+    inputs["img_shapes"] = [[(1, 3, 5), (1, 3, 2)], [(1, 3, 4), (1, 3, 3)], [(1, 3, 5), (1, 3, 2)]]
+    model = qwen.make().train()
+    route_of(qwen, model)
+    with pytest.raises(ValueError, match="different reference-image token counts"):
+        model(**inputs)
 
 
 # --- gradient checkpointing, LoRA ------------------------------------------------------------------------------------
@@ -1144,6 +1259,31 @@ def test_routed_forward_compiles_with_fullgraph(name):
     assert masks is not None and torch.equal(masks[0], router.route_masks[0])
     torch.testing.assert_close(out, expected)
     torch._dynamo.reset()
+
+
+def test_flux2_compiles_with_the_reference_token_count_given():
+    """Flux.2 finds reference-image tokens by reading img_ids, which Dynamo cannot trace: a compiled forward asks
+    for ``router.reference_tokens`` (0 for text-to-image) and then compiles with fullgraph=True, references kept."""
+    torch._dynamo.reset()
+    for name, count in (("flux2", 0), ("flux2_edit", 10)):
+        case = _case(name)
+        model = case.make().train()
+        router = route_of(case, model)
+        compiled = torch.compile(model, fullgraph=True, backend="eager")
+        with torch.no_grad(), pytest.raises(Exception, match="router.reference_tokens"):
+            compiled(**case.make_inputs())
+        torch._dynamo.reset()
+        router.reference_tokens = count
+        with torch.no_grad():
+            torch.manual_seed(7)
+            out = compiled(**case.make_inputs()).sample
+            masks = router.route_masks
+            router.reference_tokens = None  # eager: found from img_ids, the same count
+            torch.manual_seed(7)
+            expected = model(**case.make_inputs()).sample
+        assert torch.equal(masks[0], router.route_masks[0]) and not masks[0][:, case.num_image - count :].any()
+        torch.testing.assert_close(out, expected)
+        torch._dynamo.reset()
 
 
 def test_flux_blocks_compiled_one_by_one_route():

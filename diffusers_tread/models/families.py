@@ -191,6 +191,9 @@ class Family:
         refuse_arguments: model forward arguments that make routing wrong when given: name -> why.
         frame_tokens: ``(transformer, forward arguments) -> tokens of one latent frame`` (video; for
             ``keep_first_frame``).
+        reference_tokens: ``(transformer, forward arguments) -> reference-image tokens at the end of the image
+            sequence`` (an edit model's conditioning images; 0 when none): they stay in every route unless
+            ``route_reference_tokens=True``.
         check: more forward checks, ``(router, forward arguments, routes)``; raise ``ValueError`` to refuse.
         route_check: ``(router, routes)`` checks of the routes themselves.
         text_length: ``(transformer, forward arguments) -> text tokens``, for joint layouts in blocks without a text
@@ -206,6 +209,7 @@ class Family:
     refuse: str | None = None
     refuse_arguments: Mapping[str, str] = field(default_factory=dict)
     frame_tokens: Callable | None = None
+    reference_tokens: Callable | None = None
     check: Callable | None = None
     route_check: Callable | None = None
     text_length: Callable = _forward_text_length
@@ -316,6 +320,52 @@ def _flux2_check(router, arguments: dict, routes: list[dict]) -> None:
         )
 
 
+def _flux2_reference_tokens(transformer, arguments: dict) -> int:
+    """Flux.2's pipelines append the reference images' latents to the target's and mark them in ``img_ids``' first
+    (time) coordinate: 0 for the target (``Flux2Pipeline._prepare_latent_ids``), 10, 20, ... for the references
+    (``_prepare_image_ids``)."""
+    ids = arguments.get("img_ids")
+    if not isinstance(ids, torch.Tensor):
+        return 0
+    if torch.compiler.is_compiling():
+        raise ValueError(
+            "TREAD routing on Flux.2 under torch.compile: the router finds the reference-image tokens, which stay in "
+            "every route, by reading img_ids, which a compiled graph cannot do. Set router.reference_tokens to their "
+            "count (0 for text-to-image), or pass route_reference_tokens=True to route every image token alike."
+        )
+    reference = (ids[0] if ids.ndim == 3 else ids)[:, 0] != 0
+    count = int(reference.sum())  # a host read of the ids (a graph break under torch.compile)
+    if count and (reference[0] or not reference[-count:].all()):
+        raise ValueError(
+            "TREAD routing on Flux.2 keeps reference-image tokens in every route and finds them by img_ids' time "
+            "coordinate, as Flux2Pipeline writes it: the target's tokens (time 0) first, then the reference images' "
+            "(time 10, 20, ...). These img_ids do not have that order; reorder them, or pass "
+            "route_reference_tokens=True to route every image token alike."
+        )
+    return count
+
+
+def _qwen_reference_tokens(transformer, arguments: dict) -> int:
+    """Qwen-Image-Edit's pipelines append the reference images' tokens to the target's; ``img_shapes`` lists the
+    target's (frames, rows, cols) first, then each reference's. Qwen-Image-Layered (``use_layer3d_rope``) lists its
+    output layers first and the condition image last (``QwenEmbedLayer3DRope``)."""
+    shapes = arguments.get("img_shapes")
+    if not shapes:
+        return 0
+    layered = getattr(transformer.config, "use_layer3d_rope", False)
+    counts = set()
+    for sample in shapes:
+        sample = list(sample) if isinstance(sample[0], (list, tuple)) else [sample]  # shapes, or one (f, h, w)
+        references = sample[-1:] if layered else sample[1:]
+        counts.add(sum(frames * rows * cols for frames, rows, cols in references))
+    if len(counts) != 1:
+        raise ValueError(
+            f"TREAD routing on Qwen-Image: the samples of a batch have different reference-image token counts "
+            f"{sorted(counts)} (img_shapes); batch samples with the same target and reference sizes."
+        )
+    return counts.pop()
+
+
 def _auraflow_text_length(transformer, arguments: dict) -> int:
     return _forward_text_length(transformer, arguments) + transformer.register_tokens.shape[1]
 
@@ -404,6 +454,7 @@ FAMILIES: tuple[Family, ...] = (
             BlockList("single_transformer_blocks", joint="text_image"),
         ),
         token_inputs=_SHARED_ROPE_JOINT,
+        reference_tokens=_flux2_reference_tokens,
         check=_flux2_check,
     ),
     Family(
@@ -431,6 +482,7 @@ FAMILIES: tuple[Family, ...] = (
         },
         text_args=("encoder_hidden_states", "encoder_hidden_states_mask"),
         refuse_arguments={"controlnet_block_samples": _CONTROLNET},
+        reference_tokens=_qwen_reference_tokens,
         check=_joint_mask_check,
     ),
     Family(

@@ -95,11 +95,19 @@ class TreadRouter:
             the video sequence (Wan 2.2 TI2V, HunyuanVideo I2V): its tokens go through every route. A family whose
             I2V conditioning is not part of the token sequence (Wan 2.1 I2V concatenates it on the channels) does
             not need it.
+        route_reference_tokens: an edit model's reference-image tokens, which its pipeline appends to the target's
+            image tokens (Flux.2 with reference images, Qwen-Image-Edit, Qwen-Image-Layered's condition image), stay
+            in every route by default, as the conditioning frame does under ``keep_first_frame``: they are clean
+            conditioning, not tokens the loss denoises, and a block that skipped them would edit without seeing the
+            image it edits. The selection ratio applies to the target's tokens. True routes them like the others.
 
     Attributes:
         enabled: routes run when ``transformer.training and enabled`` (default True), or when ``force`` is set.
         force: route in eval mode too (e.g. Sparse Guidance at sampling time).
         selection_ratio: per-call override of the routes' ratios: one value for all routes or one per route.
+        reference_tokens: how many reference-image tokens end the image sequence (see ``route_reference_tokens``);
+            None (default): found from the forward's inputs. Flux.2 finds them by reading ``img_ids``' values, which
+            ``torch.compile(fullgraph=True)`` cannot trace: set it there (0 for text-to-image).
         route_masks: the last forward's ``(batch, num_image_tokens)`` bool masks, True where a token bypassed the
             route (one per route); ``None`` if that forward did not route.
     """
@@ -111,6 +119,7 @@ class TreadRouter:
         generator: torch.Generator | None = None,
         route_reinsertion: str = "pre_route",
         keep_first_frame: bool = False,
+        route_reference_tokens: bool = False,
     ):
         routing.check_route_reinsertion(route_reinsertion)
         self.family: Family = family_for(transformer)
@@ -123,6 +132,7 @@ class TreadRouter:
             raise ValueError("This transformer already has a TreadRouter; call its remove() first.")
         self.route_reinsertion = route_reinsertion
         self.keep_first_frame = keep_first_frame
+        self.route_reference_tokens = route_reference_tokens
         self.transformer = transformer
         self.blocks: list[torch.nn.Module] = []
         self._block_list: list = []  # per block: its BlockList line
@@ -135,6 +145,7 @@ class TreadRouter:
         self.enabled = True
         self.force = False
         self.selection_ratio: float | list[float] | None = None
+        self.reference_tokens: int | None = None
         self.route_masks: tuple[torch.BoolTensor, ...] | None = None
 
         # Keyed by index / by module (not id()), so that copy.deepcopy(transformer) yields a working routed copy.
@@ -192,6 +203,7 @@ class TreadRouter:
         self._input_tokens: torch.Tensor | None = None  # x_T: the image tokens entering the first block
         self._checkpoint_original: Callable | None = None
         self._forward_arguments: dict = {}
+        self._reference_count: int | None = None  # reference-image tokens kept in every route, read once a forward
 
     def _on_forward_start(self, transformer, args, kwargs):
         self.route_masks = None
@@ -265,17 +277,30 @@ class TreadRouter:
             return 0
         return self.family.frame_tokens(self.transformer, self._forward_arguments)
 
+    def _reference_tokens(self) -> int:
+        """The trailing reference-image tokens that go through every route (0 with ``route_reference_tokens``)."""
+        if self.route_reference_tokens or self.family.reference_tokens is None:
+            return 0
+        if self.reference_tokens is not None:
+            return self.reference_tokens
+        if self._reference_count is None:
+            self._reference_count = self.family.reference_tokens(self.transformer, self._forward_arguments)
+        return self._reference_count
+
     def _draw(self, batch_size: int, num_tokens: int, ratio: float, device) -> torch.LongTensor:
-        keep = self._keep_count()
-        if keep > num_tokens:
-            raise ValueError(f"keep_first_frame: {keep} first-frame tokens but only {num_tokens} tokens.")
-        kept = routing.sample_kept_indices(
-            batch_size, num_tokens - keep, ratio, generator=self.generator, device=device
-        )
-        if keep == 0:
+        keep, references = self._keep_count(), self._reference_tokens()
+        if keep + references > num_tokens:
+            raise ValueError(
+                f"TREAD routing on {self.family.name}: {keep} first-frame and {references} reference-image tokens "
+                f"should stay in every route, but there are only {num_tokens} image tokens."
+            )
+        routable = num_tokens - keep - references
+        kept = routing.sample_kept_indices(batch_size, routable, ratio, generator=self.generator, device=device)
+        if keep == 0 and references == 0:
             return kept
         first = torch.arange(keep, device=device).expand(batch_size, -1)
-        return torch.cat([first, kept + keep], dim=1)
+        last = torch.arange(keep + routable, num_tokens, device=device).expand(batch_size, -1)
+        return torch.cat([first, kept + keep, last], dim=1)
 
     def _gathered_inputs(self, index: int, arguments: dict, state: dict) -> dict:
         """The kept rows of every per-token block input of block ``index``. Gathered per block (an index op on
@@ -381,6 +406,7 @@ def apply_tread(
     generator: torch.Generator | None = None,
     route_reinsertion: str = "pre_route",
     keep_first_frame: bool = False,
+    route_reference_tokens: bool = False,
 ) -> TreadRouter:
     """Attach TREAD routes to a stock Diffusers image or video transformer (see ``families.py`` for the classes);
     ``routes="paper"`` is the paper's default single route, blocks 2 .. num_blocks-4 at selection ratio 0.5 (ICCV
@@ -391,4 +417,5 @@ def apply_tread(
         generator=generator,
         route_reinsertion=route_reinsertion,
         keep_first_frame=keep_first_frame,
+        route_reference_tokens=route_reference_tokens,
     )
