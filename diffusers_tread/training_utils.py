@@ -7,10 +7,10 @@ small functions a training loop calls, no loop of its own.
   graph inside the model's blocks.
 - The command line: the ``--routes`` parser (`parse_routes`), the options both scripts share
   (`add_optimization_arguments`, `add_run_arguments`) and their checks (`check_run_arguments`,
-  `check_step_intervals`), and `main_with_messages` (the failures we explain end as one message, not a traceback).
+  `check_validation_sampling`, `check_step_intervals`), and `main_with_messages` (the failures we explain end as one message, not a traceback).
 - The prelude both scripts share: `start_run` (accelerator, logging, seed, output folder, Hub repo),
   `make_train_dataloader`, `train_steps_for` (``--max_train_steps`` or the epochs' worth) and `make_lr_scheduler`;
-  `RunState`, what a run's stages share.
+  `RunState`, what a run's stages share, and `resume_run` (record the run's settings, resume from a checkpoint).
 
 Checkpoints, the output folder and stop signals are in `diffusers_tread.checkpointing`; keeping the Hub token out of
 what a run writes is `diffusers_tread.redaction`.
@@ -270,6 +270,19 @@ def check_run_arguments(parser, args) -> None:
         )
 
 
+def check_validation_sampling(parser, args) -> None:
+    """``--validation_num_inference_steps`` and ``--validation_guidance_scale`` checked as the pipeline checks them
+    (`check_sampling_arguments`), as ``parser.error`` before training rather than at the first validation."""
+    from .pipelines.pipeline_tread_dit import check_sampling_arguments
+
+    try:
+        check_sampling_arguments(
+            args.validation_num_inference_steps, args.validation_guidance_scale, prefix="--validation_"
+        )
+    except ValueError as error:
+        parser.error(str(error))
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # The prelude both training scripts share: accelerator, run folder and Hub repo, data loader, LR schedule
 # ----------------------------------------------------------------------------------------------------------------------
@@ -360,6 +373,28 @@ class RunState:
         """Examples per optimization step, over all processes and accumulation micro-steps."""
         args = self.args
         return args.train_batch_size * self.accelerator.num_processes * args.gradient_accumulation_steps
+
+
+def resume_run(run: RunState, settings: dict, steps_per_epoch: int):
+    """Stage 5 of both scripts: record the run's ``settings`` (``fixed`` and ``changeable``, see `run_settings`) in
+    every checkpoint, then resume from ``--resume_from_checkpoint`` (`resume_from_checkpoint`, which refuses a
+    checkpoint whose fixed settings differ). The changed settings go to ``args.changed_settings`` (for the model card)
+    and the clock moves back by the time the checkpoint had run; a run that already finished ends the accelerator's
+    trackers. Returns the `ResumePoint` (``finished``: the caller returns)."""
+    from .checkpointing import record_run_settings, resume_from_checkpoint
+
+    args, accelerator = run.args, run.accelerator
+    record_run_settings(accelerator, **settings)
+    resume = resume_from_checkpoint(
+        accelerator, args.output_dir, args.resume_from_checkpoint, steps_per_epoch,
+        args.gradient_accumulation_steps, args.max_train_steps,
+    )  # fmt: skip
+    if resume.finished:
+        accelerator.end_training()
+        return resume
+    args.changed_settings = resume.changes
+    run.started -= resume.seconds_before  # the elapsed-time column of loss_history.csv continues from the checkpoint
+    return resume
 
 
 def make_train_dataloader(dataset, args: argparse.Namespace, collate_fn=None) -> torch.utils.data.DataLoader:

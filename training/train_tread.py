@@ -62,10 +62,8 @@ from diffusers_tread.checkpointing import (
     final_output,
     install_stop_handlers,
     process_seed,
-    record_run_settings,
     register_checkpoint_hooks,
     restore_stop_handlers,
-    resume_from_checkpoint,
     save_checkpoint,
     settings_note,
     stop_requested,
@@ -84,7 +82,6 @@ from diffusers_tread.data import (
 )
 from diffusers_tread.losses import TREAD_LOSSES
 from diffusers_tread.objectives import OBJECTIVES, get_objective
-from diffusers_tread.pipelines.pipeline_tread_dit import check_sampling_arguments
 from diffusers_tread.repa import (
     PROJECTOR_FOLDER,
     REPA_LOSS_WEIGHT,
@@ -111,6 +108,7 @@ from diffusers_tread.training_utils import (
     add_run_arguments,
     check_run_arguments,
     check_step_intervals,
+    check_validation_sampling,
     drop_class_labels,
     flush_loss_log,
     main_with_messages,
@@ -119,6 +117,7 @@ from diffusers_tread.training_utils import (
     make_train_dataloader,
     parse_routes,
     read_model_config,
+    resume_run,
     scheduled_selection_ratios,
     start_run,
     train_steps_for,
@@ -323,12 +322,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     check_step_intervals(parser, args, ("logging_steps", "checkpointing_steps", "validation_steps"))
     if args.num_validation_images < 1:  # the validation grids and the final sample grid have one column per image
         parser.error("--num_validation_images must be at least 1 (images per class in the sample grids)")
-    try:  # before training, not at the first validation
-        check_sampling_arguments(
-            args.validation_num_inference_steps, args.validation_guidance_scale, prefix="--validation_"
-        )
-    except ValueError as error:
-        parser.error(str(error))
+    check_validation_sampling(parser, args)  # before training, not at the first validation
     check_run_arguments(parser, args)  # the output folder, the checkpoint limit, the Hub token
     # The built-in digits job (no data flag) is a ~10-minute CPU run of a 0.8M-parameter model: it wants a higher
     # learning rate than DiT's 1e-4 and a step budget rather than 100 epochs.
@@ -381,16 +375,9 @@ def main(argv: list[str] | None = None) -> None:
 
     # 5. Resume (the main process picks the checkpoint, refuses settings that would not continue its run; a finished
     # run only says so).
-    record_run_settings(accelerator, **resume_settings(args, unwrapped, data, run.total_batch_size))
-    resume = resume_from_checkpoint(
-        accelerator, args.output_dir, args.resume_from_checkpoint, num_update_steps_per_epoch,
-        args.gradient_accumulation_steps, args.max_train_steps,
-    )  # fmt: skip
+    resume = resume_run(run, resume_settings(args, unwrapped, data, run.total_batch_size), num_update_steps_per_epoch)
     if resume.finished:
-        accelerator.end_training()
         return
-    args.changed_settings = resume.changes  # for the model card
-    run.started -= resume.seconds_before  # the elapsed-time column continues from the checkpoint's row
     global_step, first_epoch, resume_step = resume.global_step, resume.first_epoch, resume.skip_batches
     if args.push_to_hub and args.push_checkpoints:
         run.uploads = hub.CheckpointUploads(repo_id, args.hub_token)

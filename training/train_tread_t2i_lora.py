@@ -67,10 +67,8 @@ from diffusers_tread.checkpointing import (
     final_output,
     install_stop_handlers,
     process_seed,
-    record_run_settings,
     register_checkpoint_hooks,
     restore_stop_handlers,
-    resume_from_checkpoint,
     save_checkpoint,
     settings_note,
     stop_requested,
@@ -94,7 +92,6 @@ from diffusers_tread.data import (
     save_precomputed_embeddings,
 )
 from diffusers_tread.models.tread_t2i import apply_tread
-from diffusers_tread.pipelines.pipeline_tread_dit import check_sampling_arguments
 from diffusers_tread.routing import ROUTE_REINSERTION_MODES
 
 # What is not script glue (the model families, the step's model call and loss, the LoRA files) is the library's.
@@ -126,12 +123,14 @@ from diffusers_tread.training_utils import (
     add_run_arguments,
     check_run_arguments,
     check_step_intervals,
+    check_validation_sampling,
     flush_loss_log,
     main_with_messages,
     make_lr_scheduler,
     make_optimizer,
     make_train_dataloader,
     parse_routes,
+    resume_run,
     start_run,
     train_steps_for,
 )
@@ -278,12 +277,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--num_frames must be at least 1")
     if args.num_validation_images < 1:
         parser.error("--num_validation_images must be at least 1; for no validation, leave out --validation_prompt")
-    try:  # before training, not at the first validation
-        check_sampling_arguments(
-            args.validation_num_inference_steps, args.validation_guidance_scale, prefix="--validation_"
-        )
-    except ValueError as error:
-        parser.error(str(error))
+    check_validation_sampling(parser, args)  # before training, not at the first validation
     check_run_arguments(parser, args)  # the output folder, the checkpoint limit, the Hub token
     if args.resolution % 16:
         parser.error("--resolution must be a multiple of 16 (VAE downsampling x patch size)")
@@ -337,19 +331,14 @@ def main(argv: list[str] | None = None) -> None:
 
     # 5. Resume (the main process picks the checkpoint, refuses settings that would not continue its run; a finished
     # run only says so).
-    record_run_settings(
-        accelerator, **resume_settings(args, run.routes, run.captions, run.dataset, run.total_batch_size)
+    resume = resume_run(
+        run,
+        resume_settings(args, run.routes, run.captions, run.dataset, run.total_batch_size),
+        num_update_steps_per_epoch,
     )
-    resume = resume_from_checkpoint(
-        accelerator, args.output_dir, args.resume_from_checkpoint, num_update_steps_per_epoch,
-        args.gradient_accumulation_steps, args.max_train_steps,
-    )  # fmt: skip
     if resume.finished:
-        accelerator.end_training()
         return
-    args.changed_settings = resume.changes  # for the model card
     run.global_step, first_epoch, resume_step = resume.global_step, resume.first_epoch, resume.skip_batches
-    run.started -= resume.seconds_before  # the elapsed-time column of loss_history.csv continues from the checkpoint
     if args.push_to_hub and args.push_checkpoints:
         run.uploads = hub.CheckpointUploads(repo_id, args.hub_token)
 
