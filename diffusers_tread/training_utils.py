@@ -10,7 +10,8 @@ small functions a training loop calls, no loop of its own.
   `check_validation_sampling`, `check_step_intervals`), and `main_with_messages` (the failures we explain end as one message, not a traceback).
 - The prelude both scripts share: `start_run` (accelerator, logging, seed, output folder, Hub repo),
   `make_train_dataloader`, `train_steps_for` (``--max_train_steps`` or the epochs' worth) and `make_lr_scheduler`;
-  `RunState`, what a run's stages share, and `resume_run` (record the run's settings, resume from a checkpoint).
+  `RunState`, what a run's stages share, `resume_run` (record the run's settings, resume from a checkpoint) and
+  `card_training_fields` (what both model cards say of the run).
 
 Checkpoints, the output folder and stop signals are in `diffusers_tread.checkpointing`; keeping the Hub token out of
 what a run writes is `diffusers_tread.redaction`.
@@ -395,6 +396,34 @@ def resume_run(run: RunState, settings: dict, steps_per_epoch: int):
     args.changed_settings = resume.changes
     run.started -= resume.seconds_before  # the elapsed-time column of loss_history.csv continues from the checkpoint
     return resume
+
+
+def card_training_fields(run: RunState, script: str, final_loss: float) -> dict[str, Any]:
+    """What both scripts' model cards (`hub.ModelCardInfo`, `hub.LoraCardInfo`) say of how the run trained: global
+    batch, learning rate and schedule, precision, hardware, time, final loss, and the command that ran ``script``
+    (the Hub token redacted, the settings changed on resumes noted)."""
+    import platform
+
+    from .checkpointing import settings_note
+    from .redaction import launch_command
+
+    args = run.args
+    hardware = (
+        f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}"
+        if torch.cuda.is_available()
+        else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    )
+    return {
+        "global_batch_size": run.total_batch_size,
+        "learning_rate": args.learning_rate,
+        "lr_scheduler": args.lr_scheduler,
+        "mixed_precision": args.mixed_precision or "no",
+        "hardware": hardware,
+        "training_time": f"{run.elapsed / 60:.1f} min",
+        "final_loss": f"{final_loss:.4f}",
+        "command": launch_command(script, run.argv, [args.hub_token])
+        + settings_note(getattr(args, "changed_settings", [])),
+    }
 
 
 def make_train_dataloader(dataset, args: argparse.Namespace, collate_fn=None) -> torch.utils.data.DataLoader:

@@ -29,7 +29,6 @@ import itertools
 import json
 import math
 import os
-import platform
 import sys
 import time
 import warnings
@@ -65,7 +64,6 @@ from diffusers_tread.checkpointing import (
     register_checkpoint_hooks,
     restore_stop_handlers,
     save_checkpoint,
-    settings_note,
     stop_requested,
 )
 from diffusers_tread.data import (
@@ -106,6 +104,7 @@ from diffusers_tread.training_utils import (
     RunState,
     add_optimization_arguments,
     add_run_arguments,
+    card_training_fields,
     check_run_arguments,
     check_step_intervals,
     check_validation_sampling,
@@ -1027,7 +1026,7 @@ def plot_loss(loss_log: Path, path: Path) -> None:
 def save_model_card(folder, run: RunState, model, objective, steps: int, final_loss: float) -> None:
     """Write ``folder``/README.md (rendered by `diffusers_tread.hub` from model_cards/tread_dit.md) and
     tread_card.json."""
-    args, argv, repo_id, data = run.args, run.argv, run.repo_id, run.data
+    args, repo_id, data = run.args, run.repo_id, run.data
     num_classes = data.num_classes
     base_model = args.pretrained_model_name_or_path
     base_model = base_model if base_model and not Path(base_model).exists() else None
@@ -1035,11 +1034,6 @@ def save_model_card(folder, run: RunState, model, objective, steps: int, final_l
         license="apache-2.0",
         base_model=base_model,
         datasets=[args.dataset_name] if args.dataset_name and not Path(args.dataset_name).exists() else None,
-    )
-    hardware = (
-        f"{accelerator_count()}x {torch.cuda.get_device_name(0)}"
-        if torch.cuda.is_available()
-        else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
     )
     if args.validation_class_labels is None:
         example_labels = list(range(min(4, num_classes)))
@@ -1068,28 +1062,16 @@ def save_model_card(folder, run: RunState, model, objective, steps: int, final_l
         num_classes=num_classes,
         data_space="VAE latents" if data.vae is not None or args.latents_dir else "pixel space",
         steps=steps,
-        global_batch_size=run.total_batch_size,
-        learning_rate=args.learning_rate,
-        lr_scheduler=args.lr_scheduler,
         ema=(f"decay {args.ema_decay}" + (f", warmup power {args.ema_power}" if args.ema_warmup else ", fixed"))
         if args.use_ema and not args.lora_rank  # LoRA runs keep no EMA
         else "off",
-        mixed_precision=args.mixed_precision or "no",
-        hardware=hardware,
-        training_time=f"{run.elapsed / 60:.1f} min",
-        final_loss=f"{final_loss:.4f}",
         example_labels=example_labels,
         num_inference_steps=args.validation_num_inference_steps,
         guidance_scale=args.validation_guidance_scale,
-        command=hub.launch_command("training/train_tread.py", argv, [args.hub_token])
-        + settings_note(getattr(args, "changed_settings", [])),
+        **card_training_fields(run, "training/train_tread.py", final_loss),
     )
     card: ModelCard = hub.save_model_card(folder, info, card_data)  # the template shipped with the package
     logger.info(f"Model card: {len(card.text)} characters")
-
-
-def accelerator_count() -> int:
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 if __name__ == "__main__":

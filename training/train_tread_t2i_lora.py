@@ -41,8 +41,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import sys
 import time
 from contextlib import nullcontext
@@ -70,7 +68,6 @@ from diffusers_tread.checkpointing import (
     register_checkpoint_hooks,
     restore_stop_handlers,
     save_checkpoint,
-    settings_note,
     stop_requested,
 )
 
@@ -121,6 +118,7 @@ from diffusers_tread.training_utils import (
     RunState,
     add_optimization_arguments,
     add_run_arguments,
+    card_training_fields,
     check_run_arguments,
     check_step_intervals,
     check_validation_sampling,
@@ -586,28 +584,17 @@ def build_dataset(run: LoraRun):
     caption rows, or with --cache_latents every item's VAE posterior, encoded once now (unreadable images and clips
     are skipped with --bad_images skip); the VAE then moves to the CPU unless validation needs it."""
     args, accelerator, spec, captions, vae = run.args, run.accelerator, run.spec, run.captions, run.vae
+    augment = {  # crops, flips and (for clips) frames, drawn per (seed, epoch, item)
+        "resolution": args.resolution,
+        "center_crop": args.center_crop,
+        "random_flip": args.random_flip,
+        "seed": args.seed,
+        "bad_images": args.bad_images,
+    }
     if spec.is_video:
-        dataset = CaptionedVideoDataset(
-            captions.images,
-            captions.indices,
-            args.num_frames,
-            args.resolution,
-            args.center_crop,
-            args.random_flip,
-            args.seed,
-            bad_images=args.bad_images,
-        )
+        dataset = CaptionedVideoDataset(captions.images, captions.indices, args.num_frames, **augment)
     else:
-        dataset = CaptionedImageDataset(
-            captions.images,
-            args.image_column,
-            captions.indices,
-            args.resolution,
-            args.center_crop,
-            args.random_flip,
-            args.seed,
-            bad_images=args.bad_images,
-        )
+        dataset = CaptionedImageDataset(captions.images, args.image_column, captions.indices, **augment)
     if not args.cache_latents:
         return dataset
     parameters, kept_captions = [], []
@@ -1038,11 +1025,6 @@ def save_model_card(run: LoraRun, folder, images: list | None, final_loss: float
     """``folder``/README.md, rendered by `diffusers_tread.hub` from model_cards/tread_t2i_lora.md: Diffusers' LoRA card
     metadata (base model, widget of the final validation images, tags), how to load the adapters, the training."""
     args, spec, routes = run.args, run.spec, run.routes
-    hardware = (
-        f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}"
-        if torch.cuda.is_available()
-        else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-    )
     loss = f"flow matching, weighting {args.weighting_scheme}" if spec.flow_matching else "epsilon/v MSE (DDPM)"
     if spec.flow_matching:
         loss += ", x0 target" if args.precondition_outputs else ", velocity target"
@@ -1065,17 +1047,9 @@ def save_model_card(run: LoraRun, folder, images: list | None, final_loss: float
         num_examples=len(run.dataset),
         resolution=args.resolution,
         steps=run.global_step,
-        global_batch_size=run.total_batch_size,
         batch_size_per_device=args.train_batch_size,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
-        learning_rate=args.learning_rate,
-        lr_scheduler=args.lr_scheduler,
-        mixed_precision=args.mixed_precision or "no",
-        hardware=hardware,
-        training_time=f"{run.elapsed / 60:.1f} min",
-        final_loss=f"{final_loss:.4f}",
-        command=hub.launch_command("training/train_tread_t2i_lora.py", run.argv, [args.hub_token])
-        + settings_note(getattr(args, "changed_settings", [])),
+        **card_training_fields(run, "training/train_tread_t2i_lora.py", final_loss),
     )
     hub.save_lora_model_card(folder, info, images)
 
