@@ -7,7 +7,8 @@ small functions a training loop calls, no loop of its own.
   graph inside the model's blocks.
 - The command line: the ``--routes`` parser (`parse_routes`), the options both scripts share
   (`add_optimization_arguments`, `add_run_arguments`) and their checks (`check_run_arguments`,
-  `check_validation_sampling`, `check_step_intervals`), and `main_with_messages` (the failures we explain end as one message, not a traceback).
+  `check_validation_sampling`, `check_step_intervals`), `image_dataset_options` (the options that name a
+  class-labelled image dataset), and `main_with_messages` (the failures we explain end as one message, not a traceback).
 - The prelude both scripts share: `start_run` (accelerator, logging, seed, output folder, Hub repo),
   `make_train_dataloader`, `train_steps_for` (``--max_train_steps`` or the epochs' worth) and `make_lr_scheduler`;
   `RunState`, what a run's stages share, `resume_run` (record the run's settings, resume from a checkpoint) and
@@ -269,6 +270,14 @@ def check_run_arguments(parser, args) -> None:
             "--hub_token puts the token in your shell history, in `ps` and in accelerate's error line if the run "
             "fails; prefer HF_TOKEN or `hf auth login` (used when --hub_token is not given)."
         )
+
+
+def image_dataset_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The options that name a class-labelled image dataset (``--dataset_name``, ``--train_data_dir``,
+    ``--image_column``, ``--label_column``, ``--cache_dir``), as `data.load_image_dataset`'s keyword arguments: the
+    DiT training script and the latent extraction read the same data from the same options."""
+    names = ("dataset_name", "train_data_dir", "image_column", "label_column", "cache_dir")
+    return {name: getattr(args, name) for name in names}
 
 
 def check_validation_sampling(parser, args) -> None:

@@ -110,6 +110,7 @@ from diffusers_tread.training_utils import (
     check_validation_sampling,
     drop_class_labels,
     flush_loss_log,
+    image_dataset_options,
     main_with_messages,
     make_lr_scheduler,
     make_optimizer,
@@ -512,14 +513,10 @@ def load_training_data(args) -> TrainingData:
         image_channels = vae.config.in_channels if vae is not None else None
         if args.dataset_name or args.train_data_dir:
             dataset, id2label = load_image_dataset(
-                dataset_name=args.dataset_name,
-                train_data_dir=args.train_data_dir,
-                image_column=args.image_column,
-                label_column=args.label_column,
+                **image_dataset_options(args),
                 resolution=args.resolution or 256,
                 center_crop=args.center_crop,
                 random_flip=args.random_flip,
-                cache_dir=args.cache_dir,
                 num_channels=image_channels or 3,
                 bad_images=args.bad_images,
                 seed=args.seed,
