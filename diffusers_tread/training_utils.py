@@ -11,8 +11,9 @@ small functions a training loop calls, no loop of its own.
   class-labelled image dataset), and `main_with_messages` (the failures we explain end as one message, not a traceback).
 - The prelude both scripts share: `start_run` (accelerator, logging, seed, output folder, Hub repo),
   `make_train_dataloader`, `train_steps_for` (``--max_train_steps`` or the epochs' worth) and `make_lr_scheduler`;
-  `RunState`, what a run's stages share, `resume_run` (record the run's settings, resume from a checkpoint) and
-  `card_training_fields` (what both model cards say of the run).
+  `RunState`, what a run's stages share, `resume_run` (record the run's settings, resume from a checkpoint),
+  `checkpoint_or_stop` (a sync step's checkpoint and stop) and `card_training_fields` (what both model cards say of
+  the run).
 
 Checkpoints, the output folder and stop signals are in `diffusers_tread.checkpointing`; keeping the Hub token out of
 what a run writes is `diffusers_tread.redaction`.
@@ -405,6 +406,28 @@ def resume_run(run: RunState, settings: dict, steps_per_epoch: int):
     args.changed_settings = resume.changes
     run.started -= resume.seconds_before  # the elapsed-time column of loss_history.csv continues from the checkpoint
     return resume
+
+
+def checkpoint_or_stop(run: RunState, step: int, stop: dict, checkpoint_due: bool, stop_due: bool) -> bool:
+    """A step's checkpoint, written when due or when a stop signal came (``stop`` from `install_stop_handlers`,
+    ``stop_due`` from `stop_requested`, which all processes agree on). On a stop the log says how to continue, the
+    signal handlers are restored and the trackers end: returns True, and the training loop returns."""
+    from accelerate.logging import get_logger
+
+    from .checkpointing import restore_stop_handlers, save_checkpoint
+
+    args, accelerator = run.args, run.accelerator
+    if checkpoint_due or stop_due:
+        save_checkpoint(accelerator, args.output_dir, step, args.checkpoints_total_limit, run.uploads)
+    if not stop_due:
+        return False
+    get_logger(__name__, log_level="INFO").info(
+        f"Stopped by signal {stop['signal']} at step {step} after saving a checkpoint; continue with "
+        "--resume_from_checkpoint latest."
+    )
+    restore_stop_handlers(stop)
+    accelerator.end_training()
+    return True
 
 
 def card_training_fields(run: RunState, script: str, final_loss: float) -> dict[str, Any]:

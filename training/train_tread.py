@@ -14,7 +14,7 @@ The story, top to bottom: `parse_args`, then `main()`, which runs the stages and
 is a function defined below `main` (or in the library), in the order it runs: `start_run` (accelerator, seed, output
 folder, Hub repo) -> `load_training_data` -> `build_model`, `build_ema`, `register_weight_hooks` (model, EMA, checkpoint
 hooks) -> `prepare_optimization`, `start_logging` (optimizer, data loader, LR schedule, trackers) ->
-`resume_from_checkpoint` -> the loop (`batch_loss`, `flush_losses`, `save_checkpoint`) -> `save_final_pipeline`,
+`resume_run` -> the loop (`batch_loss`, `flush_losses`, `checkpoint_or_stop`) -> `save_final_pipeline`,
 `hub.upload_final_output`.
 The math lives in the library: `diffusers_tread.objectives` (noising, targets, samplers), `diffusers_tread.losses`
 (route-aware reduction) and the model's forward (routing).
@@ -63,7 +63,6 @@ from diffusers_tread.checkpointing import (
     process_seed,
     register_checkpoint_hooks,
     restore_stop_handlers,
-    save_checkpoint,
     stop_requested,
 )
 from diffusers_tread.data import (
@@ -108,6 +107,7 @@ from diffusers_tread.training_utils import (
     check_run_arguments,
     check_step_intervals,
     check_validation_sampling,
+    checkpoint_or_stop,
     drop_class_labels,
     flush_loss_log,
     image_dataset_options,
@@ -440,15 +440,7 @@ def main(argv: list[str] | None = None) -> None:
             if sync_due:  # before any checkpoint: none is written after a non-finite loss
                 rows = flush_losses(run, pending_losses, progress_bar, lr_scheduler, steps_per_s)
                 last_loss = rows[-1][1] if rows else last_loss
-            if checkpoint_due or stop_due:
-                save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit, run.uploads)
-            if stop_due:
-                logger.info(
-                    f"Stopped by signal {stop['signal']} at step {global_step} after saving a checkpoint; continue "
-                    "with --resume_from_checkpoint latest."
-                )
-                restore_stop_handlers(stop)
-                accelerator.end_training()
+            if checkpoint_or_stop(run, global_step, stop, checkpoint_due, stop_due):
                 return
             if validation_due:
                 sampler, sampler_ema = main_process_weights(accelerator, unwrapped, ema_model)  # gathers if sharded

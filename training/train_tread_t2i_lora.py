@@ -22,7 +22,7 @@ folder, Hub repo), `resolve_model_spec` (which model, from `model_index.json`) -
 (every caption encoded ONCE, after which the text encoders are freed), `load_vae`, `build_dataset` (optionally VAE
 latents cached) -> `build_transformer`, `add_routing`, `register_lora_checkpoint_hooks` (transformer + LoRA, TREAD
 routing, the hooks that write and read the adapters in checkpoints) -> `prepare_optimization`, `load_noise_scheduler`, `start_logging` (optimizer, data loader, LR
-schedule, trackers) -> `resume_from_checkpoint` -> the loop (`batch_loss`, `log_step`, `save_checkpoint`,
+schedule, trackers) -> `resume_run` -> the loop (`batch_loss`, `log_step`, `checkpoint_or_stop`,
 `log_validation`) -> `save_final_lora`, `final_validation`, `save_model_card` (LoRA weights in Diffusers' format, checked
 by loading them into a fresh base pipeline), `hub.upload_final_output`.
 What is not glue is the library's: the model families, the step's model call and loss, and the LoRA files are
@@ -67,7 +67,6 @@ from diffusers_tread.checkpointing import (
     process_seed,
     register_checkpoint_hooks,
     restore_stop_handlers,
-    save_checkpoint,
     stop_requested,
 )
 
@@ -122,6 +121,7 @@ from diffusers_tread.training_utils import (
     check_run_arguments,
     check_step_intervals,
     check_validation_sampling,
+    checkpoint_or_stop,
     flush_loss_log,
     main_with_messages,
     make_lr_scheduler,
@@ -389,15 +389,7 @@ def main(argv: list[str] | None = None) -> None:
             stop_due = sync_due and stop_requested(accelerator, stop)
             if sync_due:  # before any checkpoint: none is written after a non-finite loss
                 last_loss = flush_log(run, pending, progress_bar, lr_scheduler, last_loss)
-            if checkpoint_due or stop_due:
-                save_checkpoint(accelerator, args.output_dir, step, args.checkpoints_total_limit, run.uploads)
-            if stop_due:
-                logger.info(
-                    f"Stopped by signal {stop['signal']} at step {step} after saving a checkpoint; continue "
-                    "with --resume_from_checkpoint latest."
-                )
-                restore_stop_handlers(stop)
-                accelerator.end_training()
+            if checkpoint_or_stop(run, step, stop, checkpoint_due, stop_due):
                 return
             if accelerator.is_main_process and validation_now:
                 log_validation(run, unwrap(transformer))
