@@ -204,48 +204,31 @@ def encode_prompts(spec: ModelSpec, pipeline, prompts: list[str], max_sequence_l
     Returns the keyword arguments the pipeline's `__call__` takes (with `negative=True`: also the negative ones, for
     classifier-free guidance at validation); the training loop uses the positive ones.
     """
+    common = {"device": device, "max_sequence_length": max_sequence_length}
+    guided = {**common, "do_classifier_free_guidance": negative}
     with torch.no_grad():
         if spec.family == "pixart":
             embeds, mask, negative_embeds, negative_mask = pipeline.encode_prompt(
-                prompts,
-                do_classifier_free_guidance=negative,
-                device=device,
-                clean_caption=False,
-                max_sequence_length=max_sequence_length,
+                prompts, clean_caption=False, **guided
             )
             out = {"prompt_embeds": embeds, "prompt_attention_mask": mask}
             if negative:
                 out |= {"negative_prompt_embeds": negative_embeds, "negative_prompt_attention_mask": negative_mask}
         elif spec.family == "sd3":
-            embeds, negative_embeds, pooled, negative_pooled = pipeline.encode_prompt(
-                prompts,
-                None,
-                None,
-                device=device,
-                do_classifier_free_guidance=negative,
-                max_sequence_length=max_sequence_length,
-            )
+            embeds, negative_embeds, pooled, negative_pooled = pipeline.encode_prompt(prompts, None, None, **guided)
             out = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
             if negative:
                 out |= {"negative_prompt_embeds": negative_embeds, "negative_pooled_prompt_embeds": negative_pooled}
         elif spec.family == "flux":  # guidance-distilled, no negative prompt; text_ids are zeros for every prompt
-            embeds, pooled, _ = pipeline.encode_prompt(
-                prompts, None, device=device, max_sequence_length=max_sequence_length
-            )
+            embeds, pooled, _ = pipeline.encode_prompt(prompts, None, **common)
             out = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
         elif spec.family in WAN_LIKE:  # UMT5 states, zero-padded to max_sequence_length; the negative prompt is ""
-            embeds, negative_embeds = pipeline.encode_prompt(
-                prompts, None, do_classifier_free_guidance=negative, max_sequence_length=max_sequence_length,
-                device=device,
-            )  # fmt: skip
+            embeds, negative_embeds = pipeline.encode_prompt(prompts, None, **guided)
             out = {"prompt_embeds": embeds}
             if negative:
                 out["negative_prompt_embeds"] = negative_embeds
         else:  # ltx: T5 states and their attention mask
-            embeds, mask, negative_embeds, negative_mask = pipeline.encode_prompt(
-                prompts, None, do_classifier_free_guidance=negative, max_sequence_length=max_sequence_length,
-                device=device,
-            )  # fmt: skip
+            embeds, mask, negative_embeds, negative_mask = pipeline.encode_prompt(prompts, None, **guided)
             out = {"prompt_embeds": embeds, "prompt_attention_mask": mask}
             if negative:
                 out |= {"negative_prompt_embeds": negative_embeds, "negative_prompt_attention_mask": negative_mask}

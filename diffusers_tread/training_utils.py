@@ -7,10 +7,13 @@ small functions a training loop calls, no loop of its own.
   graph inside the model's blocks.
 - The command line: the ``--routes`` parser (`parse_routes`), the options both scripts share
   (`add_optimization_arguments`, `add_run_arguments`) and their checks (`check_run_arguments`,
-  `check_step_intervals`), and `main_with_messages` (the failures we explain end as one message, not a traceback).
+  `check_validation_sampling`, `check_step_intervals`), `image_dataset_options` (the options that name a
+  class-labelled image dataset), and `main_with_messages` (the failures we explain end as one message, not a traceback).
 - The prelude both scripts share: `start_run` (accelerator, logging, seed, output folder, Hub repo),
   `make_train_dataloader`, `train_steps_for` (``--max_train_steps`` or the epochs' worth) and `make_lr_scheduler`;
-  `RunState`, what a run's stages share.
+  `RunState`, what a run's stages share, `resume_run` (record the run's settings, resume from a checkpoint),
+  `checkpoint_or_stop` (a sync step's checkpoint and stop) and `card_training_fields` (what both model cards say of
+  the run).
 
 Checkpoints, the output folder and stop signals are in `diffusers_tread.checkpointing`; keeping the Hub token out of
 what a run writes is `diffusers_tread.redaction`.
@@ -270,6 +273,27 @@ def check_run_arguments(parser, args) -> None:
         )
 
 
+def image_dataset_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The options that name a class-labelled image dataset (``--dataset_name``, ``--train_data_dir``,
+    ``--image_column``, ``--label_column``, ``--cache_dir``), as `data.load_image_dataset`'s keyword arguments: the
+    DiT training script and the latent extraction read the same data from the same options."""
+    names = ("dataset_name", "train_data_dir", "image_column", "label_column", "cache_dir")
+    return {name: getattr(args, name) for name in names}
+
+
+def check_validation_sampling(parser, args) -> None:
+    """``--validation_num_inference_steps`` and ``--validation_guidance_scale`` checked as the pipeline checks them
+    (`check_sampling_arguments`), as ``parser.error`` before training rather than at the first validation."""
+    from .pipelines.pipeline_tread_dit import check_sampling_arguments
+
+    try:
+        check_sampling_arguments(
+            args.validation_num_inference_steps, args.validation_guidance_scale, prefix="--validation_"
+        )
+    except ValueError as error:
+        parser.error(str(error))
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # The prelude both training scripts share: accelerator, run folder and Hub repo, data loader, LR schedule
 # ----------------------------------------------------------------------------------------------------------------------
@@ -360,6 +384,78 @@ class RunState:
         """Examples per optimization step, over all processes and accumulation micro-steps."""
         args = self.args
         return args.train_batch_size * self.accelerator.num_processes * args.gradient_accumulation_steps
+
+
+def resume_run(run: RunState, settings: dict, steps_per_epoch: int):
+    """Stage 5 of both scripts: record the run's ``settings`` (``fixed`` and ``changeable``, see `run_settings`) in
+    every checkpoint, then resume from ``--resume_from_checkpoint`` (`resume_from_checkpoint`, which refuses a
+    checkpoint whose fixed settings differ). The changed settings go to ``args.changed_settings`` (for the model card)
+    and the clock moves back by the time the checkpoint had run; a run that already finished ends the accelerator's
+    trackers. Returns the `ResumePoint` (``finished``: the caller returns)."""
+    from .checkpointing import record_run_settings, resume_from_checkpoint
+
+    args, accelerator = run.args, run.accelerator
+    record_run_settings(accelerator, **settings)
+    resume = resume_from_checkpoint(
+        accelerator, args.output_dir, args.resume_from_checkpoint, steps_per_epoch,
+        args.gradient_accumulation_steps, args.max_train_steps,
+    )  # fmt: skip
+    if resume.finished:
+        accelerator.end_training()
+        return resume
+    args.changed_settings = resume.changes
+    run.started -= resume.seconds_before  # the elapsed-time column of loss_history.csv continues from the checkpoint
+    return resume
+
+
+def checkpoint_or_stop(run: RunState, step: int, stop: dict, checkpoint_due: bool, stop_due: bool) -> bool:
+    """A step's checkpoint, written when due or when a stop signal came (``stop`` from `install_stop_handlers`,
+    ``stop_due`` from `stop_requested`, which all processes agree on). On a stop the log says how to continue, the
+    signal handlers are restored and the trackers end: returns True, and the training loop returns."""
+    from accelerate.logging import get_logger
+
+    from .checkpointing import restore_stop_handlers, save_checkpoint
+
+    args, accelerator = run.args, run.accelerator
+    if checkpoint_due or stop_due:
+        save_checkpoint(accelerator, args.output_dir, step, args.checkpoints_total_limit, run.uploads)
+    if not stop_due:
+        return False
+    get_logger(__name__, log_level="INFO").info(
+        f"Stopped by signal {stop['signal']} at step {step} after saving a checkpoint; continue with "
+        "--resume_from_checkpoint latest."
+    )
+    restore_stop_handlers(stop)
+    accelerator.end_training()
+    return True
+
+
+def card_training_fields(run: RunState, script: str, final_loss: float) -> dict[str, Any]:
+    """What both scripts' model cards (`hub.ModelCardInfo`, `hub.LoraCardInfo`) say of how the run trained: global
+    batch, learning rate and schedule, precision, hardware, time, final loss, and the command that ran ``script``
+    (the Hub token redacted, the settings changed on resumes noted)."""
+    import platform
+
+    from .checkpointing import settings_note
+    from .redaction import launch_command
+
+    args = run.args
+    hardware = (
+        f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}"
+        if torch.cuda.is_available()
+        else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    )
+    return {
+        "global_batch_size": run.total_batch_size,
+        "learning_rate": args.learning_rate,
+        "lr_scheduler": args.lr_scheduler,
+        "mixed_precision": args.mixed_precision or "no",
+        "hardware": hardware,
+        "training_time": f"{run.elapsed / 60:.1f} min",
+        "final_loss": f"{final_loss:.4f}",
+        "command": launch_command(script, run.argv, [args.hub_token])
+        + settings_note(getattr(args, "changed_settings", [])),
+    }
 
 
 def make_train_dataloader(dataset, args: argparse.Namespace, collate_fn=None) -> torch.utils.data.DataLoader:

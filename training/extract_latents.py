@@ -38,7 +38,7 @@ from diffusers_tread.data.latents import (
     write_shard,
 )
 from diffusers_tread.repa import FEATURES, FEATURES_FLIPPED, RepaEncoder
-from diffusers_tread.training_utils import ArgumentParser, main_with_messages
+from diffusers_tread.training_utils import ArgumentParser, image_dataset_options, main_with_messages
 
 logger = get_logger(__name__)
 
@@ -161,14 +161,10 @@ def main(args):
             )
         else:
             dataset, id2label = load_image_dataset(
-                dataset_name=args.dataset_name,
-                train_data_dir=args.train_data_dir,
-                image_column=args.image_column,
-                label_column=args.label_column,
+                **image_dataset_options(args),
                 resolution=args.resolution,
                 center_crop=args.center_crop,
                 random_flip=False,
-                cache_dir=args.cache_dir,
                 num_channels=vae.config.in_channels,
                 seed=args.seed,  # the random crops: drawn per (seed, image), whatever the shard or process
             )

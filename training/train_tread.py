@@ -14,7 +14,7 @@ The story, top to bottom: `parse_args`, then `main()`, which runs the stages and
 is a function defined below `main` (or in the library), in the order it runs: `start_run` (accelerator, seed, output
 folder, Hub repo) -> `load_training_data` -> `build_model`, `build_ema`, `register_weight_hooks` (model, EMA, checkpoint
 hooks) -> `prepare_optimization`, `start_logging` (optimizer, data loader, LR schedule, trackers) ->
-`resume_from_checkpoint` -> the loop (`batch_loss`, `flush_losses`, `save_checkpoint`) -> `save_final_pipeline`,
+`resume_run` -> the loop (`batch_loss`, `flush_losses`, `checkpoint_or_stop`) -> `save_final_pipeline`,
 `hub.upload_final_output`.
 The math lives in the library: `diffusers_tread.objectives` (noising, targets, samplers), `diffusers_tread.losses`
 (route-aware reduction) and the model's forward (routing).
@@ -29,7 +29,6 @@ import itertools
 import json
 import math
 import os
-import platform
 import sys
 import time
 import warnings
@@ -62,12 +61,8 @@ from diffusers_tread.checkpointing import (
     final_output,
     install_stop_handlers,
     process_seed,
-    record_run_settings,
     register_checkpoint_hooks,
     restore_stop_handlers,
-    resume_from_checkpoint,
-    save_checkpoint,
-    settings_note,
     stop_requested,
 )
 from diffusers_tread.data import (
@@ -84,7 +79,6 @@ from diffusers_tread.data import (
 )
 from diffusers_tread.losses import TREAD_LOSSES
 from diffusers_tread.objectives import OBJECTIVES, get_objective
-from diffusers_tread.pipelines.pipeline_tread_dit import check_sampling_arguments
 from diffusers_tread.repa import (
     PROJECTOR_FOLDER,
     REPA_LOSS_WEIGHT,
@@ -109,16 +103,21 @@ from diffusers_tread.training_utils import (
     RunState,
     add_optimization_arguments,
     add_run_arguments,
+    card_training_fields,
     check_run_arguments,
     check_step_intervals,
+    check_validation_sampling,
+    checkpoint_or_stop,
     drop_class_labels,
     flush_loss_log,
+    image_dataset_options,
     main_with_messages,
     make_lr_scheduler,
     make_optimizer,
     make_train_dataloader,
     parse_routes,
     read_model_config,
+    resume_run,
     scheduled_selection_ratios,
     start_run,
     train_steps_for,
@@ -323,12 +322,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     check_step_intervals(parser, args, ("logging_steps", "checkpointing_steps", "validation_steps"))
     if args.num_validation_images < 1:  # the validation grids and the final sample grid have one column per image
         parser.error("--num_validation_images must be at least 1 (images per class in the sample grids)")
-    try:  # before training, not at the first validation
-        check_sampling_arguments(
-            args.validation_num_inference_steps, args.validation_guidance_scale, prefix="--validation_"
-        )
-    except ValueError as error:
-        parser.error(str(error))
+    check_validation_sampling(parser, args)  # before training, not at the first validation
     check_run_arguments(parser, args)  # the output folder, the checkpoint limit, the Hub token
     # The built-in digits job (no data flag) is a ~10-minute CPU run of a 0.8M-parameter model: it wants a higher
     # learning rate than DiT's 1e-4 and a step budget rather than 100 epochs.
@@ -381,16 +375,9 @@ def main(argv: list[str] | None = None) -> None:
 
     # 5. Resume (the main process picks the checkpoint, refuses settings that would not continue its run; a finished
     # run only says so).
-    record_run_settings(accelerator, **resume_settings(args, unwrapped, data, run.total_batch_size))
-    resume = resume_from_checkpoint(
-        accelerator, args.output_dir, args.resume_from_checkpoint, num_update_steps_per_epoch,
-        args.gradient_accumulation_steps, args.max_train_steps,
-    )  # fmt: skip
+    resume = resume_run(run, resume_settings(args, unwrapped, data, run.total_batch_size), num_update_steps_per_epoch)
     if resume.finished:
-        accelerator.end_training()
         return
-    args.changed_settings = resume.changes  # for the model card
-    run.started -= resume.seconds_before  # the elapsed-time column continues from the checkpoint's row
     global_step, first_epoch, resume_step = resume.global_step, resume.first_epoch, resume.skip_batches
     if args.push_to_hub and args.push_checkpoints:
         run.uploads = hub.CheckpointUploads(repo_id, args.hub_token)
@@ -453,15 +440,7 @@ def main(argv: list[str] | None = None) -> None:
             if sync_due:  # before any checkpoint: none is written after a non-finite loss
                 rows = flush_losses(run, pending_losses, progress_bar, lr_scheduler, steps_per_s)
                 last_loss = rows[-1][1] if rows else last_loss
-            if checkpoint_due or stop_due:
-                save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit, run.uploads)
-            if stop_due:
-                logger.info(
-                    f"Stopped by signal {stop['signal']} at step {global_step} after saving a checkpoint; continue "
-                    "with --resume_from_checkpoint latest."
-                )
-                restore_stop_handlers(stop)
-                accelerator.end_training()
+            if checkpoint_or_stop(run, global_step, stop, checkpoint_due, stop_due):
                 return
             if validation_due:
                 sampler, sampler_ema = main_process_weights(accelerator, unwrapped, ema_model)  # gathers if sharded
@@ -526,14 +505,10 @@ def load_training_data(args) -> TrainingData:
         image_channels = vae.config.in_channels if vae is not None else None
         if args.dataset_name or args.train_data_dir:
             dataset, id2label = load_image_dataset(
-                dataset_name=args.dataset_name,
-                train_data_dir=args.train_data_dir,
-                image_column=args.image_column,
-                label_column=args.label_column,
+                **image_dataset_options(args),
                 resolution=args.resolution or 256,
                 center_crop=args.center_crop,
                 random_flip=args.random_flip,
-                cache_dir=args.cache_dir,
                 num_channels=image_channels or 3,
                 bad_images=args.bad_images,
                 seed=args.seed,
@@ -1040,7 +1015,7 @@ def plot_loss(loss_log: Path, path: Path) -> None:
 def save_model_card(folder, run: RunState, model, objective, steps: int, final_loss: float) -> None:
     """Write ``folder``/README.md (rendered by `diffusers_tread.hub` from model_cards/tread_dit.md) and
     tread_card.json."""
-    args, argv, repo_id, data = run.args, run.argv, run.repo_id, run.data
+    args, repo_id, data = run.args, run.repo_id, run.data
     num_classes = data.num_classes
     base_model = args.pretrained_model_name_or_path
     base_model = base_model if base_model and not Path(base_model).exists() else None
@@ -1048,11 +1023,6 @@ def save_model_card(folder, run: RunState, model, objective, steps: int, final_l
         license="apache-2.0",
         base_model=base_model,
         datasets=[args.dataset_name] if args.dataset_name and not Path(args.dataset_name).exists() else None,
-    )
-    hardware = (
-        f"{accelerator_count()}x {torch.cuda.get_device_name(0)}"
-        if torch.cuda.is_available()
-        else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
     )
     if args.validation_class_labels is None:
         example_labels = list(range(min(4, num_classes)))
@@ -1081,28 +1051,16 @@ def save_model_card(folder, run: RunState, model, objective, steps: int, final_l
         num_classes=num_classes,
         data_space="VAE latents" if data.vae is not None or args.latents_dir else "pixel space",
         steps=steps,
-        global_batch_size=run.total_batch_size,
-        learning_rate=args.learning_rate,
-        lr_scheduler=args.lr_scheduler,
         ema=(f"decay {args.ema_decay}" + (f", warmup power {args.ema_power}" if args.ema_warmup else ", fixed"))
         if args.use_ema and not args.lora_rank  # LoRA runs keep no EMA
         else "off",
-        mixed_precision=args.mixed_precision or "no",
-        hardware=hardware,
-        training_time=f"{run.elapsed / 60:.1f} min",
-        final_loss=f"{final_loss:.4f}",
         example_labels=example_labels,
         num_inference_steps=args.validation_num_inference_steps,
         guidance_scale=args.validation_guidance_scale,
-        command=hub.launch_command("training/train_tread.py", argv, [args.hub_token])
-        + settings_note(getattr(args, "changed_settings", [])),
+        **card_training_fields(run, "training/train_tread.py", final_loss),
     )
     card: ModelCard = hub.save_model_card(folder, info, card_data)  # the template shipped with the package
     logger.info(f"Model card: {len(card.text)} characters")
-
-
-def accelerator_count() -> int:
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ folder, Hub repo), `resolve_model_spec` (which model, from `model_index.json`) -
 (every caption encoded ONCE, after which the text encoders are freed), `load_vae`, `build_dataset` (optionally VAE
 latents cached) -> `build_transformer`, `add_routing`, `register_lora_checkpoint_hooks` (transformer + LoRA, TREAD
 routing, the hooks that write and read the adapters in checkpoints) -> `prepare_optimization`, `load_noise_scheduler`, `start_logging` (optimizer, data loader, LR
-schedule, trackers) -> `resume_from_checkpoint` -> the loop (`batch_loss`, `log_step`, `save_checkpoint`,
+schedule, trackers) -> `resume_run` -> the loop (`batch_loss`, `log_step`, `checkpoint_or_stop`,
 `log_validation`) -> `save_final_lora`, `final_validation`, `save_model_card` (LoRA weights in Diffusers' format, checked
 by loading them into a fresh base pipeline), `hub.upload_final_output`.
 What is not glue is the library's: the model families, the step's model call and loss, and the LoRA files are
@@ -41,8 +41,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import sys
 import time
 from contextlib import nullcontext
@@ -67,12 +65,8 @@ from diffusers_tread.checkpointing import (
     final_output,
     install_stop_handlers,
     process_seed,
-    record_run_settings,
     register_checkpoint_hooks,
     restore_stop_handlers,
-    resume_from_checkpoint,
-    save_checkpoint,
-    settings_note,
     stop_requested,
 )
 
@@ -94,7 +88,6 @@ from diffusers_tread.data import (
     save_precomputed_embeddings,
 )
 from diffusers_tread.models.tread_t2i import apply_tread
-from diffusers_tread.pipelines.pipeline_tread_dit import check_sampling_arguments
 from diffusers_tread.routing import ROUTE_REINSERTION_MODES
 
 # What is not script glue (the model families, the step's model call and loss, the LoRA files) is the library's.
@@ -124,14 +117,18 @@ from diffusers_tread.training_utils import (
     RunState,
     add_optimization_arguments,
     add_run_arguments,
+    card_training_fields,
     check_run_arguments,
     check_step_intervals,
+    check_validation_sampling,
+    checkpoint_or_stop,
     flush_loss_log,
     main_with_messages,
     make_lr_scheduler,
     make_optimizer,
     make_train_dataloader,
     parse_routes,
+    resume_run,
     start_run,
     train_steps_for,
 )
@@ -278,12 +275,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--num_frames must be at least 1")
     if args.num_validation_images < 1:
         parser.error("--num_validation_images must be at least 1; for no validation, leave out --validation_prompt")
-    try:  # before training, not at the first validation
-        check_sampling_arguments(
-            args.validation_num_inference_steps, args.validation_guidance_scale, prefix="--validation_"
-        )
-    except ValueError as error:
-        parser.error(str(error))
+    check_validation_sampling(parser, args)  # before training, not at the first validation
     check_run_arguments(parser, args)  # the output folder, the checkpoint limit, the Hub token
     if args.resolution % 16:
         parser.error("--resolution must be a multiple of 16 (VAE downsampling x patch size)")
@@ -337,19 +329,14 @@ def main(argv: list[str] | None = None) -> None:
 
     # 5. Resume (the main process picks the checkpoint, refuses settings that would not continue its run; a finished
     # run only says so).
-    record_run_settings(
-        accelerator, **resume_settings(args, run.routes, run.captions, run.dataset, run.total_batch_size)
+    resume = resume_run(
+        run,
+        resume_settings(args, run.routes, run.captions, run.dataset, run.total_batch_size),
+        num_update_steps_per_epoch,
     )
-    resume = resume_from_checkpoint(
-        accelerator, args.output_dir, args.resume_from_checkpoint, num_update_steps_per_epoch,
-        args.gradient_accumulation_steps, args.max_train_steps,
-    )  # fmt: skip
     if resume.finished:
-        accelerator.end_training()
         return
-    args.changed_settings = resume.changes  # for the model card
     run.global_step, first_epoch, resume_step = resume.global_step, resume.first_epoch, resume.skip_batches
-    run.started -= resume.seconds_before  # the elapsed-time column of loss_history.csv continues from the checkpoint
     if args.push_to_hub and args.push_checkpoints:
         run.uploads = hub.CheckpointUploads(repo_id, args.hub_token)
 
@@ -402,15 +389,7 @@ def main(argv: list[str] | None = None) -> None:
             stop_due = sync_due and stop_requested(accelerator, stop)
             if sync_due:  # before any checkpoint: none is written after a non-finite loss
                 last_loss = flush_log(run, pending, progress_bar, lr_scheduler, last_loss)
-            if checkpoint_due or stop_due:
-                save_checkpoint(accelerator, args.output_dir, step, args.checkpoints_total_limit, run.uploads)
-            if stop_due:
-                logger.info(
-                    f"Stopped by signal {stop['signal']} at step {step} after saving a checkpoint; continue "
-                    "with --resume_from_checkpoint latest."
-                )
-                restore_stop_handlers(stop)
-                accelerator.end_training()
+            if checkpoint_or_stop(run, step, stop, checkpoint_due, stop_due):
                 return
             if accelerator.is_main_process and validation_now:
                 log_validation(run, unwrap(transformer))
@@ -597,28 +576,17 @@ def build_dataset(run: LoraRun):
     caption rows, or with --cache_latents every item's VAE posterior, encoded once now (unreadable images and clips
     are skipped with --bad_images skip); the VAE then moves to the CPU unless validation needs it."""
     args, accelerator, spec, captions, vae = run.args, run.accelerator, run.spec, run.captions, run.vae
+    augment = {  # crops, flips and (for clips) frames, drawn per (seed, epoch, item)
+        "resolution": args.resolution,
+        "center_crop": args.center_crop,
+        "random_flip": args.random_flip,
+        "seed": args.seed,
+        "bad_images": args.bad_images,
+    }
     if spec.is_video:
-        dataset = CaptionedVideoDataset(
-            captions.images,
-            captions.indices,
-            args.num_frames,
-            args.resolution,
-            args.center_crop,
-            args.random_flip,
-            args.seed,
-            bad_images=args.bad_images,
-        )
+        dataset = CaptionedVideoDataset(captions.images, captions.indices, args.num_frames, **augment)
     else:
-        dataset = CaptionedImageDataset(
-            captions.images,
-            args.image_column,
-            captions.indices,
-            args.resolution,
-            args.center_crop,
-            args.random_flip,
-            args.seed,
-            bad_images=args.bad_images,
-        )
+        dataset = CaptionedImageDataset(captions.images, args.image_column, captions.indices, **augment)
     if not args.cache_latents:
         return dataset
     parameters, kept_captions = [], []
@@ -1049,11 +1017,6 @@ def save_model_card(run: LoraRun, folder, images: list | None, final_loss: float
     """``folder``/README.md, rendered by `diffusers_tread.hub` from model_cards/tread_t2i_lora.md: Diffusers' LoRA card
     metadata (base model, widget of the final validation images, tags), how to load the adapters, the training."""
     args, spec, routes = run.args, run.spec, run.routes
-    hardware = (
-        f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}"
-        if torch.cuda.is_available()
-        else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-    )
     loss = f"flow matching, weighting {args.weighting_scheme}" if spec.flow_matching else "epsilon/v MSE (DDPM)"
     if spec.flow_matching:
         loss += ", x0 target" if args.precondition_outputs else ", velocity target"
@@ -1076,17 +1039,9 @@ def save_model_card(run: LoraRun, folder, images: list | None, final_loss: float
         num_examples=len(run.dataset),
         resolution=args.resolution,
         steps=run.global_step,
-        global_batch_size=run.total_batch_size,
         batch_size_per_device=args.train_batch_size,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
-        learning_rate=args.learning_rate,
-        lr_scheduler=args.lr_scheduler,
-        mixed_precision=args.mixed_precision or "no",
-        hardware=hardware,
-        training_time=f"{run.elapsed / 60:.1f} min",
-        final_loss=f"{final_loss:.4f}",
-        command=hub.launch_command("training/train_tread_t2i_lora.py", run.argv, [args.hub_token])
-        + settings_note(getattr(args, "changed_settings", [])),
+        **card_training_fields(run, "training/train_tread_t2i_lora.py", final_loss),
     )
     hub.save_lora_model_card(folder, info, images)
 

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 
-from .images import check_bad_images, read_image, require_columns, resolve_dataset, seeded_generator, undecoded_images
+from .images import SeededItemDataset, read_image, require_columns, resolve_dataset, seeded_generator, undecoded_images
 
 EMBEDDINGS_FILE = "embeddings.safetensors"
 EMBEDDINGS_INFO = "embeddings.json"
@@ -50,13 +50,9 @@ def load_captioned_images(
     each; anything else than a string is a ValueError naming the item. `max_samples` keeps that many items, drawn with
     `seed`.
     """
+    folder = "an image folder with a metadata.jsonl of captions"  # how messages name a --train_data_dir
     data, source = resolve_dataset(
-        dataset_name,
-        train_data_dir,
-        config_name=config_name,
-        cache_dir=cache_dir,
-        split=split,
-        data_dir_kind="an image folder with a metadata.jsonl of captions",
+        dataset_name, train_data_dir, config_name=config_name, cache_dir=cache_dir, split=split, data_dir_kind=folder
     )
     hints = {caption_column: IMAGEFOLDER_CAPTIONS_HINT} if train_data_dir is not None else None
     require_columns(data, source, {image_column: "--image_column", caption_column: "--caption_column"}, hints)
@@ -85,7 +81,7 @@ def caption_table(captions: list[str]) -> tuple[list[str], list[int]]:
     return unique_captions, [position[caption] for caption in captions]
 
 
-class CaptionedImageDataset(Dataset):
+class CaptionedImageDataset(SeededItemDataset):
     """Items ``{"pixel_values": (3, R, R) in [-1, 1], "caption_index": int}``.
 
     Crops and flips are drawn per (seed, epoch, item), so a resumed run sees exactly the augmentations of an
@@ -104,13 +100,9 @@ class CaptionedImageDataset(Dataset):
         seed: int = 0,
         bad_images: str = "stop",
     ):
-        check_bad_images(bad_images)
+        super().__init__(seed, bad_images)
         self.data, self.image_column, self.caption_indices = data, image_column, caption_indices
         self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
-        self.seed, self.epoch, self.bad_images = seed, 0, bad_images
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.data)

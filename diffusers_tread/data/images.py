@@ -226,6 +226,20 @@ def check_bad_images(bad_images: str) -> None:
         raise ValueError(f"bad_images must be one of {BAD_IMAGE_POLICIES}, got {bad_images!r}")
 
 
+class SeededItemDataset(Dataset):
+    """The base of the datasets that read files and draw augmentations per (seed, epoch, item) (`seeded_generator`):
+    a resumed run sees exactly the draws of an uninterrupted one (`set_epoch` is called by Accelerate's data loader).
+    ``bad_images`` (`BAD_IMAGE_POLICIES`) says what an unreadable item does: ``"stop"`` raises, ``"skip"`` gives None.
+    """
+
+    def __init__(self, seed: int = 0, bad_images: str = "stop") -> None:
+        check_bad_images(bad_images)
+        self.seed, self.epoch, self.bad_images = seed, 0, bad_images
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+
 def label_error(index: int, value, column: str, source: str, num_classes: int | None) -> str:
     """The message for item `index` of `source`, whose label is no class id; what to do about it."""
     if value is None:
@@ -243,7 +257,7 @@ def label_error(index: int, value, column: str, source: str, num_classes: int | 
     )
 
 
-class HFImageDataset(Dataset):
+class HFImageDataset(SeededItemDataset):
     """A `datasets.Dataset` with an image and a label column, decoded and preprocessed on access.
 
     Random crops and flips are drawn per (seed, epoch, item) (`set_epoch` is called by Accelerate's data loader), so a
@@ -268,16 +282,12 @@ class HFImageDataset(Dataset):
         num_classes: int | None = None,
         source: str = "dataset",
     ):
-        check_bad_images(bad_images)
+        super().__init__(seed, bad_images)
         self.data = data
         self.image_column, self.label_column, self.label_to_id = image_column, label_column, label_to_id
         self.resolution, self.center_crop, self.random_flip, self.mode = resolution, center_crop, random_flip, mode
-        self.bad_images, self.seed, self.epoch = bad_images, seed, 0
         self.num_classes = len(label_to_id) if num_classes is None and label_to_id is not None else num_classes
         self.source = source
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.data)
@@ -446,13 +456,9 @@ def load_image_dataset(
     if num_channels not in (1, 3):
         raise ValueError(f"num_channels must be 1 (grey) or 3 (RGB), got {num_channels}")
     check_bad_images(bad_images)
+    folder = "a folder of images in one subfolder per class"  # how messages name a --train_data_dir
     data, source = resolve_dataset(
-        dataset_name,
-        train_data_dir,
-        config_name=config_name,
-        cache_dir=cache_dir,
-        split=split,
-        data_dir_kind="a folder of images in one subfolder per class",
+        dataset_name, train_data_dir, config_name=config_name, cache_dir=cache_dir, split=split, data_dir_kind=folder
     )
     if train_data_dir is not None and label_column == "label" and label_column not in data.column_names:
         data = single_class_labels(data, image_column, train_data_dir)

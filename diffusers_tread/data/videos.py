@@ -17,9 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
 
-from .images import UNREADABLE_IMAGE_ERRORS, check_bad_images, open_image, seeded_generator
+from .images import UNREADABLE_IMAGE_ERRORS, SeededItemDataset, open_image, seeded_generator
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".gif", ".mov", ".mkv")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -161,7 +160,7 @@ def load_captioned_videos(
     return files, captions, source
 
 
-class CaptionedVideoDataset(Dataset):
+class CaptionedVideoDataset(SeededItemDataset):
     """Items ``{"pixel_values": (3, F, R, R) in [-1, 1], "caption_index": int}`` from `load_captioned_videos`' files.
 
     Frames, crops and flips are drawn per (seed, epoch, item) (`set_epoch` is called by Accelerate's data loader), so a
@@ -180,16 +179,12 @@ class CaptionedVideoDataset(Dataset):
         seed: int = 0,
         bad_images: str = "stop",
     ):
-        check_bad_images(bad_images)
+        super().__init__(seed, bad_images)
         if num_frames < 1:
             raise ValueError(f"num_frames must be at least 1, got {num_frames}")
         self.files, self.caption_indices = files, caption_indices
         self.num_frames, self.resolution = num_frames, resolution
         self.center_crop, self.random_flip = center_crop, random_flip
-        self.seed, self.epoch, self.bad_images = seed, 0, bad_images
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.files)
