@@ -871,7 +871,18 @@ CASES += [
         randomize_zero_init=True,
     ),
 ]
-CASES = [case for case in CASES if hasattr(diffusers, case.model_class)]  # a class the installed Diffusers lacks
+ALL_CASES = CASES
+
+
+def _family_supported_here(case: Case) -> bool:
+    """The installed Diffusers has the case's class, and its registry line describes this release's forward."""
+    if not hasattr(diffusers, case.model_class):
+        return False
+    family = next((f for f in families.FAMILIES if case.model_class in f.classes), None)
+    return family is None or family.supported_here()
+
+
+CASES = [case for case in CASES if _family_supported_here(case)]  # skipped: a class or forward this release lacks
 IDS = [case.name for case in CASES]
 
 
@@ -1332,7 +1343,25 @@ def test_a_class_missing_from_diffusers_is_skipped():
 
 
 def _case(name):
-    return next(c for c in CASES if c.name == name)
+    case = next((c for c in CASES if c.name == name), None)
+    if case is None:
+        pytest.skip(f"the installed Diffusers {diffusers.__version__} has no routable {name} (class or forward)")
+    return case
+
+
+def test_a_family_newer_than_the_installed_release_is_refused_naming_the_release(monkeypatch):
+    """A registry line that describes a newer release's forward (`Family.min_diffusers`) refuses the class on an
+    older one, naming the release to install, instead of routing the wrong axes."""
+    case = next(c for c in ALL_CASES if c.name == "qwenimage")
+    family = next(f for f in families.FAMILIES if case.model_class in f.classes)
+    assert family.min_diffusers == (0, 42)
+    model_class = getattr(diffusers, case.model_class)
+    model = model_class.__new__(model_class)  # the refusal comes before anything touches the model
+    monkeypatch.setattr(families.compat, "DIFFUSERS_RELEASE", (0, 35, 2))
+    with pytest.raises(TypeError, match=r"QwenImageTransformer2DModel .* needs Diffusers >= 0\.42: older releases"):
+        apply_tread(model)
+    monkeypatch.setattr(families.compat, "DIFFUSERS_RELEASE", (0, 42, 0))
+    assert families.family_for(model) is family
 
 
 @pytest.mark.parametrize(
@@ -1393,7 +1422,7 @@ def test_wrong_token_axis_size_is_refused_not_guessed():
 def test_every_routable_family_has_a_case_or_is_not_installed():
     tested = {case.model_class for case in CASES}
     for family in families.FAMILIES:
-        if family.refuse is None:
+        if family.refuse is None and family.supported_here():
             for model_class in family.installed_classes():
                 assert model_class.__name__ in tested, f"{family.name}: add a Case"
 

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field, replace
 import diffusers
 import torch
 
+from .. import compat
+
 LAYOUTS = ("image", "text_image", "image_text")
 
 
@@ -199,6 +201,10 @@ class Family:
         text_length: ``(transformer, forward arguments) -> text tokens``, for joint layouts in blocks without a text
             argument.
         video: a video family (README table).
+        min_diffusers: the oldest Diffusers release whose forward this line describes, where older releases feed
+            the blocks differently (other RoPE shapes, config arguments, block signatures); on an older release
+            ``apply_tread`` refuses the class, naming the release it needs, rather than route it wrongly. ``None``:
+            every supported release (0.35 onward).
     """
 
     name: str
@@ -214,6 +220,7 @@ class Family:
     route_check: Callable | None = None
     text_length: Callable = _forward_text_length
     video: bool = False
+    min_diffusers: tuple[int, ...] | None = None
 
     @property
     def uses_text_length(self) -> bool:
@@ -222,6 +229,10 @@ class Family:
         return any(block_list.joint for block_list in self.block_lists) or any(
             spec.layout != "image" for specs in inputs for spec in specs.values()
         )
+
+    def supported_here(self) -> bool:
+        """Whether the installed Diffusers release is one this line describes (`min_diffusers`)."""
+        return self.min_diffusers is None or compat.DIFFUSERS_RELEASE >= self.min_diffusers
 
     def installed_classes(self) -> list[type]:
         return [getattr(diffusers, name) for name in self.classes if hasattr(diffusers, name)]
@@ -474,6 +485,7 @@ FAMILIES: tuple[Family, ...] = (
         # image_rotary_emb, ..., modulate_index) -> (text, image); RoPE (image_freqs (N, D/2), text_freqs (T, D/2)),
         # complex, shared; Edit's zero_cond_t modulates reference-image tokens by a per-token modulate_index (B, N).
         name="Qwen-Image / Qwen-Image-Edit",
+        min_diffusers=(0, 42),  # 0.35.2 feeds its blocks otherwise; 0.36-0.41 untested
         classes=("QwenImageTransformer2DModel",),
         block_lists=(BlockList("transformer_blocks", output=1),),
         token_inputs={
@@ -542,6 +554,7 @@ FAMILIES: tuple[Family, ...] = (
         # As Wan; temb (B, 6, D), or (B, 6, N, D) under diffusion forcing; a block-causal mask (1, 1, N, N) when
         # num_frame_per_block > 1.
         name="SkyReels-V2",
+        min_diffusers=(0, 42),  # 0.35.2 feeds its blocks otherwise; 0.36-0.41 untested
         classes=("SkyReelsV2Transformer3DModel",),
         block_lists=(BlockList("blocks"),),
         token_inputs={
@@ -624,6 +637,7 @@ FAMILIES: tuple[Family, ...] = (
         # (sequence_dim=2); a learnable extra positional embedding (B, N, D) added in every block; the timestep
         # embeddings (B, D), or per frame expanded to (B, N, D); attention_mask is the text mask.
         name="Cosmos",
+        min_diffusers=(0, 42),  # 0.35.2 feeds its blocks otherwise; 0.36-0.41 untested
         classes=("CosmosTransformer3DModel",),
         block_lists=(BlockList("transformer_blocks"),),
         token_inputs={
@@ -702,4 +716,11 @@ def family_for(transformer) -> Family:
     family = max(matches, key=lambda match: match[0])[1]  # the class nearest to the instance's
     if family.refuse is not None:
         raise TypeError(f"TREAD routing cannot route {type(transformer).__name__} ({family.name}): {family.refuse}")
+    if not family.supported_here():
+        needed = ".".join(map(str, family.min_diffusers))
+        raise TypeError(
+            f"TREAD routing of {type(transformer).__name__} ({family.name}) needs Diffusers >= {needed}: older "
+            f"releases feed its blocks differently, and the installed {diffusers.__version__} is one of them. "
+            f"Upgrade Diffusers (pip install 'diffusers>={needed}')."
+        )
     return family
