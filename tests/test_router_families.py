@@ -57,6 +57,9 @@ class Case:
     joint_text: int = TEXT
     # the next block's text stream from this block's text output and the model's input to the next block
     next_text: Callable | None = None
+    # a second token stream the blocks return besides the image one and that is never routed (LTX-2's audio): the
+    # reference carries the sample's own stream from block to block
+    second_stream: str | None = None
 
     lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v")
     # zero-initialised gates (Kandinsky 5's modulation) make every block the identity: give them random values
@@ -284,6 +287,134 @@ CASES = [
     ),
 ]
 
+
+def _ltx2_inputs(per_token_timestep=False, frames=3, self_attention_mask=False):
+    """LTX-2: frames x 1 x 7 video tokens (21: no other size), 6 audio tokens, 5 text tokens per stream."""
+
+    def make(g, b):
+        n = frames * 7
+        inputs = dict(
+            hidden_states=torch.randn(b, n, 4, generator=g),
+            audio_hidden_states=torch.randn(b, 6, 4, generator=g),
+            encoder_hidden_states=torch.randn(b, TEXT, 12, generator=g),
+            audio_encoder_hidden_states=torch.randn(b, TEXT, 12, generator=g),
+            timestep=torch.randint(0, 1000, (b, n) if per_token_timestep else (b,), generator=g),
+            audio_timestep=torch.randint(0, 1000, (b,), generator=g),
+            sigma=torch.rand(b, generator=g),
+            encoder_attention_mask=torch.ones(b, TEXT),
+            audio_encoder_attention_mask=torch.ones(b, TEXT),
+            num_frames=frames,
+            height=1,
+            width=7,
+            audio_num_frames=6,
+        )
+        if self_attention_mask:  # IC-LoRA's multiplicative video self-attention mask (B, N, N)
+            inputs["video_self_attention_mask"] = torch.rand(b, n, n, generator=g)
+        return inputs
+
+    return make
+
+
+_LTX2 = dict(
+    in_channels=4,
+    out_channels=4,
+    num_attention_heads=2,
+    attention_head_dim=8,
+    cross_attention_dim=16,
+    audio_in_channels=4,
+    audio_out_channels=4,
+    audio_num_attention_heads=2,
+    audio_attention_head_dim=4,
+    audio_cross_attention_dim=8,
+    num_layers=6,
+    caption_channels=12,
+)
+# LTX-2.3: split RoPE (B, heads, N, D'), gated attention, prompt modulation from sigma
+_LTX2_3 = dict(
+    _LTX2, rope_type="split", gated_attn=True, audio_gated_attn=True, cross_attn_mod=True, audio_cross_attn_mod=True
+)
+
+
+def _ltx2_rope(v, kept, n, t):
+    return tuple(table[:, kept] if table.ndim == 3 else table[:, :, kept] for table in v)
+
+
+def _ltx2_per_token(v, kept, n, t):
+    return v[:, kept] if v.shape[1] == n else v
+
+
+_LTX2_GATHER = {
+    "video_rotary_emb": _ltx2_rope,
+    "ca_video_rotary_emb": _ltx2_rope,
+    "temb": _ltx2_per_token,
+    "temb_ca_scale_shift": _ltx2_per_token,
+    "temb_ca_gate": _ltx2_per_token,
+    "self_attention_mask": lambda v, kept, n, t: v[:, kept][:, :, kept],
+}
+_LTX2_NEVER_ROUTED = (
+    "encoder_hidden_states",
+    "audio_encoder_hidden_states",
+    "encoder_attention_mask",
+    "audio_encoder_attention_mask",
+    "audio_hidden_states",
+    "temb_audio",
+    "temb_ca_audio_scale_shift",
+    "temb_ca_audio_gate",
+    "audio_rotary_emb",
+    "ca_audio_rotary_emb",
+)
+# the loss reads the video output: layers whose output reaches it (the last block's audio branch does not)
+_LTX2_LORA = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn2.to_q", "audio_to_video_attn.to_k")
+CASES += [
+    Case(
+        "ltx2",
+        "LTX2VideoTransformer3DModel",
+        _LTX2,
+        _ltx2_inputs(),
+        21,
+        ROUTE,
+        gather=_LTX2_GATHER,
+        text_args=_LTX2_NEVER_ROUTED,
+        second_stream="audio_hidden_states",
+        lora_targets=_LTX2_LORA,
+    ),
+    Case(
+        "ltx2_per_token_timestep",
+        "LTX2VideoTransformer3DModel",
+        _LTX2,
+        _ltx2_inputs(per_token_timestep=True),
+        21,
+        ROUTE,
+        gather=_LTX2_GATHER,
+        text_args=_LTX2_NEVER_ROUTED,
+        second_stream="audio_hidden_states",
+        lora_targets=_LTX2_LORA,
+    ),
+    Case(
+        "ltx2_one_frame",
+        "LTX2VideoTransformer3DModel",
+        _LTX2,
+        _ltx2_inputs(frames=1),
+        7,
+        ROUTE,
+        gather=_LTX2_GATHER,
+        text_args=_LTX2_NEVER_ROUTED,
+        second_stream="audio_hidden_states",
+        lora_targets=_LTX2_LORA,
+    ),
+    Case(
+        "ltx2_3_split_rope_video_mask",
+        "LTX2VideoTransformer3DModel",
+        _LTX2_3,
+        _ltx2_inputs(per_token_timestep=True, self_attention_mask=True),
+        21,
+        ROUTE,
+        gather=_LTX2_GATHER,
+        text_args=_LTX2_NEVER_ROUTED,
+        second_stream="audio_hidden_states",
+        lora_targets=_LTX2_LORA,
+    ),
+]
 
 def _flux_like_inputs(g, b, mask=False):
     inputs = _flux_inputs(g, b)
@@ -962,7 +1093,7 @@ def reference(case, router, recorder, b, kept):
     text = None
     if router._block_list[start].joint:
         text, pre_route = pre_route[:, : case.joint_text], pre_route[:, case.joint_text :]
-    hidden = pre_route[:, kept]
+    hidden, second = pre_route[:, kept], None
     with torch.no_grad():
         for index in range(start, end + 1):
             kwargs = {name: one_sample(value, b) for name, value in recorder.inputs[index].items()}
@@ -970,6 +1101,8 @@ def reference(case, router, recorder, b, kept):
                 if kwargs.get(name) is not None:
                     kwargs[name] = gather(kwargs[name], kept, case.num_image, case.joint_text)
             kwargs[hidden_name] = hidden
+            if second is not None:
+                kwargs[case.second_stream] = second
             if text is not None and router._block_list[index].joint:
                 kwargs[hidden_name] = torch.cat([text, hidden], dim=1)
             elif text is not None and "encoder_hidden_states" in kwargs:
@@ -977,7 +1110,10 @@ def reference(case, router, recorder, b, kept):
                 kwargs["encoder_hidden_states"] = text if case.next_text is None else case.next_text(text, given)
             output = router.blocks[index](**kwargs)
             hidden = image_of(router, index, output, case.joint_text)
-            text = text_of(router, index, output, case.joint_text)
+            if case.second_stream is not None:
+                second = output[1 - router._block_list[index].output]
+            else:
+                text = text_of(router, index, output, case.joint_text)
     expected = pre_route.clone()
     expected[:, kept] = hidden
     return expected, pre_route

@@ -102,6 +102,9 @@ class TokenInput:
         broadcast: size 1 along an axis means one value for every token (LTX's ``temb`` ``(B, 1, 6D)``): unchanged.
         elements: for a tuple argument, the elements that carry the token axis (Qwen-Image's RoPE is
             ``(image_freqs, text_freqs)``); None: every element.
+        ndim_axes: ``((ndim, axes), ...)``: the token axes of a tensor with that many dims, in place of ``axes``,
+            where the model code fixes the layout by rank (LTX-2's RoPE: ``(B, N, D)`` interleaved, ``(B, heads, N,
+            D')`` split).
 
     A tuple or list (``(cos, sin)``) is gathered element by element. A size along an axis that is neither the
     layout's length nor (with ``broadcast``) 1 raises: the router never guesses an axis.
@@ -114,6 +117,7 @@ class TokenInput:
     when_ndim: int | None = None
     broadcast: bool = False
     elements: tuple[int, ...] | None = None
+    ndim_axes: tuple[tuple[int, tuple[int, ...]], ...] = ()
 
     def gather(self, name: str, value, kept: torch.LongTensor, num_image: int, num_text: int):
         if isinstance(value, (tuple, list)):
@@ -130,7 +134,7 @@ class TokenInput:
             return value
         expected = num_image if self.layout == "image" else num_image + num_text
         rows = token_rows(kept, self.layout, num_image, num_text)
-        for axis in self.axes:
+        for axis in dict(self.ndim_axes).get(value.ndim, self.axes):
             size = value.shape[axis] if axis < value.ndim else None
             if size == 1 and self.broadcast:
                 continue
@@ -188,7 +192,7 @@ class Family:
         classes: Diffusers class names (missing ones are skipped); subclasses match too.
         block_lists: in the order the forward runs them.
         token_inputs: block arguments with a token axis.
-        text_args: text-side block arguments; never routed.
+        text_args: text-side block arguments (LTX-2: also its audio stream's); never routed.
         refuse: the class cannot be routed as TREAD: why (``apply_tread`` raises it).
         refuse_arguments: model forward arguments that make routing wrong when given: name -> why.
         frame_tokens: ``(transformer, forward arguments) -> tokens of one latent frame`` (video; for
@@ -305,6 +309,14 @@ def _ltx_frame_tokens(transformer, arguments: dict) -> int:
     if arguments.get("height") is None or arguments.get("width") is None:
         raise ValueError("keep_first_frame on LTX-Video needs the forward's `height` and `width` (latent grid).")
     return int(arguments["height"]) * int(arguments["width"])
+
+
+def _ltx2_frame_tokens(transformer, arguments: dict) -> int:
+    """LTX-2's video tokens run frame by frame (``prepare_video_coords``: frames, then rows, then columns)."""
+    if arguments.get("height") is None or arguments.get("width") is None:
+        raise ValueError("keep_first_frame on LTX-2 needs the forward's `height` and `width` (latent grid).")
+    patch = transformer.config.patch_size
+    return (int(arguments["height"]) // patch) * (int(arguments["width"]) // patch)
 
 
 def _hunyuan_video_check(router, arguments: dict, routes: list[dict]) -> None:
@@ -548,6 +560,42 @@ FAMILIES: tuple[Family, ...] = (
         token_inputs={"image_rotary_emb": TokenInput(axes=(1,)), "temb": TokenInput(axes=(1,), broadcast=True)},
         text_args=("encoder_hidden_states", "encoder_attention_mask"),
         frame_tokens=_ltx_frame_tokens,
+        video=True,
+    ),
+    Family(
+        # LTX2VideoTransformerBlock(hidden_states, audio_hidden_states, encoder_hidden_states,
+        # audio_encoder_hidden_states, temb, temb_audio, temb_ca_*, temb_prompt*, video_rotary_emb, audio_rotary_emb,
+        # ca_video_rotary_emb, ca_audio_rotary_emb, masks, ...) -> (video, audio). Only the video tokens are routed:
+        # the audio stream runs dense, as text does (it is a second token stream, not part of the video sequence).
+        # Video per-token inputs: the timestep modulations temb, temb_ca_scale_shift, temb_ca_gate (B, 1 or N, k D);
+        # the video self-attention RoPE and the temporal RoPE of the audio<->video cross-attention, per sample,
+        # (B, N, D) interleaved or (B, heads, N, D') split; the IC-LoRA video self-attention mask (B, N, N). In the
+        # video-to-audio cross-attention the audio queries see the kept video tokens inside a route, as text does in
+        # the joint-attention families.
+        name="LTX-2",
+        classes=("LTX2VideoTransformer3DModel",),
+        block_lists=(BlockList("transformer_blocks", output=0),),
+        token_inputs={
+            "temb": TokenInput(axes=(1,), broadcast=True),
+            "temb_ca_scale_shift": TokenInput(axes=(1,), broadcast=True),
+            "temb_ca_gate": TokenInput(axes=(1,), broadcast=True),
+            "video_rotary_emb": TokenInput(ndim_axes=((3, (1,)), (4, (2,)))),
+            "ca_video_rotary_emb": TokenInput(ndim_axes=((3, (1,)), (4, (2,)))),
+            "self_attention_mask": TokenInput(axes=(1, 2)),
+        },
+        text_args=(  # never routed: the text of both streams and the audio stream with its own inputs
+            "encoder_hidden_states",
+            "audio_encoder_hidden_states",
+            "encoder_attention_mask",
+            "audio_encoder_attention_mask",
+            "audio_hidden_states",
+            "temb_audio",
+            "temb_ca_audio_scale_shift",
+            "temb_ca_audio_gate",
+            "audio_rotary_emb",
+            "ca_audio_rotary_emb",
+        ),
+        frame_tokens=_ltx2_frame_tokens,
         video=True,
     ),
     Family(
