@@ -416,6 +416,7 @@ CASES += [
     ),
 ]
 
+
 def _flux_like_inputs(g, b, mask=False):
     inputs = _flux_inputs(g, b)
     del inputs["pooled_projections"]
@@ -1597,6 +1598,63 @@ def test_ltx_keep_first_frame_keeps_the_conditioning_frame_in_every_route():
     model(**case.make_inputs())
     assert not router.route_masks[0][:, :7].any()  # height x width = 1 x 7 tokens a latent frame
     assert (router.route_masks[0][:, 7:].sum(1) == int(14 * 0.75)).all()
+
+
+def test_ltx2_keep_first_frame_keeps_the_conditioning_frame_in_every_route():
+    case = _case("ltx2_per_token_timestep")
+    model = case.make().train()
+    router = apply_tread(model, [case.route], keep_first_frame=True)
+    router.selection_ratio = 0.75
+    model(**case.make_inputs())
+    assert not router.route_masks[0][:, :7].any()  # height x width = 1 x 7 tokens a latent frame
+    assert (router.route_masks[0][:, 7:].sum(1) == int(14 * 0.75)).all()
+
+
+@pytest.mark.parametrize("name", ["ltx2", "ltx2_3_split_rope_video_mask"])
+def test_ltx2_kept_rotary_rows_equal_rows_recomputed_from_the_kept_coordinates(name):
+    """Both video tables (self-attention RoPE over (frame, row, col), cross-modal RoPE over the frame coordinate),
+    interleaved (B, N, D) and split (B, heads, N, D'), equal the model's own tables computed from the kept coords."""
+    case = _case(name)
+    model = case.make().train()
+    router = route_of(case, model, generator=torch.Generator().manual_seed(3))
+    inputs = case.make_inputs()
+    recorder = Recorder(router)
+    with torch.no_grad():
+        model(**inputs)
+    (mask,) = router.route_masks
+    seen = recorder.after_router[router.routes[0]["start_layer_idx"]]
+    coords = model.rope.prepare_video_coords(BATCH, inputs["num_frames"], inputs["height"], inputs["width"], "cpu")
+    axis = 1 if model.config.rope_type == "interleaved" else 2
+    for b in range(BATCH):
+        kept = (~mask[b]).nonzero().squeeze(1)
+        sample = coords[b : b + 1, :, kept]
+        for name, rope, sample_coords in (
+            ("video_rotary_emb", model.rope, sample),
+            ("ca_video_rotary_emb", model.cross_attn_rope, sample[:, 0:1]),
+        ):
+            for table, expected in zip(seen[name], rope(sample_coords), strict=True):
+                assert table.shape[axis] == kept.numel()
+                torch.testing.assert_close(table[b : b + 1], expected, rtol=0, atol=1e-6)
+
+
+def test_ltx2_audio_stream_is_dense_and_ratio_zero_audio_is_the_stock_models():
+    """The audio tokens are never routed: every block sees all of them, and at ratio 0 (and in eval mode) the audio
+    output is the stock model's bit for bit. Inside a route the audio queries attend to the kept video tokens."""
+    case = _case("ltx2_per_token_timestep")
+    model, stock = pair(case)
+    router = route_of(case, model)
+    inputs = case.make_inputs()
+    with torch.no_grad():
+        assert torch.equal(model.eval()(**inputs).audio_sample, stock.eval()(**inputs).audio_sample)
+        model.train(), stock.train()
+        recorder = Recorder(router)
+        routed = model(**inputs).audio_sample
+        for index in range(router.num_blocks):
+            assert recorder.after_router[index]["audio_hidden_states"].shape[1] == 6, index
+        assert routed.shape == (BATCH, 6, 4) and torch.isfinite(routed).all()
+        assert not torch.allclose(routed, stock(**inputs).audio_sample)  # video-to-audio saw only the kept tokens
+        router.selection_ratio = 0.0
+        assert torch.equal(model(**inputs).audio_sample, stock(**inputs).audio_sample)
 
 
 def test_hidream_routes_must_end_in_the_double_stream_blocks():
