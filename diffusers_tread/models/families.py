@@ -573,6 +573,7 @@ FAMILIES: tuple[Family, ...] = (
         # video-to-audio cross-attention the audio queries see the kept video tokens inside a route, as text does in
         # the joint-attention families.
         name="LTX-2",
+        min_diffusers=(0, 42),  # read against 0.42.1 (its block arguments grew with LTX-2.3); older ones untested
         classes=("LTX2VideoTransformer3DModel",),
         block_lists=(BlockList("transformer_blocks", output=0),),
         token_inputs={
