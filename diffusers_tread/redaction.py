@@ -7,14 +7,30 @@ import re
 import shlex
 from collections.abc import Iterable, Sequence
 
+# The value after any spelling of a token option (--hub_token, --hub_tok, --hub-tokn, --token=...), and anything that
+# looks like a Hugging Face access token ("hf_" and at least 12 letters or digits; real ones have 34).
+_TOKEN_OPTION = re.compile(r"(--(?:hub[_-]t[\w-]*|tok|token)(?:=|\s+|'\s*,\s*'))([^\s',\]]+)", re.IGNORECASE)
+_TOKEN_LIKE = re.compile(r"\bhf_[A-Za-z0-9]{12,}")
+
+
+def redact_tokens(text: str) -> str:
+    """``text`` with access tokens replaced by ``<redacted>``: the value of the ``HF_TOKEN`` environment variable,
+    whatever follows an option spelled like ``--hub_token`` (including abbreviations and typos argparse rejects and
+    then prints, as in "unrecognized arguments: --hub_tok hf_..."), and any ``hf_...``-looking word."""
+    secret = os.environ.get("HF_TOKEN")
+    if secret:
+        text = text.replace(secret, "<redacted>")
+    text = _TOKEN_OPTION.sub(r"\1<redacted>", text)
+    return _TOKEN_LIKE.sub("<redacted>", text)
+
 
 def redact(text: str, secrets: Iterable[str | None] = ()) -> str:
-    """``text`` with each secret's value and whatever follows a ``--hub_token`` option replaced by ``<redacted>``:
-    by value, so that a token reaching the text by any route (an abbreviated option, a config file) is caught too."""
+    """``text`` with each secret's value replaced by ``<redacted>`` (by value, so that a token reaching the text by
+    any route, an abbreviated option or a config file, is caught too), then `redact_tokens`."""
     for secret in secrets:
         if secret:
             text = text.replace(secret, "<redacted>")
-    return re.sub(r"(--hub_token[ =])\S+", r"\1<redacted>", text)
+    return redact_tokens(text)
 
 
 def launch_command(script: str, argv: Sequence[str], secrets: Iterable[str | None] = ()) -> str:

@@ -26,7 +26,6 @@ import json
 import logging
 import math
 import os
-import re
 import sys
 import time
 import traceback
@@ -39,6 +38,7 @@ import torch
 
 from .losses import tread_loss
 from .objectives import Objective
+from .redaction import redact_tokens
 from .repa import RepaTerm
 
 
@@ -173,22 +173,6 @@ def flush_loss_log(pending: LossLog, gather=None, output_dir: str | os.PathLike 
 # ----------------------------------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------------------------------
-
-# The value after any spelling of a token option (--hub_token, --hub_tok, --hub-tokn, --token=...), and anything that
-# looks like a Hugging Face access token ("hf_" and at least 12 letters or digits; real ones have 34).
-_TOKEN_OPTION = re.compile(r"(--(?:hub[_-]t[\w-]*|tok|token)(?:=|\s+|'\s*,\s*'))([^\s',\]]+)", re.IGNORECASE)
-_TOKEN_LIKE = re.compile(r"\bhf_[A-Za-z0-9]{12,}")
-
-
-def redact_tokens(text: str) -> str:
-    """``text`` with access tokens replaced by ``<redacted>``: the value of the ``HF_TOKEN`` environment variable,
-    whatever follows an option spelled like ``--hub_token`` (including abbreviations and typos argparse rejects and
-    then prints, as in "unrecognized arguments: --hub_tok hf_..."), and any ``hf_...``-looking word."""
-    secret = os.environ.get("HF_TOKEN")
-    if secret:
-        text = text.replace(secret, "<redacted>")
-    text = _TOKEN_OPTION.sub(r"\1<redacted>", text)
-    return _TOKEN_LIKE.sub("<redacted>", text)
 
 
 class ArgumentParser(argparse.ArgumentParser):
