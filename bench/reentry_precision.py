@@ -189,24 +189,32 @@ def train_on_digits(steps: int, batch_size: int, seed: int) -> tuple[TreadTransf
     return model, statistics.mean(losses[:20]), statistics.mean(losses[-20:])
 
 
+def int_list(text: str) -> list[int]:
+    """A comma-separated list of integers (an empty string: none), parsed by argparse so that a typo is a usage
+    error."""
+    return [int(item) for item in text.split(",")] if text else []
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--widths", default="128,256,384", help="hidden sizes (heads of 64); 384 is DiT-S")
+    parser.add_argument(
+        "--widths", type=int_list, default="128,256,384", help="hidden sizes (heads of 64); 384 is DiT-S"
+    )
     parser.add_argument("--sample_size", type=int, default=16, help="latent side: 16 -> 64 tokens at patch 2")
     parser.add_argument("--batch_size", type=int, default=4)
-    parser.add_argument("--seeds", default="0,1")
+    parser.add_argument("--seeds", type=int_list, default="0,1")
     parser.add_argument("--train_steps", type=int, default=100, help="fp32 steps of the trained model (0: none)")
     parser.add_argument("--train_batch_size", type=int, default=32)
     parser.add_argument(
         "--control_blocks",
+        type=int_list,
         default="1,10",
         help="blocks run in fp32 instead of the re-entry block, one arm each: the block's depth matters (an fp32 "
         "block also runs its backward in fp32, for every block below it), so compare blocks near the re-entry one",
     )
     parser.add_argument("--output", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
-    seeds = [int(s) for s in args.seeds.split(",")]
-    controls = [int(b) for b in args.control_blocks.split(",")] if args.control_blocks else []
+    seeds, controls = args.seeds, args.control_blocks
     print(
         f"# cpu ({platform.processor() or 'cpu'}), threads={torch.get_num_threads()}, torch={torch.__version__}; "
         f"DiT depth {NUM_LAYERS}, route {paper_routes(NUM_LAYERS)}, {(args.sample_size // 2) ** 2} tokens, "
@@ -214,7 +222,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     results = {"blocks": {}, "steps": {}}
     models = {}  # label -> one model per seed
-    for width in [int(w) for w in args.widths.split(",")]:
+    for width in args.widths:
         models[f"{width}, random"] = [make_model(width, args.sample_size, 4, seed, True) for seed in seeds]
     if args.train_steps:
         started = time.perf_counter()

@@ -16,31 +16,10 @@ from .compat import register_loadable_library
 
 register_loadable_library(__name__)
 
-from . import routing  # noqa: E402
-from .models import (  # noqa: E402
-    PRESETS,
-    SSM_PRESETS,
-    TreadRouter,
-    TreadSSM2DModel,
-    TreadTransformer2DModel,
-    TreadTransformer2DModelOutput,
-    apply_tread,
-    model_class_for_config,
-    paper_routes,
-)
+from . import models, routing  # noqa: E402
+from .models import *  # noqa: E402, F403  (the names of `models.__all__`)
 from .pipelines import TreadDiTPipeline  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = [
-    "PRESETS",
-    "SSM_PRESETS",
-    "TreadDiTPipeline",
-    "TreadRouter",
-    "TreadSSM2DModel",
-    "TreadTransformer2DModel",
-    "TreadTransformer2DModelOutput",
-    "apply_tread",
-    "model_class_for_config",
-    "paper_routes",
-    "routing",
-]
+# The models' public names (listed once, in `models.__all__`), the pipeline and the routing module.
+__all__ = [*models.__all__, "TreadDiTPipeline", "routing"]

@@ -6,14 +6,15 @@ small functions a training loop calls, no loop of its own.
   until `LossLog.flush`), an optimizer that updates all parameters in a few kernels, and nothing that breaks a compiled
   graph inside the model's blocks.
 - The command line: the ``--routes`` parser (`parse_routes`), the options both scripts share
-  (`add_optimization_arguments`, `add_run_arguments`) and their checks (`check_run_arguments`,
-  `check_validation_sampling`, `check_step_intervals`), `image_dataset_options` (the options that name a
-  class-labelled image dataset), and `main_with_messages` (the failures we explain end as one message, not a traceback).
+  (`add_optimization_arguments`, `add_run_arguments`, `add_augmentation_arguments`) and their checks
+  (`check_run_arguments`, `check_validation_sampling`, `check_step_intervals`), `image_dataset_options` (the options
+  that name a class-labelled image dataset), and `main_with_messages` (the failures we explain end as one message, not
+  a traceback).
 - The prelude both scripts share: `start_run` (accelerator, logging, seed, output folder, Hub repo),
   `make_train_dataloader`, `train_steps_for` (``--max_train_steps`` or the epochs' worth) and `make_lr_scheduler`;
-  `RunState`, what a run's stages share, `resume_run` (record the run's settings, resume from a checkpoint),
-  `checkpoint_or_stop` (a sync step's checkpoint and stop) and `card_training_fields` (what both model cards say of
-  the run).
+  `RunState`, what a run's stages share (and the run's training generator, checkpoint uploads and loss file),
+  `resume_run` (record the run's settings, resume from a checkpoint), `checkpoint_or_stop` (a sync step's checkpoint
+  and stop) and `card_training_fields` (what both model cards say of the run).
 
 Checkpoints, the output folder and stop signals are in `diffusers_tread.checkpointing`; keeping the Hub token out of
 what a run writes is `diffusers_tread.redaction`.
@@ -369,6 +370,41 @@ class RunState:
         args = self.args
         return args.train_batch_size * self.accelerator.num_processes * args.gradient_accumulation_steps
 
+    @property
+    def loss_history(self) -> Path:
+        """The run's loss_history.csv (`checkpointing.LOSS_HISTORY`): one row per step, appended at every flush."""
+        from .checkpointing import LOSS_HISTORY
+
+        return Path(self.args.output_dir, LOSS_HISTORY)
+
+    def start_generator(self) -> torch.Generator:
+        """Sets and returns ``generator``: one per process, on the accelerator's device, seeded with ``--seed`` and
+        the process index (`checkpointing.process_seed`: no two (seed, process) pairs share a stream). It draws all
+        training randomness, so a checkpoint can carry it and a resumed run draws exactly what the uninterrupted run
+        would have."""
+        from .checkpointing import process_seed
+
+        seed = process_seed(self.args.seed, self.accelerator.process_index)
+        self.generator = torch.Generator(device=self.accelerator.device).manual_seed(seed)
+        return self.generator
+
+    def start_uploads(self) -> None:
+        """With ``--push_to_hub --push_checkpoints``, sets ``uploads``: the checkpoints then go to the Hub repo in the
+        background as they are written (`hub.CheckpointUploads`)."""
+        from .hub import CheckpointUploads
+
+        if self.args.push_to_hub and self.args.push_checkpoints:
+            self.uploads = CheckpointUploads(self.repo_id, self.args.hub_token)
+
+    def finish_uploads(self) -> None:
+        """At the end of training, before the final upload: wait for the checkpoints' uploads (retrying failed ones)
+        and log what reached the Hub and what did not."""
+        from accelerate.logging import get_logger
+
+        if self.uploads is not None:
+            self.uploads.wait()
+            get_logger(__name__, log_level="INFO").info(self.uploads.report())
+
 
 def resume_run(run: RunState, settings: dict, steps_per_epoch: int):
     """Stage 5 of both scripts: record the run's ``settings`` (``fixed`` and ``changeable``, see `run_settings`) in
@@ -607,6 +643,16 @@ def add_run_arguments(parser: argparse.ArgumentParser, *, output_dir: str, track
     group.add_argument("--hub_model_id", default=None)
     group.add_argument("--hub_token", default=None, help="default (safer): HF_TOKEN or the `hf auth login` token")
     group.add_argument("--hub_private_repo", action="store_true")
+
+
+def add_augmentation_arguments(parser: argparse.ArgumentParser) -> None:
+    """The image (clip) augmentation options of both training scripts, as the datasets take them: ``--center_crop``,
+    ``--random_flip`` and ``--bad_images`` (what an unreadable image does, `data.BAD_IMAGE_POLICIES`)."""
+    from .data import BAD_IMAGE_POLICIES, BAD_IMAGES_HELP
+
+    parser.add_argument("--center_crop", action="store_true")
+    parser.add_argument("--random_flip", action="store_true")
+    parser.add_argument("--bad_images", choices=BAD_IMAGE_POLICIES, default="stop", help=BAD_IMAGES_HELP)
 
 
 def check_step_intervals(parser: argparse.ArgumentParser, args: argparse.Namespace, names: Iterable[str]) -> None:

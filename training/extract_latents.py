@@ -45,21 +45,18 @@ logger = get_logger(__name__)
 
 def parse_args(input_args=None):
     parser = ArgumentParser(description="Encode an image dataset into VAE latent shards.")
-    parser.add_argument("--dataset_name", type=str, default=None, help="A Hub dataset or a local dataset path.")
-    parser.add_argument(
-        "--train_data_dir", type=str, default=None, help="A folder of images, one subfolder per class."
-    )
+    parser.add_argument("--dataset_name", default=None, help="A Hub dataset or a local dataset path.")
+    parser.add_argument("--train_data_dir", default=None, help="A folder of images, one subfolder per class.")
     parser.add_argument("--use_digits", action="store_true", help="Use scikit-learn's bundled digits (offline).")
     parser.add_argument(
         "--digits_split",
-        type=str,
         default="train",
         choices=["train", "test", "all"],
         help="Which digits to encode; the default keeps the held-out 'test' digits unseen, for evaluation.",
     )
-    parser.add_argument("--image_column", type=str, default="image")
-    parser.add_argument("--label_column", type=str, default="label")
-    parser.add_argument("--cache_dir", type=str, default=None, help="Where `datasets` caches downloads.")
+    parser.add_argument("--image_column", default="image")
+    parser.add_argument("--label_column", default="label")
+    parser.add_argument("--cache_dir", default=None, help="Where `datasets` caches downloads.")
     parser.add_argument("--resolution", type=int, default=256, help="Images are resized and cropped to this size.")
     parser.add_argument(
         "--center_crop",
@@ -70,9 +67,9 @@ def parse_args(input_args=None):
     parser.add_argument(
         "--flip", action="store_true", help="Also store the latents of the horizontally flipped images."
     )
-    parser.add_argument("--vae", type=str, required=True, help="An AutoencoderKL: a Hub id or a local path.")
-    parser.add_argument("--vae_subfolder", type=str, default=None, help='e.g. "vae" for a full pipeline repo.')
-    parser.add_argument("--revision", type=str, default=None, help="Revision of the VAE on the Hub.")
+    parser.add_argument("--vae", required=True, help="An AutoencoderKL: a Hub id or a local path.")
+    parser.add_argument("--vae_subfolder", default=None, help='e.g. "vae" for a full pipeline repo.')
+    parser.add_argument("--revision", default=None, help="Revision of the VAE on the Hub.")
     parser.add_argument(
         "--sample_posterior",
         action="store_true",
@@ -80,13 +77,12 @@ def parse_args(input_args=None):
         "the default: deterministic, and no single noise draw gets frozen into the data; the posterior's std is "
         "small next to its mean for the usual KL-regularised VAEs.",
     )
-    parser.add_argument("--output_dir", type=str, required=True, help="The latents directory.")
+    parser.add_argument("--output_dir", required=True, help="The latents directory.")
     parser.add_argument("--batch_size", type=int, default=32, help="Images per VAE forward pass.")
     parser.add_argument("--shard_size", type=int, default=4096, help="Images per shard (the unit of resuming).")
     parser.add_argument("--dataloader_num_workers", type=int, default=0)
     parser.add_argument(
         "--mixed_precision",
-        type=str,
         default=None,
         choices=["no", "fp16", "bf16"],
         help="Run the VAE in this precision (latents are stored as float32). Some VAEs overflow in fp16.",
@@ -94,7 +90,6 @@ def parse_args(input_args=None):
     parser.add_argument("--seed", type=int, default=0, help="Seeds random crops and posterior samples.")
     parser.add_argument(
         "--repa_encoder",
-        type=str,
         default=None,
         help="Also store this frozen vision encoder's patch features for REPA (a transformers model, e.g. "
         "facebook/dinov2-base), so that no encoder runs during training (train_tread.py --repa_encoder).",

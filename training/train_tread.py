@@ -55,19 +55,16 @@ from diffusers_tread import (
     TreadTransformer2DModel,
     hub,
     model_class_for_config,
+    training_utils,
 )
 from diffusers_tread.checkpointing import (
-    LOSS_HISTORY,
     final_output,
     install_stop_handlers,
-    process_seed,
     register_checkpoint_hooks,
     restore_stop_handlers,
     stop_requested,
 )
 from diffusers_tread.data import (
-    BAD_IMAGE_POLICIES,
-    BAD_IMAGES_HELP,
     LatentShardDataset,
     check_latents_match,
     check_latents_options,
@@ -98,15 +95,9 @@ from diffusers_tread.sharding import (
     shard_ema_like,
 )
 from diffusers_tread.training_utils import (
-    ArgumentParser,
     LossLog,
     RunState,
-    add_optimization_arguments,
-    add_run_arguments,
     card_training_fields,
-    check_run_arguments,
-    check_step_intervals,
-    check_validation_sampling,
     checkpoint_or_stop,
     drop_class_labels,
     flush_loss_log,
@@ -115,7 +106,6 @@ from diffusers_tread.training_utils import (
     make_lr_scheduler,
     make_optimizer,
     make_train_dataloader,
-    parse_routes,
     read_model_config,
     resume_run,
     scheduled_selection_ratios,
@@ -136,7 +126,7 @@ MODEL_TYPES = {
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # The library's parser: no abbreviations (issue #14) and every message it prints has its tokens redacted.
-    parser = ArgumentParser(
+    parser = training_utils.ArgumentParser(
         description="Train a DiT (or, with --model_type ssm, a state-space model) with TREAD token routing."
     )
     # Model
@@ -157,7 +147,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--variant", default=None)
     parser.add_argument(
         "--routes",
-        type=parse_routes,
+        type=training_utils.parse_routes,
         default=None,
         help='"paper" (2..depth-4 at 0.5, the default for new models; a TREAD checkpoint keeps its '
         'own), "none", JSON, or start:end:ratio[,start:end:ratio]',
@@ -227,9 +217,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--image_column", default="image")
     parser.add_argument("--label_column", default="label")
     parser.add_argument("--resolution", type=int, default=None, help="image size; default 16 for digits, else 256")
-    parser.add_argument("--bad_images", choices=BAD_IMAGE_POLICIES, default="stop", help=BAD_IMAGES_HELP)
-    parser.add_argument("--center_crop", action="store_true")
-    parser.add_argument("--random_flip", action="store_true")
+    training_utils.add_augmentation_arguments(parser)  # --center_crop, --random_flip, --bad_images
     parser.add_argument("--vae", default=None, help="AutoencoderKL path or Hub id for latent training")
     parser.add_argument("--vae_subfolder", default=None)
     parser.add_argument(
@@ -246,11 +234,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cache_dir", default=None)
     parser.add_argument("--dataloader_num_workers", type=int, default=0)
     # Optimisation, the run folder, checkpoints, logging and the Hub: the options both training scripts share
-    add_optimization_arguments(
+    training_utils.add_optimization_arguments(
         parser, train_batch_size=64, num_train_epochs=100, learning_rate=None, adam_weight_decay=0.0,
         learning_rate_help="default 1e-4 (DiT); 5e-4 for the digits", adam_weight_decay_help="DiT uses 0",
     )  # fmt: skip
-    add_run_arguments(parser, output_dir="tread-digits", tracker_project_name="train_tread")
+    training_utils.add_run_arguments(parser, output_dir="tread-digits", tracker_project_name="train_tread")
     parser.add_argument(
         "--compile",
         action="store_true",
@@ -319,11 +307,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--repa_loss_weight must be > 0 and --repa_projector_dim at least 1")
     if args.lora_rank is not None and not args.pretrained_model_name_or_path:
         parser.error("--lora_rank fine-tunes a checkpoint: give --pretrained_model_name_or_path")
-    check_step_intervals(parser, args, ("logging_steps", "checkpointing_steps", "validation_steps"))
+    training_utils.check_step_intervals(parser, args, ("logging_steps", "checkpointing_steps", "validation_steps"))
     if args.num_validation_images < 1:  # the validation grids and the final sample grid have one column per image
         parser.error("--num_validation_images must be at least 1 (images per class in the sample grids)")
-    check_validation_sampling(parser, args)  # before training, not at the first validation
-    check_run_arguments(parser, args)  # the output folder, the checkpoint limit, the Hub token
+    training_utils.check_validation_sampling(parser, args)  # before training, not at the first validation
+    training_utils.check_run_arguments(parser, args)  # the output folder, the checkpoint limit, the Hub token
     # The built-in digits job (no data flag) is a ~10-minute CPU run of a 0.8M-parameter model: it wants a higher
     # learning rate than DiT's 1e-4 and a step budget rather than 100 epochs.
     builtin_digits = not (args.latents_dir or args.dataset_name or args.train_data_dir)
@@ -351,11 +339,7 @@ def main(argv: list[str] | None = None) -> None:
     model = build_model(args, data, objective)
     ema_model = build_ema(args, model)
     repa = build_repa(args, data, model)  # (encoder or None, projector, layer); refuses bad REPA input
-    # One generator per process draws all training randomness (noise, timesteps, label dropout, routed subsets), so a
-    # checkpoint can carry it and a resumed run draws exactly what the uninterrupted run would have.
-    run.generator = torch.Generator(device=accelerator.device).manual_seed(
-        process_seed(args.seed, accelerator.process_index)  # no two (seed, process) pairs share a stream
-    )
+    run.start_generator()  # one per process: all training randomness (noise, timesteps, label dropout, routes)
     register_weight_hooks(accelerator, args, run.generator, ema_model)
 
     # 4. Optimizer, data loader, LR schedule (all through `accelerator.prepare`), trackers.
@@ -379,8 +363,7 @@ def main(argv: list[str] | None = None) -> None:
     if resume.finished:
         return
     global_step, first_epoch, resume_step = resume.global_step, resume.first_epoch, resume.skip_batches
-    if args.push_to_hub and args.push_checkpoints:
-        run.uploads = hub.CheckpointUploads(repo_id, args.hub_token)
+    run.start_uploads()  # --push_checkpoints
 
     # 6. Training loop.
     stop = install_stop_handlers()
@@ -454,9 +437,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = flush_losses(run, pending_losses, progress_bar, lr_scheduler, steps_per_s)
     last_loss = rows[-1][1] if rows else last_loss
     restore_stop_handlers(stop)
-    if run.uploads is not None:  # the checkpoints' uploads finish (or are reported) before the final one
-        run.uploads.wait()
-        logger.info(run.uploads.report())
+    run.finish_uploads()  # the checkpoints' uploads finish (or are reported) before the final one
     accelerator.wait_for_everyone()
     final_model, final_ema = main_process_weights(accelerator, unwrapped, ema_model)  # gathers if sharded (FSDP)
     if accelerator.is_main_process:
@@ -848,7 +829,7 @@ def flush_losses(
     for step, value in rows:
         accelerator.log({"loss": value}, step=step)
     if accelerator.is_main_process:
-        with Path(args.output_dir, LOSS_HISTORY).open("a", newline="") as f:
+        with run.loss_history.open("a", newline="") as f:
             csv.writer(f).writerows([step, f"{value:.6f}", f"{run.elapsed:.1f}"] for step, value in rows)
     return rows
 
@@ -872,7 +853,7 @@ def save_final_pipeline(run: RunState, model, ema_model, objective, steps: int, 
             model.save_lora_adapter(staging)
             model.unload_lora()
         pipeline.save_pretrained(staging)
-        plot_loss(Path(args.output_dir, LOSS_HISTORY), Path(staging, "samples", "loss.png"))
+        plot_loss(run.loss_history, Path(staging, "samples", "loss.png"))
         save_model_card(staging, run, model, objective, steps, last_loss)
     logger.info(f"Saved the pipeline to {args.output_dir}; samples in {Path(args.output_dir, 'samples')}")
     if ema_model is not None:

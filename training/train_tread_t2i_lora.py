@@ -59,12 +59,10 @@ from peft.utils import set_peft_model_state_dict
 from PIL import Image
 from tqdm.auto import tqdm
 
-from diffusers_tread import hub
+from diffusers_tread import hub, training_utils
 from diffusers_tread.checkpointing import (
-    LOSS_HISTORY,
     final_output,
     install_stop_handlers,
-    process_seed,
     register_checkpoint_hooks,
     restore_stop_handlers,
     stop_requested,
@@ -74,8 +72,6 @@ from diffusers_tread.checkpointing import (
 # that both scripts behave the same way.
 from diffusers_tread.compat import dtype_kwarg
 from diffusers_tread.data import (
-    BAD_IMAGE_POLICIES,
-    BAD_IMAGES_HELP,
     CachedLatentDataset,
     CaptionedImageDataset,
     CaptionedVideoDataset,
@@ -112,22 +108,15 @@ from diffusers_tread.t2i_training import (
     vae_compression,
 )
 from diffusers_tread.training_utils import (
-    ArgumentParser,
     LossLog,
     RunState,
-    add_optimization_arguments,
-    add_run_arguments,
     card_training_fields,
-    check_run_arguments,
-    check_step_intervals,
-    check_validation_sampling,
     checkpoint_or_stop,
     flush_loss_log,
     main_with_messages,
     make_lr_scheduler,
     make_optimizer,
     make_train_dataloader,
-    parse_routes,
     resume_run,
     start_run,
     train_steps_for,
@@ -138,7 +127,7 @@ logger = get_logger(__name__, log_level="INFO")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # The library's parser: no abbreviations (issue #14) and every message it prints has its tokens redacted.
-    parser = ArgumentParser(description="LoRA text-to-image fine-tuning with TREAD token routing.")
+    parser = training_utils.ArgumentParser(description="LoRA text-to-image fine-tuning with TREAD token routing.")
     # Model
     parser.add_argument(
         "--pretrained_model_name_or_path",
@@ -151,7 +140,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cache_dir", default=None)
     parser.add_argument(
         "--routes",
-        type=parse_routes,
+        type=training_utils.parse_routes,
         default="paper",
         help='TREAD routes over the transformer blocks: "paper" (default), "none" (dense training), JSON, or '
         "start:end:ratio[,start:end:ratio] (end inclusive)",
@@ -194,9 +183,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--fps", type=int, default=None, help="video: the validation videos' frame rate (and LTX's "
                         "RoPE scale); default: the family's (Wan 16, LTX 25)")  # fmt: skip
-    parser.add_argument("--center_crop", action="store_true")
-    parser.add_argument("--random_flip", action="store_true")
-    parser.add_argument("--bad_images", choices=BAD_IMAGE_POLICIES, default="stop", help=BAD_IMAGES_HELP)
+    training_utils.add_augmentation_arguments(parser)  # --center_crop, --random_flip, --bad_images
     parser.add_argument(
         "--max_sequence_length",
         type=int,
@@ -249,10 +236,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--guidance_scale", type=float, default=3.5, help="Flux's guidance embedding while training")
     # Optimisation, the run folder, checkpoints, logging and the Hub: the options both training scripts share
-    add_optimization_arguments(
+    training_utils.add_optimization_arguments(
         parser, train_batch_size=4, num_train_epochs=1, learning_rate=1e-4, adam_weight_decay=1e-4
     )
-    add_run_arguments(parser, output_dir="tread-t2i-lora", tracker_project_name="train_tread_t2i_lora")
+    training_utils.add_run_arguments(parser, output_dir="tread-t2i-lora", tracker_project_name="train_tread_t2i_lora")
     # Validation
     parser.add_argument("--validation_prompt", default=None)
     parser.add_argument("--num_validation_images", type=int, default=4, help="images (videos) per validation")
@@ -262,7 +249,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--validation_guidance_scale", type=float, default=None, help="default: the pipeline's")
     args = parser.parse_args(argv)
 
-    check_step_intervals(
+    training_utils.check_step_intervals(
         parser, args, ("checkpointing_steps", "validation_steps", "validation_epochs", "logging_steps")
     )
     if (args.dataset_name is None) == (args.train_data_dir is None):
@@ -275,8 +262,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--num_frames must be at least 1")
     if args.num_validation_images < 1:
         parser.error("--num_validation_images must be at least 1; for no validation, leave out --validation_prompt")
-    check_validation_sampling(parser, args)  # before training, not at the first validation
-    check_run_arguments(parser, args)  # the output folder, the checkpoint limit, the Hub token
+    training_utils.check_validation_sampling(parser, args)  # before training, not at the first validation
+    training_utils.check_run_arguments(parser, args)  # the output folder, the checkpoint limit, the Hub token
     if args.resolution % 16:
         parser.error("--resolution must be a multiple of 16 (VAE downsampling x patch size)")
     return args
@@ -308,11 +295,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # 3. Transformer, LoRA, TREAD routing, and the checkpoint hooks that save the adapters with the training generator.
     transformer, lora_parameters = build_transformer(run)
-    # One generator per process draws all training randomness (noise, timesteps, VAE samples, routed subsets), so a
-    # checkpoint can carry it and a resumed run draws exactly what the uninterrupted run would have.
-    run.generator = torch.Generator(device=accelerator.device).manual_seed(
-        process_seed(args.seed, accelerator.process_index)  # no two (seed, process) pairs share a stream
-    )
+    run.start_generator()  # one per process: all training randomness (noise, timesteps, VAE samples, routes)
     add_routing(run, transformer)
     transformer.train()
     register_lora_checkpoint_hooks(run)
@@ -337,8 +320,7 @@ def main(argv: list[str] | None = None) -> None:
     if resume.finished:
         return
     run.global_step, first_epoch, resume_step = resume.global_step, resume.first_epoch, resume.skip_batches
-    if args.push_to_hub and args.push_checkpoints:
-        run.uploads = hub.CheckpointUploads(repo_id, args.hub_token)
+    run.start_uploads()  # --push_checkpoints
 
     # 6. Training loop.
     stop = install_stop_handlers()
@@ -405,9 +387,7 @@ def main(argv: list[str] | None = None) -> None:
     if skipped:
         kind = "clips" if run.spec.is_video else "images"
         logger.warning(f"Skipped {skipped} unreadable {kind} of the {run.captions.source} (--bad_images skip).")
-    if run.uploads is not None:  # the checkpoints' uploads finish (or are reported) before the final one
-        run.uploads.wait()
-        logger.info(run.uploads.report())
+    run.finish_uploads()  # the checkpoints' uploads finish (or are reported) before the final one
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         with final_output(args.output_dir, run.global_step) as staging:
@@ -842,7 +822,7 @@ def flush_log(run: LoraRun, pending: PendingLog, progress_bar, lr_scheduler, las
     losses and routing back (one host sync), fail on a non-finite loss, show and log them, and append their rows to
     loss_history.csv (step, loss, seconds since the run started, the routes' bypassed fractions). Returns the last
     loss read (``last_loss`` if none was pending)."""
-    accelerator, args, loss_log = run.accelerator, run.args, Path(run.args.output_dir, LOSS_HISTORY)
+    accelerator, args, loss_log = run.accelerator, run.args, run.loss_history
     rows = flush_loss_log(pending, accelerator.gather, args.output_dir)
     if not rows:
         return last_loss
