@@ -76,6 +76,15 @@ DEFAULT_TARGET_MODULES = {
     "skyreels_v2": ["to_k", "to_q", "to_v", "to_out.0"],
     "ltx": ["to_k", "to_q", "to_v", "to_out.0"],
 }
+# Which of a family's prompt embeddings (`encode_prompts`' keys) its transformer takes, as which argument.
+TEXT_ARGUMENTS = {
+    "pixart": {"prompt_embeds": "encoder_hidden_states", "prompt_attention_mask": "encoder_attention_mask"},
+    "sd3": {"prompt_embeds": "encoder_hidden_states", "pooled_prompt_embeds": "pooled_projections"},
+    "flux": {"prompt_embeds": "encoder_hidden_states", "pooled_prompt_embeds": "pooled_projections"},
+    "wan": {"prompt_embeds": "encoder_hidden_states"},
+    "skyreels_v2": {"prompt_embeds": "encoder_hidden_states"},
+    "ltx": {"prompt_embeds": "encoder_hidden_states", "prompt_attention_mask": "encoder_attention_mask"},
+}
 # The pipelines' own defaults (PixArt-Alpha was trained with 120 T5 tokens, Sigma with 300); 77 for SD3 as in
 # Diffusers' SD3 LoRA examples (the CLIP length; T5 may take more).
 # Wan: 512 UMT5 tokens, LTX: 128 T5 tokens (their pipelines' `__call__` defaults).
@@ -154,6 +163,23 @@ class ModelSpec:
     def default_max_sequence_length(self) -> int:
         return DEFAULT_MAX_SEQUENCE_LENGTH.get(self.pipeline_class_name) or DEFAULT_MAX_SEQUENCE_LENGTH.get(
             self.family, 300
+        )
+
+    def embeddings_fingerprint(
+        self, model: str, revision: str | None, max_sequence_length: int | None, captions: list[str]
+    ) -> dict:
+        """What this pipeline's caption embeddings depend on (`data.embeddings_fingerprint`: its pipeline class and
+        text components' configs, the name and revision it was given as, the sequence length and the captions)."""
+        from .data import embeddings_fingerprint
+
+        return embeddings_fingerprint(
+            model=model,
+            revision=revision,
+            pipeline=self.pipeline_class_name,
+            model_path=self.path,
+            text_components=self.text_components,
+            max_sequence_length=max_sequence_length,
+            captions=captions,
         )
 
 
@@ -404,6 +430,7 @@ def model_prediction(spec: ModelSpec, transformer, noisy, timesteps, embeds, opt
         key: value.to(noisy.device, weight_dtype if value.is_floating_point() else value.dtype)
         for key, value in embeds.items()
     }
+    text = {argument: embeds[key] for key, argument in TEXT_ARGUMENTS[spec.family].items()}
     if spec.family == "pixart":
         config = unwrap(transformer).config
         batch, channels, height, width = noisy.shape
@@ -412,38 +439,19 @@ def model_prediction(spec: ModelSpec, transformer, noisy, timesteps, embeds, opt
             pixels = [height * vae_scale_factor, width * vae_scale_factor]
             added["resolution"] = torch.tensor([pixels] * batch, dtype=weight_dtype, device=noisy.device)
             added["aspect_ratio"] = torch.tensor([[height / width]] * batch, dtype=weight_dtype, device=noisy.device)
-        output = transformer(
-            noisy,
-            encoder_hidden_states=embeds["prompt_embeds"],
-            encoder_attention_mask=embeds["prompt_attention_mask"],
-            timestep=timesteps,
-            added_cond_kwargs=added,
-            return_dict=False,
-        )[0]
+        output = transformer(noisy, timestep=timesteps, added_cond_kwargs=added, return_dict=False, **text)[0]
         if config.out_channels == 2 * channels:  # learned sigma: [eps | variance]; Diffusers trains the first half
             output = output.chunk(2, dim=1)[0]
         return output
-    if spec.family == "sd3":
-        return transformer(
-            hidden_states=noisy,
-            timestep=timesteps,
-            encoder_hidden_states=embeds["prompt_embeds"],
-            pooled_projections=embeds["pooled_prompt_embeds"],
-            return_dict=False,
-        )[0]
-    if spec.family in WAN_LIKE:  # (B, C, F, H, W) in and out; patches and 3D RoPE inside the model
-        return transformer(
-            hidden_states=noisy, timestep=timesteps, encoder_hidden_states=embeds["prompt_embeds"], return_dict=False
-        )[0]
+    if spec.family == "sd3" or spec.family in WAN_LIKE:  # Wan: (B, C, F, H, W) in and out, patches and RoPE inside
+        return transformer(hidden_states=noisy, timestep=timesteps, return_dict=False, **text)[0]
     if spec.family == "ltx":  # a packed token sequence, RoPE over (frame, row, column) scaled as LTXPipeline does
         config = unwrap(transformer).config
         batch, channels, frames, height, width = noisy.shape
         packed = LTXPipeline._pack_latents(noisy, config.patch_size, config.patch_size_t)
         output = transformer(
             hidden_states=packed,
-            encoder_hidden_states=embeds["prompt_embeds"],
             timestep=timesteps,
-            encoder_attention_mask=embeds["prompt_attention_mask"],
             num_frames=frames,
             height=height,
             width=width,
@@ -453,6 +461,7 @@ def model_prediction(spec: ModelSpec, transformer, noisy, timesteps, embeds, opt
                 vae_scale_factor,
             ),
             return_dict=False,
+            **text,
         )[0]
         return LTXPipeline._unpack_latents(output, frames, height, width, config.patch_size, config.patch_size_t)
     # flux: 2x2 patches packed into tokens, RoPE ids for image and text tokens, guidance as an input
@@ -467,11 +476,10 @@ def model_prediction(spec: ModelSpec, transformer, noisy, timesteps, embeds, opt
         hidden_states=packed,
         timestep=timesteps / 1000,
         guidance=guidance,
-        pooled_projections=embeds["pooled_prompt_embeds"],
-        encoder_hidden_states=embeds["prompt_embeds"],
         txt_ids=text_ids,
         img_ids=image_ids,
         return_dict=False,
+        **text,
     )[0]
     return FluxPipeline._unpack_latents(output, height * vae_scale_factor, width * vae_scale_factor, vae_scale_factor)
 

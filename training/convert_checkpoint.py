@@ -85,6 +85,9 @@ logger = logging.getLogger("convert_checkpoint")
 DIT_HEADS = {384: 6, 768: 12, 1024: 16, 1152: 16}
 WRAPPER_KEYS = ("ema", "model", "state_dict")
 SCHEDULERS = ("ddim", "ddpm", "edm", "flow")
+# The defaults of `convert` and of the command line: facebook/DiT-XL-2-256's scheduler and VAE.
+DEFAULT_SCHEDULER = "ddim"
+DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
 ANCHOR_KEY = "x_embedder.proj.weight"
 
 
@@ -413,8 +416,8 @@ def convert(
     prefix: str | None = None,
     num_attention_heads: int | None = None,
     sample_size: int | None = None,
-    scheduler: str = "ddim",
-    vae: str = "stabilityai/sd-vae-ft-ema",
+    scheduler: str = DEFAULT_SCHEDULER,
+    vae: str = DEFAULT_VAE,
     id2label: str | Path | None = None,
     routes: str | None = None,
     shared_conditioning: bool = False,
@@ -465,10 +468,10 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--sample_size", type=int, default=None, help="latent size, when the checkpoint has no pos_embed"
     )
-    parser.add_argument("--scheduler", default="ddim", choices=SCHEDULERS)
+    parser.add_argument("--scheduler", default=DEFAULT_SCHEDULER, choices=SCHEDULERS)
     parser.add_argument(
         "--vae",
-        default="stabilityai/sd-vae-ft-ema",
+        default=DEFAULT_VAE,
         help="Hub id, local folder, or 'none' to convert without a VAE (one that cannot be loaded is an error)",
     )
     parser.add_argument("--id2label", default=None, help="JSON file with the class names")

@@ -47,9 +47,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--demo_url", default=None, help="link an existing demo instead of pushing one")
     parser.add_argument(
         "--eval_results",
+        type=eval_results_file,
         default=None,
-        help='a JSON list of huggingface_hub.EvalResult fields, e.g. [{"metric_type": "fid", "metric_value": 7.4, '
-        '"dataset_type": "imagenet-1k", "dataset_name": "ImageNet 256x256", "metric_name": "FID-50K"}]',
+        help='a JSON file: a list of huggingface_hub.EvalResult fields (or one), e.g. [{"metric_type": "fid", '
+        '"metric_value": 7.4, "dataset_type": "imagenet-1k", "dataset_name": "ImageNet 256x256", "metric_name": '
+        '"FID-50K"}]; read when the options are parsed',
     )
     parser.add_argument("--objective", default=None, help="for a checkpoint without a finished folder: its objective")
     parser.add_argument("--vae", default=None, help="for a checkpoint without a finished folder: its VAE, if latent")
@@ -64,13 +66,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def load_eval_results(path: str | None) -> list | None:
-    """`--eval_results`: EvalResult fields; ``task_type`` defaults to the card's pipeline tag."""
-    if path is None:
-        return None
-    entries = json.loads(Path(path).read_text())
-    entries = [entries] if isinstance(entries, dict) else entries
-    return [EvalResult(**{"task_type": hub.PIPELINE_TAG, **entry}) for entry in entries]
+def eval_results_file(path: str) -> list[EvalResult]:
+    """`--eval_results`: the file's EvalResult fields (``task_type`` defaults to the card's pipeline tag), read by
+    argparse, so that a missing or malformed file is a usage error before anything is loaded or uploaded."""
+    try:
+        entries = json.loads(Path(path).read_text())
+        entries = [entries] if isinstance(entries, dict) else entries
+        return [EvalResult(**{"task_type": hub.PIPELINE_TAG, **entry}) for entry in entries]
+    except (OSError, ValueError, TypeError) as error:
+        raise argparse.ArgumentTypeError(f"{path}: {error}") from None
 
 
 def is_checkpoint(folder: Path) -> bool:
@@ -135,7 +139,7 @@ def main(argv: list[str] | None = None) -> str:
     problem = unpushable(folder)  # an interrupted save: a checkpoint without its marker, a staging folder
     if problem:
         raise ValueError(problem)
-    eval_results = load_eval_results(args.eval_results)
+    eval_results = args.eval_results
     with tempfile.TemporaryDirectory(prefix="tread-push-") as workdir:
         info = None
         if is_checkpoint(folder):

@@ -77,7 +77,6 @@ from diffusers_tread.data import (
     CaptionedVideoDataset,
     caption_table,
     collate_examples,
-    embeddings_fingerprint,
     load_captioned_images,
     load_captioned_videos,
     load_precomputed_embeddings,
@@ -492,14 +491,8 @@ def text_embeddings(run: LoraRun) -> None:
     what it wrote. Sets ``run.table`` and ``run.prompt_kwargs`` (the validation prompt's keyword arguments, or
     None)."""
     args, spec, accelerator, unique_captions = run.args, run.spec, run.accelerator, run.captions.unique
-    fingerprint = embeddings_fingerprint(
-        model=args.pretrained_model_name_or_path,
-        revision=args.revision,
-        pipeline=spec.pipeline_class_name,
-        model_path=spec.path,
-        text_components=spec.text_components,
-        max_sequence_length=args.max_sequence_length,
-        captions=unique_captions,
+    fingerprint = spec.embeddings_fingerprint(
+        args.pretrained_model_name_or_path, args.revision, args.max_sequence_length, unique_captions
     )
     with accelerator.main_process_first():
         table, validation_prompt_kwargs = None, None

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 
-from .images import SeededItemDataset, read_image, require_columns, resolve_dataset, seeded_generator, undecoded_images
+from .images import SeededItemDataset, read_image, require_columns, resolve_dataset, undecoded_images
 
 EMBEDDINGS_FILE = "embeddings.safetensors"
 EMBEDDINGS_INFO = "embeddings.json"
@@ -86,23 +86,13 @@ class CaptionedImageDataset(SeededItemDataset):
 
     Crops and flips are drawn per (seed, epoch, item), so a resumed run sees exactly the augmentations of an
     uninterrupted one. An unreadable image raises a ValueError naming it with ``bad_images="stop"``; with ``"skip"``
-    the item is None, and `images.collate_examples` drops and counts it.
+    the item is None, and `images.collate_examples` drops and counts it. ``augmentation``: `SeededItemDataset`'s
+    ``resolution``, ``center_crop``, ``random_flip``, ``seed`` and ``bad_images``.
     """
 
-    def __init__(
-        self,
-        data,
-        image_column: str,
-        caption_indices: list[int],
-        resolution: int,
-        center_crop: bool = False,
-        random_flip: bool = False,
-        seed: int = 0,
-        bad_images: str = "stop",
-    ):
-        super().__init__(seed, bad_images)
+    def __init__(self, data, image_column: str, caption_indices: list[int], **augmentation):
+        super().__init__(**augmentation)
         self.data, self.image_column, self.caption_indices = data, image_column, caption_indices
-        self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
 
     def __len__(self) -> int:
         return len(self.data)
@@ -114,7 +104,7 @@ class CaptionedImageDataset(SeededItemDataset):
             self.resolution,
             self.center_crop,
             self.random_flip,
-            generator=seeded_generator(self.seed, self.epoch, int(index)),
+            generator=self.item_generator(int(index)),
             bad_images=self.bad_images,
         )
         if pixel_values is None:

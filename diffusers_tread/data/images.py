@@ -227,17 +227,32 @@ def check_bad_images(bad_images: str) -> None:
 
 
 class SeededItemDataset(Dataset):
-    """The base of the datasets that read files and draw augmentations per (seed, epoch, item) (`seeded_generator`):
+    """The base of the datasets that read files and draw augmentations per (seed, epoch, item) (`item_generator`):
     a resumed run sees exactly the draws of an uninterrupted one (`set_epoch` is called by Accelerate's data loader).
-    ``bad_images`` (`BAD_IMAGE_POLICIES`) says what an unreadable item does: ``"stop"`` raises, ``"skip"`` gives None.
+
+    The augmentation options, declared here once for every such dataset: ``resolution`` (the side of the square
+    crop), ``center_crop`` (else a random crop), ``random_flip`` (horizontal), ``seed``, and ``bad_images``
+    (`BAD_IMAGE_POLICIES`): what an unreadable item does, ``"stop"`` raises, ``"skip"`` gives None.
     """
 
-    def __init__(self, seed: int = 0, bad_images: str = "stop") -> None:
+    def __init__(
+        self,
+        resolution: int,
+        center_crop: bool = False,
+        random_flip: bool = False,
+        seed: int = 0,
+        bad_images: str = "stop",
+    ) -> None:
         check_bad_images(bad_images)
+        self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
         self.seed, self.epoch, self.bad_images = seed, 0, bad_images
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def item_generator(self, index: int) -> torch.Generator:
+        """The generator of item ``index``'s draws in this epoch."""
+        return seeded_generator(self.seed, self.epoch, index)
 
 
 def label_error(index: int, value, column: str, source: str, num_classes: int | None) -> str:
@@ -282,10 +297,9 @@ class HFImageDataset(SeededItemDataset):
         num_classes: int | None = None,
         source: str = "dataset",
     ):
-        super().__init__(seed, bad_images)
-        self.data = data
+        super().__init__(resolution, center_crop, random_flip, seed, bad_images)
+        self.data, self.mode = data, mode
         self.image_column, self.label_column, self.label_to_id = image_column, label_column, label_to_id
-        self.resolution, self.center_crop, self.random_flip, self.mode = resolution, center_crop, random_flip, mode
         self.num_classes = len(label_to_id) if num_classes is None and label_to_id is not None else num_classes
         self.source = source
 
@@ -303,7 +317,7 @@ class HFImageDataset(SeededItemDataset):
     def __getitem__(self, index: int) -> dict[str, Any] | None:
         example = self.data[int(index)]
         class_id = self.class_id(int(index), example[self.label_column])
-        generator = seeded_generator(self.seed, self.epoch, int(index))
+        generator = self.item_generator(int(index))
         pixel_values = read_image(
             example[self.image_column],
             int(index),

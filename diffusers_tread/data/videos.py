@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .images import UNREADABLE_IMAGE_ERRORS, SeededItemDataset, open_image, seeded_generator
+from .images import UNREADABLE_IMAGE_ERRORS, SeededItemDataset, open_image
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".gif", ".mov", ".mkv")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -165,26 +165,15 @@ class CaptionedVideoDataset(SeededItemDataset):
 
     Frames, crops and flips are drawn per (seed, epoch, item) (`set_epoch` is called by Accelerate's data loader), so a
     resumed run reads exactly the clips of an uninterrupted one. An unreadable or too short clip raises a ValueError
-    naming it with ``bad_images="stop"``; with ``"skip"`` the item is None.
+    naming it with ``bad_images="stop"``; with ``"skip"`` the item is None. ``augmentation``: `SeededItemDataset`'s
+    ``resolution``, ``center_crop``, ``random_flip``, ``seed`` and ``bad_images``.
     """
 
-    def __init__(
-        self,
-        files: list[Path],
-        caption_indices: list[int],
-        num_frames: int,
-        resolution: int,
-        center_crop: bool = False,
-        random_flip: bool = False,
-        seed: int = 0,
-        bad_images: str = "stop",
-    ):
-        super().__init__(seed, bad_images)
+    def __init__(self, files: list[Path], caption_indices: list[int], num_frames: int, **augmentation):
+        super().__init__(**augmentation)
         if num_frames < 1:
             raise ValueError(f"num_frames must be at least 1, got {num_frames}")
-        self.files, self.caption_indices = files, caption_indices
-        self.num_frames, self.resolution = num_frames, resolution
-        self.center_crop, self.random_flip = center_crop, random_flip
+        self.files, self.caption_indices, self.num_frames = files, caption_indices, num_frames
 
     def __len__(self) -> int:
         return len(self.files)
@@ -198,7 +187,7 @@ class CaptionedVideoDataset(SeededItemDataset):
                 self.resolution,
                 self.center_crop,
                 self.random_flip,
-                generator=seeded_generator(self.seed, self.epoch, index),
+                generator=self.item_generator(index),
             )
         except UNREADABLE_VIDEO_ERRORS as error:
             if self.bad_images == "skip":
