@@ -47,6 +47,7 @@ from PIL import Image, ImageOps
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
+# training_utils: parse_args declares and checks the options both training scripts share with its command-line toolkit.
 from diffusers_tread import (
     PRESETS,
     SSM_PRESETS,

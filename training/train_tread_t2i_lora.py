@@ -59,7 +59,11 @@ from peft.utils import set_peft_model_state_dict
 from PIL import Image
 from tqdm.auto import tqdm
 
+# parse_args declares and checks the options both training scripts share with `training_utils`' command-line toolkit.
 from diffusers_tread import hub, training_utils
+
+# The library's crash-safe run folder (checkpoints, final save, resume, stop signals), shared with train_tread.py, so
+# that both scripts behave the same way.
 from diffusers_tread.checkpointing import (
     final_output,
     install_stop_handlers,
@@ -67,9 +71,6 @@ from diffusers_tread.checkpointing import (
     restore_stop_handlers,
     stop_requested,
 )
-
-# The library's crash-safe run folder (checkpoints, final save, resume, stop signals), shared with train_tread.py, so
-# that both scripts behave the same way.
 from diffusers_tread.compat import dtype_kwarg
 from diffusers_tread.data import (
     CachedLatentDataset,
