@@ -54,13 +54,16 @@ from diffusers_tread import TreadTransformer2DModel
 from diffusers_tread.data import load_digits  # noqa: F401  (the tests read it from here)
 from diffusers_tread.digits_judge import (  # noqa: F401  (DigitClassifier, train_classifier: defined here before)
     DigitClassifier,
+    crossing,
     make_digits_judge,
     sample_digits,
     score_samples,
     train_classifier,
+    value_at,
 )
-from diffusers_tread.objectives import Objective, get_objective
+from diffusers_tread.objectives import get_objective
 from diffusers_tread.training_utils import (
+    NoiseFrom,
     drop_class_labels,
     make_optimizer,
     scheduled_selection_ratios,
@@ -243,22 +246,6 @@ def start_run(arm: Arm, learning_rate: float) -> Run:
     )
 
 
-class NoiseFrom:
-    """``objective`` with its training noise and timesteps drawn from ``generator``, whatever generator the caller
-    passes. The library's step (`tread_training_loss`) draws noise and routes from one generator; here the noise
-    comes from the data generator and only the routes from the route generator, so that an arm's data and noise
-    depend on the seed and the step alone, never on its routes (the arms of a group see the same batches)."""
-
-    def __init__(self, objective: Objective, generator: torch.Generator):
-        self.objective, self.generator = objective, generator
-
-    def training_inputs(self, x0: torch.Tensor, generator: torch.Generator | None = None):
-        return self.objective.training_inputs(x0, generator=self.generator)
-
-    def __getattr__(self, name: str):
-        return getattr(self.objective, name)
-
-
 def train_steps(run: Run, train_x, train_y, num_steps: int, batch_size: int, class_dropout_prob: float = 0.1) -> None:
     """``num_steps`` optimiser steps of the library's training step (`diffusers_tread.training_utils`: label dropout,
     `tread_training_loss`, the ratio warm-up of `scheduled_selection_ratios`); the data and noise depend only on the
@@ -353,27 +340,6 @@ def evaluate(
 # ----------------------------------------------------------------------------------------------------------------------
 # Analysis
 # ----------------------------------------------------------------------------------------------------------------------
-
-
-def crossing(evals: list[dict], target: float, key: str) -> float | None:
-    """``key`` (step or seconds) where FD first falls to ``target``, linearly interpolated between evaluations."""
-    previous = None
-    for record in evals:
-        if record["fd"] <= target:
-            if previous is None:
-                return float(record[key])
-            fraction = (previous["fd"] - target) / (previous["fd"] - record["fd"])
-            return previous[key] + fraction * (record[key] - previous[key])
-        previous = record
-    return None
-
-
-def value_at(evals: list[dict], position: float, key: str, metric: str = "fd") -> float | None:
-    """``metric`` interpolated at ``key == position``; None beyond the arm's last evaluation."""
-    points = [(r[key], r[metric]) for r in evals]
-    if not points or position > points[-1][0] or position < points[0][0]:
-        return None
-    return float(np.interp(position, *zip(*points, strict=True)))
 
 
 def ratio(value: float | None, reference: float) -> float | None:

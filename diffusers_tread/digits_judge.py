@@ -6,7 +6,9 @@ FID's Inception network means nothing on 16x16 grey digits, so the benchmarks (`
 penultimate features of class-balanced samples and of the held-out split, and accuracy is how often it recognises the
 class a sample was drawn for. `make_digits_judge` builds all of it, with the FD floor that real images score at about
 an evaluation's sample size; `sample_digits` draws the samples with `TreadDiTPipeline` and `score_samples` scores
-them. Not imported by ``import diffusers_tread`` (it needs scikit-learn, through `diffusers_tread.data.load_digits`).
+them; `crossing` and `value_at` read the resulting FD curves (the paper's speedup: the steps or seconds one run needs
+to reach another's final FD, ICCV Sec. 4.2). Not imported by ``import diffusers_tread`` (it needs scikit-learn,
+through `diffusers_tread.data.load_digits`).
 """
 
 from __future__ import annotations
@@ -138,3 +140,29 @@ def score_samples(
     mu, sigma = feature_statistics(classifier.features(images).numpy())
     accuracy = (classifier(images).argmax(1) == labels).float().mean().item()
     return frechet_distance(mu, sigma, *reference_stats), accuracy
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Reading FD curves: ``evals`` are a run's evaluation records, dicts with "fd" and the positions "step" and "seconds"
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def crossing(evals: list[dict], target: float, key: str) -> float | None:
+    """``key`` (step or seconds) where FD first falls to ``target``, linearly interpolated between evaluations."""
+    previous = None
+    for record in evals:
+        if record["fd"] <= target:
+            if previous is None:
+                return float(record[key])
+            fraction = (previous["fd"] - target) / (previous["fd"] - record["fd"])
+            return previous[key] + fraction * (record[key] - previous[key])
+        previous = record
+    return None
+
+
+def value_at(evals: list[dict], position: float, key: str, metric: str = "fd") -> float | None:
+    """``metric`` interpolated at ``key == position``; None beyond the arm's last evaluation."""
+    points = [(r[key], r[metric]) for r in evals]
+    if not points or position > points[-1][0] or position < points[0][0]:
+        return None
+    return float(np.interp(position, *zip(*points, strict=True)))
