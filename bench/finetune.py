@@ -27,7 +27,7 @@ noise is recorded too.
 Headline: per arm, its final FD and the steps and seconds it needs to reach its dense arm's final FD (same seed, same
 full/LoRA mode; linear interpolation between evaluations), and their ratios to the dense arm's.
 
-    python bench/finetune.py            # 2 seeds x (pretrain + 6 fine-tune arms), ~35 min on one busy shared core
+    python bench/finetune.py            # 2 seeds x (pretrain + 6 fine-tune arms), 31.6 min on one core of a busy shared machine
     python bench/finetune.py --quick    # the same code at toy size (a smoke test, seconds)
 
 Writes bench/results/finetune/ (results.json, results.md) unless --output_dir says otherwise.
