@@ -50,11 +50,20 @@ from diffusers.training_utils import EMAModel
 from diffusers.utils import make_image_grid
 from torch import nn
 
-from diffusers_tread import TreadDiTPipeline, TreadTransformer2DModel
-from diffusers_tread.data import load_digits
-from diffusers_tread.metrics import feature_statistics, frechet_distance
-from diffusers_tread.objectives import Objective, get_objective
+from diffusers_tread import TreadTransformer2DModel
+from diffusers_tread.data import load_digits  # noqa: F401  (the tests read it from here)
+from diffusers_tread.digits_judge import (  # noqa: F401  (DigitClassifier, train_classifier: defined here before)
+    DigitClassifier,
+    crossing,
+    make_digits_judge,
+    sample_digits,
+    score_samples,
+    train_classifier,
+    value_at,
+)
+from diffusers_tread.objectives import get_objective
 from diffusers_tread.training_utils import (
+    NoiseFrom,
     drop_class_labels,
     make_optimizer,
     scheduled_selection_ratios,
@@ -162,70 +171,14 @@ def plan_arms(plan: str, steps: int, routed_steps_factor: float) -> list[Arm]:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# The judge: a small CNN trained once on the train split
+# The judge: a small CNN trained once on the train split (diffusers_tread.digits_judge)
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-class DigitClassifier(nn.Module):
-    """Three convolutions and two linear layers; ``features`` is the 64-d penultimate layer (before its ReLU)."""
-
-    def __init__(self):
-        super().__init__()
-        self.convs = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.ReLU(),
-            nn.Conv2d(64, 64, 3, stride=2, padding=1), nn.ReLU(),
-            nn.Flatten(),
-        )  # fmt: skip
-        self.fc = nn.Linear(64 * (RESOLUTION // 4) ** 2, 64)
-        self.head = nn.Linear(64, 10)
-
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.convs(images))
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(F.relu(self.features(images)))
-
-
-def train_classifier(train_x, train_y, test_x, test_y, epochs: int, seed: int = 0) -> tuple[DigitClassifier, float]:
-    """Deterministic (fixed seed, fixed batch order); returns the classifier and its held-out accuracy."""
-    torch.manual_seed(seed)
-    classifier = DigitClassifier()
-    optimizer = torch.optim.Adam(classifier.parameters(), lr=1e-3)
-    generator = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        for batch in torch.randperm(len(train_x), generator=generator).split(64):
-            loss = F.cross_entropy(classifier(train_x[batch]), train_y[batch])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    classifier.eval().requires_grad_(False)
-    accuracy = (classifier(test_x).argmax(1) == test_y).float().mean().item()
-    return classifier, accuracy
-
-
 def make_judge(args):
-    """The digits' train and held-out splits, the classifier, its held-out accuracy, the held-out feature statistics
-    (FD's reference) and the FD floor.
-
-    The floor is the FD between the two halves of the held-out split (each class split in two, ~180 images a side):
-    what real images score at about an evaluation's sample size. (Train images would not do: the classifier has
-    fitted their features.) Samples can score below it: at these sample sizes FD's bias grows with the spread of
-    the features, and samples vary less than real digits.
-    """
-    train_set, _ = load_digits(resolution=RESOLUTION, split="train")
-    test_set, _ = load_digits(resolution=RESOLUTION, split="test")
-    train_x, train_y = train_set.pixel_values, train_set.class_labels
-    test_x, test_y = test_set.pixel_values, test_set.class_labels
-    classifier, accuracy = train_classifier(train_x, train_y, test_x, test_y, args.classifier_epochs)
-    with torch.no_grad():
-        features = classifier.features(test_x).numpy()
-    first_half = np.zeros(len(test_y), dtype=bool)
-    for c in range(10):
-        members = np.flatnonzero(test_y.numpy() == c)
-        first_half[members[: len(members) // 2]] = True
-    fd_floor = frechet_distance(*feature_statistics(features[first_half]), *feature_statistics(features[~first_half]))
-    return train_x, train_y, test_x, test_y, classifier, accuracy, feature_statistics(features), fd_floor
+    """The digits' splits, the classifier, its held-out accuracy, the held-out feature statistics and the FD floor
+    (`diffusers_tread.digits_judge.make_digits_judge`)."""
+    return make_digits_judge(args.classifier_epochs, resolution=RESOLUTION)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -291,22 +244,6 @@ def start_run(arm: Arm, learning_rate: float) -> Run:
         data_generator=torch.Generator().manual_seed(arm.seed),
         route_generator=torch.Generator().manual_seed(10_000 + arm.seed),
     )
-
-
-class NoiseFrom:
-    """``objective`` with its training noise and timesteps drawn from ``generator``, whatever generator the caller
-    passes. The library's step (`tread_training_loss`) draws noise and routes from one generator; here the noise
-    comes from the data generator and only the routes from the route generator, so that an arm's data and noise
-    depend on the seed and the step alone, never on its routes (the arms of a group see the same batches)."""
-
-    def __init__(self, objective: Objective, generator: torch.Generator):
-        self.objective, self.generator = objective, generator
-
-    def training_inputs(self, x0: torch.Tensor, generator: torch.Generator | None = None):
-        return self.objective.training_inputs(x0, generator=self.generator)
-
-    def __getattr__(self, name: str):
-        return getattr(self.objective, name)
 
 
 def train_steps(run: Run, train_x, train_y, num_steps: int, batch_size: int, class_dropout_prob: float = 0.1) -> None:
@@ -383,24 +320,14 @@ def evaluate(
     if run.arm.objective == "ddpm":  # ancestral DDPM needs far more than a few steps; DPM-Solver++ does not
         # variance_type=None: the pipeline drops the learned-variance channel (DPM-Solver's own drop assumes RGB)
         scheduler = DPMSolverMultistepScheduler.from_config(scheduler.config, variance_type=None)
-    pipe = TreadDiTPipeline(transformer=ema_model, vae=None, scheduler=scheduler)
-    pipe.set_progress_bar_config(disable=True)
-    labels = torch.arange(10).repeat_interleave(num_samples // 10)
-    images = pipe(
-        labels.tolist(),
-        guidance_scale=1.0,
-        num_inference_steps=num_inference_steps,
-        generator=torch.Generator().manual_seed(4321),
-        output_type="pt",
-    ).images
-    images = images * 2 - 1  # [0, 1] -> the data's [-1, 1]
-    mu, sigma = feature_statistics(classifier.features(images).numpy())
+    images, labels = sample_digits(ema_model, scheduler, num_samples, num_inference_steps, seed=4321)
+    fd, accuracy = score_samples(classifier, images, labels, reference_stats)
     record = {
         "step": run.step,
         "seconds": round(seconds(run), 2),
         "wall_seconds": round(sum(run.step_seconds), 2),
-        "fd": frechet_distance(mu, sigma, *reference_stats),
-        "accuracy": (classifier(images).argmax(1) == labels).float().mean().item(),
+        "fd": fd,
+        "accuracy": accuracy,
         "held_out_loss": float(np.mean(list(held_out.values()))) if held_out else None,
         "held_out_loss_by_t": held_out,
         "train_loss": float(np.mean(run.train_losses[-50:])),
@@ -413,27 +340,6 @@ def evaluate(
 # ----------------------------------------------------------------------------------------------------------------------
 # Analysis
 # ----------------------------------------------------------------------------------------------------------------------
-
-
-def crossing(evals: list[dict], target: float, key: str) -> float | None:
-    """``key`` (step or seconds) where FD first falls to ``target``, linearly interpolated between evaluations."""
-    previous = None
-    for record in evals:
-        if record["fd"] <= target:
-            if previous is None:
-                return float(record[key])
-            fraction = (previous["fd"] - target) / (previous["fd"] - record["fd"])
-            return previous[key] + fraction * (record[key] - previous[key])
-        previous = record
-    return None
-
-
-def value_at(evals: list[dict], position: float, key: str, metric: str = "fd") -> float | None:
-    """``metric`` interpolated at ``key == position``; None beyond the arm's last evaluation."""
-    points = [(r[key], r[metric]) for r in evals]
-    if not points or position > points[-1][0] or position < points[0][0]:
-        return None
-    return float(np.interp(position, *zip(*points, strict=True)))
 
 
 def ratio(value: float | None, reference: float) -> float | None:

@@ -2,7 +2,7 @@
 small functions a training loop calls, no loop of its own.
 
 - The TREAD training step (`tread_training_loss`, `drop_class_labels`, `scheduled_selection_ratios`, `make_optimizer`,
-  `LossLog`), written to keep the accelerator busy: no host synchronisation inside it (the loss stays on the device
+  `LossLog`; `NoiseFrom` for benchmarks whose arms must share their noise), written to keep the accelerator busy: no host synchronisation inside it (the loss stays on the device
   until `LossLog.flush`), an optimizer that updates all parameters in a few kernels, and nothing that breaks a compiled
   graph inside the model's blocks.
 - The command line: the ``--routes`` parser (`parse_routes`), the options both scripts share
@@ -65,6 +65,23 @@ def drop_class_labels(
     the label table's extra last row). Diffusers' embedders would draw it in every block; the models switch that off."""
     drop = torch.rand(class_labels.shape, generator=generator, device=class_labels.device)
     return torch.where(drop < dropout_prob, torch.full_like(class_labels, null_class), class_labels)
+
+
+class NoiseFrom:
+    """``objective`` with its training noise and timesteps drawn from ``generator``, whatever generator the caller
+    passes. `tread_training_loss` draws noise and routes from one generator; wrapped, the noise comes from
+    ``generator`` (e.g. the data's) and only the routes from the one passed to the step, so that a run's data and
+    noise depend on the seed and the step alone, never on its routes: the benchmarks' dense and routed arms see the
+    same batches and noise."""
+
+    def __init__(self, objective: Objective, generator: torch.Generator):
+        self.objective, self.generator = objective, generator
+
+    def training_inputs(self, x0: torch.Tensor, generator: torch.Generator | None = None):
+        return self.objective.training_inputs(x0, generator=self.generator)
+
+    def __getattr__(self, name: str):
+        return getattr(self.objective, name)
 
 
 def tread_training_loss(
