@@ -64,6 +64,8 @@ class Case:
     lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v")
     # zero-initialised gates (Kandinsky 5's modulation) make every block the identity: give them random values
     randomize_zero_init: bool = False
+    # the reference comparison's rtol/atol: fp32 rounding, a few blocks deep (see the Kandinsky 5 entry)
+    reference_tolerance: float = 1e-5
 
     def make(self, seed: int = 0):
         torch.manual_seed(seed)
@@ -1001,6 +1003,10 @@ CASES += [
         text_args=("text_embed",),
         lora_targets=("to_query", "to_key", "to_value"),
         randomize_zero_init=True,
+        # its random gates make the route ill-conditioned: perturbing the pre-route state by fp32 rounding (1.2e-7
+        # relative) moves the reference's output by up to 3e-4 (measured), so the sample-alone reference and the batched
+        # route differ by that much wherever the CPU's kernels round differently; a wrong gather differs by O(1)
+        reference_tolerance=1e-3,
     ),
 ]
 ALL_CASES = CASES
@@ -1163,7 +1169,8 @@ def test_a_routed_sample_equals_the_sample_alone_through_a_reference(case):
         expected, pre_route = reference(case, router, recorder, b, kept)
         assert torch.equal(routed[b][mask[b]], pre_route[0][mask[b]])  # bypassed: the pre-route state, exactly
         assert not torch.allclose(routed[b][~mask[b]], pre_route[0][~mask[b]])  # the route's blocks did something
-        torch.testing.assert_close(routed[b : b + 1], expected, rtol=1e-5, atol=1e-5)
+        tolerance = case.reference_tolerance
+        torch.testing.assert_close(routed[b : b + 1], expected, rtol=tolerance, atol=tolerance)
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
