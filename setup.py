@@ -41,7 +41,10 @@ extras = {
 }
 # selenium drives Debian's chromium + chromium-driver in the demo's browser test (see .ci/run).
 # setuptools>=70.1 builds wheels without the `wheel` package (tests/test_wheel.py builds one, offline).
-extras["test"] = extras["train"] + extras["demo"] + ["pytest>=8", "selenium>=4.20", "setuptools>=70.1"]
+# pytest-xdist: the README's `pytest -n 2` runs the suite on two workers (most tests wait on a training subprocess).
+extras["test"] = (
+    extras["train"] + extras["demo"] + ["pytest>=8", "pytest-xdist>=3.5", "selenium>=4.20", "setuptools>=70.1"]
+)
 extras["dev"] = extras["test"] + ["ruff>=0.6"]
 
 setup(

@@ -3,12 +3,17 @@
 import importlib.util
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import types
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if "PYTEST_XDIST_WORKER" in os.environ:
+    # `pytest -n 2` (the README's command) on 2 cores: one intra-op thread per worker and per process it starts, or
+    # every small op waits for a thread the other worker's load has descheduled. Set before torch is imported.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -75,6 +80,14 @@ def isolated_working_directory(tmp_path_factory, monkeypatch):
     monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
 
 
+@pytest.fixture(autouse=True)
+def restore_torch_threads():
+    """Bench scripts run in-process set torch's intra-op thread count: it must not leak into the next test."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def accelerate_config(tmp_path_factory):
     path = tmp_path_factory.mktemp("accelerate") / "default_config.yaml"
@@ -82,9 +95,17 @@ def accelerate_config(tmp_path_factory):
     return str(path)
 
 
+def free_port() -> int:
+    """A port no other process listens on: concurrent multi-process launches (pytest -n) must not share one."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def launch(accelerate_config, *args, num_processes=1):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     command = ["accelerate", "launch", "--config_file", accelerate_config, "--num_processes", str(num_processes)]
+    command += [f"--main_process_port={free_port()}"]
     result = subprocess.run(
         [*command, str(SCRIPT), *TINY, *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=600
     )

@@ -20,7 +20,7 @@ def convergence():
 
 
 def test_quick_run_writes_results_plots_and_grids(convergence, tmp_path):
-    results = convergence.main(["--quick", f"--output_dir={tmp_path}"])
+    results = convergence.main(["--quick", "--threads=1", f"--output_dir={tmp_path}"])  # 1: pytest -n 2 on 2 cores
     methods = [arm["name"].split("/")[1] for arm in results["arms"]]
     assert methods == ["dense", "tread-plain 2..2@0.5", "tread-adapted 2..2@0.5"]
     dense, plain, _ = results["arms"]

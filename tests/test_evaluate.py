@@ -8,7 +8,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, load_module, tiny_tread
+from conftest import REPO, free_port, load_module, tiny_tread
 from diffusers import DDIMScheduler
 
 from diffusers_tread import TreadDiTPipeline
@@ -278,6 +278,7 @@ def test_two_processes_match_one(first_run, pipeline_dir, accelerate_config, tmp
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     command = ["accelerate", "launch", "--config_file", accelerate_config, "--num_processes", "2"]
+    command += [f"--main_process_port={free_port()}"]
     args = ["--pipeline", pipeline_dir, "--output_dir", str(tmp_path), "--num_samples", str(NUM_SAMPLES)]
     args += ["--batch_size", str(BATCH_SIZE), "--num_inference_steps", "2", "--guidance_scale", "2.0", "--skip_fid"]
     result = subprocess.run(

@@ -10,24 +10,18 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 
 WORKER = Path(__file__).with_name("fsdp_worker.py")
 WORLD_SIZE = 2
 # fp32 on the CPU: the sharded step runs the same kernels on all-gathered (exact) weights; only the gradient
 # reduce-scatter sums in another order than the reference's accumulation, hence a tolerance and not bit-exactness.
 TOLERANCE = 1e-6
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ import csv
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, SCRIPT, TINY, launch, load_script, transformer_weights
+from conftest import REPO, SCRIPT, TINY, free_port, launch, load_script, transformer_weights
 from safetensors.torch import load_file, save_file
 
 from diffusers_tread import TreadDiTPipeline, TreadTransformer2DModel, hub
@@ -218,12 +217,6 @@ def test_failed_hub_push_keeps_the_folder_and_says_how_to_retry(tmp_path, monkey
 
 
 # --- multi-process (gloo on CPU) ---------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def launch_two(*args):

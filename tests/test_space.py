@@ -4,7 +4,6 @@ app served on 127.0.0.1 from a Hub-ready (remote-code) folder, as on a Space. Of
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -16,7 +15,7 @@ from urllib.parse import urlparse
 import gradio
 import pytest
 import torch
-from conftest import load_module, tiny_tread
+from conftest import free_port, load_module, tiny_tread
 from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel
 from huggingface_hub import SpaceCard
 from PIL import Image
@@ -185,12 +184,6 @@ def test_remote_code_is_loaded_from_the_hub_only_at_a_pinned_commit(model_folder
     with pytest.raises(SystemExit) as exit_info:
         app.main(["--model", "user/tread-tiny"])
     assert exit_info.value.code == 2
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_for_server(url: str, process: subprocess.Popen, log: Path, timeout: float = 180) -> None:

@@ -404,8 +404,9 @@ def test_remote_code_bundle_carries_the_ssm_model(tmp_path, monkeypatch):
     )
     path = tmp_path / "tread_dit.py"
     path.write_text(files["transformer/tread_dit.py"])
-    monkeypatch.delitem(sys.modules, "tread_dit_bundle", raising=False)  # undone after the test
-    bundle = load_module(path, "tread_dit_bundle", register=True)  # dataclasses look their module up
+    # registered (dataclasses look their module up) under a name of its own, removed after the test by monkeypatch
+    monkeypatch.setitem(sys.modules, "tread_ssm_bundle", None)
+    bundle = load_module(path, "tread_ssm_bundle", register=True)
     model = tiny_ssm(routes=[ROUTE]).eval()
     copy = bundle.TreadSSM2DModel(**{**TINY_SSM, "routes": [ROUTE]}).eval()
     copy.load_state_dict(model.state_dict())

@@ -13,7 +13,7 @@ import imageio_ffmpeg
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, load_module
+from conftest import REPO, free_port, load_module
 from PIL import Image
 from safetensors.torch import load_file
 from test_train_t2i_lora import COLOURS, t5_encoder, t5_tokenizer
@@ -425,11 +425,12 @@ def test_two_processes_agree_on_the_sync_steps(tmp_path, assets, accelerate_conf
 
     out = tmp_path / "out"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    command = ["accelerate", "launch", "--config_file", accelerate_config, "--num_processes", "2", str(SCRIPT), *TINY,
+    command = ["accelerate", "launch", "--config_file", accelerate_config, "--num_processes", "2",
+               f"--main_process_port={free_port()}", str(SCRIPT), *TINY,
                f"--pretrained_model_name_or_path={assets['wan']}", f"--train_data_dir={assets['clips']}",
                "--num_frames=1", "--routes=1:2:0.5", f"--output_dir={out}", "--max_train_steps=3", "--logging_steps=5",
                "--checkpointing_steps=100", "--validation_prompt=a red square", "--validation_steps=2"]  # fmt: skip
-    result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     assert len(losses(out)) == 3 and lora(out)
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3"]
