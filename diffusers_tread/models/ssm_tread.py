@@ -228,9 +228,15 @@ def _(grad_y, u, delta, A, B, C, boundaries, chunk):
 def _selective_scan_setup_context(ctx, inputs, output):
     *tensors, ctx.chunk = inputs
     ctx.save_for_backward(*tensors, output[1])
+    # The boundary states are an output only to be saved: no gradient flows into them, and none is materialised as
+    # zeros (which would cost their size again in the backward).
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
 
 
 def _selective_scan_autograd(ctx, grad_y, grad_boundaries):
+    if grad_y is None:  # y unused
+        return (None,) * 6
     return (*_selective_scan_backward(grad_y, *ctx.saved_tensors, ctx.chunk), None)
 
 
