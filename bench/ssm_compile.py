@@ -16,7 +16,7 @@ draw the same subsets (``fallback_random``: the compiled graph draws with the ea
 Reported: median step time over the repeats; compile time (the first compiled step minus a steady one; the inductor
 cache starts empty unless ``--warm_cache``); saved-for-backward bytes per step (``saved_tensors_hooks``, each storage
 once, weights excluded; eager arms); the loss / gradient differences of each arm against ``eager now`` on one step;
-and the scan alone at ``--scan_size`` in fresh processes: the peak RSS growth of one forward + backward, before vs now
+and the scan alone at ``--scan_size`` in fresh processes (``--scan_memory_only``: just these): the peak RSS growth of one forward + backward, before vs now
 (and the autograd-through-the-loop reference, the memory the hand-written backward avoids).
 
     python bench/ssm_compile.py --json bench/results/ssm_compile_cpu.json
@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -54,6 +53,9 @@ def parse_args(argv=None):
         "--scan_size", type=int, nargs=4, default=[8, 128, 16, 512], metavar=("BATCH", "DIM", "STATE", "LENGTH")
     )
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument(
+        "--scan_memory_only", action="store_true", help="only the scan-memory rows, written into the --json file"
+    )
     parser.add_argument("--scan_rss", choices=["before", "now", "reference"], help=argparse.SUPPRESS)  # child mode
     return parser.parse_args(argv)
 
@@ -104,10 +106,12 @@ def scan_rss_child(args) -> None:
     small = [tensor.detach()[..., :16].requires_grad_() if tensor.dim() == 3 else tensor for tensor in inputs]
     torch.autograd.grad(scan(*small), small, grad_out[..., :16])  # lazy initialisation outside the measurement
     rss_before = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    Path("/proc/self/clear_refs").write_text("5")  # resets the peak RSS (VmHWM): the imports' peak is not ours
     start = time.perf_counter()
     torch.autograd.grad(scan(*inputs), inputs, grad_out)
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+    peak = int(status["VmHWM"].split()[0]) * 1024  # kB
     print(json.dumps({"peak_rss_growth_mib": (peak - rss_before) / 2**20, "seconds": seconds}))
 
 
@@ -256,5 +260,10 @@ if __name__ == "__main__":
     arguments = parse_args()
     if arguments.scan_rss:
         scan_rss_child(arguments)
+    elif arguments.scan_memory_only:
+        results = json.loads(arguments.json.read_text()) if arguments.json.exists() else {}
+        results["scan_size"] = dict(zip(("batch", "dim", "state", "length"), arguments.scan_size, strict=True))
+        results["scan_memory"] = scan_memory(arguments)
+        arguments.json.write_text(json.dumps(results, indent=2) + "\n")
     else:
         main(arguments)
