@@ -89,8 +89,8 @@ def scan_inputs(batch=2, dim=5, state=4, length=19, max_step=1.0, dtype=torch.fl
 @pytest.mark.parametrize("chunk_steps", [1, 4, 1000])  # one step per chunk, uneven chunks, one chunk
 @pytest.mark.parametrize("max_step", [1.0, 30.0])  # ordinary and very large step sizes (decays down to e^-250)
 def test_chunked_scan_matches_the_sequential_reference(monkeypatch, chunk_steps, max_step):
-    monkeypatch.setattr(ssm_tread._SelectiveScan, "MIN_CHUNK_STEPS", chunk_steps)
-    monkeypatch.setattr(ssm_tread._SelectiveScan, "CHUNK_ELEMENTS", 1)
+    monkeypatch.setattr(ssm_tread, "SCAN_MIN_CHUNK_STEPS", chunk_steps)
+    monkeypatch.setattr(ssm_tread, "SCAN_CHUNK_ELEMENTS", 1)
     args = scan_inputs(max_step=max_step)
     fast, reference = selective_scan(*args), selective_scan_reference(*args)
     torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-5)
@@ -102,10 +102,9 @@ def test_chunked_scan_matches_the_sequential_reference(monkeypatch, chunk_steps,
 
 
 def test_scan_backward_passes_gradcheck_in_float64(monkeypatch):
-    monkeypatch.setattr(ssm_tread._SelectiveScan, "MIN_CHUNK_STEPS", 3)  # several chunks, the last one shorter
-    monkeypatch.setattr(ssm_tread._SelectiveScan, "CHUNK_ELEMENTS", 1)
-    u, delta, A, B, C, _ = scan_inputs(length=7, dtype=torch.float64)
-    assert torch.autograd.gradcheck(ssm_tread._SelectiveScan.apply, (u, delta, A, B, C))
+    monkeypatch.setattr(ssm_tread, "SCAN_MIN_CHUNK_STEPS", 3)  # several chunks, the last one shorter
+    monkeypatch.setattr(ssm_tread, "SCAN_CHUNK_ELEMENTS", 1)
+    assert torch.autograd.gradcheck(selective_scan, scan_inputs(length=7, dtype=torch.float64))
 
 
 def test_scan_runs_in_float32_under_bf16_autocast():

@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import math
+import re
 from typing import Any
 
 import torch
@@ -81,8 +82,32 @@ def _time_major(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.permute(2, 0, 1).contiguous()
 
 
-def _at_least_float32(*tensors: torch.Tensor) -> list[torch.Tensor]:
-    return [tensor.to(torch.promote_types(tensor.dtype, torch.float32)) for tensor in tensors]
+def _scan_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The dtype the scan computes in: float32, or wider if an input is (as Mamba's kernel, whatever autocast says)."""
+    return functools.reduce(torch.promote_types, [tensor.dtype for tensor in tensors], torch.float32)
+
+
+def _batch_major(length: int, batch: int, dim: int, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An empty ``(batch, dim, length)`` tensor laid out time-major, as the scan's results are (for the fakes)."""
+    return like.new_empty(length, batch, dim, dtype=dtype).permute(1, 2, 0)
+
+
+def _gradient_like(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An empty gradient for ``tensor``: its layout when dense (else contiguous), as ``empty_like`` on fake tensors
+    gives it too. (Time-major gradients, the scan's natural layout, met a meta-vs-CPU stride disagreement in
+    ``softplus_backward`` downstream under ``torch.compile``'s eager-kernel backends.)"""
+    return torch.empty_like(tensor, dtype=dtype)
+
+
+# The scan cuts the sequence into time chunks whose ``(chunk, batch, dim, state)`` tensors fit in a CPU cache: about
+# SCAN_CHUNK_ELEMENTS numbers each, but at least SCAN_MIN_CHUNK_STEPS steps.
+SCAN_CHUNK_ELEMENTS = 2**18
+SCAN_MIN_CHUNK_STEPS = 8
+
+
+def scan_chunk_steps(batch: int, dim: int, state: int) -> int:
+    """Time steps per chunk of `selective_scan` for these sizes (a Python int: static under ``torch.compile``)."""
+    return max(SCAN_MIN_CHUNK_STEPS, SCAN_CHUNK_ELEMENTS // (batch * dim * state))
 
 
 def _chunk_states(u, delta, A, B, h_before):
@@ -96,83 +121,126 @@ def _chunk_states(u, delta, A, B, h_before):
     return decay, h
 
 
-class _SelectiveScan(torch.autograd.Function):
-    """``y_t = C_t . h_t`` of `selective_scan_reference` (without ``D``), chunked over time, with its own backward.
+# The scan and its backward are custom operators (torch.library): opaque to torch.compile, so a compiled training step
+# keeps them whole (no graph break, and no unrolled time loop to compile) and runs exactly the eager code in them. Their
+# namespace is this module's name, so the package and a remote-code copy of this file loaded beside it (its Hub
+# bundle) each register their own.
+_OPS = re.sub(r"\W", "_", __name__)
 
-    The sequence is cut into time chunks whose ``(chunk, batch, dim, state)`` tensors fit in a CPU cache (about
-    `CHUNK_ELEMENTS` numbers each, but at least `MIN_CHUNK_STEPS` steps). Within a chunk, everything but the
-    recurrence is one batched op; the recurrence itself is one fused multiply-add per step, in place. This is exact
-    (only products of decays <= 1 occur, so nothing overflows whatever the step sizes, unlike log-space cumulative
-    sums) and on CPU it was faster than the parallel-scan formulations we tried (Hillis-Steele doubling, chunked
-    log-space cumsums), which stream ``length x state`` tensors through memory several times.
 
-    Memory: forward keeps the inputs and the state at each chunk boundary (with 16 states and chunks of at least 8
-    steps, no more than the inputs); backward recomputes a chunk's states from its boundary (as Mamba's CUDA kernel
-    recomputes) and runs the adjoint recurrence backwards in time, ``g_t = C_t dy_t + exp(delta_{t+1} A) g_{t+1}``
-    (the gradient with respect to ``h_t``), from which every input gradient is a product or a sum.
+@torch.library.custom_op(
+    f"{_OPS}::selective_scan",
+    mutates_args=(),
+    schema="(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, int chunk) -> (Tensor, Tensor)",
+)
+def _selective_scan_forward(u, delta, A, B, C, chunk):
+    """``y_t = C_t . h_t`` of `selective_scan_reference` (without ``D``), chunked over time, and the state before each
+    chunk (``(chunks, batch, dim, state)``, what the backward starts from).
+
+    Within a chunk, everything but the recurrence is one batched op; the recurrence itself is one fused multiply-add
+    per step, in place. This is exact (only products of decays <= 1 occur, so nothing overflows whatever the step
+    sizes, unlike log-space cumulative sums) and on CPU it was faster than the parallel-scan formulations we tried
+    (Hillis-Steele doubling, chunked log-space cumsums), which stream ``length x state`` tensors through memory several
+    times. Memory: the autograd formula keeps the inputs and these boundary states (with 16 states and chunks of at
+    least 8 steps, no more than the inputs), not the ``length x state`` states.
     """
+    with torch.autocast(u.device.type, enabled=False):  # float32 (or 64) throughout, under mixed precision too
+        dtype = _scan_dtype(u, delta, A, B, C)
+        A_ = A.to(dtype)
+        u_, delta_, B_, C_ = (_time_major(tensor.to(dtype)) for tensor in (u, delta, B, C))
+        length, batch, dim = u_.shape
+        h_last = u_.new_zeros(batch, dim, A.shape[1])
+        boundaries, ys = [], []
+        for start in range(0, length, chunk):
+            window = slice(start, start + chunk)
+            boundaries.append(h_last)
+            _, h = _chunk_states(u_[window], delta_[window], A_, B_[window], h_last)
+            ys.append(torch.bmm(h.flatten(0, 1), C_[window].flatten(0, 1).unsqueeze(-1)).view(-1, batch, dim))
+            h_last = h[-1].clone()
+        return torch.cat(ys).permute(1, 2, 0).to(u.dtype), torch.stack(boundaries)
 
-    CHUNK_ELEMENTS = 2**18
-    MIN_CHUNK_STEPS = 8
 
-    @staticmethod
-    def forward(ctx, u, delta, A, B, C):
-        with torch.autocast(u.device.type, enabled=False):  # float32 (or 64) throughout, under mixed precision too
-            u_, delta_, A_, B_, C_ = _at_least_float32(u, delta, A, B, C)
-            u_, delta_, B_, C_ = (_time_major(tensor) for tensor in (u_, delta_, B_, C_))
-            length, batch, dim = u_.shape
-            chunk = max(_SelectiveScan.MIN_CHUNK_STEPS, _SelectiveScan.CHUNK_ELEMENTS // (batch * A.numel()))
-            ctx.chunk = chunk
-            h_last = u_.new_zeros(batch, dim, A.shape[1])
-            boundaries, ys = [], []
-            for start in range(0, length, chunk):
-                window = slice(start, start + chunk)
-                boundaries.append(h_last)
-                _, h = _chunk_states(u_[window], delta_[window], A_, B_[window], h_last)
-                ys.append(torch.bmm(h.flatten(0, 1), C_[window].flatten(0, 1).unsqueeze(-1)).view(-1, batch, dim))
-                h_last = h[-1].clone()
-            ctx.save_for_backward(u, delta, A, B, C, torch.stack(boundaries))
-            return torch.cat(ys).permute(1, 2, 0).to(u.dtype)
+@_selective_scan_forward.register_fake
+def _(u, delta, A, B, C, chunk):
+    (batch, dim, length), dtype = u.shape, _scan_dtype(u, delta, A, B, C)
+    boundaries = u.new_empty(-(-length // chunk), batch, dim, A.shape[1], dtype=dtype)
+    return _batch_major(length, batch, dim, u, u.dtype), boundaries
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_y):
-        with torch.autocast(grad_y.device.type, enabled=False):
-            *inputs, boundaries = ctx.saved_tensors
-            u, delta, A, B, C, grad_y = _at_least_float32(*inputs, grad_y)
-            u, delta, B, C, grad_y = (_time_major(tensor) for tensor in (u, delta, B, C, grad_y))
-            length, batch, dim = u.shape
-            chunk = ctx.chunk
-            grad_u, grad_delta, grad_B, grad_C = (torch.empty_like(tensor) for tensor in (u, delta, B, C))
-            grad_A = torch.zeros_like(A)
-            g_next = decay_next = None  # g and exp(delta A) at the first step of the chunk after this one
-            for index in reversed(range(len(boundaries))):
-                window = slice(index * chunk, (index + 1) * chunk)
-                h_before = boundaries[index]
-                decay, h = _chunk_states(u[window], delta[window], A, B[window], h_before)
-                g = grad_y[window].unsqueeze(-1) * C[window].unsqueeze(2)  # the direct part C_t dy_t
-                if g_next is not None:
-                    g[-1].addcmul_(decay_next, g_next)
-                for t in range(g.shape[0] - 2, -1, -1):
-                    g[t].addcmul_(decay[t + 1], g[t + 1])
-                g_next, decay_next = g[0], decay[0]
 
-                steps = g.shape[0]
-                flat_g, flat_h = g.flatten(0, 1), h.flatten(0, 1)  # (steps * batch, dim, state)
-                grad_C[window] = torch.bmm(grad_y[window].flatten(0, 1).unsqueeze(1), flat_h).view(steps, batch, -1)
-                # through exp(delta_t A) h_{t-1}: gradient with respect to delta_t A
-                h_previous = torch.cat([h_before.unsqueeze(0), h[:-1]])
-                grad_log_decay = g * decay * h_previous
-                grad_A += torch.einsum("tbdn,tbd->dn", grad_log_decay, delta[window])
-                # through delta_t B_t u_t: sum_n g_t B_t is the gradient with respect to delta_t u_t
-                g_dot_B = torch.bmm(flat_g, B[window].flatten(0, 1).unsqueeze(-1)).view(steps, batch, dim)
-                grad_delta[window] = (grad_log_decay * A).sum(-1) + g_dot_B * u[window]
-                grad_u[window] = g_dot_B * delta[window]
-                delta_u = (delta[window] * u[window]).flatten(0, 1).unsqueeze(1)
-                grad_B[window] = torch.bmm(delta_u, flat_g).view(steps, batch, -1)
-            grads = [tensor.permute(1, 2, 0) for tensor in (grad_u, grad_delta)]
-            grads += [grad_A] + [tensor.permute(1, 2, 0) for tensor in (grad_B, grad_C)]
-            return tuple(grad.to(tensor.dtype) for grad, tensor in zip(grads, inputs, strict=True))
+@torch.library.custom_op(
+    f"{_OPS}::selective_scan_backward",
+    mutates_args=(),
+    schema="(Tensor grad_y, Tensor u, Tensor delta, Tensor A, "
+    "Tensor B, Tensor C, Tensor boundaries, int chunk) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+)
+def _selective_scan_backward(grad_y, u, delta, A, B, C, boundaries, chunk):
+    """The gradients of `_selective_scan_forward`'s ``y`` with respect to ``u, delta, A, B, C``.
+
+    Recomputes a chunk's states from its boundary (as Mamba's CUDA kernel recomputes) and runs the adjoint recurrence
+    backwards in time, ``g_t = C_t dy_t + exp(delta_{t+1} A) g_{t+1}`` (the gradient with respect to ``h_t``), from
+    which every input gradient is a product or a sum.
+    """
+    inputs = (u, delta, A, B, C)
+    with torch.autocast(grad_y.device.type, enabled=False):
+        dtype = boundaries.dtype
+        A = A.to(dtype)
+        u, delta, B, C, grad_y = (_time_major(tensor.to(dtype)) for tensor in (u, delta, B, C, grad_y))
+        length, batch, dim = u.shape
+        # each gradient in its input's layout (`_gradient_like`), written through a time-major view
+        grads = [_gradient_like(tensor, dtype) for tensor in inputs[:2]] + [torch.zeros_like(A)]
+        grads += [_gradient_like(tensor, dtype) for tensor in inputs[3:]]
+        grad_u, grad_delta, grad_A, grad_B, grad_C = (
+            grad.permute(2, 0, 1) if grad.dim() == 3 else grad for grad in grads
+        )
+        g_next = decay_next = None  # g and exp(delta A) at the first step of the chunk after this one
+        for index in reversed(range(len(boundaries))):
+            window = slice(index * chunk, (index + 1) * chunk)
+            h_before = boundaries[index]
+            decay, h = _chunk_states(u[window], delta[window], A, B[window], h_before)
+            g = grad_y[window].unsqueeze(-1) * C[window].unsqueeze(2)  # the direct part C_t dy_t
+            if g_next is not None:
+                g[-1].addcmul_(decay_next, g_next)
+            for t in range(g.shape[0] - 2, -1, -1):
+                g[t].addcmul_(decay[t + 1], g[t + 1])
+            g_next, decay_next = g[0], decay[0]
+
+            steps = g.shape[0]
+            flat_g, flat_h = g.flatten(0, 1), h.flatten(0, 1)  # (steps * batch, dim, state)
+            grad_C[window] = torch.bmm(grad_y[window].flatten(0, 1).unsqueeze(1), flat_h).view(steps, batch, -1)
+            # through exp(delta_t A) h_{t-1}: gradient with respect to delta_t A
+            h_previous = torch.cat([h_before.unsqueeze(0), h[:-1]])
+            grad_log_decay = g * decay * h_previous
+            grad_A += torch.einsum("tbdn,tbd->dn", grad_log_decay, delta[window])
+            # through delta_t B_t u_t: sum_n g_t B_t is the gradient with respect to delta_t u_t
+            g_dot_B = torch.bmm(flat_g, B[window].flatten(0, 1).unsqueeze(-1)).view(steps, batch, dim)
+            grad_delta[window] = (grad_log_decay * A).sum(-1) + g_dot_B * u[window]
+            grad_u[window] = g_dot_B * delta[window]
+            delta_u = (delta[window] * u[window]).flatten(0, 1).unsqueeze(1)
+            grad_B[window] = torch.bmm(delta_u, flat_g).view(steps, batch, -1)
+        return tuple(grad.to(tensor.dtype) for grad, tensor in zip(grads, inputs, strict=True))
+
+
+@_selective_scan_backward.register_fake
+def _(grad_y, u, delta, A, B, C, boundaries, chunk):
+    return tuple(_gradient_like(tensor, tensor.dtype) for tensor in (u, delta, A, B, C))
+
+
+def _selective_scan_setup_context(ctx, inputs, output):
+    *tensors, ctx.chunk = inputs
+    ctx.save_for_backward(*tensors, output[1])
+    # The boundary states are an output only to be saved: no gradient flows into them, and none is materialised as
+    # zeros (which would cost their size again in the backward).
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
+
+
+def _selective_scan_autograd(ctx, grad_y, grad_boundaries):
+    if grad_y is None:  # y unused
+        return (None,) * 6
+    return (*_selective_scan_backward(grad_y, *ctx.saved_tensors, ctx.chunk), None)
+
+
+_selective_scan_forward.register_autograd(_selective_scan_autograd, setup_context=_selective_scan_setup_context)
 
 
 @functools.cache
@@ -188,12 +256,14 @@ def selective_scan(u, delta, A, B, C, D):
     """The selective scan of `selective_scan_reference` (same arguments and result), fast and memory-lean.
 
     CUDA tensors use Mamba's fused kernel when ``mamba_ssm`` is installed; everything else (CPU included) runs the
-    pure-PyTorch `_SelectiveScan`. The scan runs in float32 whatever the input dtype (as Mamba's kernel); the result
-    has ``u``'s dtype.
+    pure-PyTorch `_selective_scan_forward` (a custom operator with its own backward, so ``torch.compile(fullgraph=True)``
+    takes it whole). The scan runs in float32 whatever the input dtype (as Mamba's kernel); the result has ``u``'s
+    dtype.
     """
     if u.is_cuda and fused_selective_scan() is not None:
         return fused_selective_scan()(u, delta, A, B, C, D.float())
-    return (_SelectiveScan.apply(u, delta, A, B, C) + D[:, None] * u).to(u.dtype)
+    y, _ = _selective_scan_forward(u, delta, A, B, C, scan_chunk_steps(u.shape[0], *A.shape))
+    return (y + D[:, None] * u).to(u.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
