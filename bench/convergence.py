@@ -25,6 +25,17 @@ to reach its dense arm's final FD (linear interpolation between evaluations), as
     python bench/convergence.py --plan objectives   # which objective gives the best dense baseline
     python bench/convergence.py --plan ssm          # the state-space backbone (compare with the depth-8 DiT group)
     python bench/convergence.py --plan ratio_ramp   # routing from step 0 vs the selection ratio ramped up (#6)
+    python bench/convergence.py --plan repa         # REPA with and without routes (#25), ~35 min on a busy machine
+    python bench/convergence.py --plan repa --quick # its smoke test (seconds of training)
+
+`--plan repa` (issue #25): per seed, dense, TREAD, REPA (arXiv 2410.06940, `diffusers_tread.repa`: projector,
+Eq. 8, lambda 0.5), TREAD+REPA aligning the kept tokens of the route's block (targets gathered with the same kept
+indices) and TREAD+REPA with delayed routing (the route's tokens leave only after the aligned block). The REPA
+targets are the patch features of a teacher that is not the judge: a small ViT classifier (another architecture and
+seed than the judge's CNN) trained once on the train split only and cached under --teacher_dir (git-ignored),
+loaded as a `RepaEncoder`; its features of every train image are computed once before training (as
+``extract_latents.py --repa_encoder`` precomputes them), so no encoder runs in the timed steps. The projector is
+training-only: it trains with the model's AdamW, outside the EMA, and plays no part in evaluation.
 
 Each plan writes to bench/results/convergence_<plan>/ unless --output_dir says otherwise.
 """

@@ -7,7 +7,8 @@ penultimate features of class-balanced samples and of the held-out split, and ac
 class a sample was drawn for. `make_digits_judge` builds all of it, with the FD floor that real images score at about
 an evaluation's sample size; `sample_digits` draws the samples with `TreadDiTPipeline` and `score_samples` scores
 them; `crossing` and `value_at` read the resulting FD curves (the paper's speedup: the steps or seconds one run needs
-to reach another's final FD, ICCV Sec. 4.2). Not imported by ``import diffusers_tread`` (it needs scikit-learn,
+to reach another's final FD, ICCV Sec. 4.2), `compare_to_baseline` puts one run's curve against its baseline's and
+`fmt` writes the table cells, for both benchmarks. Not imported by ``import diffusers_tread`` (it needs scikit-learn,
 through `diffusers_tread.data.load_digits`).
 """
 
