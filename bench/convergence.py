@@ -25,7 +25,7 @@ to reach its dense arm's final FD (linear interpolation between evaluations), as
     python bench/convergence.py --plan objectives   # which objective gives the best dense baseline
     python bench/convergence.py --plan ssm          # the state-space backbone (compare with the depth-8 DiT group)
     python bench/convergence.py --plan ratio_ramp   # routing from step 0 vs the selection ratio ramped up (#6)
-    python bench/convergence.py --plan repa         # REPA with and without routes (#25), ~35 min on a busy machine
+    python bench/convergence.py --plan repa         # REPA with and without routes (#25), 56 min on a loaded machine
     python bench/convergence.py --plan repa --quick # its smoke test (seconds of training)
 
 `--plan repa` (issue #25): per seed, dense, TREAD, REPA (arXiv 2410.06940, `diffusers_tread.repa`: projector,
@@ -689,7 +689,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         for name, value in quick.items():
             if getattr(args, name) == parser.get_default(name):
                 setattr(args, name, value)
-    elif args.plan == "repa":  # what the recorded run used: sized for ~35 minutes of a busy 2-core machine
+    elif args.plan == "repa":  # what the recorded run used (planned ~35 min of a busy 2-core machine; took 56)
         for name, value in dict(steps=300, routed_steps_factor=4 / 3, eval_every=100, num_samples=100,
                                 num_inference_steps=8, threads=1).items():  # fmt: skip
             if getattr(args, name) == parser.get_default(name):
