@@ -25,6 +25,17 @@ to reach its dense arm's final FD (linear interpolation between evaluations), as
     python bench/convergence.py --plan objectives   # which objective gives the best dense baseline
     python bench/convergence.py --plan ssm          # the state-space backbone (compare with the depth-8 DiT group)
     python bench/convergence.py --plan ratio_ramp   # routing from step 0 vs the selection ratio ramped up (#6)
+    python bench/convergence.py --plan repa         # REPA with and without routes (#25), 56 min on a loaded machine
+    python bench/convergence.py --plan repa --quick # its smoke test (seconds of training)
+
+`--plan repa` (issue #25): per seed, dense, TREAD, REPA (arXiv 2410.06940, `diffusers_tread.repa`: projector,
+Eq. 8, lambda 0.5), TREAD+REPA aligning the kept tokens of the route's block (targets gathered with the same kept
+indices) and TREAD+REPA with delayed routing (the route's tokens leave only after the aligned block). The REPA
+targets are the patch features of a teacher that is not the judge: a small ViT classifier (another architecture and
+seed than the judge's CNN) trained once on the train split only and cached under --teacher_dir (git-ignored),
+loaded as a `RepaEncoder`; its features of every train image are computed once before training (as
+``extract_latents.py --repa_encoder`` precomputes them), so no encoder runs in the timed steps. The projector is
+training-only: it trains with the model's AdamW, outside the EMA, and plays no part in evaluation.
 
 Each plan writes to bench/results/convergence_<plan>/ unless --output_dir says otherwise.
 """
@@ -54,7 +65,9 @@ from diffusers_tread import TreadTransformer2DModel
 from diffusers_tread.data import load_digits  # noqa: F401  (the tests read it from here)
 from diffusers_tread.digits_judge import (  # noqa: F401  (DigitClassifier, train_classifier: defined here before)
     DigitClassifier,
+    compare_to_baseline,
     crossing,
+    fmt,
     make_digits_judge,
     sample_digits,
     score_samples,
@@ -62,6 +75,13 @@ from diffusers_tread.digits_judge import (  # noqa: F401  (DigitClassifier, trai
     value_at,
 )
 from diffusers_tread.objectives import get_objective
+from diffusers_tread.repa import (
+    REPA_LOSS_WEIGHT,
+    RepaEncoder,
+    RepaProjector,
+    RepaTerm,
+    check_delayed_routing,
+)
 from diffusers_tread.training_utils import (
     NoiseFrom,
     drop_class_labels,
@@ -91,6 +111,13 @@ class Arm:
     ratio_warmup_steps: int = (
         0  # ramp every route's ratio linearly from 0 (train_tread.py --selection_ratio_warmup_steps)
     )
+    repa_layer: int | None = None  # REPA on this block's output (0-indexed); inside a route: its kept tokens only
+    repa_delayed: bool = False  # delayed routing: the route covering repa_layer lets tokens leave only after it
+
+    @property
+    def is_baseline(self) -> bool:
+        """The dense arm of a group: no routes, no alignment."""
+        return not self.routes and self.repa_layer is None
 
     @property
     def tokens(self) -> int:
@@ -107,11 +134,15 @@ class Arm:
 
     @property
     def method(self) -> str:
+        repa = ""
+        if self.repa_layer is not None:
+            inside = any(start <= self.repa_layer <= end for start, end, _ in self.routes)
+            repa = f"repa@{self.repa_layer}" + (" delayed" if self.repa_delayed else " kept" if inside else "")
         if not self.routes:
-            return "dense"
+            return repa or "dense"
         spans = "+".join(f"{start}..{end}@{ratio:g}" for start, end, ratio in self.routes)
         ramp = f" ramp{self.ratio_warmup_steps}" if self.ratio_warmup_steps else ""
-        return f"tread-{self.loss} {spans}{ramp}"
+        return f"tread-{self.loss} {spans}{ramp}" + (f" +{repa}" if repa else "")
 
     @property
     def name(self) -> str:
@@ -139,8 +170,25 @@ def plan_arms(plan: str, steps: int, routed_steps_factor: float) -> list[Arm]:
             for routes, loss in routed:
                 arms.append(Arm(num_layers, patch_size, routes, loss, seed=seed, steps=routed_steps, **kw))
 
+    def repa_group(num_layers, route, layer, seeds, **kw):
+        """Issue #25: dense, TREAD, REPA, TREAD+REPA aligning the kept tokens of the route's block ``layer``, and
+        delayed routing (the route's tokens leave only after ``layer``)."""
+        for seed in seeds:
+            arms.append(Arm(num_layers, 2, seed=seed, steps=steps, **kw))
+            arms.append(Arm(num_layers, 2, route, seed=seed, steps=routed_steps, **kw))
+            arms.append(Arm(num_layers, 2, seed=seed, steps=steps, repa_layer=layer, **kw))
+            for delayed in (False, True):
+                arms.append(Arm(num_layers, 2, route, seed=seed, steps=routed_steps, repa_layer=layer,
+                                repa_delayed=delayed, **kw))  # fmt: skip
+
     if plan == "quick":
         group(6, 2, [(paper_route(6), "plain"), (paper_route(6), "adapted")], width=32)
+    elif plan == "repa":
+        # Depth 8 (the paper route 2..4), REPA on block 2, the route's first: 3/8 of the depth, near the paper's
+        # 8/28 (default_repa_layer(8) is block 1, outside the route; the ablation aligns inside it).
+        repa_group(8, paper_route(8), 2, seeds=(0, 1))
+    elif plan == "repa_quick":
+        repa_group(6, ((1, 3, 0.5),), 1, seeds=(0,), width=32)
     elif plan == "objectives":
         for objective in ("flow", "ddpm", "edm"):
             arms.append(Arm(8, 2, steps=steps, objective=objective))
@@ -182,6 +230,61 @@ def make_judge(args):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# The REPA teacher: a small ViT classifier, another architecture and seed than the judge, trained on the train split
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def teacher_config(token_grid: int):
+    """A 4-layer ViT (width 64, 4 heads) on 1-channel images, 2-pixel patches: ``token_grid`` patches a side."""
+    from transformers import ViTConfig
+
+    return ViTConfig(image_size=2 * token_grid, patch_size=2, num_channels=1, hidden_size=64, num_hidden_layers=4,
+                     num_attention_heads=4, intermediate_size=128)  # fmt: skip
+
+
+def train_teacher(train_x: torch.Tensor, train_y: torch.Tensor, token_grid: int, epochs: int, seed: int):
+    """The ViT with a linear head on the mean of its patch tokens, trained by cross-entropy on the train split only
+    (Adam 1e-3, batch 64, fixed batch order), on the inputs `RepaEncoder` gives it (images in [0, 1]); returns the
+    ViT without the head, frozen."""
+    from transformers import ViTModel
+
+    torch.manual_seed(seed)
+    vit = ViTModel(teacher_config(token_grid))
+    head = nn.Linear(vit.config.hidden_size, 10)
+    optimizer = torch.optim.Adam([*vit.parameters(), *head.parameters()], lr=1e-3)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        for batch in torch.randperm(len(train_x), generator=generator).split(64):
+            tokens = vit(pixel_values=(train_x[batch] + 1) / 2).last_hidden_state[:, 1:]
+            loss = F.cross_entropy(head(tokens.mean(1)), train_y[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    vit.eval().requires_grad_(False)
+    head.eval()
+    return vit, head
+
+
+def load_teacher(args, judge, token_grid: int) -> tuple[RepaEncoder, dict]:
+    """The trained teacher as a `RepaEncoder` (the library's encoder path, as ``train_tread.py --repa_encoder``),
+    trained once and cached under ``--teacher_dir`` (git-ignored); its held-out accuracy (mean-pooled patch tokens,
+    through the trained head) is recorded beside it."""
+    folder = Path(args.teacher_dir) / f"digits_vit_g{token_grid}_e{args.teacher_epochs}_s{args.teacher_seed}"
+    info_path = folder / "teacher.json"
+    if not info_path.is_file():
+        vit, head = train_teacher(judge.train_x, judge.train_y, token_grid, args.teacher_epochs, args.teacher_seed)
+        with torch.no_grad():
+            tokens = vit(pixel_values=(judge.test_x + 1) / 2).last_hidden_state[:, 1:]
+            accuracy = (head(tokens.mean(1)).argmax(1) == judge.test_y).float().mean().item()
+        vit.save_pretrained(folder)
+        info = {"architecture": "ViT, 4 layers, width 64, 2-px patches", "epochs": args.teacher_epochs,
+                "seed": args.teacher_seed, "trained_on": "digits train split", "held_out_accuracy": accuracy}  # fmt: skip
+        info_path.write_text(json.dumps(info, indent=1))
+    info = {**json.loads(info_path.read_text()), "folder": str(folder)}
+    return RepaEncoder.from_pretrained(str(folder), token_grid), info
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Training and evaluation
 # ----------------------------------------------------------------------------------------------------------------------
 
@@ -199,6 +302,8 @@ class Run:
     train_losses: list[float] = field(default_factory=list)
     evals: list[dict] = field(default_factory=list)
     last_images: torch.Tensor | None = None  # the last evaluation's samples, for the grids
+    projector: nn.Module | None = None  # REPA arms: the training-only projector (not in the EMA, not evaluated)
+    repa_targets: torch.Tensor | None = None  # REPA arms: the teacher's (len(train_x), tokens, D) patch features
 
 
 def build_model(arm: Arm) -> nn.Module:
@@ -232,10 +337,25 @@ def build_model(arm: Arm) -> nn.Module:
     )
 
 
-def start_run(arm: Arm, learning_rate: float) -> Run:
+def start_run(
+    arm: Arm, learning_rate: float, repa_targets: torch.Tensor | None = None, projector_dim: int = 256
+) -> Run:
+    """A fresh arm. REPA arms need ``repa_targets`` (the teacher's features of every train image) and get a
+    `RepaProjector` of hidden width ``projector_dim``, the same initial one for every REPA arm of a seed, trained by
+    the same AdamW as the model."""
     model = build_model(arm).train()
     ema = EMAModel(model.parameters(), decay=0.9999, use_ema_warmup=True, power=2 / 3)
-    optimizer = make_optimizer(model.parameters(), learning_rate)  # AdamW, no weight decay, as train_tread.py
+    parameters = list(model.parameters())
+    projector = None
+    if arm.repa_layer is not None:
+        if repa_targets is None:
+            raise ValueError(f"{arm.name} aligns block {arm.repa_layer}: give the teacher's features (repa_targets)")
+        if arm.repa_delayed:
+            check_delayed_routing(route_dicts(arm), arm.repa_layer)
+        torch.manual_seed(20_000 + arm.seed)
+        projector = RepaProjector(arm.width, repa_targets.shape[-1], projector_dim).train()
+        parameters += list(projector.parameters())
+    optimizer = make_optimizer(parameters, learning_rate)  # AdamW, no weight decay, as train_tread.py
     return Run(
         arm,
         model,
@@ -243,13 +363,17 @@ def start_run(arm: Arm, learning_rate: float) -> Run:
         optimizer,
         data_generator=torch.Generator().manual_seed(arm.seed),
         route_generator=torch.Generator().manual_seed(10_000 + arm.seed),
+        projector=projector,
+        repa_targets=repa_targets if projector is not None else None,
     )
 
 
 def train_steps(run: Run, train_x, train_y, num_steps: int, batch_size: int, class_dropout_prob: float = 0.1) -> None:
     """``num_steps`` optimiser steps of the library's training step (`diffusers_tread.training_utils`: label dropout,
     `tread_training_loss`, the ratio warm-up of `scheduled_selection_ratios`); the data and noise depend only on the
-    seed and the step, never on the routes (`NoiseFrom`)."""
+    seed and the step, never on the routes (`NoiseFrom`). REPA arms add `diffusers_tread.repa`'s term (lambda 0.5,
+    Eq. 8) against the teacher's features of the batch: inside a route on the kept tokens, their targets gathered
+    with the same kept indices; with delayed routing on every token."""
     arm, model = run.arm, run.model
     objective = NoiseFrom(get_objective(arm.objective), run.data_generator)
     routes = route_dicts(arm)
@@ -257,6 +381,9 @@ def train_steps(run: Run, train_x, train_y, num_steps: int, batch_size: int, cla
         started = time.perf_counter()
         batch = torch.randint(0, len(train_x), (batch_size,), generator=run.data_generator)
         labels = drop_class_labels(train_y[batch], 10, class_dropout_prob, run.data_generator)
+        repa = None
+        if run.projector is not None:
+            repa = RepaTerm(run.projector, arm.repa_layer, REPA_LOSS_WEIGHT, arm.repa_delayed, run.repa_targets[batch])
         loss = tread_training_loss(
             model,
             objective,
@@ -267,6 +394,7 @@ def train_steps(run: Run, train_x, train_y, num_steps: int, batch_size: int, cla
             patch_size=arm.patch_size,
             loss_mode=arm.loss,
             mae_loss_weight=MAE_LOSS_WEIGHT if arm.loss == "adapted" else 0.0,
+            repa=repa,
         )
         update(run, loss)
         run.step_seconds.append(time.perf_counter() - started)
@@ -347,16 +475,16 @@ def ratio(value: float | None, reference: float) -> float | None:
 
 
 def compare(runs: list[Run]) -> list[dict]:
-    """Each routed arm against the dense arm of its group."""
-    dense = {run.arm.group: run for run in runs if not run.arm.routes}
+    """Each arm against the dense arm of its group (no routes, no REPA;
+    `diffusers_tread.digits_judge.compare_to_baseline`)."""
+    dense = {run.arm.group: run for run in runs if run.arm.is_baseline}
     rows = []
     for run in runs:
         base = dense.get(run.arm.group)
-        if not run.arm.routes or base is None:
+        if run.arm.is_baseline or base is None:
             continue
+        row = compare_to_baseline(run.evals, base.evals)
         final = base.evals[-1]
-        reach_step = crossing(run.evals, final["fd"], "step")
-        reach_seconds = crossing(run.evals, final["fd"], "seconds")
         rows.append(
             {
                 "arm": run.arm.name,
@@ -364,29 +492,14 @@ def compare(runs: list[Run]) -> list[dict]:
                 "config": run.arm.config_name,
                 "method": run.arm.method,
                 "seed": run.arm.seed,
-                "step_time_ratio": (run.evals[-1]["seconds"] / run.evals[-1]["step"])
-                / (final["seconds"] / final["step"]),
+                "step_time_ratio": row.pop("step_time_ratio"),
                 "dense_layers": base.arm.num_layers,
-                "dense_final_fd": final["fd"],
-                "dense_steps": final["step"],
-                "dense_seconds": final["seconds"],
-                "fd_at_dense_steps": value_at(run.evals, final["step"], "step"),
-                "fd_at_dense_seconds": value_at(run.evals, final["seconds"], "seconds"),
-                "steps_to_dense_fd": reach_step,
-                "seconds_to_dense_fd": reach_seconds,
-                "fd_ratio_at_dense_steps": ratio(value_at(run.evals, final["step"], "step"), final["fd"]),
-                "fd_ratio_at_dense_seconds": ratio(value_at(run.evals, final["seconds"], "seconds"), final["fd"]),
-                "step_speedup": final["step"] / reach_step if reach_step else None,
-                "time_speedup": final["seconds"] / reach_seconds if reach_seconds else None,
+                **row,
+                "fd_ratio_at_dense_steps": ratio(row["fd_at_dense_steps"], final["fd"]),
+                "fd_ratio_at_dense_seconds": ratio(row["fd_at_dense_seconds"], final["fd"]),
             }
         )
     return rows
-
-
-def fmt(value, digits: int = 2, missing: str = "not reached") -> str:
-    if value is None:
-        return missing
-    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
 def write_report(runs: list[Run], rows: list[dict], info: dict, out: Path) -> None:
@@ -441,7 +554,44 @@ def write_report(runs: list[Run], rows: list[dict], info: dict, out: Path) -> No
                 f"| {config} | {len(group)} | {mean('step_time_ratio'):.3f} | {fmt(mean('fd_ratio_at_dense_steps'))} | "
                 f"{fmt(mean('fd_ratio_at_dense_seconds'), missing='ran shorter')} | {fmt(mean('time_speedup'))} |"
             )
+    lines += repa_table(runs, rows)
     (out / "results.md").write_text("\n".join(lines) + "\n")
+
+
+def repa_table(runs: list[Run], rows: list[dict]) -> list[str]:
+    """Issue #25: per size, every arm (dense, TREAD, REPA, TREAD+REPA kept / delayed) side by side, mean over seeds
+    with the seeds' values in brackets: FD at the dense arm's evaluation steps and at its final seconds."""
+    if not any(run.arm.repa_layer is not None for run in runs):
+        return []
+    speedups = {row["arm"]: row["time_speedup"] for row in rows}
+    lines = ["", "REPA (issue #25): mean over seeds (per seed in brackets); FD interpolated at the dense arm's "
+             "evaluation steps and at its final training seconds; time speedup to the dense arm's final FD."]  # fmt: skip
+
+    def cell(values, digits=1, missing="ran shorter"):
+        if any(value is None for value in values):
+            return missing
+        each = " / ".join(f"{value:.{digits}f}" for value in values)
+        return f"{np.mean(values):.{digits}f}" + (f" ({each})" if len(values) > 1 else "")
+
+    for config in dict.fromkeys(run.arm.config_name for run in runs if run.arm.repa_layer is not None):
+        members = [run for run in runs if run.arm.config_name == config]
+        dense = {run.arm.group: run for run in members if run.arm.is_baseline}
+        steps = [record["step"] for record in next(iter(dense.values())).evals]
+        lines += ["", f"{config}:", "",
+                  "| method | seeds | step time ratio | " + " | ".join(f"FD at {s} steps" for s in steps)
+                  + " | FD at dense final seconds | time speedup |",
+                  "|---|---|---|" + "---|" * len(steps) + "---|---|"]  # fmt: skip
+        for method in dict.fromkeys(run.arm.method for run in members):
+            group = [run for run in members if run.arm.method == method and run.arm.group in dense]
+            bases = [dense[run.arm.group].evals[-1] for run in group]
+            step_ratio = [(run.evals[-1]["seconds"] / run.evals[-1]["step"]) / (base["seconds"] / base["step"])
+                          for run, base in zip(group, bases, strict=True)]  # fmt: skip
+            at_steps = [cell([value_at(run.evals, s, "step") for run in group]) for s in steps]
+            at_seconds = cell([value_at(r.evals, b["seconds"], "seconds") for r, b in zip(group, bases, strict=True)])
+            speedup = cell([1.0 if run.arm.is_baseline else speedups[run.arm.name] for run in group], 2, "not reached")
+            lines.append(f"| {method} | {len(group)} | {cell(step_ratio, 3)} | " + " | ".join(at_steps)
+                         + f" | {at_seconds} | {speedup} |")  # fmt: skip
+    return lines
 
 
 def plot(runs: list[Run], rows: list[dict], out: Path) -> None:
@@ -505,7 +655,7 @@ def save_grids(runs: list[Run], out: Path) -> None:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--plan", default="default", choices=("default", "full", "quick", "objectives", "ssm", "ratio_ramp")
+        "--plan", default="default", choices=("default", "full", "quick", "objectives", "ssm", "ratio_ramp", "repa")
     )
     parser.add_argument("--quick", action="store_true", help="the quick plan and tiny settings (~2 minutes)")
     parser.add_argument("--arms", default=None, help="regex: run only the arms whose name matches (and their dense)")
@@ -520,12 +670,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--classifier_epochs", type=int, default=15)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output_dir", default=None, help="default: bench/results/convergence_<plan>")
+    parser.add_argument("--teacher_dir", default=str(Path(__file__).resolve().parent / "cache"),
+                        help="where the REPA teacher is trained once and cached (git-ignored)")  # fmt: skip
+    parser.add_argument("--teacher_epochs", type=int, default=20)
+    parser.add_argument("--teacher_seed", type=int, default=1, help="the judge's CNN uses seed 0")
+    parser.add_argument("--repa_projector_dim", type=int, default=256,
+                        help="REPA projector hidden width (the paper's 2048 is for width 1152; here 4x the width 64)")  # fmt: skip
     parser.add_argument("--from_results", default=None, help="a results.json: redo its tables and plots, no training")
     args = parser.parse_args(argv)
-    if args.quick:
-        args.plan = "quick"
-        for name, value in dict(steps=60, eval_every=30, num_samples=50, num_inference_steps=4, classifier_epochs=2,
-                                chunk_steps=10).items():  # fmt: skip
+    if args.quick:  # the quick plan, or with --plan repa its quick variant
+        args.plan = "repa_quick" if args.plan == "repa" else "quick"
+        quick = dict(
+            steps=60, eval_every=30, num_samples=50, num_inference_steps=4, classifier_epochs=2, chunk_steps=10
+        )
+        if args.plan == "repa_quick":  # a smoke test: seconds of training
+            quick.update(steps=4, eval_every=4, num_samples=20, num_inference_steps=2, classifier_epochs=1,
+                         chunk_steps=4, teacher_epochs=1, repa_projector_dim=32)  # fmt: skip
+        for name, value in quick.items():
+            if getattr(args, name) == parser.get_default(name):
+                setattr(args, name, value)
+    elif args.plan == "repa":  # what the recorded run used (planned ~35 min of a busy 2-core machine; took 56)
+        for name, value in dict(steps=300, routed_steps_factor=4 / 3, eval_every=100, num_samples=100,
+                                num_inference_steps=8, threads=1).items():  # fmt: skip
             if getattr(args, name) == parser.get_default(name):
                 setattr(args, name, value)
     if args.num_samples % 10 or args.num_samples < 20:
@@ -544,14 +710,25 @@ def main(argv=None) -> dict:
         return rewrite_report(Path(args.from_results), out)
     begun = time.perf_counter()
 
-    train_x, train_y, test_x, test_y, classifier, accuracy, reference_stats, fd_floor = make_judge(args)
+    judge = make_judge(args)
+    train_x, train_y, test_x, test_y, classifier, accuracy, reference_stats, fd_floor = judge
     print(f"classifier held-out accuracy {accuracy:.3f}; FD floor {fd_floor:.2f}", flush=True)
 
     arms = plan_arms(args.plan, args.steps, args.routed_steps_factor)
     if args.arms:
         wanted = {arm.group for arm in arms if re.search(args.arms, arm.name)}
-        arms = [arm for arm in arms if arm.group in wanted and (not arm.routes or re.search(args.arms, arm.name))]
-    runs = [start_run(arm, args.learning_rate) for arm in arms]
+        arms = [arm for arm in arms if arm.group in wanted and (arm.is_baseline or re.search(args.arms, arm.name))]
+    # REPA arms: the teacher's features of every train image, computed once (as extract_latents.py --repa_encoder
+    # precomputes them), so that no encoder runs in the timed steps.
+    targets, teacher = {}, None
+    for grid in sorted({RESOLUTION // arm.patch_size for arm in arms if arm.repa_layer is not None}):
+        started = time.perf_counter()
+        encoder, teacher = load_teacher(args, judge, grid)
+        targets[grid] = torch.cat([encoder(chunk) for chunk in train_x.split(256)])
+        print(f"REPA teacher {teacher['folder']}: held-out accuracy {teacher['held_out_accuracy']:.3f}, features "
+              f"{tuple(targets[grid].shape)} in {time.perf_counter() - started:.0f} s", flush=True)  # fmt: skip
+    runs = [start_run(arm, args.learning_rate, targets.get(RESOLUTION // arm.patch_size), args.repa_projector_dim)
+            for arm in arms]  # fmt: skip
 
     # Interleave: every unfinished arm trains chunk_steps, evaluating at multiples of eval_every.
     evaluated = False
@@ -569,15 +746,15 @@ def main(argv=None) -> dict:
                       f"acc {record['accuracy']:.3f} held-out {fmt(record['held_out_loss'], 4, '-')}", flush=True)  # fmt: skip
                 evaluated = True
         if evaluated and all(run.evals for run in runs):
-            write_results(runs, args, argv, accuracy, fd_floor, time.perf_counter() - begun, out, finished=False)
+            write_results(runs, args, argv, accuracy, fd_floor, time.perf_counter() - begun, out, False, teacher)
             evaluated = False
 
-    results = write_results(runs, args, argv, accuracy, fd_floor, time.perf_counter() - begun, out, finished=True)
+    results = write_results(runs, args, argv, accuracy, fd_floor, time.perf_counter() - begun, out, True, teacher)
     print((out / "results.md").read_text())
     return results
 
 
-def write_results(runs, args, argv, accuracy, fd_floor, elapsed, out: Path, finished: bool) -> dict:
+def write_results(runs, args, argv, accuracy, fd_floor, elapsed, out: Path, finished: bool, teacher=None) -> dict:
     """results.json, results.md and the plots; called after every round, so a stopped run keeps what it measured."""
     rows = compare(runs)
     info = {
@@ -590,6 +767,7 @@ def write_results(runs, args, argv, accuracy, fd_floor, elapsed, out: Path, fini
         "fd_floor": fd_floor,
         "num_samples": args.num_samples,
         "args": vars(args),
+        **({"teacher": teacher} if teacher else {}),
     }
     results = {
         **info,

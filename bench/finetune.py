@@ -53,7 +53,7 @@ from peft import LoraConfig
 from torch import nn
 
 from diffusers_tread import TreadTransformer2DModel
-from diffusers_tread.digits_judge import crossing, make_digits_judge, sample_digits, score_samples, value_at
+from diffusers_tread.digits_judge import compare_to_baseline, fmt, make_digits_judge, sample_digits, score_samples
 from diffusers_tread.objectives import get_objective
 from diffusers_tread.training_utils import NoiseFrom, drop_class_labels, make_optimizer, tread_training_loss
 
@@ -220,14 +220,12 @@ def pretrain(seed: int, judge_, args) -> tuple[dict, dict]:
 
 
 def compare(runs: list[Run]) -> list[dict]:
-    """Every arm against the dense arm of its seed and mode: steps and seconds to the dense arm's final FD."""
+    """Every arm against the dense arm of its seed and mode: steps and seconds to the dense arm's final FD
+    (`diffusers_tread.digits_judge.compare_to_baseline`)."""
     dense = {(run.arm.seed, run.arm.mode): run for run in runs if run.arm.ratio == 0}
     rows = []
     for run in runs:
         base = dense[(run.arm.seed, run.arm.mode)]
-        final = base.evals[-1]
-        reach_step = crossing(run.evals, final["fd"], "step")
-        reach_seconds = crossing(run.evals, final["fd"], "seconds")
         rows.append(
             {
                 "arm": run.arm.name,
@@ -237,25 +235,10 @@ def compare(runs: list[Run]) -> list[dict]:
                 "steps": run.evals[-1]["step"],
                 "final_fd": run.evals[-1]["fd"],
                 "final_accuracy": run.evals[-1]["accuracy"],
-                "step_time_ratio": (run.evals[-1]["seconds"] / run.evals[-1]["step"])
-                / (final["seconds"] / final["step"]),
-                "dense_final_fd": final["fd"],
-                "dense_steps": final["step"],
-                "dense_seconds": final["seconds"],
-                "fd_at_dense_steps": value_at(run.evals, final["step"], "step"),
-                "steps_to_dense_fd": reach_step,
-                "seconds_to_dense_fd": reach_seconds,
-                "step_speedup": final["step"] / reach_step if reach_step else None,
-                "time_speedup": final["seconds"] / reach_seconds if reach_seconds else None,
+                **compare_to_baseline(run.evals, base.evals),
             }
         )
     return rows
-
-
-def fmt(value, digits: int = 2, missing: str = "not reached") -> str:
-    if value is None:
-        return missing
-    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
 def write_report(results: dict, out: Path) -> None:

@@ -7,7 +7,8 @@ penultimate features of class-balanced samples and of the held-out split, and ac
 class a sample was drawn for. `make_digits_judge` builds all of it, with the FD floor that real images score at about
 an evaluation's sample size; `sample_digits` draws the samples with `TreadDiTPipeline` and `score_samples` scores
 them; `crossing` and `value_at` read the resulting FD curves (the paper's speedup: the steps or seconds one run needs
-to reach another's final FD, ICCV Sec. 4.2). Not imported by ``import diffusers_tread`` (it needs scikit-learn,
+to reach another's final FD, ICCV Sec. 4.2), `compare_to_baseline` puts one run's curve against its baseline's and
+`fmt` writes the table cells, for both benchmarks. Not imported by ``import diffusers_tread`` (it needs scikit-learn,
 through `diffusers_tread.data.load_digits`).
 """
 
@@ -166,3 +167,31 @@ def value_at(evals: list[dict], position: float, key: str, metric: str = "fd") -
     if not points or position > points[-1][0] or position < points[0][0]:
         return None
     return float(np.interp(position, *zip(*points, strict=True)))
+
+
+def compare_to_baseline(evals: list[dict], baseline_evals: list[dict]) -> dict:
+    """One run's FD curve against its baseline's (same seed, data and noise): the step-time ratio, the FD at the
+    baseline's final steps and seconds, and the steps and seconds the run needs to reach the baseline's final FD with
+    their speedups (the paper's definition, ICCV Sec. 4.2; None where never reached)."""
+    final, last = baseline_evals[-1], evals[-1]
+    reach_step = crossing(evals, final["fd"], "step")
+    reach_seconds = crossing(evals, final["fd"], "seconds")
+    return {
+        "step_time_ratio": (last["seconds"] / last["step"]) / (final["seconds"] / final["step"]),
+        "dense_final_fd": final["fd"],
+        "dense_steps": final["step"],
+        "dense_seconds": final["seconds"],
+        "fd_at_dense_steps": value_at(evals, final["step"], "step"),
+        "fd_at_dense_seconds": value_at(evals, final["seconds"], "seconds"),
+        "steps_to_dense_fd": reach_step,
+        "seconds_to_dense_fd": reach_seconds,
+        "step_speedup": final["step"] / reach_step if reach_step else None,
+        "time_speedup": final["seconds"] / reach_seconds if reach_seconds else None,
+    }
+
+
+def fmt(value: float | int | None, digits: int = 2, missing: str = "not reached") -> str:
+    """A table cell: ``missing`` for None, floats to ``digits`` decimals."""
+    if value is None:
+        return missing
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)

@@ -3,6 +3,7 @@
 import json
 import math
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -188,3 +189,94 @@ def test_seconds_follow_a_ratio_ramps_falling_step_cost(convergence):
     assert convergence.seconds(plain) == pytest.approx(100 * 0.5)
     ramp = SimpleNamespace(arm=convergence.Arm(4, 2, ratio_warmup_steps=40), step=100, step_seconds=times)
     assert convergence.seconds(ramp) == pytest.approx(20 * 1.0 + 20 * 0.6 + 60 * 0.5)
+
+
+def test_repa_quick_run_writes_every_arm_and_caches_the_teacher(convergence, tmp_path, monkeypatch):
+    """`--plan repa --quick` (issue #25): dense, TREAD, REPA, TREAD+REPA kept and delayed, judged and tabulated; the
+    ViT teacher is trained once on the train split and then loaded from its cache folder."""
+    teacher_dir = tmp_path / "teacher"
+    argv = ["--plan", "repa", "--quick", f"--output_dir={tmp_path / 'out'}", f"--teacher_dir={teacher_dir}"]
+    results = convergence.main(argv)
+    methods = [arm["name"].split("/")[1] for arm in results["arms"]]
+    assert methods == ["dense", "tread-plain 1..3@0.5", "repa@1", "tread-plain 1..3@0.5 +repa@1 kept",
+                       "tread-plain 1..3@0.5 +repa@1 delayed"]  # fmt: skip
+    for arm in results["arms"]:
+        assert arm["evals"] and all(math.isfinite(record["fd"]) for record in arm["evals"])
+    assert [row["method"] for row in results["comparisons"]] == methods[1:]  # each against the dense arm
+    teacher = results["teacher"]
+    assert teacher["trained_on"] == "digits train split" and teacher["seed"] != 0  # the judge's CNN has seed 0
+    assert (Path(teacher["folder"]) / "config.json").is_file() and Path(teacher["folder"]).parent == teacher_dir
+    report = (tmp_path / "out" / "results.md").read_text()
+    assert "REPA (issue #25)" in report and "| tread-plain 1..3@0.5 +repa@1 delayed | 1 |" in report
+
+    def untrained(*args, **kwargs):
+        raise AssertionError("the cached teacher was trained again")
+
+    monkeypatch.setattr(convergence, "train_teacher", untrained)
+    args = convergence.parse_args(argv)
+    encoder, info = convergence.load_teacher(args, None, token_grid=8)
+    assert info == teacher and encoder.feature_dim == 64
+
+
+def _reference_repa_step(convergence, run, x, y, batch_size, delayed):
+    """One REPA step written out, with the targets gathered by hand from the route's bypass mask (not from the
+    model's captured indices): plain flow loss + 0.5 * minus the mean cosine similarity (REPA Eq. 8)."""
+    objective = get_objective("flow")
+    batch = torch.randint(0, len(x), (batch_size,), generator=run.data_generator)
+    x0, labels = x[batch], y[batch]
+    drop = torch.rand(batch_size, generator=run.data_generator) < 0.1
+    labels = torch.where(drop, torch.full_like(labels, 10), labels)
+    inputs = objective.training_inputs(x0, generator=run.data_generator)
+    layer = run.arm.repa_layer
+    output = run.model(inputs.model_input, inputs.timestep, labels, route_generator=run.route_generator,
+                       capture_layer_idx=layer, delay_routing_after=layer if delayed else None)  # fmt: skip
+    flow = tread_loss(objective.per_element_loss(output.sample, x0, inputs), output.route_masks, 2, mode="plain")
+    targets = run.repa_targets[batch]
+    if not delayed:  # only the tokens that did not bypass the route, in position order
+        targets = torch.stack(
+            [targets[b][(~mask).nonzero().squeeze(1)] for b, mask in enumerate(output.route_masks[0])]
+        )
+    projected = run.projector(output.captured_hidden_states)
+    cosine = (projected * targets).sum(-1) / (projected.norm(dim=-1) * targets.norm(dim=-1))
+    return flow, -cosine.mean(), output, targets
+
+
+@pytest.mark.parametrize("delayed", [False, True])
+def test_the_kept_token_arm_aligns_only_the_kept_tokens(convergence, delayed):
+    """The kept-token arm aligns block 1 (inside route 1..2) on the kept half of the tokens only, against the
+    teacher features of exactly those positions; the delayed arm aligns every token. Checked against the step
+    written out with a hand-written gather (tolerance: the hand-written cosine reduces in another order than
+    F.cosine_similarity, a few float32 ulps)."""
+    train_set, _ = convergence.load_digits(resolution=16, split="train")
+    x, y = train_set.pixel_values, train_set.class_labels
+    features = torch.randn(len(x), 64, 8, generator=torch.Generator().manual_seed(0))
+    arm = convergence.Arm(4, 2, ((1, 2, 0.5),), width=32, steps=2, repa_layer=1, repa_delayed=delayed)
+    ours = convergence.start_run(arm, 5e-4, features, projector_dim=16)
+    reference = convergence.start_run(arm, 5e-4, features, projector_dim=16)
+    convergence.train_steps(ours, x, y, 1, batch_size=8)
+    flow, alignment, output, targets = _reference_repa_step(convergence, reference, x, y, 8, delayed)
+    assert output.captured_hidden_states.shape[1] == (64 if delayed else 32)
+    assert ours.train_losses[0] == pytest.approx((flow + 0.5 * alignment).item(), rel=1e-6)
+    # The alignment term depends on which targets are used: the first 32 tokens instead of the kept ones differ.
+    if not delayed:
+        wrong = reference.repa_targets[:8, :32]
+        projected = reference.projector(output.captured_hidden_states)
+        assert not torch.allclose(torch.nn.functional.cosine_similarity(projected, wrong, dim=-1).mean(),
+                                  -alignment)  # fmt: skip
+        assert not torch.equal(targets, wrong)
+    # The projector trains (it is in the optimizer), the model's EMA does not hold it.
+    assert ours.projector is not None and len(ours.ema.shadow_params) == len(list(ours.model.parameters()))
+
+
+def test_repa_plan_arms(convergence):
+    """`--plan repa`: per seed (two), the five arms on depth 8 with route 2..4 and REPA on block 2, inside it."""
+    arms = convergence.plan_arms("repa", steps=300, routed_steps_factor=4 / 3)
+    assert len(arms) == 10 and {arm.seed for arm in arms} == {0, 1}
+    assert [arm.method for arm in arms[:5]] == ["dense", "tread-plain 2..4@0.5", "repa@2",
+                                                "tread-plain 2..4@0.5 +repa@2 kept",
+                                                "tread-plain 2..4@0.5 +repa@2 delayed"]  # fmt: skip
+    assert [arm.steps for arm in arms[:5]] == [300, 400, 300, 400, 400]
+    assert [arm.is_baseline for arm in arms[:5]] == [True, False, False, False, False]
+    for arm in arms:
+        if arm.repa_delayed:
+            convergence.check_delayed_routing(convergence.route_dicts(arm), arm.repa_layer)  # raises if invalid
