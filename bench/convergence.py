@@ -45,8 +45,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
-import platform
 import re
 import sys
 import time
@@ -68,6 +66,7 @@ from diffusers_tread.digits_judge import (  # noqa: F401  (DigitClassifier, trai
     compare_to_baseline,
     crossing,
     fmt,
+    machine_description,
     make_digits_judge,
     sample_digits,
     score_samples,
@@ -601,7 +600,7 @@ def plot(runs: list[Run], rows: list[dict], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     configs = sorted({run.arm.config_name for run in runs})
-    for key, label in (("step", "training steps"), ("seconds", "training seconds (2 CPU threads)")):
+    for key, label in (("step", "training steps"), ("seconds", "training seconds (threads: see the report)")):
         fig, axes = plt.subplots(1, len(configs), figsize=(5 * len(configs), 4), squeeze=False)
         for ax, config in zip(axes[0], configs, strict=True):
             for run in runs:
@@ -797,18 +796,6 @@ def rewrite_report(path: Path, out: Path) -> dict:
     write_report(runs, results["comparisons"], results, out)
     plot(runs, results["comparisons"], out)
     return results
-
-
-def machine_description() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {torch.get_num_threads()} threads of {os.cpu_count()} cores, torch {torch.__version__}"
 
 
 if __name__ == "__main__":

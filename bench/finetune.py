@@ -38,8 +38,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
-import platform
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -53,7 +51,14 @@ from peft import LoraConfig
 from torch import nn
 
 from diffusers_tread import TreadTransformer2DModel
-from diffusers_tread.digits_judge import compare_to_baseline, fmt, make_digits_judge, sample_digits, score_samples
+from diffusers_tread.digits_judge import (
+    compare_to_baseline,
+    fmt,
+    machine_description,
+    make_digits_judge,
+    sample_digits,
+    score_samples,
+)
 from diffusers_tread.objectives import get_objective
 from diffusers_tread.training_utils import NoiseFrom, drop_class_labels, make_optimizer, tread_training_loss
 
@@ -293,18 +298,6 @@ def write_report(results: dict, out: Path) -> None:
             f"{fmt(mean('step_speedup'))} | {fmt(mean('time_speedup'))} |"
         )
     (out / "results.md").write_text("\n".join(lines) + "\n")
-
-
-def machine_description() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {torch.get_num_threads()} threads of {os.cpu_count()} cores, torch {torch.__version__}"
 
 
 def parse_args(argv=None) -> argparse.Namespace:

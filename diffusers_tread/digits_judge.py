@@ -8,12 +8,15 @@ class a sample was drawn for. `make_digits_judge` builds all of it, with the FD 
 an evaluation's sample size; `sample_digits` draws the samples with `TreadDiTPipeline` and `score_samples` scores
 them; `crossing` and `value_at` read the resulting FD curves (the paper's speedup: the steps or seconds one run needs
 to reach another's final FD, ICCV Sec. 4.2), `compare_to_baseline` puts one run's curve against its baseline's and
-`fmt` writes the table cells, for both benchmarks. Not imported by ``import diffusers_tread`` (it needs scikit-learn,
+`fmt` writes the table cells and `machine_description` the machine line, for both benchmarks. Not imported by ``import diffusers_tread`` (it needs scikit-learn,
 through `diffusers_tread.data.load_digits`).
 """
 
 from __future__ import annotations
 
+import os
+import platform
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -195,3 +198,16 @@ def fmt(value: float | int | None, digits: int = 2, missing: str = "not reached"
     if value is None:
         return missing
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def machine_description() -> str:
+    """The CPU, torch's thread count and version, for a benchmark's report."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {torch.get_num_threads()} threads of {os.cpu_count()} cores, torch {torch.__version__}"
