@@ -14,7 +14,8 @@ AdamW. What differs is the compilation:
 Per model and arm: the median step time over interleaved repeats (each repeat runs every arm once, so load on a
 shared machine hits all alike), the first step's time (compilation included), the FLOPs per step (forward +
 backward, ``torch.utils.flop_counter``), and the routed / dense time ratio in each mode against the FLOP ratio. The
-first steps of the compiled arms also report their loss against the eager arm's (same weights, same draws).
+first steps of the compiled arms also report their loss and gradients against the eager arm's (same weights, same
+draws): the largest gradient difference over all parameters, relative to the largest eager gradient.
 
     python bench/compiled_step.py --json bench/results/compiled_step_cpu.json
 """
@@ -58,13 +59,15 @@ def make_arm(base: TreadTransformer2DModel, routed: bool, mode: str, objective, 
     compiled = compile_step_loss(loss_fn, backend=backend) if mode == "step" else None
     generator = torch.Generator().manual_seed(0)
 
-    def step(x0, labels):
+    def step(x0, labels, gradients: list | None = None):
         draws = draw_step_randomness(model, objective, x0, generator, class_dropout_prob=0.1)
         if compiled is not None:
             loss = compiled(x0, labels, draws)
         else:
             loss = loss_fn(x0, labels, draws)
             loss.backward()
+        if gradients is not None:  # the first step's gradients, to compare the compiled arms with eager
+            gradients.extend(p.grad.detach().clone() for p in model.parameters())
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -90,16 +93,21 @@ def bench_model(name: str, batch_size: int, args) -> dict:
     x0 = torch.randn(batch_size, channels, size, size, generator=generator)
     labels = torch.randint(0, classes, (batch_size,), generator=generator)
 
-    arms, flops, first = {}, {}, {}
+    arms, flops, first, grads = {}, {}, {}, {}
     for mode in MODES:
         for routed in (False, True):
             key = f"{mode} {'routed' if routed else 'dense'}"
             step, forward_backward = make_arm(base, routed, mode, objective, args.backend)
             if mode == "eager":
                 flops["routed" if routed else "dense"] = count_flops(lambda fb=forward_backward: fb(x0, labels))
-            started = time.perf_counter()
-            loss = step(x0, labels)  # compiles the compiled arms
+            started, gradients = time.perf_counter(), []
+            loss = step(x0, labels, gradients)  # compiles the compiled arms
             first[key] = {"first_step_s": time.perf_counter() - started, "first_loss": loss.item()}
+            eager = grads.setdefault(key.split()[1], gradients)  # the eager arm of this routing runs first
+            scale = max(g.abs().max().item() for g in eager)
+            first[key]["first_grad_max_abs_diff_over_max_abs"] = (
+                max((g - e).abs().max().item() for g, e in zip(gradients, eager, strict=True)) / scale
+            )
             print(f"{name} {key}: first step {first[key]['first_step_s']:.1f} s", flush=True)
             arms[key] = step
     for _ in range(args.warmup):
@@ -147,6 +155,8 @@ def main() -> None:
     if len(args.batch_sizes) != len(args.models):
         parser.error("give one --batch_sizes value per model")
     torch.set_num_threads(args.threads)
+    # Cold compiles: no FX-graph / AOT-autograd cache on disk from an earlier run shortens the first step.
+    torch.compiler.config.force_disable_caches = True
     started = time.time()
     results = [bench_model(name, batch, args) for name, batch in zip(args.models, args.batch_sizes, strict=True)]
     report = {

@@ -192,18 +192,13 @@ def tread_training_loss(
     class_labels: torch.LongTensor,
     generator: torch.Generator | None = None,
     selection_ratio: list[float] | None = None,
-    patch_size: int = 2,
-    loss_mode: str = "adapted",
-    mae_loss_weight: float = 0.0,
-    repa: RepaTerm | None = None,
+    **loss_options,
 ) -> torch.Tensor:
     """One TREAD training loss on clean data ``x0`` (labels already dropped): the objective's noise and the routes'
-    subsets drawn from ``generator`` (`draw_step_randomness`, in that order), then `tread_step_loss`."""
+    subsets drawn from ``generator`` (`draw_step_randomness`, in that order), then `tread_step_loss` with
+    ``loss_options`` (``patch_size``, ``loss_mode``, ``mae_loss_weight``, ``repa``)."""
     draws = draw_step_randomness(_unwrapped(model), objective, x0, generator, selection_ratio=selection_ratio)
-    return tread_step_loss(
-        model, objective, x0, class_labels, draws, selection_ratio=selection_ratio, patch_size=patch_size,
-        loss_mode=loss_mode, mae_loss_weight=mae_loss_weight, repa=repa,
-    )  # fmt: skip
+    return tread_step_loss(model, objective, x0, class_labels, draws, selection_ratio=selection_ratio, **loss_options)
 
 
 def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:

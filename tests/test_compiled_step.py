@@ -27,12 +27,8 @@ ROUTES = [
 NULL_CLASS = 10  # tiny_tread's label table: 10 classes + the null row
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
-    yield
-    torch._dynamo.reset()
+# Dynamo's caches and graph-break counters start empty in every test (conftest's fresh_dynamo).
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def step_loss(model, objective):
