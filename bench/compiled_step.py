@@ -82,6 +82,9 @@ def make_arm(base: TreadTransformer2DModel, routed: bool, mode: str, objective, 
 
 
 def bench_model(name: str, batch_size: int, args) -> dict:
+    # Each model compiles from scratch: graphs compiled for the previous model's shapes would make Dynamo mark the
+    # sizes that changed as dynamic (automatic dynamic shapes) and compile shape-generic graphs for this one.
+    torch._dynamo.reset()
     channels, size, classes = MODEL_INPUTS[name]
     objective = get_objective("flow")
     torch.manual_seed(0)
