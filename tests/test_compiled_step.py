@@ -120,7 +120,9 @@ def test_whole_step_compiles_as_one_graph_with_eager_loss_and_gradients():
     """Forward, DDPM's hybrid loss with the adapted TREAD loss (MAE term) over two routes, and backward, under
     ``fullgraph=True`` (a break raises). aot_eager traces what inductor traces without generating code (seconds, not
     a minute); it runs the traced ATen ops, whose order can differ from eager's, so a stated float32 tolerance."""
-    model = tiny_tread(routes=ROUTES, shared_conditioning=True).train()
+    # 4 blocks, two one-block routes: the graph (and its compile time) grows with the depth, the code paths do not
+    routes = [{"start_layer_idx": 0, "end_layer_idx": 0, "selection_ratio": 0.5}, {**ROUTES[1], "end_layer_idx": 3}]
+    model = tiny_tread(routes=routes, shared_conditioning=True, num_layers=4).train()
     objective = get_objective("ddpm")
     x0, _, labels = tiny_inputs(batch_size=4, model=model)
     draws = draw_step_randomness(model, objective, x0, torch.Generator().manual_seed(0), 0.1)
