@@ -40,7 +40,8 @@ from types import ModuleType
 from typing import Any
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+
+from diffusers_tread.profiling import count_aten_ops  # also bench/throughput.py's and the tests' op counter
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -305,33 +306,6 @@ def official_train_step(
     value.backward()
     optimizer.step()
     return value.detach()
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Counting ATen ops
-# --------------------------------------------------------------------------------------------------------------------
-
-
-class _AtenOpCounter(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.counts: collections.Counter[str] = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.counts[str(func.overloadpacket)] += 1  # e.g. "aten.addmm", whatever the overload
-        return func(*args, **(kwargs or {}))
-
-
-def count_aten_ops(fn: Callable[[], Any]) -> collections.Counter[str]:
-    """Run ``fn()`` and count every ATen op it dispatches (forward, and backward if it runs one), by overload packet.
-
-    Counted below autograd, after composite ops are decomposed (a ``linear`` shows up as ``t`` + ``addmm``), views
-    included: each is one trip through the dispatcher, so the count tracks the per-op overhead (CPU time, kernel
-    launches) that bounds an eager step at small batch sizes, which FLOPs do not show.
-    """
-    with _AtenOpCounter() as counter:
-        fn()
-    return counter.counts
 
 
 # --------------------------------------------------------------------------------------------------------------------

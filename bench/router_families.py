@@ -30,18 +30,11 @@ from pathlib import Path
 import diffusers
 import torch
 from peft import LoraConfig, inject_adapter_in_model
-from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+from torch.utils.flop_counter import FlopCounterMode
 
 from diffusers_tread import apply_tread
+from diffusers_tread.profiling import CPU_SDPA_FLOPS
 
-CPU_SDPA_FLOPS = {
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *a, out_shape=None, **kw: (
-        sdpa_flop_count(q, k, v)
-    ),
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: lambda g, q, k, v, *a, out_shape=None, **kw: (
-        sdpa_backward_flop_count(g, q, k, v)
-    ),
-}
 B, T, HEADS, HEAD_DIM = 2, 32, 4, 16
 W = HEADS * HEAD_DIM
 ROUTE = {"start_layer_idx": 2, "end_layer_idx": 5, "selection_ratio": 0.5}

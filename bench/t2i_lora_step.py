@@ -33,20 +33,12 @@ from diffusers import (
     SD3Transformer2DModel,
 )
 from peft import LoraConfig
-from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+from torch.utils.flop_counter import FlopCounterMode
 
 from diffusers_tread import t2i_training
 from diffusers_tread.models.tread_t2i import apply_tread
+from diffusers_tread.profiling import CPU_SDPA_FLOPS
 
-# flop_counter registers the CUDA attention kernels only; CPU's fused SDPA gets the same formulas here.
-CPU_SDPA_FLOPS = {
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *a, out_shape=None, **kw: (
-        sdpa_flop_count(q, k, v)
-    ),
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: lambda g, q, k, v, *a, out_shape=None, **kw: (
-        sdpa_backward_flop_count(g, q, k, v)
-    ),
-}
 # Text tokens per prompt as the script feeds them: PixArt-Alpha's T5 length; SD3: 77 CLIP + 77 T5 (the script's
 # default --max_sequence_length 77); Flux: 256 T5 tokens (schnell's length).
 TEXT_TOKENS = {"pixart": 120, "sd3": 154, "flux": 256}

@@ -28,19 +28,11 @@ import time
 
 import torch
 from diffusers import FluxTransformer2DModel, PixArtTransformer2DModel, SD3Transformer2DModel
-from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+from torch.utils.flop_counter import FlopCounterMode
 
 from diffusers_tread.models.tread_t2i import apply_tread
+from diffusers_tread.profiling import CPU_SDPA_FLOPS
 
-# flop_counter registers the CUDA attention kernels only; CPU's fused SDPA gets the same formulas here.
-CPU_SDPA_FLOPS = {
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *a, out_shape=None, **kw: (
-        sdpa_flop_count(q, k, v)
-    ),
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: lambda g, q, k, v, *a, out_shape=None, **kw: (
-        sdpa_backward_flop_count(g, q, k, v)
-    ),
-}
 TEXT_TOKENS = {"pixart": 120, "sd3": 333, "flux": 512}  # PixArt-alpha: T5 120; SD3: 77 CLIP + 256 T5; Flux: T5 512
 FULL_SIZE = {  # the published configs (transformer/config.json of each model on the Hub)
     "pixart": "PixArt-alpha XL/2 (28 blocks, width 1152)",

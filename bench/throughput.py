@@ -39,7 +39,6 @@ from diffusers import DiTTransformer2DModel
 
 # bench/'s own helper module, found as `python bench/throughput.py` puts bench/ first on sys.path
 from official_tread import (
-    count_aten_ops,
     edm_loss,
     load_official_dit,
     mse_loss,
@@ -59,6 +58,7 @@ from diffusers_tread import (
 )
 from diffusers_tread.models.ssm_tread import fused_selective_scan
 from diffusers_tread.objectives import get_objective
+from diffusers_tread.profiling import count_aten_ops
 from diffusers_tread.training_utils import drop_class_labels, make_optimizer, tread_training_loss
 
 # Dense bf16 tensor-core peaks (vendor datasheets, without sparsity), TFLOP/s, for MFU.

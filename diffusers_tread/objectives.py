@@ -1,6 +1,8 @@
 """Training objectives for class-conditional DiTs, each paired with the Diffusers scheduler that samples it.
 
-An objective turns clean data ``x0`` into transformer inputs (`Objective.training_inputs`), scores the transformer's
+An objective turns clean data ``x0`` into transformer inputs (`Objective.training_inputs`: its random draws,
+`Objective.draw`, then the pure tensor function `Objective.inputs_from_draws`, which a compiled training step can
+contain; a ``torch.Generator`` draw cannot be traced), scores the transformer's
 output with an elementwise loss map (`Objective.per_element_loss`: its plain ``.mean()`` is the objective's usual
 scalar loss, and a router-aware reduction can average it per patch token instead), and builds the scheduler with which
 `TreadDiTPipeline` samples what was trained (`Objective.make_scheduler`):
@@ -49,6 +51,20 @@ class TrainingInputs:
     sigma: torch.Tensor | None = None
 
 
+@dataclass
+class ObjectiveDraws:
+    """The random draws of one training step's noising, made ahead of it (`Objective.draw`).
+
+    Args:
+        time: ``(B,)``, the objective's raw time draw: DDPM's integer step, flow's logit-normal ``u`` before the
+            sigmoid, EDM's standard normal draw of ``ln sigma`` before scaling.
+        noise: standard Gaussian noise of ``x0``'s shape and dtype.
+    """
+
+    time: torch.Tensor
+    noise: torch.Tensor
+
+
 def _expand(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """``(B,)`` -> ``(B, 1, 1, 1)`` (as many singleton dims as ``like`` has), on ``like``'s device and dtype."""
     return values.to(device=like.device, dtype=like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
@@ -75,6 +91,14 @@ class Objective:
 
     def training_inputs(self, x0: torch.Tensor, generator: torch.Generator | None = None) -> TrainingInputs:
         """Noise a batch of clean data ``x0`` (B, C, H, W); random draws use ``generator`` (else the global RNG)."""
+        return self.inputs_from_draws(x0, self.draw(x0, generator))
+
+    def draw(self, x0: torch.Tensor, generator: torch.Generator | None = None) -> ObjectiveDraws:
+        """The random draws `training_inputs` makes for ``x0``, in its order (the time, then the noise)."""
+        raise NotImplementedError
+
+    def inputs_from_draws(self, x0: torch.Tensor, draws: ObjectiveDraws) -> TrainingInputs:
+        """`training_inputs` from draws made ahead: tensor arithmetic only (no draw, no host synchronisation)."""
         raise NotImplementedError
 
     def per_element_loss(self, model_output: torch.Tensor, x0: torch.Tensor, inputs: TrainingInputs) -> torch.Tensor:
@@ -165,16 +189,19 @@ class DDPMObjective(Objective):
         self.posterior_coef_xt = (1.0 - alphas_cumprod_prev) * (1.0 - betas).sqrt() / (1.0 - alphas_cumprod)
 
     def _at(self, table: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        return _expand(table[t.cpu()], like)
+        # The table moves to t's device (not t to the table's): reading t back to the host would synchronise.
+        return _expand(table.to(t.device)[t], like)
 
     def model_out_channels(self, in_channels: int) -> int:
         return 2 * in_channels  # [eps | v]
 
-    def training_inputs(self, x0: torch.Tensor, generator: torch.Generator | None = None) -> TrainingInputs:
-        batch_size = x0.shape[0]
+    def draw(self, x0: torch.Tensor, generator: torch.Generator | None = None) -> ObjectiveDraws:
         device = generator.device if generator is not None else x0.device
-        t = torch.randint(0, self.num_train_timesteps, (batch_size,), generator=generator, device=device).to(x0.device)
-        noise = _randn(tuple(x0.shape), x0, generator).to(x0.dtype)
+        t = torch.randint(0, self.num_train_timesteps, (x0.shape[0],), generator=generator, device=device)
+        return ObjectiveDraws(time=t.to(x0.device), noise=_randn(tuple(x0.shape), x0, generator).to(x0.dtype))
+
+    def inputs_from_draws(self, x0: torch.Tensor, draws: ObjectiveDraws) -> TrainingInputs:
+        t, noise = draws.time, draws.noise
         # q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I)   (DDPM Eq. 4)
         abar = self._at(self.alphas_cumprod, t, x0)
         x_t = abar.sqrt() * x0 + (1.0 - abar).sqrt() * noise
@@ -240,10 +267,12 @@ class FlowObjective(Objective):
     num_train_timesteps: int = 1000
     name: ClassVar[str] = "flow"
 
-    def training_inputs(self, x0: torch.Tensor, generator: torch.Generator | None = None) -> TrainingInputs:
+    def draw(self, x0: torch.Tensor, generator: torch.Generator | None = None) -> ObjectiveDraws:
         u = _randn((x0.shape[0],), x0, generator) * self.logit_std + self.logit_mean
-        t = torch.sigmoid(u)
-        noise = _randn(tuple(x0.shape), x0, generator).to(x0.dtype)
+        return ObjectiveDraws(time=u, noise=_randn(tuple(x0.shape), x0, generator).to(x0.dtype))
+
+    def inputs_from_draws(self, x0: torch.Tensor, draws: ObjectiveDraws) -> TrainingInputs:
+        t, noise = torch.sigmoid(draws.time), draws.noise
         x_t = (1.0 - _expand(t, x0)) * x0 + _expand(t, x0) * noise
         return TrainingInputs(
             model_input=x_t, timestep=t * self.num_train_timesteps, noisy_sample=x_t, noise=noise, t=t
@@ -306,9 +335,12 @@ class EDMObjective(Objective):
         """lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2   (EDM Table 1)."""
         return (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2
 
-    def training_inputs(self, x0: torch.Tensor, generator: torch.Generator | None = None) -> TrainingInputs:
-        sigma = (_randn((x0.shape[0],), x0, generator) * self.p_std + self.p_mean).exp()
-        noise = _randn(tuple(x0.shape), x0, generator).to(x0.dtype)
+    def draw(self, x0: torch.Tensor, generator: torch.Generator | None = None) -> ObjectiveDraws:
+        normal = _randn((x0.shape[0],), x0, generator)
+        return ObjectiveDraws(time=normal, noise=_randn(tuple(x0.shape), x0, generator).to(x0.dtype))
+
+    def inputs_from_draws(self, x0: torch.Tensor, draws: ObjectiveDraws) -> TrainingInputs:
+        sigma, noise = (draws.time * self.p_std + self.p_mean).exp(), draws.noise
         noisy = x0 + _expand(sigma, x0) * noise
         _, _, c_in, c_noise = self.preconditioning(sigma)
         return TrainingInputs(

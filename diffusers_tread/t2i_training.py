@@ -8,7 +8,8 @@ loop; `bench/t2i_lora_step.py` times the same step):
 * each pipeline's own prompt encoding (`encode_prompts`) and latent normalisation (`normalize_latents`);
 * each flow-matching family's training timestep shift (`training_flow_shift`, `training_noise_scheduler`);
 * one training step's model call and loss (`model_prediction`, `training_loss`): the plain diffusion loss on all image
-  (or video) tokens, routed or not;
+  (or video) tokens, routed or not; its noise and timesteps drawn ahead (`draw_noise`), the rest a function of those
+  draws (`loss_from_draws`), as in the class-conditional step (`training_utils.draw_step_randomness`);
 * LoRA adapters on the transformer, saved and loaded in Diffusers' format (`add_lora`, `save_lora`, `load_lora`).
 
 Routing itself is `diffusers_tread.models.tread_t2i.apply_tread`. The options of `model_prediction` and
@@ -22,6 +23,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import diffusers
@@ -491,34 +493,49 @@ def unwrap(model):
     return getattr(model, "_orig_mod", model)
 
 
-def training_loss(spec, transformer, noise_scheduler, x0, embeds, options, generator, weight_dtype, vae_scale_factor):
-    """Noise the clean latents `x0`, run the (routed) transformer, and return the loss.
+@dataclass
+class NoiseDraws:
+    """The random draws of one step's noising, made ahead of the step (`draw_noise`), so that `loss_from_draws` is
+    tensor arithmetic and the model call: the Gaussian ``noise`` (``x0``'s shape), the model ``timesteps`` ``(B,)``
+    and, for flow matching, the matching ``sigmas`` (``(B, 1, ...)``, float32; None for DDPM)."""
 
-    The loss is the plain diffusion loss on **all** image tokens, the TREAD paper's loss in its ICCV version (Sec. 3,
-    "no additional losses"): routing only changes which blocks a token passes through; every token, bypassed or not,
-    leaves the final layer with a prediction, so every token has a target and the loss is the one dense fine-tuning
-    uses. (v1's adapted loss, kept-token denoising plus an MAE term on the bypassed tokens, is `--tread_loss adapted`
-    of the class-conditional script.) PixArt: MSE to epsilon (or v, per its scheduler); SD3/Flux/Wan/LTX: rectified
-    flow with Diffusers' SD3 timestep densities and loss weightings (`compute_density_for_timestep_sampling`,
-    `compute_loss_weighting_for_sd3`) over the scheduler's shifted sigmas, to the velocity ``noise - x0`` or, with
-    ``options.precondition_outputs``, to ``x0``.
-    """
+    noise: torch.Tensor
+    timesteps: torch.Tensor
+    sigmas: torch.Tensor | None = None
+
+
+def draw_noise(spec, noise_scheduler, x0, options, generator) -> NoiseDraws:
+    """`training_loss`'s draws from ``generator``, in its order: the noise, then the timesteps (flow matching: Diffusers'
+    SD3 timestep density, ``compute_density_for_timestep_sampling``, over the scheduler's shifted sigmas; DDPM: a
+    uniform integer step). The scheduler's tables are indexed on the draws' device (no read back to the host)."""
     batch = x0.shape[0]
     noise = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0.device)
-    if spec.flow_matching:
-        u = compute_density_for_timestep_sampling(
-            weighting_scheme=options.weighting_scheme,
-            batch_size=batch,
-            logit_mean=options.logit_mean,
-            logit_std=options.logit_std,
-            mode_scale=options.mode_scale,
-            device=generator.device,
-            generator=generator,
+    if not spec.flow_matching:
+        timesteps = torch.randint(
+            0, noise_scheduler.config.num_train_timesteps, (batch,), generator=generator, device=generator.device
         )
-        indices = (u * noise_scheduler.config.num_train_timesteps).long().clamp(max=len(noise_scheduler.timesteps) - 1)
-        timesteps = noise_scheduler.timesteps[indices.cpu()].to(x0.device)
-        sigmas = noise_scheduler.sigmas[indices.cpu()].to(x0.device, torch.float32)
-        sigmas = sigmas.view(batch, *[1] * (x0.ndim - 1))
+        return NoiseDraws(noise, timesteps.to(x0.device))
+    u = compute_density_for_timestep_sampling(
+        weighting_scheme=options.weighting_scheme,
+        batch_size=batch,
+        logit_mean=options.logit_mean,
+        logit_std=options.logit_std,
+        mode_scale=options.mode_scale,
+        device=generator.device,
+        generator=generator,
+    )
+    indices = (u * noise_scheduler.config.num_train_timesteps).long().clamp(max=len(noise_scheduler.timesteps) - 1)
+    timesteps = noise_scheduler.timesteps.to(indices.device)[indices].to(x0.device)
+    sigmas = noise_scheduler.sigmas.to(indices.device)[indices].to(x0.device, torch.float32)
+    return NoiseDraws(noise, timesteps, sigmas.view(batch, *[1] * (x0.ndim - 1)))
+
+
+def loss_from_draws(spec, transformer, noise_scheduler, x0, embeds, options, draws, weight_dtype, vae_scale_factor):
+    """`training_loss` from draws made ahead (`draw_noise`): no generator draw inside, except the router's own
+    subsets (`apply_tread` draws them in its block hooks, where the family's token layout is known)."""
+    batch, noise, timesteps = x0.shape[0], draws.noise, draws.timesteps
+    if spec.flow_matching:
+        sigmas = draws.sigmas
         noisy = (1.0 - sigmas) * x0 + sigmas * noise
         prediction = model_prediction(
             spec, transformer, noisy, timesteps, embeds, options, weight_dtype, vae_scale_factor
@@ -531,9 +548,6 @@ def training_loss(spec, transformer, noise_scheduler, x0, embeds, options, gener
         weighting = compute_loss_weighting_for_sd3(weighting_scheme=options.weighting_scheme, sigmas=sigmas).float()
         per_sample = (weighting * (prediction - target) ** 2).reshape(batch, -1).mean(dim=1)
         return per_sample.mean()
-    timesteps = torch.randint(
-        0, noise_scheduler.config.num_train_timesteps, (batch,), generator=generator, device=generator.device
-    ).to(x0.device)
     noisy = noise_scheduler.add_noise(x0, noise, timesteps)
     if noise_scheduler.config.prediction_type == "v_prediction":
         target = noise_scheduler.get_velocity(x0, noise, timesteps)
@@ -541,6 +555,25 @@ def training_loss(spec, transformer, noise_scheduler, x0, embeds, options, gener
         target = noise
     prediction = model_prediction(spec, transformer, noisy, timesteps, embeds, options, weight_dtype, vae_scale_factor)
     return torch.nn.functional.mse_loss(prediction.float(), target.float())
+
+
+def training_loss(spec, transformer, noise_scheduler, x0, embeds, options, generator, weight_dtype, vae_scale_factor):
+    """Noise the clean latents `x0`, run the (routed) transformer, and return the loss: `draw_noise`, then
+    `loss_from_draws`.
+
+    The loss is the plain diffusion loss on **all** image tokens, the TREAD paper's loss in its ICCV version (Sec. 3,
+    "no additional losses"): routing only changes which blocks a token passes through; every token, bypassed or not,
+    leaves the final layer with a prediction, so every token has a target and the loss is the one dense fine-tuning
+    uses. (v1's adapted loss, kept-token denoising plus an MAE term on the bypassed tokens, is `--tread_loss adapted`
+    of the class-conditional script.) PixArt: MSE to epsilon (or v, per its scheduler); SD3/Flux/Wan/LTX: rectified
+    flow with Diffusers' SD3 timestep densities and loss weightings (`compute_density_for_timestep_sampling`,
+    `compute_loss_weighting_for_sd3`) over the scheduler's shifted sigmas, to the velocity ``noise - x0`` or, with
+    ``options.precondition_outputs``, to ``x0``.
+    """
+    draws = draw_noise(spec, noise_scheduler, x0, options, generator)
+    return loss_from_draws(
+        spec, transformer, noise_scheduler, x0, embeds, options, draws, weight_dtype, vae_scale_factor
+    )
 
 
 def describe_routing(router) -> list[dict]:

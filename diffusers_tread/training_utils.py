@@ -2,9 +2,11 @@
 small functions a training loop calls, no loop of its own.
 
 - The TREAD training step (`tread_training_loss`, `drop_class_labels`, `scheduled_selection_ratios`, `make_optimizer`,
-  `LossLog`; `NoiseFrom` for benchmarks whose arms must share their noise), written to keep the accelerator busy: no host synchronisation inside it (the loss stays on the device
-  until `LossLog.flush`), an optimizer that updates all parameters in a few kernels, and nothing that breaks a compiled
-  graph inside the model's blocks.
+  `LossLog`; `NoiseFrom` for benchmarks whose arms must share their noise), written to keep the accelerator busy: no
+  host synchronisation inside it (the loss stays on the device until `LossLog.flush`), an optimizer that updates all
+  parameters in a few kernels, and nothing that breaks a compiled graph. The step's randomness is drawn ahead in one
+  place (`draw_step_randomness` -> `StepDraws`), so that the rest (`tread_step_loss`) is a pure tensor function
+  that `compile_step_loss` compiles with its backward as one graph (``train_tread.py --compile_scope step``).
 - The command line: the ``--routes`` parser (`parse_routes`), the options both scripts share
   (`add_optimization_arguments`, `add_run_arguments`, `add_augmentation_arguments`) and their checks
   (`check_run_arguments`, `check_validation_sampling`, `check_step_intervals`), `image_dataset_options` (the options
@@ -38,9 +40,10 @@ from typing import Any
 import torch
 
 from .losses import tread_loss
-from .objectives import Objective
+from .objectives import Objective, ObjectiveDraws
 from .redaction import redact_tokens
 from .repa import RepaTerm
+from .routing import draw_kept_indices
 
 
 def scheduled_selection_ratios(
@@ -80,33 +83,91 @@ class NoiseFrom:
     def training_inputs(self, x0: torch.Tensor, generator: torch.Generator | None = None):
         return self.objective.training_inputs(x0, generator=self.generator)
 
+    def draw(self, x0: torch.Tensor, generator: torch.Generator | None = None):
+        return self.objective.draw(x0, generator=self.generator)
+
     def __getattr__(self, name: str):
         return getattr(self.objective, name)
 
 
-def tread_training_loss(
+@dataclass
+class StepDraws:
+    """Everything random in one TREAD training step, drawn ahead of it (`draw_step_randomness`), so that the step
+    itself (`tread_step_loss`) is a pure tensor function that ``torch.compile(fullgraph=True)`` can trace whole: a
+    ``torch.Generator`` draw inside a compiled region breaks its graph.
+
+    Args:
+        time: ``(B,)`` the objective's time draw (`objectives.ObjectiveDraws`).
+        noise: the objective's Gaussian noise, ``x0``'s shape.
+        label_drop: ``(B,)`` bool, True where the sample's class label becomes the null class (CFG dropout); None
+            when the labels were dropped before (or are kept).
+        kept_indices: each active route's ``(B, num_kept)`` kept token positions (`routing.draw_kept_indices`); ``()``
+            without routes.
+    """
+
+    time: torch.Tensor
+    noise: torch.Tensor
+    label_drop: torch.BoolTensor | None
+    kept_indices: tuple[torch.LongTensor, ...]
+
+
+def draw_step_randomness(
+    model: torch.nn.Module,
+    objective: Objective,
+    x0: torch.Tensor,
+    generator: torch.Generator | None = None,
+    class_dropout_prob: float | None = None,
+    selection_ratio: list[float] | None = None,
+) -> StepDraws:
+    """Draw what one training step on clean data ``x0`` needs, from ``generator``, in one fixed order: the label
+    dropout (when ``class_dropout_prob`` is given, as `drop_class_labels` draws it), the objective's time and noise
+    (`Objective.draw`), then each route's subset (`routing.draw_kept_indices`, over ``model.active_routes`` at
+    ``selection_ratio``). It is the order and the calls of the eager step that draws them as it goes, so a run's
+    numbers, and its exact resume from a checkpointed generator, do not depend on where they are drawn.
+
+    ``model`` is the unwrapped TREAD model (``active_routes``, ``config.patch_size``), in the mode the step runs in.
+    """
+    label_drop = None
+    if class_dropout_prob is not None:
+        device = generator.device if generator is not None else x0.device
+        uniform = torch.rand((x0.shape[0],), generator=generator, device=device).to(x0.device)
+        label_drop = uniform < class_dropout_prob
+    objective_draws = objective.draw(x0, generator=generator)
+    patch_size = model.config.patch_size
+    num_tokens = (x0.shape[-2] // patch_size) * (x0.shape[-1] // patch_size)
+    routes = model.active_routes(selection_ratio=selection_ratio)
+    kept_indices = draw_kept_indices(routes, x0.shape[0], num_tokens, generator=generator, device=x0.device)
+    return StepDraws(objective_draws.time, objective_draws.noise, label_drop, kept_indices)
+
+
+def tread_step_loss(
     model: torch.nn.Module,
     objective: Objective,
     x0: torch.Tensor,
     class_labels: torch.LongTensor,
-    generator: torch.Generator | None = None,
+    draws: StepDraws,
+    null_class: int | None = None,
     selection_ratio: list[float] | None = None,
     patch_size: int = 2,
     loss_mode: str = "adapted",
     mae_loss_weight: float = 0.0,
     repa: RepaTerm | None = None,
 ) -> torch.Tensor:
-    """One TREAD training loss on clean data ``x0`` (labels already dropped): noise it with ``objective``, run the
-    routed forward (the routes draw their subsets from ``generator``), and reduce the objective's per-element loss
-    with `tread_loss` (``loss_mode``: "plain" or the paper's "adapted" loss over every applied route). With ``repa``,
-    plus its alignment loss (`diffusers_tread.repa`)."""
-    inputs = objective.training_inputs(x0, generator=generator)
+    """One TREAD training loss from draws made ahead (`draw_step_randomness`): the labels dropped to ``null_class``
+    where ``draws.label_drop`` says, ``x0`` noised with ``objective`` (`Objective.inputs_from_draws`), the routed
+    forward on the drawn subsets (``route_kept_indices``) and the objective's per-element loss reduced by `tread_loss`
+    (``loss_mode``: "plain" or the paper's "adapted" loss over every applied route, v1 Sec. 3.3, with its MAE term
+    at ``mae_loss_weight``); with ``repa``, plus its alignment loss. Tensor operations only: no draw, no host
+    synchronisation, no data-dependent shape, so `compile_step_loss` traces it (and its backward) as one graph."""
+    if draws.label_drop is not None:
+        class_labels = torch.where(draws.label_drop, torch.full_like(class_labels, null_class), class_labels)
+    inputs = objective.inputs_from_draws(x0, ObjectiveDraws(time=draws.time, noise=draws.noise))
     output = model(
         inputs.model_input,
         timestep=inputs.timestep,
         class_labels=class_labels,
         selection_ratio=selection_ratio,
-        route_generator=generator,
+        route_kept_indices=draws.kept_indices,
         **(repa.forward_kwargs() if repa is not None else {}),
     )
     prediction = output.sample.float()
@@ -122,6 +183,60 @@ def tread_training_loss(
         mae_loss_weight=mae_loss_weight,
     )
     return loss if repa is None else loss + repa.loss(output)
+
+
+def tread_training_loss(
+    model: torch.nn.Module,
+    objective: Objective,
+    x0: torch.Tensor,
+    class_labels: torch.LongTensor,
+    generator: torch.Generator | None = None,
+    selection_ratio: list[float] | None = None,
+    **loss_options,
+) -> torch.Tensor:
+    """One TREAD training loss on clean data ``x0`` (labels already dropped): the objective's noise and the routes'
+    subsets drawn from ``generator`` (`draw_step_randomness`, in that order), then `tread_step_loss` with
+    ``loss_options`` (``patch_size``, ``loss_mode``, ``mae_loss_weight``, ``repa``)."""
+    draws = draw_step_randomness(_unwrapped(model), objective, x0, generator, selection_ratio=selection_ratio)
+    return tread_step_loss(model, objective, x0, class_labels, draws, selection_ratio=selection_ratio, **loss_options)
+
+
+def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The TREAD model inside a ``DistributedDataParallel`` wrapper (what has ``active_routes``)."""
+    return model.module if not hasattr(model, "active_routes") and hasattr(model, "module") else model
+
+
+def compile_step_loss(
+    loss_fn: Callable[..., torch.Tensor],
+    backward_scale: float = 1.0,
+    backend: str = "inductor",
+    mode: str | None = None,
+) -> Callable[..., torch.Tensor]:
+    """``loss_fn`` (e.g. `tread_step_loss` with its model and settings bound) and its backward as one
+    ``torch.compile(fullgraph=True)`` graph: calling the result runs the forward, the loss and
+    ``(loss * backward_scale).backward()`` (gradients accumulate into ``.grad`` as usual) and returns the detached
+    loss. ``fullgraph=True`` makes any graph break an error, so there is none: with the draws made ahead
+    (`draw_step_randomness`) nothing in the step syncs with the host or has a data-dependent shape, and
+    ``mode="reduce-overhead"`` can record the whole step as CUDA graphs.
+
+    The optimizer stays outside: ``torch.optim``'s ``step`` graph-breaks on purpose (``_use_grad``, pytorch#104053),
+    and so does gradient clipping's norm where it is read. Backward is traced with Dynamo's
+    ``trace_autograd_ops``, set only while the step runs."""
+    import torch._dynamo
+
+    def step(*args, **kwargs) -> torch.Tensor:
+        loss = loss_fn(*args, **kwargs)
+        (loss * backward_scale).backward()
+        return loss.detach()
+
+    options = {"mode": mode} if mode not in (None, "default") else {}
+    compiled = torch.compile(step, fullgraph=True, backend=backend, **options)
+
+    def run(*args, **kwargs) -> torch.Tensor:
+        with torch._dynamo.config.patch(trace_autograd_ops=True):
+            return compiled(*args, **kwargs)
+
+    return run
 
 
 def make_optimizer(

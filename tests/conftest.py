@@ -102,6 +102,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.fixture
+def fresh_dynamo():
+    """torch.compile's caches reset and its counters (graph breaks, graphs) cleared before and after a test."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
 def launch(accelerate_config, *args, num_processes=1):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     command = ["accelerate", "launch", "--config_file", accelerate_config, "--num_processes", str(num_processes)]

@@ -15,12 +15,8 @@ ROUTES = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
-    yield
-    torch._dynamo.reset()
+# Dynamo's caches and graph-break counters start empty in every test (conftest's fresh_dynamo).
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 @pytest.mark.parametrize("shared_conditioning", [False, True])

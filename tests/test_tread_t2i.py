@@ -9,10 +9,11 @@ import pytest
 import torch
 from diffusers import FluxTransformer2DModel, PixArtTransformer2DModel, SD3Transformer2DModel
 from peft import LoraConfig, inject_adapter_in_model
-from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+from torch.utils.flop_counter import FlopCounterMode
 
 from diffusers_tread import TreadTransformer2DModel, routing
 from diffusers_tread.models.tread_t2i import TreadRouter, apply_tread, attached_router
+from diffusers_tread.profiling import CPU_SDPA_FLOPS
 
 BATCH, TEXT, GRID, WIDTH = 3, 5, 4, 16  # 4x4 = 16 image tokens, inner dim 16
 ROUTE = {"start_layer_idx": 1, "end_layer_idx": 4, "selection_ratio": 0.5}  # Flux: double block 1 .. single block 2
@@ -161,18 +162,9 @@ def test_eval_output_equals_stock_bit_for_bit(name):
 
 # --- (b) a routed training step and its FLOPs ------------------------------------------------------------------------
 
-_CPU_SDPA = {  # FlopCounterMode knows the CUDA attention kernels; CPU's SDPA needs the same formulas registered
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *a, out_shape=None, **kw: (
-        sdpa_flop_count(q, k, v)
-    ),
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: lambda g, q, k, v, *a, out_shape=None, **kw: (
-        sdpa_backward_flop_count(g, q, k, v)
-    ),
-}
-
 
 def train_step_flops(model, inputs) -> int:
-    with FlopCounterMode(display=False, custom_mapping=_CPU_SDPA) as counter:
+    with FlopCounterMode(display=False, custom_mapping=CPU_SDPA_FLOPS) as counter:
         loss_of(model(**inputs)).backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops()

@@ -32,6 +32,7 @@ import os
 import sys
 import time
 import warnings
+from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
@@ -100,7 +101,8 @@ from diffusers_tread.training_utils import (
     RunState,
     card_training_fields,
     checkpoint_or_stop,
-    drop_class_labels,
+    compile_step_loss,
+    draw_step_randomness,
     flush_loss_log,
     image_dataset_options,
     main_with_messages,
@@ -112,7 +114,7 @@ from diffusers_tread.training_utils import (
     scheduled_selection_ratios,
     start_run,
     train_steps_for,
-    tread_training_loss,
+    tread_step_loss,
 )
 
 logger = get_logger(__name__, log_level="INFO")
@@ -243,14 +245,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--compile",
         action="store_true",
-        help="torch.compile the model's repeated blocks (regional compilation: routing stays eager, each block compiles "
-        "once with fullgraph=True and is reused by all)",
+        help="torch.compile the training step (see --compile_scope)",
+    )
+    parser.add_argument(
+        "--compile_scope",
+        choices=["blocks", "step"],
+        default="blocks",
+        help="blocks: the model's repeated blocks (regional compilation: routing stays eager, each block compiles once "
+        "with fullgraph=True and is reused by all); step: forward, loss and backward as one fullgraph graph, the "
+        "step's random draws made ahead of it (the optimizer and clipping stay eager)",
     )
     parser.add_argument(
         "--compile_mode",
         default="default",
         choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
         help="torch.compile mode; reduce-overhead records CUDA graphs (on a GPU)",
+    )
+    parser.add_argument(
+        "--compile_backend", default="inductor", help="torch.compile backend (e.g. aot_eager: no code generation)"
     )
     # EMA: DiT keeps a fixed 0.9999 decay (--no-ema_warmup); the default warms the decay up, 1 - (1 + step)^-0.75,
     # which matters for short runs and reaches 0.9999 after ~215k steps.
@@ -306,6 +318,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--repa_encoder aligns a DiT block; use --model_type dit")
     if args.repa_encoder and (args.repa_loss_weight <= 0 or args.repa_projector_dim < 1):
         parser.error("--repa_loss_weight must be > 0 and --repa_projector_dim at least 1")
+    if args.compile and args.compile_scope == "step":
+        if args.repa_encoder:
+            parser.error(
+                "--compile_scope step does not cover REPA yet; use --compile_scope blocks with --repa_encoder"
+            )
+        if args.mixed_precision == "fp16":
+            parser.error("--compile_scope step runs backward inside the graph, without fp16's loss scaler; use bf16")
     if args.lora_rank is not None and not args.pretrained_model_name_or_path:
         parser.error("--lora_rank fine-tunes a checkpoint: give --pretrained_model_name_or_path")
     training_utils.check_step_intervals(parser, args, ("logging_steps", "checkpointing_steps", "validation_steps"))
@@ -357,6 +376,7 @@ def main(argv: list[str] | None = None) -> None:
     num_train_epochs = math.ceil(args.max_train_steps / num_update_steps_per_epoch)
     unwrapped = accelerator.unwrap_model(model)
     start_logging(run, unwrapped, num_train_epochs)
+    compiled_step = compile_training_step(run, model, unwrapped, objective)  # None unless --compile_scope step
 
     # 5. Resume (the main process picks the checkpoint, refuses settings that would not continue its run; a finished
     # run only says so).
@@ -387,10 +407,11 @@ def main(argv: list[str] | None = None) -> None:
                 if repa:  # lambda * Eq. 8 on the aligned block, this batch's targets
                     targets = repa_targets(repa, batch)
                     repa_term = RepaTerm(projector, repa[2], args.repa_loss_weight, args.repa_delayed_routing, targets)
-                loss = batch_loss(run, model, unwrapped, objective, batch, global_step, repa_term)
+                loss = batch_loss(run, model, unwrapped, objective, batch, global_step, repa_term, compiled_step)
                 # the logged loss: averaged over accumulation micro-steps (and processes, at the flush)
                 step_loss += loss.detach() / args.gradient_accumulation_steps
-                accelerator.backward(loss)
+                if compiled_step is None:  # the compiled step ran its backward
+                    accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
                     clipped = itertools.chain(model.parameters(), projector.parameters()) if repa else None
                     accelerator.clip_grad_norm_(clipped or model.parameters(), args.max_grad_norm)
@@ -517,7 +538,7 @@ def build_model(args, data: TrainingData, objective):
     """Stage 3a: the model to train, checked against the data: --pretrained_model_name_or_path (a model or pipeline
     folder; a TREAD checkpoint keeps its routes unless --routes is given) or a new one from --model_config (a preset or
     a config.json) sized to the data. Then LoRA adapters (--lora_rank), gradient checkpointing, train mode and
-    regional compilation (--compile)."""
+    regional compilation (--compile --compile_scope blocks; the step scope compiles in `compile_training_step`)."""
     model_cls = MODEL_TYPES[args.model_type][0]
     tread_kwargs = {} if args.route_reinsertion is None else {"route_reinsertion": args.route_reinsertion}
     if args.pretrained_model_name_or_path:
@@ -572,7 +593,7 @@ def build_model(args, data: TrainingData, objective):
     if args.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     model.train()
-    if args.compile:
+    if args.compile and args.compile_scope == "blocks":
         # Diffusers' regional compilation (`_repeated_blocks`): the blocks are the compute; the routing's gather and
         # scatter and its generator draws stay eager around them.
         model.compile_repeated_blocks(fullgraph=True, mode=args.compile_mode)
@@ -763,11 +784,13 @@ def start_logging(run: RunState, model, num_train_epochs: int) -> None:
     logger.info(f"  Objective = {args.objective}, TREAD loss = {args.tread_loss}, routes = {model.config.routes}")
 
 
-def batch_loss(run: RunState, model, unwrapped, objective, batch, step: int, repa=None):
+def batch_loss(run: RunState, model, unwrapped, objective, batch, step: int, repa=None, compiled_step=None):
     """Stage 6, one micro-step's loss: the clean data x0 (fp32; encoded by the frozen VAE in the mixed-precision dtype
     when training on images through --vae), the class labels with CFG dropout (once per sample; Diffusers' per-block
     dropout is off in the model), and the TREAD loss at this step's selection ratios. All draws come from
-    ``run.generator``, in this order (posterior sample, label dropout, then the loss's timesteps, noise and routes)."""
+    ``run.generator``, in this order (posterior sample, then `draw_step_randomness`: label dropout, the loss's
+    timesteps and noise, the routes), made before the step, which is then tensor arithmetic only
+    (`tread_step_loss`); with ``compiled_step`` (`compile_training_step`) it runs compiled, backward included."""
     args, data, generator = run.args, run.data, run.generator
     if args.latents_dir:
         x0 = batch["latents"].float()
@@ -777,26 +800,45 @@ def batch_loss(run: RunState, model, unwrapped, objective, batch, step: int, rep
             x0 = x0.float()
     else:
         x0 = batch["pixel_values"].float()
-    null_class = data.num_classes  # the extra row of the label table
-    labels = drop_class_labels(batch["class_labels"], null_class, args.class_dropout_prob, generator)
-    return tread_training_loss(
-        model,
-        objective,
-        x0,
-        labels,
-        generator=generator,
-        selection_ratio=scheduled_selection_ratios(
-            unwrapped.config.routes,
-            step,
-            args.max_train_steps,
-            args.selection_ratio_warmup_steps,
-            args.selection_ratio_anneal_steps,
-        ),
-        patch_size=unwrapped.config.patch_size,
-        loss_mode=args.tread_loss,
-        mae_loss_weight=args.mae_loss_weight,
-        repa=repa,
+    ratios = scheduled_selection_ratios(
+        unwrapped.config.routes,
+        step,
+        args.max_train_steps,
+        args.selection_ratio_warmup_steps,
+        args.selection_ratio_anneal_steps,
     )
+    draws = draw_step_randomness(unwrapped, objective, x0, generator, args.class_dropout_prob, ratios)
+    if compiled_step is not None:
+        return compiled_step(x0, batch["class_labels"], draws, selection_ratio=ratios)
+    return tread_step_loss(
+        model, objective, x0, batch["class_labels"], draws, null_class=data.num_classes, selection_ratio=ratios,
+        patch_size=unwrapped.config.patch_size, loss_mode=args.tread_loss, mae_loss_weight=args.mae_loss_weight,
+        repa=repa,
+    )  # fmt: skip
+
+
+def compile_training_step(run: RunState, model, unwrapped, objective):
+    """Stage 6, before the loop (--compile --compile_scope step): `tread_step_loss` with this run's model and settings
+    and its backward compiled as one ``fullgraph=True`` graph (`training_utils.compile_step_loss`; the loss scaled by
+    1 / --gradient_accumulation_steps, as ``accelerator.backward`` scales it); None otherwise. The optimizer, gradient
+    clipping and EMA stay eager. A change of the selection ratios (warm-up, anneal) or of the routes (after
+    --disable_routing_after_step) compiles the step again for the new token counts."""
+    args, accelerator = run.args, run.accelerator
+    if not (args.compile and args.compile_scope == "step"):
+        return None
+    if accelerator.num_processes > 1:
+        raise ValueError(
+            "--compile_scope step compiles backward into the step, which DDP's and FSDP's gradient hooks do not "
+            "support in one graph; on several processes use --compile_scope blocks."
+        )
+    loss = partial(
+        tread_step_loss, model, objective, null_class=run.data.num_classes, patch_size=unwrapped.config.patch_size,
+        loss_mode=args.tread_loss, mae_loss_weight=args.mae_loss_weight,
+    )  # fmt: skip
+    return compile_step_loss(
+        loss, backward_scale=1.0 / args.gradient_accumulation_steps, backend=args.compile_backend,
+        mode=args.compile_mode,
+    )  # fmt: skip
 
 
 def build_repa(args, data: TrainingData, model) -> tuple | None:

@@ -94,15 +94,16 @@ from diffusers_tread.t2i_training import (
     add_lora,
     check_routes,
     describe_routing,
+    draw_noise,
     encode_prompts,
     load_lora,
+    loss_from_draws,
     normalize_latents,
     num_image_tokens,
     read_transformer_lora,
     resolve_model,
     save_lora,
     training_flow_shift,
-    training_loss,
     training_noise_scheduler,
     unwrap,
     vae_compression,
@@ -734,8 +735,9 @@ def start_logging(run: LoraRun, lora_parameters: list, num_tokens: int, num_trai
 def batch_loss(run: LoraRun, transformer, noise_scheduler, batch) -> torch.Tensor:
     """Stage 6, one micro-step's loss, on the device (no host sync): the clean latents (a sample of the cached
     posterior, or of the frozen VAE's encoding of the images or clips, normalised as the pipeline does), the batch's
-    caption embeddings from the table, and the family's loss (`t2i_training.training_loss`) with routing on. All draws
-    come from ``run.generator``, in this order (posterior sample, then the loss's timesteps, noise and routes). A
+    caption embeddings from the table, and the family's loss with routing on: its noise and timesteps drawn ahead
+    (`t2i_training.draw_noise`), then `t2i_training.loss_from_draws`. All draws come from ``run.generator``, in this
+    order (posterior sample, the loss's noise and timesteps, then the routes, drawn by the router's hooks). A
     non-finite loss is caught when the log is read back (`flush_log`), before any checkpoint after it."""
     args, spec, accelerator, vae, table, generator = (
         run.args,
@@ -753,8 +755,9 @@ def batch_loss(run: LoraRun, transformer, noise_scheduler, batch) -> torch.Tenso
         x0 = normalize_latents(spec, vae, posterior.sample(generator=generator)).float()
     indices = batch["caption_index"].cpu()
     embeds = {key: value[indices] for key, value in table.items()}
-    return training_loss(
-        spec, transformer, noise_scheduler, x0, embeds, args, generator, run.weight_dtype, run.vae_scale_factor
+    draws = draw_noise(spec, noise_scheduler, x0, args, generator)
+    return loss_from_draws(
+        spec, transformer, noise_scheduler, x0, embeds, args, draws, run.weight_dtype, run.vae_scale_factor
     )
 
 

@@ -56,11 +56,17 @@ class TreadRoutingMixin:
     def enable_routing(self) -> None:
         self.routing_enabled = True
 
-    def _routes_for_call(self, force_routing: bool, selection_ratio: float | Sequence[float] | None) -> list[dict]:
-        """The routes one forward runs: the config's in train mode with routing enabled, or with ``force_routing``;
-        none otherwise. ``selection_ratio`` overrides their ratios (`routes_for_call`)."""
+    def active_routes(
+        self, force_routing: bool = False, selection_ratio: float | Sequence[float] | None = None
+    ) -> list[dict]:
+        """The routes a forward with these arguments runs: the config's in train mode with routing enabled, or with
+        ``force_routing``; none otherwise. ``selection_ratio`` overrides their ratios (`routes_for_call`). What
+        `routing.draw_kept_indices` draws for when the subsets are drawn ahead (``route_kept_indices``)."""
         routes = self.config.routes if (self.training and self.routing_enabled) or force_routing else []
         return routes_for_call(routes, selection_ratio)
+
+    def _routes_for_call(self, force_routing: bool, selection_ratio: float | Sequence[float] | None) -> list[dict]:
+        return self.active_routes(force_routing, selection_ratio)
 
     @classmethod
     def from_preset(

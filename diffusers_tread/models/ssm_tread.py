@@ -457,6 +457,7 @@ class TreadSSM2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, TreadRoutingMix
         force_routing: bool = False,
         selection_ratio: float | list[float] | None = None,
         route_generator: torch.Generator | None = None,
+        route_kept_indices: tuple[torch.LongTensor, ...] | None = None,
     ) -> TreadTransformer2DModelOutput | tuple:
         """`TreadTransformer2DModel.forward`'s signature and outputs (``cross_attention_kwargs`` is accepted and
         unused: there is no attention).
@@ -465,6 +466,7 @@ class TreadSSM2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, TreadRoutingMix
             force_routing: route even in eval mode (e.g. for Sparse Guidance).
             selection_ratio: overrides the routes' selection ratios for this call: one value, or one per route.
             route_generator: draws the routed subsets, for reproducible routing.
+            route_kept_indices: each active route's kept positions drawn ahead (`routing.draw_kept_indices`).
 
         Returns:
             ``TreadTransformer2DModelOutput(sample, route_masks)`` or ``(sample, route_masks)``; with routing off,
@@ -487,7 +489,14 @@ class TreadSSM2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, TreadRoutingMix
             return block(hidden_states, conditioning)
 
         hidden_states, route_masks = routing.run_blocks(
-            self.blocks, hidden_states, run_block, routes, self.config.route_reinsertion, input_tokens, route_generator
+            self.blocks,
+            hidden_states,
+            run_block,
+            routes,
+            self.config.route_reinsertion,
+            input_tokens,
+            route_generator,
+            kept_indices=route_kept_indices,
         )
 
         # 3. Output: adaLN final layer, linear to patches, unpatchify (as DiT).

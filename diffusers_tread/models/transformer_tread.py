@@ -286,6 +286,7 @@ class TreadTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAdapter
         route_generator: torch.Generator | None = None,
         capture_layer_idx: int | None = None,
         delay_routing_after: int | None = None,
+        route_kept_indices: tuple[torch.LongTensor, ...] | None = None,
     ) -> TreadTransformer2DModelOutput | tuple:
         """DiT's forward with TREAD routing.
 
@@ -298,6 +299,9 @@ class TreadTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAdapter
                 positions of its kept tokens (``captured_token_indices``); e.g. for REPA (`diffusers_tread.repa`).
             delay_routing_after: a route covering this block lets its tokens leave only after it (delayed routing,
                 `routing.run_blocks`'s ``drop_after_layer``).
+            route_kept_indices: each active route's ``(batch, num_kept)`` kept positions, drawn ahead
+                (`routing.draw_kept_indices` over `active_routes`), e.g. outside a compiled training step; then
+                nothing is drawn here and ``route_generator`` is unused.
 
         Returns:
             ``TreadTransformer2DModelOutput(sample, route_masks)`` or ``(sample, route_masks)``; with routing off,
@@ -356,6 +360,7 @@ class TreadTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAdapter
             route_generator,
             drop_after_layer=delay_routing_after,
             on_block_output=None if capture_layer_idx is None else capture,
+            kept_indices=route_kept_indices,
         )
 
         # 3. Output: DiT's final adaLN layer (in Diffusers' layout conditioned through block 0's embedder) and

@@ -42,7 +42,8 @@ from torch import nn
 # and `run_blocks` per forward (the
 # DiT and the state-space backbone do, through ``models.modeling_tread.TreadRoutingMixin``), or the primitives
 # ``sample_kept_indices`` / ``gather_tokens`` at a route start and ``scatter_tokens`` / ``bypass_mask`` at its end (the
-# text-to-image hooks do).
+# text-to-image hooks do). `draw_kept_indices` draws every route's subsets ahead of the forward, so that a compiled
+# training step takes them as tensors (a ``torch.Generator`` draw inside ``torch.compile`` breaks the graph).
 
 ROUTE_KEYS = ("start_layer_idx", "end_layer_idx", "selection_ratio")
 # The state a bypassed token carries past its route: "pre_route", the state entering the route's first block (ICCV
@@ -163,6 +164,22 @@ def sample_kept_indices(
     return noise.argsort(dim=1)[:, :kept].sort(dim=1).values.to(device)
 
 
+def draw_kept_indices(
+    routes: Sequence[Mapping],
+    batch_size: int,
+    num_tokens: int,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> tuple[torch.LongTensor, ...]:
+    """Each route's ``(batch, num_kept)`` kept positions for one forward over ``num_tokens`` tokens, drawn in route
+    order exactly as `run_blocks` draws them itself (the same generator calls, so the same numbers): pass the result
+    as ``run_blocks(kept_indices=...)`` to take the draws out of the forward, e.g. out of a compiled step."""
+    return tuple(
+        sample_kept_indices(batch_size, num_tokens, route["selection_ratio"], generator=generator, device=device)
+        for route in routes
+    )
+
+
 def gather_tokens(hidden_states: torch.Tensor, kept_indices: torch.LongTensor) -> torch.Tensor:
     """Route start: ``(B, N, D)`` -> ``(B, N_keep, D)``, the kept tokens of each sample."""
     index = kept_indices.unsqueeze(-1).expand(-1, -1, hidden_states.shape[-1])
@@ -205,6 +222,7 @@ def run_blocks(
     generator: torch.Generator | None = None,
     drop_after_layer: int | None = None,
     on_block_output: Callable[[int, torch.Tensor, torch.LongTensor | None], None] | None = None,
+    kept_indices: Sequence[torch.LongTensor] | None = None,
 ) -> tuple[torch.Tensor, tuple[torch.BoolTensor, ...] | None]:
     """Run ``blocks`` over ``hidden_states`` (batch, tokens, dim) with TREAD's routes (paper Fig. 2): at a route's
     start layer each sample keeps a random subset of its tokens, the route's blocks run on those, and after its end
@@ -221,31 +239,45 @@ def run_blocks(
     they re-enter with the state they had entering ``start``, as usual. Other routes are unchanged.
     ``on_block_output(layer_idx, hidden_states, kept_indices)`` is called after every block with its output and the
     ``(B, N_keep)`` positions of its rows in the full sequence (None when all tokens ran the block).
+
+    ``kept_indices``: each route's subset drawn ahead (`draw_kept_indices`), used instead of drawing from
+    ``generator``; nothing random then happens inside, so a ``torch.compile(fullgraph=True)`` step can contain it.
     """
-    route_at_start = {route["start_layer_idx"]: route for route in routes}
+    if kept_indices is not None and len(kept_indices) != len(routes):
+        raise ValueError(f"kept_indices has {len(kept_indices)} entries for {len(routes)} routes.")
+    route_at_start = {route["start_layer_idx"]: position for position, route in enumerate(routes)}
     route_at_end = {route["end_layer_idx"] for route in routes}
     batch_size, num_tokens, _ = hidden_states.shape
     route_masks = []
     routed, gather_after = False, None
     for layer_idx, block in enumerate(blocks):
         if layer_idx in route_at_start:
-            route = route_at_start[layer_idx]
+            route = routes[route_at_start[layer_idx]]
             pre_route = hidden_states  # x_D_last: the full sequence entering the route
-            kept_indices = sample_kept_indices(
-                batch_size, num_tokens, route["selection_ratio"], generator=generator, device=hidden_states.device
-            )
+            if kept_indices is None:
+                kept = sample_kept_indices(
+                    batch_size, num_tokens, route["selection_ratio"], generator=generator, device=hidden_states.device
+                )
+            else:
+                kept = kept_indices[route_at_start[layer_idx]]
+                expected = (batch_size, num_kept_tokens(num_tokens, route["selection_ratio"]))
+                if tuple(kept.shape) != expected:
+                    raise ValueError(
+                        f"kept_indices for the route at layer {layer_idx} have shape {tuple(kept.shape)}; this "
+                        f"forward needs {expected} (batch, kept tokens)."
+                    )
             delayed = drop_after_layer is not None and layer_idx <= drop_after_layer < route["end_layer_idx"]
             gather_after = drop_after_layer if delayed else layer_idx - 1
         if gather_after is not None and layer_idx == gather_after + 1:
-            hidden_states, routed, gather_after = gather_tokens(hidden_states, kept_indices), True, None
+            hidden_states, routed, gather_after = gather_tokens(hidden_states, kept), True, None
         hidden_states = run_block(block, hidden_states)
         if on_block_output is not None:
-            on_block_output(layer_idx, hidden_states, kept_indices if routed else None)
+            on_block_output(layer_idx, hidden_states, kept if routed else None)
         if layer_idx in route_at_end:
             routed = False
             reinsert_into = pre_route + input_tokens if reinsertion == "pre_route_plus_input" else pre_route
-            hidden_states = scatter_tokens(hidden_states, kept_indices, reinsert_into)
-            route_masks.append(bypass_mask(kept_indices, num_tokens))
+            hidden_states = scatter_tokens(hidden_states, kept, reinsert_into)
+            route_masks.append(bypass_mask(kept, num_tokens))
     return hidden_states, (tuple(route_masks) if routes else None)
 
 
@@ -297,11 +329,17 @@ class TreadRoutingMixin:
     def enable_routing(self) -> None:
         self.routing_enabled = True
 
-    def _routes_for_call(self, force_routing: bool, selection_ratio: float | Sequence[float] | None) -> list[dict]:
-        """The routes one forward runs: the config's in train mode with routing enabled, or with ``force_routing``;
-        none otherwise. ``selection_ratio`` overrides their ratios (`routes_for_call`)."""
+    def active_routes(
+        self, force_routing: bool = False, selection_ratio: float | Sequence[float] | None = None
+    ) -> list[dict]:
+        """The routes a forward with these arguments runs: the config's in train mode with routing enabled, or with
+        ``force_routing``; none otherwise. ``selection_ratio`` overrides their ratios (`routes_for_call`). What
+        `routing.draw_kept_indices` draws for when the subsets are drawn ahead (``route_kept_indices``)."""
         routes = self.config.routes if (self.training and self.routing_enabled) or force_routing else []
         return routes_for_call(routes, selection_ratio)
+
+    def _routes_for_call(self, force_routing: bool, selection_ratio: float | Sequence[float] | None) -> list[dict]:
+        return self.active_routes(force_routing, selection_ratio)
 
     @classmethod
     def from_preset(
@@ -581,6 +619,7 @@ class TreadTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAdapter
         route_generator: torch.Generator | None = None,
         capture_layer_idx: int | None = None,
         delay_routing_after: int | None = None,
+        route_kept_indices: tuple[torch.LongTensor, ...] | None = None,
     ) -> TreadTransformer2DModelOutput | tuple:
         """DiT's forward with TREAD routing.
 
@@ -593,6 +632,9 @@ class TreadTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAdapter
                 positions of its kept tokens (``captured_token_indices``); e.g. for REPA (`diffusers_tread.repa`).
             delay_routing_after: a route covering this block lets its tokens leave only after it (delayed routing,
                 `routing.run_blocks`'s ``drop_after_layer``).
+            route_kept_indices: each active route's ``(batch, num_kept)`` kept positions, drawn ahead
+                (`routing.draw_kept_indices` over `active_routes`), e.g. outside a compiled training step; then
+                nothing is drawn here and ``route_generator`` is unused.
 
         Returns:
             ``TreadTransformer2DModelOutput(sample, route_masks)`` or ``(sample, route_masks)``; with routing off,
@@ -651,6 +693,7 @@ class TreadTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAdapter
             route_generator,
             drop_after_layer=delay_routing_after,
             on_block_output=None if capture_layer_idx is None else capture,
+            kept_indices=route_kept_indices,
         )
 
         # 3. Output: DiT's final adaLN layer (in Diffusers' layout conditioned through block 0's embedder) and
