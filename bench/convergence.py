@@ -48,7 +48,7 @@ import json
 import re
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -62,12 +62,14 @@ from torch import nn
 from diffusers_tread import TreadTransformer2DModel
 from diffusers_tread.data import load_digits  # noqa: F401  (the tests read it from here)
 from diffusers_tread.digits_judge import (  # noqa: F401  (DigitClassifier, train_classifier: defined here before)
+    BenchRun,
     DigitClassifier,
     compare_to_baseline,
     crossing,
     fmt,
     machine_description,
     make_digits_judge,
+    mean_over,
     sample_digits,
     score_samples,
     train_classifier,
@@ -289,17 +291,8 @@ def load_teacher(args, judge, token_grid: int) -> tuple[RepaEncoder, dict]:
 
 
 @dataclass
-class Run:
+class Run(BenchRun):
     arm: Arm
-    model: nn.Module
-    ema: EMAModel
-    optimizer: torch.optim.Optimizer
-    data_generator: torch.Generator
-    route_generator: torch.Generator
-    step: int = 0
-    step_seconds: list[float] = field(default_factory=list)
-    train_losses: list[float] = field(default_factory=list)
-    evals: list[dict] = field(default_factory=list)
     last_images: torch.Tensor | None = None  # the last evaluation's samples, for the grids
     projector: nn.Module | None = None  # REPA arms: the training-only projector (not in the EMA, not evaluated)
     repa_targets: torch.Tensor | None = None  # REPA arms: the teacher's (len(train_x), tokens, D) patch features
@@ -546,8 +539,7 @@ def write_report(runs: list[Run], rows: list[dict], info: dict, out: Path) -> No
             group = [row for row in paper if row["config"] == config]
 
             def mean(key, group=group):
-                values = [row[key] for row in group]
-                return None if any(v is None for v in values) else float(np.mean(values))
+                return mean_over(group, key)
 
             lines.append(
                 f"| {config} | {len(group)} | {mean('step_time_ratio'):.3f} | {fmt(mean('fd_ratio_at_dense_steps'))} | "
@@ -731,14 +723,12 @@ def main(argv=None) -> dict:
 
     # Interleave: every unfinished arm trains chunk_steps, evaluating at multiples of eval_every.
     evaluated = False
-    while any(run.step < run.arm.steps for run in runs):
+    while not all(run.finished for run in runs):
         for run in runs:
-            if run.step >= run.arm.steps:
+            if run.finished:
                 continue
-            next_eval = (run.step // args.eval_every + 1) * args.eval_every
-            num_steps = min(args.chunk_steps, run.arm.steps - run.step, next_eval - run.step)
-            train_steps(run, train_x, train_y, num_steps, args.batch_size)
-            if run.step % args.eval_every == 0 or run.step == run.arm.steps:
+            train_steps(run, train_x, train_y, run.next_chunk(args.chunk_steps, args.eval_every), args.batch_size)
+            if run.evaluation_due(args.eval_every):
                 record = evaluate(run, classifier, reference_stats, test_x, test_y, args.num_samples,
                                   args.num_inference_steps)  # fmt: skip
                 print(f"{run.arm.name}: step {record['step']} {record['seconds']:.0f}s FD {record['fd']:.2f} "

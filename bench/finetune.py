@@ -50,15 +50,8 @@ from diffusers.training_utils import EMAModel
 from peft import LoraConfig
 from torch import nn
 
-from diffusers_tread import TreadTransformer2DModel
-from diffusers_tread.digits_judge import (
-    compare_to_baseline,
-    fmt,
-    machine_description,
-    make_digits_judge,
-    sample_digits,
-    score_samples,
-)
+from diffusers_tread import TreadTransformer2DModel, digits_judge
+from diffusers_tread.digits_judge import BenchRun, fmt, make_digits_judge
 from diffusers_tread.objectives import get_objective
 from diffusers_tread.training_utils import NoiseFrom, drop_class_labels, make_optimizer, tread_training_loss
 
@@ -87,18 +80,9 @@ class FinetuneArm:
 
 
 @dataclass
-class Run:
+class Run(BenchRun):
     arm: FinetuneArm
-    model: nn.Module
-    trainable: list[nn.Parameter]
-    ema: EMAModel
-    optimizer: torch.optim.Optimizer
-    data_generator: torch.Generator
-    route_generator: torch.Generator
-    step: int = 0
-    step_seconds: list[float] = field(default_factory=list)
-    train_losses: list[float] = field(default_factory=list)
-    evals: list[dict] = field(default_factory=list)
+    trainable: list[nn.Parameter] = field(default_factory=list)  # what the optimizer and the EMA update
 
 
 def paper_route(num_layers: int, ratio: float) -> list[dict]:
@@ -139,11 +123,11 @@ def start_run(arm: FinetuneArm, base_state: dict, args, data_seed: int) -> Run:
     return Run(
         arm,
         model,
-        trainable,
         EMAModel(trainable, decay=0.9999, use_ema_warmup=True, power=2 / 3),
         make_optimizer(trainable, learning_rate),
         data_generator=torch.Generator().manual_seed(data_seed),
         route_generator=torch.Generator().manual_seed(10_000 + arm.seed),
+        trainable=trainable,
     )
 
 
@@ -185,8 +169,12 @@ def judge(model: nn.Module, judge_, target_x, target_y, inverted: bool, args) ->
         t = torch.full((len(target_x),), t_value)
         prediction = model((1 - t_value) * target_x + t_value * noise, t * objective.num_train_timesteps, target_y)
         held_out[f"{t_value:g}"] = F.mse_loss(prediction.sample, noise - target_x).item()
-    images, labels = sample_digits(model, objective.make_scheduler(), args.num_samples, args.num_inference_steps)
-    fd, accuracy = score_samples(judge_.classifier, -images if inverted else images, labels, judge_.reference_stats)
+    images, labels = digits_judge.sample_digits(
+        model, objective.make_scheduler(), args.num_samples, args.num_inference_steps
+    )
+    fd, accuracy = digits_judge.score_samples(
+        judge_.classifier, -images if inverted else images, labels, judge_.reference_stats
+    )
     return {"fd": fd, "accuracy": accuracy, "held_out_loss": float(np.mean(list(held_out.values())))}
 
 
@@ -208,9 +196,9 @@ def pretrain(seed: int, judge_, args) -> tuple[dict, dict]:
     model = build_model(args, []).train()
     trainable = list(model.parameters())
     ema = EMAModel(trainable, decay=0.9999, use_ema_warmup=True, power=2 / 3)
-    run = Run(FinetuneArm(seed, "pretrain", 0.0, args.pretrain_steps), model, trainable, ema,
+    run = Run(FinetuneArm(seed, "pretrain", 0.0, args.pretrain_steps), model, ema,
               make_optimizer(trainable, args.pretrain_learning_rate), torch.Generator().manual_seed(seed),
-              torch.Generator().manual_seed(10_000 + seed))  # fmt: skip
+              torch.Generator().manual_seed(10_000 + seed), trainable=trainable)  # fmt: skip
     started = time.perf_counter()
     train_steps(run, judge_.train_x, judge_.train_y, args.pretrain_steps, args.batch_size)
     base = ema_copy(run)
@@ -240,7 +228,7 @@ def compare(runs: list[Run]) -> list[dict]:
                 "steps": run.evals[-1]["step"],
                 "final_fd": run.evals[-1]["fd"],
                 "final_accuracy": run.evals[-1]["accuracy"],
-                **compare_to_baseline(run.evals, base.evals),
+                **digits_judge.compare_to_baseline(run.evals, base.evals),
             }
         )
     return rows
@@ -290,8 +278,7 @@ def write_report(results: dict, out: Path) -> None:
         group = [row for row in rows if (row["mode"], row["method"]) == key]
 
         def mean(name, group=group):
-            values = [row[name] for row in group]
-            return None if any(v is None for v in values) else float(np.mean(values))
+            return digits_judge.mean_over(group, name)
 
         lines.append(
             f"| {key[0]} | {key[1]} | {len(group)} | {mean('step_time_ratio'):.3f} | {mean('final_fd'):.2f} | "
@@ -362,15 +349,13 @@ def main(argv=None) -> dict:
 
     # Interleave: every unfinished arm trains chunk_steps, evaluating at multiples of eval_every; the results are
     # rewritten after every round with an evaluation, so that a stopped run keeps what it measured.
-    while any(run.step < run.arm.steps for run in runs):
+    while not all(run.finished for run in runs):
         evaluated = False
         for run in runs:
-            if run.step >= run.arm.steps:
+            if run.finished:
                 continue
-            next_eval = (run.step // args.eval_every + 1) * args.eval_every
-            num_steps = min(args.chunk_steps, run.arm.steps - run.step, next_eval - run.step)
-            train_steps(run, target_x, target_y, num_steps, args.batch_size)
-            if run.step % args.eval_every == 0 or run.step == run.arm.steps:
+            train_steps(run, target_x, target_y, run.next_chunk(args.chunk_steps, args.eval_every), args.batch_size)
+            if run.evaluation_due(args.eval_every):
                 record = evaluate(run, judge_, held_out_x, judge_.test_y, args)
                 print(f"{run.arm.name}: step {record['step']} {record['seconds']:.0f}s FD {record['fd']:.2f} "
                       f"acc {record['accuracy']:.3f} held-out {record['held_out_loss']:.4f}", flush=True)  # fmt: skip
@@ -386,7 +371,7 @@ def write_results(runs: list[Run], bases: dict, judge_, args, argv, begun: float
     """results.json and results.md from what the runs have measured so far."""
     results = {
         "command": "python bench/finetune.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": machine_description(),
+        "machine": digits_judge.machine_description(),
         "threads": args.threads,
         "total_minutes": (time.perf_counter() - begun) / 60,
         "finished": finished,

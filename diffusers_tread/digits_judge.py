@@ -8,7 +8,8 @@ class a sample was drawn for. `make_digits_judge` builds all of it, with the FD 
 an evaluation's sample size; `sample_digits` draws the samples with `TreadDiTPipeline` and `score_samples` scores
 them; `crossing` and `value_at` read the resulting FD curves (the paper's speedup: the steps or seconds one run needs
 to reach another's final FD, ICCV Sec. 4.2), `compare_to_baseline` puts one run's curve against its baseline's and
-`fmt` writes the table cells and `machine_description` the machine line, for both benchmarks. Not imported by ``import diffusers_tread`` (it needs scikit-learn,
+`fmt` writes the table cells, `mean_over` averages them over seeds, `machine_description` the machine line, and `BenchRun` holds an arm's
+training state, for both benchmarks. Not imported by ``import diffusers_tread`` (it needs scikit-learn,
 through `diffusers_tread.data.load_digits`).
 """
 
@@ -16,12 +17,14 @@ from __future__ import annotations
 
 import os
 import platform
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers.training_utils import EMAModel
 from torch import nn
 
 from .data import load_digits
@@ -200,6 +203,12 @@ def fmt(value: float | int | None, digits: int = 2, missing: str = "not reached"
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
+def mean_over(rows: list[dict], key: str) -> float | None:
+    """The mean of ``key`` over ``rows`` (the seeds of an arm), or None where a row has none (a speedup not reached)."""
+    values = [row[key] for row in rows]
+    return None if any(value is None for value in values) else float(np.mean(values))
+
+
 def machine_description() -> str:
     """The CPU, torch's thread count and version, for a benchmark's report."""
     cpu = platform.processor() or platform.machine()
@@ -211,3 +220,33 @@ def machine_description() -> str:
     except OSError:
         pass
     return f"{cpu}, {torch.get_num_threads()} threads of {os.cpu_count()} cores, torch {torch.__version__}"
+
+
+@dataclass
+class BenchRun:
+    """One arm's training state in a digits benchmark: its model, EMA and optimizer, the generators of its data and
+    noise and of its routes (separate, so that the arms of a group see the same data), and what it recorded."""
+
+    arm: Any
+    model: nn.Module
+    ema: EMAModel
+    optimizer: torch.optim.Optimizer
+    data_generator: torch.Generator
+    route_generator: torch.Generator
+    step: int = 0
+    step_seconds: list[float] = field(default_factory=list)
+    train_losses: list[float] = field(default_factory=list)
+    evals: list[dict] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return self.step >= self.arm.steps
+
+    def next_chunk(self, chunk_steps: int, eval_every: int) -> int:
+        """Steps to train on this arm's turn of the interleaving (the arms take turns, so that the machine's load
+        falls on all alike): up to ``chunk_steps``, never past its next evaluation or its last step."""
+        next_eval = (self.step // eval_every + 1) * eval_every
+        return max(0, min(chunk_steps, self.arm.steps - self.step, next_eval - self.step))
+
+    def evaluation_due(self, eval_every: int) -> bool:
+        return self.step % eval_every == 0 or self.finished
