@@ -6,6 +6,7 @@ WORLD_SIZE, MASTER_ADDR and MASTER_PORT set."""
 from __future__ import annotations
 
 import copy
+import faulthandler
 import importlib.util
 import json
 import os
@@ -306,9 +307,12 @@ def main(out: Path) -> None:
     result["bf16_saved_dtypes"] = sorted({str(value.dtype) for value in mixed_state.values()})
     result.update(script_paths(out))
     (out / f"rank{rank}.json").write_text(json.dumps(result))
-    dist.destroy_process_group()
+    # Both ranks past their last collective before either exits; then os._exit, without gloo's teardown (slow, and a
+    # rank that tore down while its peer was exiting once died of SIGSEGV in CI).
+    dist.barrier()
 
 
 if __name__ == "__main__":
+    faulthandler.enable()  # a crash prints every thread's Python stack into the log the test shows
     main(Path(sys.argv[1]))
-    os._exit(0)  # skip gloo's slow teardown
+    os._exit(0)

@@ -389,14 +389,14 @@ def test_a_non_finite_loss_stops_at_the_next_sync_step_before_any_checkpoint(tmp
     step 3, and the checkpoint of step 4 is never written (the flush comes first)."""
     script = load_module(SCRIPT)
     calls = []
-    loss = script.training_loss
+    loss = script.loss_from_draws
 
     def nan_at_step_3(*args, **kwargs):
         calls.append(1)
         value = loss(*args, **kwargs)
         return value * float("nan") if len(calls) == 3 else value
 
-    monkeypatch.setattr(script, "training_loss", nan_at_step_3)
+    monkeypatch.setattr(script, "loss_from_draws", nan_at_step_3)
     out = tmp_path / "out"
     with pytest.raises(FloatingPointError, match=r"Loss is nan at step 3\..*untouched.*--learning_rate"):
         script.main([*TINY, f"--pretrained_model_name_or_path={assets['wan']}", f"--train_data_dir={assets['clips']}",
