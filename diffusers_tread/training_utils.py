@@ -66,8 +66,16 @@ def drop_class_labels(
 ) -> torch.LongTensor:
     """Classifier-free guidance's label dropout, once per sample (DiT: ``class_dropout_prob`` 0.1, the null class being
     the label table's extra last row). Diffusers' embedders would draw it in every block; the models switch that off."""
-    drop = torch.rand(class_labels.shape, generator=generator, device=class_labels.device)
-    return torch.where(drop < dropout_prob, torch.full_like(class_labels, null_class), class_labels)
+    drop = label_dropout_mask(class_labels, dropout_prob, generator)
+    return torch.where(drop, torch.full_like(class_labels, null_class), class_labels)
+
+
+def label_dropout_mask(
+    class_labels: torch.LongTensor, dropout_prob: float, generator: torch.Generator | None = None
+) -> torch.BoolTensor:
+    """True where `drop_class_labels` drops a label: one uniform draw per sample, on the generator's device."""
+    device = generator.device if generator is not None else class_labels.device
+    return torch.rand(class_labels.shape, generator=generator, device=device).to(class_labels.device) < dropout_prob
 
 
 class NoiseFrom:
@@ -129,9 +137,7 @@ def draw_step_randomness(
     """
     label_drop = None
     if class_dropout_prob is not None:
-        device = generator.device if generator is not None else x0.device
-        uniform = torch.rand((x0.shape[0],), generator=generator, device=device).to(x0.device)
-        label_drop = uniform < class_dropout_prob
+        label_drop = label_dropout_mask(x0.new_empty(x0.shape[0], dtype=torch.long), class_dropout_prob, generator)
     objective_draws = objective.draw(x0, generator=generator)
     patch_size = model.config.patch_size
     num_tokens = (x0.shape[-2] // patch_size) * (x0.shape[-1] // patch_size)
